@@ -1,0 +1,4 @@
+//! kms-client: the kmsd wire protocol ([`proto`]) and clients for it.
+#![forbid(unsafe_code)]
+
+pub mod proto;
