@@ -1,4 +1,5 @@
 //! kms-client: the kmsd wire protocol ([`proto`]) and clients for it.
 #![forbid(unsafe_code)]
 
+pub mod blob;
 pub mod proto;
