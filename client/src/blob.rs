@@ -63,11 +63,7 @@ impl BlobHeader {
             return Err(BlobError::VersionZero);
         }
         let nonce = blob[21..33].try_into().expect("12 bytes");
-        Ok(Self {
-            key_id,
-            version,
-            nonce,
-        })
+        Ok(Self { key_id, version, nonce })
     }
 
     /// The 33 header bytes.

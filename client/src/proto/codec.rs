@@ -72,9 +72,7 @@ impl<E, D> FrameCodec<E, D> {
 /// Reads the frame id (the first field, a postcard varint) from a body that
 /// may not decode as a whole.
 pub fn decode_frame_id(body: &[u8]) -> Option<u64> {
-    postcard::take_from_bytes::<u64>(body)
-        .ok()
-        .map(|(id, _)| id)
+    postcard::take_from_bytes::<u64>(body).ok().map(|(id, _)| id)
 }
 
 /// Encodes one frame body (without length prefix).
@@ -104,9 +102,7 @@ impl<E: Serialize, D> Encoder<Frame<E>> for FrameCodec<E, D> {
         if body.len() > self.max {
             return Err(CodecError::Oversized { max: self.max });
         }
-        self.inner
-            .encode(Bytes::from(body), dst)
-            .map_err(CodecError::Io)
+        self.inner.encode(Bytes::from(body), dst).map_err(CodecError::Io)
     }
 }
 
@@ -125,8 +121,7 @@ impl<E, D: DeserializeOwned> Decoder for FrameCodec<E, D> {
 }
 
 fn is_too_long(e: &std::io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+    e.get_ref().is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
 }
 
 #[cfg(test)]
@@ -174,10 +169,7 @@ mod tests {
         let mut part = BytesMut::from(&full[..full.len() - 1]);
         assert!(codec.decode(&mut part).unwrap().is_none());
         part.extend_from_slice(&full[full.len() - 1..]);
-        assert!(matches!(
-            codec.decode(&mut part).unwrap(),
-            Some(Decoded::Frame(_))
-        ));
+        assert!(matches!(codec.decode(&mut part).unwrap(), Some(Decoded::Frame(_))));
     }
 
     #[test]

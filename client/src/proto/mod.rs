@@ -548,19 +548,13 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for c in ErrorCode::ALL {
             assert!(seen.insert(c.as_str()));
-            assert!(c
-                .as_str()
-                .chars()
-                .all(|ch| ch.is_ascii_lowercase() || ch == '-'));
+            assert!(c.as_str().chars().all(|ch| ch.is_ascii_lowercase() || ch == '-'));
         }
     }
 
     #[test]
     fn principal_parses_and_prints() {
-        assert_eq!(
-            "uid:1000".parse::<Principal>().unwrap(),
-            Principal::Uid(1000)
-        );
+        assert_eq!("uid:1000".parse::<Principal>().unwrap(), Principal::Uid(1000));
         assert_eq!("gid:5".parse::<Principal>().unwrap().to_string(), "gid:5");
         assert!("user:1".parse::<Principal>().is_err());
         assert!("uid:x".parse::<Principal>().is_err());

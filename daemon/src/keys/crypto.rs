@@ -1,0 +1,149 @@
+//! Envelope crypto on blobs: AES-256-GCM under one key version, with the
+//! blob header and the canonical encryption context as AAD
+//! (layout in [`kms_client::blob`]).
+//!
+//! Ciphers are built once per key version (see [`VersionCiphers`]) so that
+//! no request pays for key expansion.
+
+use std::sync::Arc;
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use kms_client::blob::{aad, BlobHeader, HEADER_LEN, NONCE_LEN, TAG_LEN};
+use kms_client::proto::Context;
+use rand::RngCore;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::error::{Error, Result};
+use super::model::KeyRecord;
+
+/// The initialised cipher of each version of one key; index = version - 1.
+#[derive(Clone)]
+pub struct VersionCiphers(Vec<Arc<Aes256Gcm>>);
+
+impl std::fmt::Debug for VersionCiphers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VersionCiphers({} versions, [redacted])", self.0.len())
+    }
+}
+
+impl VersionCiphers {
+    /// Ciphers for every version of `key`, reusing those of `previous`
+    /// (an older snapshot of the same key) where they exist.
+    pub fn build(key: &KeyRecord, previous: Option<&VersionCiphers>) -> Self {
+        let reuse = previous.map_or(0, |p| p.0.len().min(key.versions.len()));
+        let mut out: Vec<_> = previous.map(|p| p.0[..reuse].to_vec()).unwrap_or_default();
+        for v in &key.versions[reuse..] {
+            out.push(Arc::new(Aes256Gcm::new(v.material.expose().into())));
+        }
+        Self(out)
+    }
+
+    /// The cipher of `version`, if that version exists.
+    pub fn get(&self, version: u32) -> Option<&Aes256Gcm> {
+        let idx = usize::try_from(version).ok()?.checked_sub(1)?;
+        self.0.get(idx).map(|c| &**c)
+    }
+}
+
+/// Encrypts `plaintext` under `cipher` (key `key_id`, `version`) into a blob.
+pub fn seal(cipher: &Aes256Gcm, key_id: Uuid, version: u32, plaintext: &[u8], context: &Context) -> Vec<u8> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let header = BlobHeader { key_id, version, nonce }.to_bytes();
+    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(plaintext);
+    let tag = cipher
+        .encrypt_in_place_detached(
+            Nonce::from_slice(&nonce),
+            &aad(&header, context),
+            &mut out[HEADER_LEN..],
+        )
+        .expect("AES-GCM encryption fails only for inputs over 64 GiB");
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// Decrypts a blob whose header was already parsed and whose key version's
+/// cipher was found.
+///
+/// # Errors
+/// `DecryptFailed` when the tag does not verify: wrong context, altered
+/// bytes, or a blob made under other material.
+pub fn open(cipher: &Aes256Gcm, blob: &[u8], context: &Context) -> Result<Zeroizing<Vec<u8>>> {
+    let header: &[u8; HEADER_LEN] = blob[..HEADER_LEN].try_into().expect("caller parsed the header");
+    let (body, tag) = blob[HEADER_LEN..].split_at(blob.len() - HEADER_LEN - TAG_LEN);
+    let mut plain = Zeroizing::new(body.to_vec());
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&header[21..33]),
+            &aad(header, context),
+            &mut plain,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| {
+            Error::DecryptFailed("authentication failed (wrong context, altered blob, or another key's blob)")
+        })?;
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::material::Material;
+
+    fn cipher(m: &Material) -> Aes256Gcm {
+        Aes256Gcm::new(m.expose().into())
+    }
+
+    fn ctx(pairs: &[(&str, &str)]) -> Context {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn seal_open_round_trip_with_layout() {
+        let m = Material::random();
+        let id = Uuid::new_v4();
+        let blob = seal(&cipher(&m), id, 7, b"secret", &ctx(&[("app", "x")]));
+        assert_eq!(blob.len(), HEADER_LEN + 6 + TAG_LEN);
+        let h = BlobHeader::parse(&blob).unwrap();
+        assert_eq!((h.key_id, h.version), (id, 7));
+        let out = open(&cipher(&m), &blob, &ctx(&[("app", "x")])).unwrap();
+        assert_eq!(&out[..], b"secret");
+    }
+
+    #[test]
+    fn nonces_are_fresh() {
+        let m = Material::random();
+        let a = seal(&cipher(&m), Uuid::nil(), 1, b"x", &Context::new());
+        let b = seal(&cipher(&m), Uuid::nil(), 1, b"x", &Context::new());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn every_flipped_bit_fails() {
+        let m = Material::random();
+        let c = cipher(&m);
+        let blob = seal(&c, Uuid::new_v4(), 1, b"0123456789", &Context::new());
+        for i in 0..blob.len() * 8 {
+            let mut bad = blob.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            assert!(open(&c, &bad, &Context::new()).is_err(), "bit {i}");
+        }
+    }
+
+    #[test]
+    fn wrong_context_or_material_fails() {
+        let m = Material::random();
+        let blob = seal(&cipher(&m), Uuid::new_v4(), 1, b"k", &ctx(&[("a", "1")]));
+        for c in [ctx(&[]), ctx(&[("a", "2")]), ctx(&[("a", "1"), ("b", "")])] {
+            assert_eq!(
+                open(&cipher(&m), &blob, &c).unwrap_err().code(),
+                kms_client::proto::ErrorCode::DecryptFailed
+            );
+        }
+        assert!(open(&cipher(&Material::random()), &blob, &ctx(&[("a", "1")])).is_err());
+    }
+}

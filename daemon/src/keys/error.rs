@@ -1,0 +1,81 @@
+//! Errors of the key service, each mapped to one stable wire code.
+
+use kms_client::proto::{ErrorCode, ErrorReply};
+
+use super::store::StoreError;
+
+/// Why a key operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("key {0} not found")]
+    NotFound(String),
+    #[error("uid {uid} may not {action} key {key}")]
+    PermissionDenied {
+        uid: u32,
+        action: &'static str,
+        key: String,
+    },
+    #[error("key {key} is {state} and serves nothing")]
+    Disabled { key: String, state: String },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("key {key} is a replica; rotate it in its primary zone {primary_zone}")]
+    NotPrimary { key: String, primary_zone: String },
+    #[error("automatic rotation is enabled every {period} days; disable it, then enable it with the new period")]
+    RotationEnabled { period: u32 },
+    #[error("key {key} has used all {limit} manual rotations")]
+    LimitExceeded { key: String, limit: u32 },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("cannot decrypt: {0}")]
+    DecryptFailed(&'static str),
+    #[error("key store unavailable: {0}")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The stable wire code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            Error::Disabled { .. } => ErrorCode::Disabled,
+            Error::Forbidden(_) => ErrorCode::Forbidden,
+            Error::NotPrimary { .. } => ErrorCode::NotPrimary,
+            Error::RotationEnabled { .. } => ErrorCode::RotationEnabled,
+            Error::LimitExceeded { .. } => ErrorCode::LimitExceeded,
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::DecryptFailed(_) => ErrorCode::DecryptFailed,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<Error> for ErrorReply {
+    fn from(e: Error) -> Self {
+        let message = match &e {
+            // Include the store's cause (e.g. "No space left on device").
+            Error::Unavailable(src) => format!("{e}: {}", error_chain(src)),
+            _ => e.to_string(),
+        };
+        ErrorReply::new(e.code(), message)
+    }
+}
+
+/// Renders an error's source chain, outermost first.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Result of key operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

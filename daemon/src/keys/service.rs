@@ -1,0 +1,644 @@
+//! The key service: the keyring in memory, the rules, the store, and the
+//! access checks, behind one API that the server, the scheduler and the
+//! filesystem call.
+//!
+//! Concurrency: readers load the current [`KeyEntry`] of a key through an
+//! `ArcSwap` and never take a lock that a writer holds across I/O. Writers
+//! (rare: admin operations, rotations) are serialised by one mutex, build
+//! the new record, persist it durably, and only then swap it in; readers
+//! meanwhile keep using the previous entry, so an unwrap never waits on a
+//! rotation's fsync.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use kms_client::blob::BlobHeader;
+use kms_client::proto::{
+    Context, CreateKey, KeyInfo, KeyKind, Policy, Principal, RotationEntry, UnixTime, DEFAULT_KEY_NAME,
+    DEFAULT_ROTATION_DAYS, MAX_DEK, MAX_PLAINTEXT,
+};
+use parking_lot::Mutex;
+use rand::RngCore;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::clock::Clock;
+use super::crypto::{self, VersionCiphers};
+use super::error::{Error, Result};
+use super::lifecycle;
+use super::model::{validate_description, validate_name, validate_period, KeyRecord, RotationSchedule};
+use super::policy::{allowed, Access, Caller};
+use super::rotation;
+use super::store::{RootKey, Store, StoreError};
+
+/// A generated data key: plaintext (zeroized on drop) and its blob.
+pub type DataKeyPair = (Zeroizing<Vec<u8>>, Vec<u8>);
+
+/// Length of generated data keys.
+pub const DATA_KEY_LEN: usize = 32;
+
+/// One key as readers see it: the record and its initialised ciphers.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub record: KeyRecord,
+    ciphers: VersionCiphers,
+}
+
+impl KeyEntry {
+    fn new(record: KeyRecord, previous: Option<&KeyEntry>) -> Self {
+        let ciphers = VersionCiphers::build(&record, previous.map(|p| &p.ciphers));
+        Self { record, ciphers }
+    }
+
+    fn seal(&self, plaintext: &[u8], context: &Context) -> Vec<u8> {
+        let active = self.record.active().version;
+        let cipher = self.ciphers.get(active).expect("ciphers cover every version");
+        crypto::seal(cipher, self.record.id, active, plaintext, context)
+    }
+}
+
+type Slot = Arc<ArcSwap<KeyEntry>>;
+
+/// Id and name indexes; replaced whole when keys are created or deleted.
+#[derive(Debug, Default, Clone)]
+struct Keyring {
+    by_id: HashMap<Uuid, Slot>,
+    by_name: HashMap<String, Uuid>,
+}
+
+impl Keyring {
+    fn insert(&mut self, entry: KeyEntry) {
+        if let Some(name) = &entry.record.name {
+            self.by_name.insert(name.clone(), entry.record.id);
+        }
+        self.by_id
+            .insert(entry.record.id, Arc::new(ArcSwap::from_pointee(entry)));
+    }
+}
+
+/// What one pass of [`KeyService::run_due`] did.
+#[derive(Debug, Default)]
+pub struct DueReport {
+    /// (key, new version) for each automatic rotation.
+    pub rotated: Vec<(Uuid, u32)>,
+    /// Keys deleted because their waiting period ended.
+    pub deleted: Vec<Uuid>,
+    /// Due work that failed (e.g. disk full); retried on the next pass.
+    pub failed: Vec<(Uuid, Error)>,
+}
+
+/// The key service.
+pub struct KeyService {
+    zone: String,
+    clock: Arc<dyn Clock>,
+    store: Store,
+    ring: ArcSwap<Keyring>,
+    admins: ArcSwap<Vec<Principal>>,
+    writer: Mutex<()>,
+    changed: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for KeyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyService")
+            .field("zone", &self.zone)
+            .field("keys", &self.key_count())
+            .finish()
+    }
+}
+
+impl KeyService {
+    /// Opens the store in `state_dir`, loads every key and creates the
+    /// default organization key on first start.
+    ///
+    /// # Errors
+    /// Any [`StoreError`]: wrong root key, corrupt file, locked, I/O.
+    pub fn open(state_dir: &Path, root: RootKey, zone: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let (store, records) = Store::open(state_dir, root)?;
+        let mut ring = Keyring::default();
+        let has_default = records.iter().any(KeyRecord::is_default);
+        for r in records {
+            ring.insert(KeyEntry::new(r, None));
+        }
+        let svc = Self {
+            zone: zone.to_string(),
+            clock,
+            store,
+            ring: ArcSwap::from_pointee(ring),
+            admins: ArcSwap::from_pointee(Vec::new()),
+            writer: Mutex::new(()),
+            changed: tokio::sync::Notify::new(),
+        };
+        if !has_default {
+            svc.create_default_key()?;
+        }
+        Ok(svc)
+    }
+
+    fn create_default_key(&self) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let sched = RotationSchedule::every(DEFAULT_ROTATION_DAYS, now);
+        let mut rec = KeyRecord::new(Uuid::new_v4(), KeyKind::DefaultOrganization, &self.zone, sched, now);
+        rec.name = Some(DEFAULT_KEY_NAME.to_string());
+        rec.description = "default organization key (platform-managed)".to_string();
+        rec.policy = Policy {
+            public_use: true,
+            ..Policy::default()
+        };
+        self.store.save(&rec)?;
+        self.insert(rec);
+        Ok(())
+    }
+
+    /// This daemon's zone.
+    pub fn zone(&self) -> &str {
+        &self.zone
+    }
+
+    /// The clock the service reads.
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+
+    /// Number of keys held.
+    pub fn key_count(&self) -> usize {
+        self.ring.load().by_id.len()
+    }
+
+    /// Replaces the global admins (config load and reload).
+    pub fn set_admins(&self, admins: Vec<Principal>) {
+        self.admins.store(Arc::new(admins));
+    }
+
+    /// Resolves when a key changed in a way that may move the schedule.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Resolves a UUID or a name to the key's current entry.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn entry(&self, key_ref: &str) -> Result<Arc<KeyEntry>> {
+        let ring = self.ring.load();
+        let id = match Uuid::parse_str(key_ref) {
+            Ok(id) => id,
+            Err(_) => *ring
+                .by_name
+                .get(key_ref)
+                .ok_or_else(|| Error::NotFound(key_ref.to_string()))?,
+        };
+        let slot = ring
+            .by_id
+            .get(&id)
+            .ok_or_else(|| Error::NotFound(key_ref.to_string()))?;
+        Ok(slot.load_full())
+    }
+
+    fn check(&self, caller: &Caller, rec: &KeyRecord, access: Access) -> Result<()> {
+        if allowed(caller, rec, &self.admins.load(), access) {
+            return Ok(());
+        }
+        tracing::warn!(uid = caller.uid, pid = caller.pid, key = %rec.id, access = access.verb(), "permission denied");
+        Err(Error::PermissionDenied {
+            uid: caller.uid,
+            action: access.verb(),
+            key: rec.label(),
+        })
+    }
+
+    fn insert(&self, rec: KeyRecord) {
+        let mut ring = Keyring::clone(&self.ring.load());
+        ring.insert(KeyEntry::new(rec, None));
+        self.ring.store(Arc::new(ring));
+        self.changed.notify_one();
+    }
+
+    /// Applies `f` to a copy of the key's record; persists and swaps it in
+    /// if it changed. Returns `f`'s result and the key as it now is.
+    fn mutate<T>(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        access: Access,
+        f: impl FnOnce(&mut KeyRecord, UnixTime) -> Result<T>,
+    ) -> Result<(T, KeyInfo)> {
+        let _writer = self.writer.lock();
+        let current = self.entry(key_ref)?;
+        self.check(caller, &current.record, access)?;
+        let mut rec = current.record.clone();
+        let out = f(&mut rec, self.clock.now())?;
+        let info = rec.info();
+        if rec != current.record {
+            self.store.save(&rec).map_err(Error::Unavailable)?;
+            self.swap(rec, &current);
+        }
+        Ok((out, info))
+    }
+
+    fn swap(&self, rec: KeyRecord, previous: &KeyEntry) {
+        let ring = self.ring.load();
+        if let Some(slot) = ring.by_id.get(&rec.id) {
+            slot.store(Arc::new(KeyEntry::new(rec, Some(previous))));
+        }
+        self.changed.notify_one();
+    }
+
+    /// Holds the writer lock, as a rotation does across its fsync.
+    #[cfg(test)]
+    pub(crate) fn writer_lock_for_test(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.writer.lock()
+    }
+
+    // ---- administration -------------------------------------------------
+
+    /// Creates a customer key; the caller gets use and admin on it.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (name, description, period, name taken),
+    /// `Unavailable` if it cannot be stored.
+    pub fn create_key(&self, caller: &Caller, req: &CreateKey) -> Result<KeyInfo> {
+        if let Some(name) = &req.name {
+            validate_name(name)?;
+        }
+        validate_description(&req.description)?;
+        let now = self.clock.now();
+        let schedule = match req.rotation {
+            None => RotationSchedule::every(DEFAULT_ROTATION_DAYS, now),
+            Some(None) => RotationSchedule::off(DEFAULT_ROTATION_DAYS),
+            Some(Some(days)) => {
+                validate_period(days)?;
+                RotationSchedule::every(days, now)
+            }
+        };
+        let _writer = self.writer.lock();
+        if let Some(name) = &req.name {
+            if self.ring.load().by_name.contains_key(name) {
+                return Err(Error::InvalidArgument(format!("a key named {name:?} already exists")));
+            }
+        }
+        let mut rec = KeyRecord::new(Uuid::new_v4(), KeyKind::Customer, &self.zone, schedule, now);
+        rec.name.clone_from(&req.name);
+        rec.description.clone_from(&req.description);
+        if !caller.is_internal() {
+            rec.policy.users = vec![Principal::Uid(caller.uid)];
+            rec.policy.admins = vec![Principal::Uid(caller.uid)];
+        }
+        self.store.save(&rec).map_err(Error::Unavailable)?;
+        let info = rec.info();
+        self.insert(rec);
+        Ok(info)
+    }
+
+    /// Describes a key.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`.
+    pub fn describe(&self, caller: &Caller, key_ref: &str) -> Result<KeyInfo> {
+        let e = self.entry(key_ref)?;
+        self.check(caller, &e.record, Access::Read)?;
+        Ok(e.record.info())
+    }
+
+    /// Lists the keys the caller may read, oldest first.
+    pub fn list(&self, caller: &Caller) -> Vec<KeyInfo> {
+        let admins = self.admins.load();
+        let ring = self.ring.load();
+        let mut out: Vec<KeyInfo> = ring
+            .by_id
+            .values()
+            .map(|s| s.load_full())
+            .filter(|e| allowed(caller, &e.record, &admins, Access::Read))
+            .map(|e| e.record.info())
+            .collect();
+        out.sort_by(|a, b| (a.created_at, &a.name, a.id).cmp(&(b.created_at, &b.name, b.id)));
+        out
+    }
+
+    /// Rotation history of a key.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`.
+    pub fn rotations(&self, caller: &Caller, key_ref: &str) -> Result<Vec<RotationEntry>> {
+        let e = self.entry(key_ref)?;
+        self.check(caller, &e.record, Access::Read)?;
+        Ok(e.record.rotations())
+    }
+
+    /// Manually rotates a key; returns the key with its new active version.
+    ///
+    /// # Errors
+    /// See [`rotation::rotate_manual`]; `Unavailable` if it cannot be stored.
+    pub fn rotate(&self, caller: &Caller, key_ref: &str) -> Result<KeyInfo> {
+        Ok(self.mutate(caller, key_ref, Access::Admin, rotation::rotate_manual)?.1)
+    }
+
+    /// Enables automatic rotation.
+    ///
+    /// # Errors
+    /// See [`rotation::enable_rotation`].
+    pub fn enable_rotation(&self, caller: &Caller, key_ref: &str, period: Option<u32>) -> Result<KeyInfo> {
+        Ok(self
+            .mutate(caller, key_ref, Access::Admin, |k, now| {
+                rotation::enable_rotation(k, period, now)
+            })?
+            .1)
+    }
+
+    /// Disables automatic rotation.
+    ///
+    /// # Errors
+    /// See [`rotation::disable_rotation`].
+    pub fn disable_rotation(&self, caller: &Caller, key_ref: &str) -> Result<KeyInfo> {
+        Ok(self
+            .mutate(caller, key_ref, Access::Admin, |k, _| rotation::disable_rotation(k))?
+            .1)
+    }
+
+    /// Enables a key.
+    ///
+    /// # Errors
+    /// See [`lifecycle::enable_key`].
+    pub fn enable_key(&self, caller: &Caller, key_ref: &str) -> Result<KeyInfo> {
+        Ok(self
+            .mutate(caller, key_ref, Access::Admin, |k, _| lifecycle::enable_key(k))?
+            .1)
+    }
+
+    /// Disables a key.
+    ///
+    /// # Errors
+    /// See [`lifecycle::disable_key`].
+    pub fn disable_key(&self, caller: &Caller, key_ref: &str) -> Result<KeyInfo> {
+        Ok(self
+            .mutate(caller, key_ref, Access::Admin, |k, _| lifecycle::disable_key(k))?
+            .1)
+    }
+
+    /// Schedules a key's deletion.
+    ///
+    /// # Errors
+    /// See [`lifecycle::schedule_deletion`].
+    pub fn schedule_deletion(&self, caller: &Caller, key_ref: &str, days: Option<u32>) -> Result<KeyInfo> {
+        Ok(self
+            .mutate(caller, key_ref, Access::Admin, |k, now| {
+                lifecycle::schedule_deletion(k, days, now)
+            })?
+            .1)
+    }
+
+    /// Cancels a key's pending deletion (the key stays disabled).
+    ///
+    /// # Errors
+    /// See [`lifecycle::cancel_deletion`].
+    pub fn cancel_deletion(&self, caller: &Caller, key_ref: &str) -> Result<KeyInfo> {
+        Ok(self
+            .mutate(caller, key_ref, Access::Admin, |k, _| lifecycle::cancel_deletion(k))?
+            .1)
+    }
+
+    // ---- schedule ---------------------------------------------------------
+
+    /// The earliest time at which [`run_due`](Self::run_due) has work.
+    pub fn next_due(&self) -> Option<UnixTime> {
+        let ring = self.ring.load();
+        ring.by_id
+            .values()
+            .filter_map(|slot| {
+                let e = slot.load();
+                let r = &e.record;
+                let rotation = (rotation::rotation_due(r, UnixTime::MAX))
+                    .then_some(r.rotation.next_at)
+                    .flatten();
+                let deletion = match r.state {
+                    kms_client::proto::KeyState::PendingDeletion { delete_at } => Some(delete_at),
+                    _ => None,
+                };
+                rotation.into_iter().chain(deletion).min()
+            })
+            .min()
+    }
+
+    /// Performs every automatic rotation and deletion due at `now`: one
+    /// rotation per key however many periods were missed.
+    pub fn run_due(&self, now: UnixTime) -> DueReport {
+        let mut report = DueReport::default();
+        let ids: Vec<Uuid> = self.ring.load().by_id.keys().copied().collect();
+        for id in ids {
+            if let Err(e) = self.run_due_key(id, now, &mut report) {
+                tracing::error!(key = %id, error = %e, "scheduled work failed; will retry");
+                report.failed.push((id, e));
+            }
+        }
+        report
+    }
+
+    fn run_due_key(&self, id: Uuid, now: UnixTime, report: &mut DueReport) -> Result<()> {
+        let _writer = self.writer.lock();
+        let Ok(current) = self.entry(&id.to_string()) else {
+            return Ok(());
+        };
+        if lifecycle::deletion_due(&current.record, now) {
+            self.store.remove(id).map_err(Error::Unavailable)?;
+            self.remove_from_ring(id);
+            tracing::info!(key = %id, "key deleted after its waiting period");
+            report.deleted.push(id);
+            return Ok(());
+        }
+        let mut rec = current.record.clone();
+        if let Some(v) = rotation::rotate_automatic(&mut rec, now) {
+            self.store.save(&rec).map_err(Error::Unavailable)?;
+            self.swap(rec, &current);
+            tracing::info!(key = %id, version = v, "automatic rotation");
+            report.rotated.push((id, v));
+        }
+        Ok(())
+    }
+
+    fn remove_from_ring(&self, id: Uuid) {
+        let mut ring = Keyring::clone(&self.ring.load());
+        ring.by_id.remove(&id);
+        ring.by_name.retain(|_, v| *v != id);
+        self.ring.store(Arc::new(ring));
+        self.changed.notify_one();
+    }
+
+    // ---- cryptography -----------------------------------------------------
+
+    /// The key, if the caller may use it and it is enabled.
+    fn usable(&self, caller: &Caller, key_ref: &str) -> Result<Arc<KeyEntry>> {
+        let e = self.entry(key_ref)?;
+        self.check(caller, &e.record, Access::Use)?;
+        e.record.ensure_usable()?;
+        Ok(e)
+    }
+
+    /// Encrypts up to 64 KiB under the key's active version.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`, `Disabled`, `InvalidArgument` (size).
+    pub fn encrypt(&self, caller: &Caller, key_ref: &str, plaintext: &[u8], ctx: &Context) -> Result<Vec<u8>> {
+        check_len("plaintext", plaintext.len(), 0, MAX_PLAINTEXT)?;
+        Ok(self.usable(caller, key_ref)?.seal(plaintext, ctx))
+    }
+
+    /// Wraps a caller's DEK (1..=1024 bytes) under the active version.
+    ///
+    /// # Errors
+    /// As [`encrypt`](Self::encrypt).
+    pub fn wrap(&self, caller: &Caller, key_ref: &str, dek: &[u8], ctx: &Context) -> Result<Vec<u8>> {
+        check_len("data key", dek.len(), 1, MAX_DEK)?;
+        Ok(self.usable(caller, key_ref)?.seal(dek, ctx))
+    }
+
+    /// Wraps many DEKs under one key with one lookup and one access check.
+    ///
+    /// # Errors
+    /// As [`wrap`](Self::wrap), for the whole batch.
+    pub fn wrap_batch(&self, caller: &Caller, key_ref: &str, deks: &[Vec<u8>], ctx: &Context) -> Result<Vec<Vec<u8>>> {
+        check_len("batch", deks.len(), 1, kms_client::proto::MAX_BATCH)?;
+        for d in deks {
+            check_len("data key", d.len(), 1, MAX_DEK)?;
+        }
+        let e = self.usable(caller, key_ref)?;
+        Ok(deks.iter().map(|d| e.seal(d, ctx)).collect())
+    }
+
+    /// Generates a random 32-byte data key; returns it and its blob.
+    ///
+    /// # Errors
+    /// As [`encrypt`](Self::encrypt).
+    pub fn generate_data_key(&self, caller: &Caller, key_ref: &str, ctx: &Context) -> Result<DataKeyPair> {
+        let e = self.usable(caller, key_ref)?;
+        Ok(new_data_key(&e, ctx))
+    }
+
+    /// Generates `count` data keys under one key.
+    ///
+    /// # Errors
+    /// As [`generate_data_key`](Self::generate_data_key); `InvalidArgument`
+    /// for a count of 0 or over the batch limit.
+    pub fn generate_data_key_batch(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        count: usize,
+        ctx: &Context,
+    ) -> Result<Vec<DataKeyPair>> {
+        check_len("batch", count, 1, kms_client::proto::MAX_BATCH)?;
+        let e = self.usable(caller, key_ref)?;
+        Ok((0..count).map(|_| new_data_key(&e, ctx)).collect())
+    }
+
+    /// Decrypts a blob with whichever version of whichever key it names.
+    ///
+    /// # Errors
+    /// `DecryptFailed` (not a blob, unknown key or version, wrong context,
+    /// altered bytes), `PermissionDenied`, `Disabled`.
+    pub fn decrypt(&self, caller: &Caller, blob: &[u8], ctx: &Context) -> Result<Zeroizing<Vec<u8>>> {
+        self.open_blob(caller, blob, ctx, None)
+    }
+
+    /// Unwraps a DEK; the same as [`decrypt`](Self::decrypt).
+    ///
+    /// # Errors
+    /// As [`decrypt`](Self::decrypt).
+    pub fn unwrap(&self, caller: &Caller, blob: &[u8], ctx: &Context) -> Result<Zeroizing<Vec<u8>>> {
+        self.open_blob(caller, blob, ctx, None)
+    }
+
+    /// Unwraps many blobs, each with its own result.
+    pub fn unwrap_batch(
+        &self,
+        caller: &Caller,
+        blobs: &[Vec<u8>],
+        ctx: &Context,
+    ) -> Result<Vec<Result<Zeroizing<Vec<u8>>>>> {
+        check_len("batch", blobs.len(), 1, kms_client::proto::MAX_BATCH)?;
+        Ok(blobs.iter().map(|b| self.open_blob(caller, b, ctx, None)).collect())
+    }
+
+    /// Opens a blob that must belong to key `expect` (the filesystem's key).
+    ///
+    /// # Errors
+    /// As [`decrypt`](Self::decrypt); `DecryptFailed` for another key's blob.
+    pub fn unwrap_for_key(
+        &self,
+        caller: &Caller,
+        expect: Uuid,
+        blob: &[u8],
+        ctx: &Context,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        self.open_blob(caller, blob, ctx, Some(expect))
+    }
+
+    /// Decrypts `blob` and encrypts the plaintext under the active version of
+    /// `to` (default: the blob's own key) with `to_ctx` (default: `ctx`).
+    /// The plaintext never leaves the daemon.
+    ///
+    /// # Errors
+    /// As [`decrypt`](Self::decrypt) for the source, as
+    /// [`encrypt`](Self::encrypt) for the destination.
+    pub fn re_encrypt(
+        &self,
+        caller: &Caller,
+        blob: &[u8],
+        ctx: &Context,
+        to: Option<&str>,
+        to_ctx: Option<&Context>,
+    ) -> Result<Vec<u8>> {
+        let plain = self.open_blob(caller, blob, ctx, None)?;
+        let dest = match to {
+            Some(key_ref) => self.usable(caller, key_ref)?,
+            None => self.usable(
+                caller,
+                &BlobHeader::parse(blob).expect("opened above").key_id.to_string(),
+            )?,
+        };
+        Ok(dest.seal(&plain, to_ctx.unwrap_or(ctx)))
+    }
+
+    fn open_blob(
+        &self,
+        caller: &Caller,
+        blob: &[u8],
+        ctx: &Context,
+        expect: Option<Uuid>,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let header = BlobHeader::parse(blob).map_err(|_| Error::DecryptFailed("not a kmsd ciphertext blob"))?;
+        if expect.is_some_and(|id| id != header.key_id) {
+            return Err(Error::DecryptFailed("the blob belongs to another key"));
+        }
+        let ring = self.ring.load();
+        let slot = ring
+            .by_id
+            .get(&header.key_id)
+            .ok_or(Error::DecryptFailed("the blob names a key that does not exist here"))?;
+        let e = slot.load();
+        self.check(caller, &e.record, Access::Use)?;
+        e.record.ensure_usable()?;
+        let cipher = e
+            .ciphers
+            .get(header.version)
+            .ok_or(Error::DecryptFailed("the blob names a key version that does not exist"))?;
+        crypto::open(cipher, blob, ctx)
+    }
+}
+
+fn new_data_key(e: &KeyEntry, ctx: &Context) -> DataKeyPair {
+    let mut dek = Zeroizing::new(vec![0u8; DATA_KEY_LEN]);
+    rand::thread_rng().fill_bytes(&mut dek);
+    let blob = e.seal(&dek, ctx);
+    (dek, blob)
+}
+
+fn check_len(what: &str, len: usize, min: usize, max: usize) -> Result<()> {
+    if len < min || len > max {
+        return Err(Error::InvalidArgument(format!(
+            "{what} of {len} bytes/items is outside {min}..={max}"
+        )));
+    }
+    Ok(())
+}
