@@ -3,4 +3,11 @@
 //! [`keys`] holds the key service; the rest of the crate puts it on a Unix
 //! socket, schedules its rotations and mounts its filesystems.
 
+pub mod app;
+pub mod config;
 pub mod keys;
+pub mod logging;
+pub mod notify;
+pub mod ops;
+pub mod scheduler;
+pub mod server;

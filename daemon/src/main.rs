@@ -1,1 +1,52 @@
-fn main() {}
+//! `kmsd`: parse arguments, set up logging, load the configuration, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kmsd::config::{self, Config};
+use kmsd::{app, logging};
+
+/// kmsd: local key-management sidecar.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, default_value = config::DEFAULT_CONFIG, conflicts_with = "dev")]
+    config: PathBuf,
+    /// Keep everything (socket, state, root key, config) in one local folder.
+    #[arg(long)]
+    dev: bool,
+    /// The --dev folder.
+    #[arg(long, default_value = app::DEFAULT_DEV_DIR, requires = "dev")]
+    dev_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match start(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmsd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(args: &Args) -> anyhow::Result<()> {
+    // Log the start-up at info until the config says otherwise.
+    let log = logging::init("info");
+    let cfg = load(args)?;
+    log.set(&cfg.log_level);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(app::run(cfg, log))
+}
+
+fn load(args: &Args) -> anyhow::Result<Config> {
+    if args.dev {
+        return app::dev_config(&args.dev_dir);
+    }
+    Config::load(&args.config, config::process_env())
+        .with_context(|| format!("configuration {}", args.config.display()))
+}

@@ -1,0 +1,150 @@
+//! Start-up and shutdown of the whole daemon: resolve the configuration
+//! (including `--dev`), open the key store, bind the socket, run the server
+//! and the scheduler until a signal, then drain and clean up.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config};
+use crate::keys::{KeyService, RootKey, SystemClock};
+use crate::notify;
+use crate::ops::Daemon;
+use crate::server::{self, Listener};
+
+/// Default `--dev` folder.
+pub const DEFAULT_DEV_DIR: &str = "kmsd-dev";
+
+const DEV_CONFIG: &str = r#"# kmsd --dev configuration. Paths for socket, state and root key are set
+# by --dev itself (everything lives in this folder); see systemd/kmsd.toml
+# in the source tree for every setting.
+zone = "dev"
+log_level = "info"
+
+[metrics]
+# "" turns the Prometheus endpoint off.
+listen = "127.0.0.1:9464"
+"#;
+
+/// Prepares the `--dev` folder (mode 0700): config file, root key, and the
+/// paths under it. The running user becomes a global admin.
+///
+/// # Errors
+/// When the folder, config or root key cannot be created or read.
+pub fn dev_config(dir: &Path) -> Result<Config> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create dev folder {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let cfg_path = dir.join("kmsd.toml");
+    if !cfg_path.exists() {
+        std::fs::write(&cfg_path, DEV_CONFIG).with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    }
+    let root_key = dir.join("root-key");
+    if !root_key.exists() {
+        RootKey::create(&root_key)?;
+        tracing::warn!(path = %root_key.display(), "created a new root key for --dev; keep it private, it opens every key");
+    }
+    let mut env = config::process_env();
+    env.insert("KMSD_SOCKET".into(), path_str(&dir.join("kmsd.sock"))?);
+    env.insert("KMSD_STATE_DIR".into(), path_str(&dir.join("state"))?);
+    env.insert("KMSD_ROOT_KEY".into(), path_str(&root_key)?);
+    let mut cfg = Config::load(&cfg_path, env)?;
+    let me = format!("uid:{}", nix::unistd::getuid());
+    if !cfg.access.admins.contains(&me) {
+        cfg.access.admins.push(me);
+    }
+    Ok(cfg)
+}
+
+fn path_str(p: &Path) -> Result<String> {
+    p.to_str()
+        .map(str::to_string)
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// The root key file: the systemd credential if present, else `root_key`.
+///
+/// # Errors
+/// When neither is available.
+pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let p = Path::new(&dir).join("root-key");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    match &cfg.root_key {
+        Some(p) => Ok(p.clone()),
+        None => bail!(
+            "no root key: set root_key in the config or pass the systemd credential root-key \
+             (LoadCredential=root-key:PATH); for a local trial run kmsd --dev"
+        ),
+    }
+}
+
+/// Opens the key store named by the configuration.
+///
+/// # Errors
+/// Missing or invalid root key, store errors (wrong key, corrupt, locked).
+pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>> {
+    let path = root_key_path(cfg)?;
+    let root = RootKey::load(&path)?;
+    let svc = KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock))
+        .with_context(|| format!("cannot open key store {}", cfg.state_dir.display()))?;
+    svc.set_admins(cfg.admins()?);
+    Ok(Arc::new(svc))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns after draining.
+///
+/// # Errors
+/// Start-up failures (store, socket, signals).
+pub async fn run(cfg: Config, _log: crate::logging::LogHandle) -> Result<()> {
+    let keys = open_keys(&cfg)?;
+    let listener = match Listener::inherited()? {
+        Some(l) => l,
+        None => Listener::bind(&cfg.socket)?,
+    };
+    let shutdown = CancellationToken::new();
+    let daemon = Arc::new(Daemon::new(keys.clone()));
+    spawn_signal_handler(shutdown.clone())?;
+    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), shutdown.clone()));
+    let where_ = listener
+        .path
+        .as_ref()
+        .map_or("inherited socket".to_string(), |p| p.display().to_string());
+    tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
+    notify::ready(&format!("serving {} keys in zone {}", keys.key_count(), cfg.zone));
+    server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
+    let _ = scheduler.await;
+    if let Some(p) = &listener.path {
+        if let Err(e) = std::fs::remove_file(p) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove socket");
+        }
+    }
+    tracing::info!("kmsd stopped");
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        notify::stopping();
+        shutdown.cancel();
+    });
+    Ok(())
+}

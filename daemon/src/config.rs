@@ -1,0 +1,364 @@
+//! kmsd's configuration: a TOML file overridden by `KMSD_*` environment
+//! variables (`KMSD_ZONE`, `KMSD_METRICS__LISTEN`, ... : `__` separates
+//! sections), read with the `config` crate. Unknown keys are errors.
+//! Loading (I/O) and parsing/validation are separate so that the parser is
+//! unit-tested on strings.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use kms_client::proto::{Principal, DEFAULT_MAX_FRAME};
+use serde::Deserialize;
+
+/// Default config file.
+pub const DEFAULT_CONFIG: &str = "/etc/kmsd/kmsd.toml";
+/// Smallest and largest accepted `max_frame`.
+pub const MAX_FRAME_RANGE: std::ops::RangeInclusive<usize> = 4096..=(64 << 20);
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This daemon's zone name.
+    pub zone: String,
+    /// Unix socket path (ignored under socket activation).
+    pub socket: PathBuf,
+    /// State directory (key store).
+    pub state_dir: PathBuf,
+    /// Root key file; `$CREDENTIALS_DIRECTORY/root-key` wins when present.
+    pub root_key: Option<PathBuf>,
+    /// Largest frame accepted or sent, in bytes.
+    pub max_frame: usize,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `kmsd=debug`.
+    pub log_level: String,
+    pub access: AccessConfig,
+    pub metrics: MetricsConfig,
+    #[serde(rename = "mount")]
+    pub mounts: Vec<MountConfig>,
+    #[serde(rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+    /// Peering key file; `$CREDENTIALS_DIRECTORY/peer-key` wins when present.
+    pub peer_key: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            zone: "local".to_string(),
+            socket: PathBuf::from("/run/kmsd/kmsd.sock"),
+            state_dir: PathBuf::from("/var/lib/kmsd"),
+            root_key: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            log_level: "info".to_string(),
+            access: AccessConfig::default(),
+            metrics: MetricsConfig::default(),
+            mounts: Vec::new(),
+            peers: Vec::new(),
+            peer_key: None,
+        }
+    }
+}
+
+/// `[access]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Principals (`uid:N`, `gid:N`) who administer every key.
+    pub admins: Vec<String>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint; empty turns it off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".to_string(),
+        }
+    }
+}
+
+/// `[[mount]]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    /// Backing directory holding the encrypted files.
+    pub source: PathBuf,
+    /// Mountpoint.
+    pub target: PathBuf,
+    /// Key (name or id) whose active version wraps new files' DEKs.
+    pub key: String,
+}
+
+/// `[[peer]]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub zone: String,
+    pub socket: PathBuf,
+}
+
+impl Config {
+    /// Reads `path` (must exist) and the `KMSD_*` variables of `env`.
+    ///
+    /// # Errors
+    /// Unreadable or unparsable file, unknown keys, invalid values.
+    pub fn load(path: &Path, env: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let file = config::File::from(path).format(config::FileFormat::Toml).required(true);
+        Self::build(file, env)
+    }
+
+    /// Parses TOML text plus `KMSD_*` variables (tests and `--dev`).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn parse(toml: &str, env: HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::build(config::File::from_str(toml, config::FileFormat::Toml), env)
+    }
+
+    fn build<S>(file: S, env: HashMap<String, String>) -> Result<Self, ConfigError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
+        let env = config::Environment::with_prefix("KMSD")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("access.admins")
+            .try_parsing(true)
+            .source(Some(env.into_iter().collect()));
+        let cfg: Config = config::Config::builder()
+            .add_source(file)
+            .add_source(env)
+            .build()?
+            .try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; names the first bad setting.
+    ///
+    /// # Errors
+    /// `Invalid` naming the key and the reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let zone_ok =
+            |z: &str| !z.is_empty() && z.len() <= 64 && z.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !zone_ok(&self.zone) {
+            return Err(invalid("zone", "use 1 to 64 characters from A-Z a-z 0-9 -"));
+        }
+        require_absolute("socket", &self.socket)?;
+        require_absolute("state_dir", &self.state_dir)?;
+        if let Some(p) = &self.root_key {
+            require_absolute("root_key", p)?;
+        }
+        if !MAX_FRAME_RANGE.contains(&self.max_frame) {
+            return Err(invalid(
+                "max_frame",
+                format!("must be within {MAX_FRAME_RANGE:?} bytes"),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("log_level", format!("{e} (try \"info\" or \"kmsd=debug\")")))?;
+        self.admins()?;
+        self.metrics_addr()?;
+        self.validate_mounts()?;
+        self.validate_peers()
+    }
+
+    fn validate_mounts(&self) -> Result<(), ConfigError> {
+        for (i, m) in self.mounts.iter().enumerate() {
+            require_absolute(&format!("mount[{i}].source"), &m.source)?;
+            require_absolute(&format!("mount[{i}].target"), &m.target)?;
+            if m.key.is_empty() {
+                return Err(invalid(&format!("mount[{i}].key"), "must name a key"));
+            }
+            if m.source.starts_with(&m.target) || m.target.starts_with(&m.source) {
+                return Err(invalid(
+                    &format!("mount[{i}]"),
+                    "source and target must not contain each other",
+                ));
+            }
+            let dup = self.mounts[..i].iter().any(|o| o.target == m.target);
+            if dup {
+                return Err(invalid(&format!("mount[{i}].target"), "mounted twice"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_peers(&self) -> Result<(), ConfigError> {
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.zone == self.zone {
+                return Err(invalid(&format!("peer[{i}].zone"), "is this daemon's own zone"));
+            }
+            require_absolute(&format!("peer[{i}].socket"), &p.socket)?;
+        }
+        if let Some(p) = &self.peer_key {
+            require_absolute("peer_key", p)?;
+        }
+        Ok(())
+    }
+
+    /// The global admins.
+    ///
+    /// # Errors
+    /// `Invalid` for a malformed principal.
+    pub fn admins(&self) -> Result<Vec<Principal>, ConfigError> {
+        self.access
+            .admins
+            .iter()
+            .map(|s| s.trim().parse::<Principal>().map_err(|e| invalid("access.admins", e)))
+            .collect()
+    }
+
+    /// The metrics address, or `None` when metrics are off.
+    ///
+    /// # Errors
+    /// `Invalid` when not an `IP:PORT`.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.metrics.listen.is_empty() {
+            return Ok(None);
+        }
+        self.metrics.listen.parse().map(Some).map_err(|_| {
+            invalid(
+                "metrics.listen",
+                "expected IP:PORT such as 127.0.0.1:9464, or \"\" to disable",
+            )
+        })
+    }
+}
+
+fn require_absolute(key: &str, p: &Path) -> Result<(), ConfigError> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{} is not an absolute path", p.display())))
+    }
+}
+
+/// The `KMSD_*` variables of the process environment.
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars().filter(|(k, _)| k.starts_with("KMSD_")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml: &str) -> Result<Config, ConfigError> {
+        Config::parse(toml, HashMap::new())
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let cfg = parse(
+            r#"
+            zone = "zone-a"
+            socket = "/run/kmsd/kmsd.sock"
+            state_dir = "/var/lib/kmsd"
+            root_key = "/etc/kmsd/root-key"
+            max_frame = 65536
+            log_level = "kmsd=debug"
+            peer_key = "/etc/kmsd/peer-key"
+            [access]
+            admins = ["uid:0", "gid:27"]
+            [metrics]
+            listen = ""
+            [[mount]]
+            source = "/srv/enc"
+            target = "/srv/plain"
+            key = "data"
+            [[peer]]
+            zone = "zone-b"
+            socket = "/run/kmsd-b/kmsd.sock"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.admins().unwrap(), vec![Principal::Uid(0), Principal::Gid(27)]);
+        assert_eq!(cfg.metrics_addr().unwrap(), None);
+        assert_eq!(cfg.mounts[0].key, "data");
+        assert_eq!(cfg.peers[0].zone, "zone-b");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = parse("zonee = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("zonee"), "{err}");
+        assert!(parse("[access]\nadmin = []").is_err());
+        assert!(parse("[[mount]]\nsource=\"/a\"\ntarget=\"/b\"\nkey=\"k\"\nextra=1").is_err());
+        assert!(Config::parse("", env(&[("KMSD_NOPE", "1")])).is_err());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let e = env(&[
+            ("KMSD_ZONE", "zone-e"),
+            ("KMSD_METRICS__LISTEN", "127.0.0.1:9999"),
+            ("KMSD_ACCESS__ADMINS", "uid:1,uid:2"),
+            ("KMSD_MAX_FRAME", "8192"),
+        ]);
+        let cfg = Config::parse("zone = \"zone-f\"", e).unwrap();
+        assert_eq!(cfg.zone, "zone-e");
+        assert_eq!(cfg.metrics_addr().unwrap(), Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(cfg.admins().unwrap(), vec![Principal::Uid(1), Principal::Uid(2)]);
+        assert_eq!(cfg.max_frame, 8192);
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let cases = [
+            ("zone = \"\"", "zone"),
+            ("zone = \"a b\"", "zone"),
+            ("socket = \"relative.sock\"", "socket"),
+            ("state_dir = \"state\"", "state_dir"),
+            ("max_frame = 10", "max_frame"),
+            ("log_level = \"info,[\"", "log_level"),
+            ("[access]\nadmins = [\"root\"]", "access.admins"),
+            ("[metrics]\nlisten = \"nowhere\"", "metrics.listen"),
+            ("[[mount]]\nsource=\"/a\"\ntarget=\"/a/b\"\nkey=\"k\"", "mount[0]"),
+            ("[[mount]]\nsource=\"a\"\ntarget=\"/b\"\nkey=\"k\"", "mount[0].source"),
+            ("zone=\"z\"\n[[peer]]\nzone=\"z\"\nsocket=\"/s\"", "peer[0].zone"),
+        ];
+        for (toml, key) in cases {
+            let err = parse(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_errors() {
+        assert!(parse("max_frame = \"big\"").is_err());
+        assert!(parse("zone = 5\n[access]\nadmins = \"uid:0\"").is_err());
+    }
+}

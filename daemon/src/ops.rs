@@ -1,0 +1,180 @@
+//! Maps each protocol request onto the key service and each outcome onto a
+//! response. No I/O here: the connection code decides where to run it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kms_client::proto::{DataKey, ErrorCode, ErrorReply, MountInfo, Request, Response, StatusInfo, PROTOCOL_VERSION};
+
+use crate::keys::{self, Caller, KeyService};
+
+/// The daemon's shared state, seen by every connection.
+#[derive(Debug)]
+pub struct Daemon {
+    pub keys: Arc<KeyService>,
+    pub started: Instant,
+    pub connections: AtomicU64,
+    pub mounts: parking_lot::RwLock<Vec<MountInfo>>,
+}
+
+impl Daemon {
+    /// State around an opened key service.
+    pub fn new(keys: Arc<KeyService>) -> Self {
+        Self {
+            keys,
+            started: Instant::now(),
+            connections: AtomicU64::new(0),
+            mounts: Default::default(),
+        }
+    }
+
+    /// The `Hello` reply.
+    pub fn hello(&self) -> Response {
+        Response::Hello {
+            server: server_version(),
+            protocol: PROTOCOL_VERSION,
+            zone: self.keys.zone().to_string(),
+        }
+    }
+
+    fn status(&self) -> Response {
+        Response::Status(StatusInfo {
+            server: server_version(),
+            zone: self.keys.zone().to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            keys: self.keys.key_count() as u64,
+            connections: self.connections.load(Ordering::Relaxed),
+            mounts: self.mounts.read().clone(),
+        })
+    }
+}
+
+/// `kmsd/<version>`.
+pub fn server_version() -> String {
+    format!("kmsd/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Does this request write to disk (and so belong off the async threads)?
+pub fn is_blocking(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::CreateKey(_)
+            | Request::EnableKey { .. }
+            | Request::DisableKey { .. }
+            | Request::ScheduleDeletion { .. }
+            | Request::CancelDeletion { .. }
+            | Request::ReplicateKey { .. }
+            | Request::RotateKey { .. }
+            | Request::EnableRotation { .. }
+            | Request::DisableRotation { .. }
+            | Request::FsVersions { .. }
+            | Request::FsRewrap { .. }
+    )
+}
+
+fn reply<T>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => Response::Error(e.into()),
+    }
+}
+
+/// Handles one request after the handshake.
+pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
+    let k = &*d.keys;
+    match req {
+        Request::Hello { .. } => d.hello(),
+        Request::Status => d.status(),
+        Request::CreateKey(c) => reply(k.create_key(caller, &c), Response::Key),
+        Request::DescribeKey { key } => reply(k.describe(caller, &key), Response::Key),
+        Request::ListKeys => Response::Keys(k.list(caller)),
+        Request::EnableKey { key } => reply(k.enable_key(caller, &key), Response::Key),
+        Request::DisableKey { key } => reply(k.disable_key(caller, &key), Response::Key),
+        Request::ScheduleDeletion { key, days } => reply(k.schedule_deletion(caller, &key, days), Response::Key),
+        Request::CancelDeletion { key } => reply(k.cancel_deletion(caller, &key), Response::Key),
+        Request::RotateKey { key } => reply(k.rotate(caller, &key), Response::Key),
+        Request::ListRotations { key } => reply(k.rotations(caller, &key), Response::Rotations),
+        Request::EnableRotation { key, period_days } => {
+            reply(k.enable_rotation(caller, &key, period_days), Response::Key)
+        }
+        Request::DisableRotation { key } => reply(k.disable_rotation(caller, &key), Response::Key),
+        Request::Encrypt {
+            key,
+            plaintext,
+            context,
+        } => reply(k.encrypt(caller, &key, &plaintext, &context), Response::Blob),
+        Request::Decrypt { blob, context } => {
+            reply(k.decrypt(caller, &blob, &context), |p| Response::Plaintext(take(p)))
+        }
+        Request::Wrap { key, dek, context } => reply(k.wrap(caller, &key, &dek, &context), Response::Blob),
+        Request::Unwrap { blob, context } => reply(k.unwrap(caller, &blob, &context), |p| Response::Plaintext(take(p))),
+        Request::GenerateDataKey {
+            key,
+            context,
+            with_plaintext,
+        } => reply(k.generate_data_key(caller, &key, &context), |dk| {
+            Response::DataKey(data_key(dk, with_plaintext))
+        }),
+        Request::ReEncrypt {
+            blob,
+            context,
+            to,
+            to_context,
+        } => reply(
+            k.re_encrypt(caller, &blob, &context, to.as_deref(), to_context.as_ref()),
+            Response::Blob,
+        ),
+        Request::WrapBatch { key, deks, context } => {
+            reply(k.wrap_batch(caller, &key, &deks, &context), Response::Blobs)
+        }
+        Request::UnwrapBatch { blobs, context } => reply(k.unwrap_batch(caller, &blobs, &context), |rs| {
+            Response::Plaintexts(rs.into_iter().map(|r| r.map(take).map_err(ErrorReply::from)).collect())
+        }),
+        Request::GenerateDataKeyBatch {
+            key,
+            count,
+            context,
+            with_plaintext,
+        } => reply(
+            k.generate_data_key_batch(caller, &key, count as usize, &context),
+            |dks| Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect()),
+        ),
+        Request::ReplicateKey { .. } => unavailable("multi-zone replication is not available in this build"),
+        Request::FsVersions { mount } | Request::FsRewrap { mount } => {
+            unavailable(&format!("no encrypted filesystem is mounted at {mount}"))
+        }
+    }
+}
+
+fn data_key((dek, blob): keys::service::DataKeyPair, with_plaintext: bool) -> DataKey {
+    DataKey {
+        blob,
+        plaintext: with_plaintext.then(|| take(dek)),
+    }
+}
+
+/// Moves a secret buffer into a response without copying it.
+fn take(mut secret: zeroize::Zeroizing<Vec<u8>>) -> Vec<u8> {
+    std::mem::take(&mut *secret)
+}
+
+fn unavailable(msg: &str) -> Response {
+    Response::Error(ErrorReply::new(ErrorCode::Unavailable, msg))
+}
+
+/// Runs [`handle`], turning a panic into an `internal` error for this
+/// request only.
+pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request) -> Response {
+    let op = req.op_name();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(d, caller, req))) {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!(op, uid = caller.uid, "request handler panicked; answered internal");
+            Response::Error(ErrorReply::new(
+                ErrorCode::Internal,
+                format!("internal error while handling {op}"),
+            ))
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The Unix socket server: binding (or inheriting) the listener, one task
+//! per connection, the handshake, pipelined request handling, and a
+//! graceful drain on shutdown. This is the only module that touches client
+//! streams.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::{FutureExt, SinkExt, StreamExt};
+use kms_client::proto::codec::Decoded;
+use kms_client::proto::{CodecError, ErrorCode, ErrorReply, Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::keys::Caller;
+use crate::ops::{self, Daemon};
+
+/// Why the listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("socket {path}: another kmsd is already listening there")]
+    InUse { path: PathBuf },
+    #[error("socket {path} exists and is not a socket; remove it or choose another path")]
+    NotSocket { path: PathBuf },
+    #[error("socket {path}: {op}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("LISTEN_FDS: {0}")]
+    Inherited(String),
+}
+
+/// A bound listener and whether we own its path (and so remove it on exit).
+#[derive(Debug)]
+pub struct Listener {
+    pub listener: UnixListener,
+    pub path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Binds `path` with mode 0660, replacing a stale socket left by a
+    /// crash but never a live one or a non-socket file.
+    ///
+    /// # Errors
+    /// [`BindError`] naming the path and what to fix.
+    pub fn bind(path: &Path) -> Result<Self, BindError> {
+        let io = |op| {
+            move |source| BindError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io("cannot create parent directory"))?;
+        }
+        remove_stale(path)?;
+        let listener = UnixListener::bind(path).map_err(io("cannot bind"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io("cannot chmod"))?;
+        Ok(Self {
+            listener,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// The socket passed by systemd socket activation, if any.
+    ///
+    /// # Errors
+    /// `Inherited` when `LISTEN_FDS` is set for us but unusable.
+    pub fn inherited() -> Result<Option<Self>, BindError> {
+        let Some(fd) = crate::notify::listen_fd().map_err(BindError::Inherited)? else {
+            return Ok(None);
+        };
+        fd.set_nonblocking(true)
+            .map_err(|e| BindError::Inherited(e.to_string()))?;
+        let listener = UnixListener::from_std(fd).map_err(|e| BindError::Inherited(e.to_string()))?;
+        Ok(Some(Self { listener, path: None }))
+    }
+}
+
+fn remove_stale(path: &Path) -> Result<(), BindError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotSocket {
+            path: path.to_path_buf(),
+        });
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(BindError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    tracing::info!(path = %path.display(), "removing stale socket left by an earlier run");
+    std::fs::remove_file(path).map_err(|source| BindError::Io {
+        op: "cannot remove stale socket",
+        path: path.into(),
+        source,
+    })
+}
+
+/// Accepts connections until `shutdown`, then waits for every connection
+/// to finish the requests it has already received.
+pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, max_frame: usize, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tracker.spawn(connection(stream, daemon.clone(), max_frame, shutdown.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// The caller behind a stream, from `SO_PEERCRED` (and its supplementary
+/// groups from /proc when readable).
+fn caller_of(stream: &UnixStream) -> Option<Caller> {
+    let cred = stream.peer_cred().ok()?;
+    let mut caller = Caller::process(cred.uid(), cred.gid(), cred.pid());
+    if let Some(pid) = cred.pid() {
+        caller.groups = supplementary_groups(pid);
+    }
+    Some(caller)
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+type Conn = Framed<UnixStream, FrameCodec<Response, Request>>;
+
+struct ConnGuard<'a>(&'a Daemon);
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection(stream: UnixStream, daemon: Arc<Daemon>, max_frame: usize, shutdown: CancellationToken) {
+    let Some(caller) = caller_of(&stream) else {
+        tracing::warn!("connection without peer credentials refused");
+        return;
+    };
+    daemon.connections.fetch_add(1, Ordering::Relaxed);
+    let _guard = ConnGuard(&daemon);
+    let mut conn = Session {
+        framed: Framed::new(stream, FrameCodec::new(max_frame)),
+        greeted: false,
+        caller,
+    };
+    if let Err(e) = conn.serve(&daemon, &shutdown).await {
+        tracing::debug!(uid = conn.caller.uid, pid = conn.caller.pid, error = %e, "connection ended");
+    }
+}
+
+struct Session {
+    framed: Conn,
+    greeted: bool,
+    caller: Caller,
+}
+
+/// What to do after a frame.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl Session {
+    /// Reads frames and answers them in order. Replies are buffered while
+    /// more pipelined requests are immediately available and flushed when
+    /// the input runs dry.
+    async fn serve(&mut self, daemon: &Arc<Daemon>, shutdown: &CancellationToken) -> Result<(), CodecError> {
+        loop {
+            let item = match self.framed.next().now_or_never() {
+                Some(item) => item,
+                None => {
+                    self.framed.flush().await?;
+                    tokio::select! {
+                        item = self.framed.next() => item,
+                        _ = shutdown.cancelled() => return self.drain(daemon).await,
+                    }
+                }
+            };
+            let Some(item) = item else {
+                return self.framed.flush().await;
+            };
+            if let Next::Close = self.on_item(daemon, item).await? {
+                return self.framed.flush().await;
+            }
+        }
+    }
+
+    /// Answers the requests already received, then closes.
+    async fn drain(&mut self, daemon: &Arc<Daemon>) -> Result<(), CodecError> {
+        while let Some(Some(item)) = self.framed.next().now_or_never() {
+            if let Next::Close = self.on_item(daemon, item).await? {
+                break;
+            }
+        }
+        self.framed.flush().await
+    }
+
+    async fn on_item(
+        &mut self,
+        daemon: &Arc<Daemon>,
+        item: Result<Decoded<Request>, CodecError>,
+    ) -> Result<Next, CodecError> {
+        match item {
+            Ok(Decoded::Frame(frame)) => self.on_frame(daemon, frame).await,
+            Ok(Decoded::Malformed { id, reason }) => {
+                tracing::info!(uid = self.caller.uid, pid = self.caller.pid, %reason, "malformed frame");
+                let msg = format!("request does not decode: {reason}");
+                self.send(id, error(ErrorCode::Malformed, msg)).await?;
+                Ok(Next::Continue)
+            }
+            Err(CodecError::Oversized { max }) => {
+                tracing::warn!(
+                    uid = self.caller.uid,
+                    pid = self.caller.pid,
+                    max,
+                    "oversized frame; closing connection"
+                );
+                let msg = format!("frame larger than {max} bytes; closing connection");
+                self.send(0, error(ErrorCode::Malformed, msg)).await?;
+                Ok(Next::Close)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn on_frame(&mut self, daemon: &Arc<Daemon>, frame: Frame<Request>) -> Result<Next, CodecError> {
+        let Frame { id, body } = frame;
+        if !self.greeted {
+            return self.on_hello(daemon, id, body).await;
+        }
+        let response = if ops::is_blocking(&body) {
+            let (d, c) = (daemon.clone(), self.caller.clone());
+            tokio::task::spawn_blocking(move || ops::handle_guarded(&d, &c, body))
+                .await
+                .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed"))
+        } else {
+            ops::handle_guarded(daemon, &self.caller, body)
+        };
+        self.send(id, response).await?;
+        Ok(Next::Continue)
+    }
+
+    async fn on_hello(&mut self, daemon: &Daemon, id: u64, body: Request) -> Result<Next, CodecError> {
+        match body {
+            Request::Hello { protocol, .. } if protocol == PROTOCOL_VERSION => {
+                self.greeted = true;
+                self.send(id, daemon.hello()).await?;
+                Ok(Next::Continue)
+            }
+            Request::Hello { protocol, client } => {
+                let msg = format!("{client} speaks protocol {protocol}; this kmsd speaks {PROTOCOL_VERSION}");
+                self.send(id, error(ErrorCode::UnsupportedProtocol, msg)).await?;
+                Ok(Next::Close)
+            }
+            _ => {
+                self.send(id, error(ErrorCode::Malformed, "the first request must be Hello"))
+                    .await?;
+                Ok(Next::Continue)
+            }
+        }
+    }
+
+    /// Queues a reply; an unencodable (too large) reply becomes an error.
+    async fn send(&mut self, id: u64, body: Response) -> Result<(), CodecError> {
+        match self.framed.feed(Frame { id, body }).await {
+            Err(CodecError::Oversized { max }) => {
+                let msg = format!("reply larger than the {max}-byte frame limit; send a smaller batch");
+                self.framed
+                    .feed(Frame {
+                        id,
+                        body: error(ErrorCode::InvalidArgument, msg),
+                    })
+                    .await
+            }
+            other => other,
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error(ErrorReply::new(code, message))
+}
