@@ -234,6 +234,31 @@ pub enum Response {
     Error(ErrorReply),
 }
 
+impl Response {
+    /// The variant's name, for error messages. Never includes the payload,
+    /// which may be plaintext.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Response::Hello { .. } => "Hello",
+            Response::Status(_) => "Status",
+            Response::Key(_) => "Key",
+            Response::Keys(_) => "Keys",
+            Response::Rotations(_) => "Rotations",
+            Response::Blob(_) => "Blob",
+            Response::Plaintext(_) => "Plaintext",
+            Response::DataKey(_) => "DataKey",
+            Response::Blobs(_) => "Blobs",
+            Response::Plaintexts(_) => "Plaintexts",
+            Response::DataKeys(_) => "DataKeys",
+            Response::Done => "Done",
+            Response::FsVersions(_) => "FsVersions",
+            Response::FsRewrap(_) => "FsRewrap",
+            Response::Progress { .. } => "Progress",
+            Response::Error(_) => "Error",
+        }
+    }
+}
+
 /// A generated data key: the blob to store and, when asked, the plaintext.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataKey {
