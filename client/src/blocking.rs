@@ -21,8 +21,8 @@ use crate::error::ClientError;
 use crate::ops::{self, ClientOptions, GeneratedDataKey, Op, ServerInfo, UnwrapItem};
 use crate::proto::codec::{decode_body, encode_body, Decoded};
 use crate::proto::{
-    CodecError, Context, CreateKey, Frame, FsRewrapInfo, FsVersionsInfo, KeyInfo, Request,
-    Response, RotationEntry, StatusInfo,
+    CodecError, Context, CreateKey, Frame, FsRewrapInfo, FsVersionsInfo, KeyInfo, Request, Response, RotationEntry,
+    StatusInfo,
 };
 
 /// Length of the frame length prefix.
@@ -80,11 +80,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn call(
-        &mut self,
-        request: Request,
-        on_progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Response, ClientError> {
+    fn call(&mut self, request: Request, on_progress: &mut dyn FnMut(u64, u64)) -> Result<Response, ClientError> {
         if self.broken {
             return Err(ClientError::closed());
         }
@@ -96,11 +92,7 @@ impl Conn {
         self.read_reply(id, on_progress)
     }
 
-    fn read_reply(
-        &mut self,
-        id: u64,
-        on_progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Response, ClientError> {
+    fn read_reply(&mut self, id: u64, on_progress: &mut dyn FnMut(u64, u64)) -> Result<Response, ClientError> {
         loop {
             let frame = read_frame(&mut self.stream, self.max_frame)?;
             match decode_body::<Response>(&frame) {
@@ -158,10 +150,7 @@ impl BlockingClient {
     ///
     /// # Errors
     /// As [`BlockingClient::connect`].
-    pub fn connect_with(
-        path: impl AsRef<Path>,
-        options: &ClientOptions,
-    ) -> Result<Self, ClientError> {
+    pub fn connect_with(path: impl AsRef<Path>, options: &ClientOptions) -> Result<Self, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             path: path.to_owned(),
@@ -225,9 +214,7 @@ impl BlockingClient {
         request: Request,
         mut on_progress: impl FnMut(u64, u64),
     ) -> Result<Response, ClientError> {
-        self.conn
-            .call(request, &mut on_progress)
-            .and_then(ops::final_response)
+        self.conn.call(request, &mut on_progress).and_then(ops::final_response)
     }
 
     fn run<T>(&mut self, op: Op<T>) -> Result<T, ClientError> {
@@ -287,11 +274,7 @@ impl BlockingClient {
     ///
     /// # Errors
     /// As [`BlockingClient::status`].
-    pub fn schedule_deletion(
-        &mut self,
-        key: &str,
-        days: Option<u32>,
-    ) -> Result<Option<KeyInfo>, ClientError> {
+    pub fn schedule_deletion(&mut self, key: &str, days: Option<u32>) -> Result<Option<KeyInfo>, ClientError> {
         self.run(ops::schedule_deletion(key, days))
     }
 
@@ -331,11 +314,7 @@ impl BlockingClient {
     ///
     /// # Errors
     /// As [`BlockingClient::status`].
-    pub fn enable_rotation(
-        &mut self,
-        key: &str,
-        period_days: Option<u32>,
-    ) -> Result<Option<KeyInfo>, ClientError> {
+    pub fn enable_rotation(&mut self, key: &str, period_days: Option<u32>) -> Result<Option<KeyInfo>, ClientError> {
         self.run(ops::enable_rotation(key, period_days))
     }
 
@@ -351,12 +330,7 @@ impl BlockingClient {
     ///
     /// # Errors
     /// As [`BlockingClient::status`].
-    pub fn encrypt(
-        &mut self,
-        key: &str,
-        plaintext: &[u8],
-        context: &Context,
-    ) -> Result<Vec<u8>, ClientError> {
+    pub fn encrypt(&mut self, key: &str, plaintext: &[u8], context: &Context) -> Result<Vec<u8>, ClientError> {
         self.run(ops::encrypt(key, plaintext, context))
     }
 
@@ -364,11 +338,7 @@ impl BlockingClient {
     ///
     /// # Errors
     /// As [`BlockingClient::status`].
-    pub fn decrypt(
-        &mut self,
-        blob: &[u8],
-        context: &Context,
-    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    pub fn decrypt(&mut self, blob: &[u8], context: &Context) -> Result<Zeroizing<Vec<u8>>, ClientError> {
         self.run(ops::decrypt(blob, context))
     }
 
@@ -376,12 +346,7 @@ impl BlockingClient {
     ///
     /// # Errors
     /// As [`BlockingClient::status`].
-    pub fn wrap(
-        &mut self,
-        key: &str,
-        dek: &[u8],
-        context: &Context,
-    ) -> Result<Vec<u8>, ClientError> {
+    pub fn wrap(&mut self, key: &str, dek: &[u8], context: &Context) -> Result<Vec<u8>, ClientError> {
         self.run(ops::wrap(key, dek, context))
     }
 
@@ -389,11 +354,7 @@ impl BlockingClient {
     ///
     /// # Errors
     /// As [`BlockingClient::status`].
-    pub fn unwrap(
-        &mut self,
-        blob: &[u8],
-        context: &Context,
-    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    pub fn unwrap(&mut self, blob: &[u8], context: &Context) -> Result<Zeroizing<Vec<u8>>, ClientError> {
         self.run(ops::unwrap(blob, context))
     }
 
@@ -461,12 +422,7 @@ impl BlockingClient {
         context: &Context,
         with_plaintext: bool,
     ) -> Result<Vec<GeneratedDataKey>, ClientError> {
-        self.run(ops::generate_data_key_batch(
-            key,
-            count,
-            context,
-            with_plaintext,
-        ))
+        self.run(ops::generate_data_key_batch(key, count, context, with_plaintext))
     }
 
     /// Counts files per key version under a mount.
@@ -574,17 +530,11 @@ mod tests {
     fn oversized_frames_are_refused_both_ways() {
         let mut buf = Vec::new();
         let err = write_frame(&mut buf, &[0; 17], 16).unwrap_err();
-        assert!(matches!(
-            err,
-            ClientError::Codec(CodecError::Oversized { max: 16 })
-        ));
+        assert!(matches!(err, ClientError::Codec(CodecError::Oversized { max: 16 })));
         assert!(buf.is_empty());
         let mut input = Cursor::new(17u32.to_be_bytes().to_vec());
         let err = read_frame(&mut input, 16).unwrap_err();
-        assert!(matches!(
-            err,
-            ClientError::Codec(CodecError::Oversized { max: 16 })
-        ));
+        assert!(matches!(err, ClientError::Codec(CodecError::Oversized { max: 16 })));
     }
 
     #[test]
@@ -601,16 +551,10 @@ mod tests {
     fn calls_round_trip_and_errors_keep_the_connection() {
         let mut client = with_server(echo);
         assert_eq!(client.server_info().server, "fake/1");
-        assert_eq!(
-            client.encrypt("k", b"one", &Context::new()).unwrap(),
-            b"one"
-        );
+        assert_eq!(client.encrypt("k", b"one", &Context::new()).unwrap(), b"one");
         let err = client.status().unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
-        assert_eq!(
-            client.encrypt("k", b"two", &Context::new()).unwrap(),
-            b"two"
-        );
+        assert_eq!(client.encrypt("k", b"two", &Context::new()).unwrap(), b"two");
     }
 
     #[test]
@@ -627,9 +571,7 @@ mod tests {
             server.send(frame.id, Response::FsRewrap(info));
         });
         let mut seen = Vec::new();
-        let info = client
-            .fs_rewrap_with_progress("/m", |d, t| seen.push((d, t)))
-            .unwrap();
+        let info = client.fs_rewrap_with_progress("/m", |d, t| seen.push((d, t))).unwrap();
         assert_eq!((info.rewrapped, seen), (2, vec![(1, 2), (2, 2)]));
     }
 
@@ -651,9 +593,7 @@ mod tests {
             server.recv();
             let _ = rx.recv(); // hold the connection open without answering
         });
-        client
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         assert!(matches!(client.status(), Err(ClientError::Io(_))));
         assert!(client.is_broken());
         drop(tx);

@@ -27,8 +27,8 @@ use crate::error::ClientError;
 use crate::ops::{self, ClientOptions, GeneratedDataKey, Op, ServerInfo, UnwrapItem};
 use crate::proto::codec::Decoded;
 use crate::proto::{
-    CodecError, Context, CreateKey, Frame, FrameCodec, FsRewrapInfo, FsVersionsInfo, KeyInfo,
-    Request, Response, RotationEntry, StatusInfo,
+    CodecError, Context, CreateKey, Frame, FrameCodec, FsRewrapInfo, FsVersionsInfo, KeyInfo, Request, Response,
+    RotationEntry, StatusInfo,
 };
 
 type Writer = FramedWrite<OwnedWriteHalf, FrameCodec<Request, Response>>;
@@ -127,9 +127,7 @@ impl Shared {
         }
         let cause = pending.cause.clone();
         for (_, tx) in pending.calls.drain() {
-            let error = ClientError::Closed {
-                cause: cause.clone(),
-            };
+            let error = ClientError::Closed { cause: cause.clone() };
             let _ = tx.send(Event::Final(Box::new(Err(error))));
         }
     }
@@ -174,21 +172,14 @@ impl Connection {
         let reader = FramedRead::new(read_half, FrameCodec::new(max_frame));
         let task = tokio::spawn(read_loop(reader, Arc::clone(&shared)));
         Self {
-            writer: tokio::sync::Mutex::new(FramedWrite::new(
-                write_half,
-                FrameCodec::new(max_frame),
-            )),
+            writer: tokio::sync::Mutex::new(FramedWrite::new(write_half, FrameCodec::new(max_frame))),
             shared,
             next_id: AtomicU64::new(1),
             reader: task.abort_handle(),
         }
     }
 
-    async fn call(
-        &self,
-        request: Request,
-        mut on_progress: impl FnMut(u64, u64),
-    ) -> Result<Response, ClientError> {
+    async fn call(&self, request: Request, mut on_progress: impl FnMut(u64, u64)) -> Result<Response, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.shared.register(id)?;
         let _guard = PendingGuard {
@@ -268,17 +259,12 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::connect`].
-    pub async fn connect_with(
-        path: impl AsRef<Path>,
-        options: &ClientOptions,
-    ) -> Result<Self, ClientError> {
+    pub async fn connect_with(path: impl AsRef<Path>, options: &ClientOptions) -> Result<Self, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: path.to_owned(),
-                source,
-            })?;
+        let stream = UnixStream::connect(path).await.map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::handshake(stream, options).await
     }
 
@@ -288,10 +274,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::connect`], minus `Connect`.
-    pub async fn handshake(
-        stream: UnixStream,
-        options: &ClientOptions,
-    ) -> Result<Self, ClientError> {
+    pub async fn handshake(stream: UnixStream, options: &ClientOptions) -> Result<Self, ClientError> {
         let conn = Connection::start(stream, options.max_frame);
         let reply = conn.call(ops::hello(&options.client_name), |_, _| {}).await;
         let server = ops::check_hello(reply)?;
@@ -391,11 +374,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::status`].
-    pub async fn schedule_deletion(
-        &self,
-        key: &str,
-        days: Option<u32>,
-    ) -> Result<Option<KeyInfo>, ClientError> {
+    pub async fn schedule_deletion(&self, key: &str, days: Option<u32>) -> Result<Option<KeyInfo>, ClientError> {
         self.run(ops::schedule_deletion(key, days)).await
     }
 
@@ -411,11 +390,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::status`].
-    pub async fn replicate_key(
-        &self,
-        key: &str,
-        zone: &str,
-    ) -> Result<Option<KeyInfo>, ClientError> {
+    pub async fn replicate_key(&self, key: &str, zone: &str) -> Result<Option<KeyInfo>, ClientError> {
         self.run(ops::replicate_key(key, zone)).await
     }
 
@@ -439,11 +414,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::status`].
-    pub async fn enable_rotation(
-        &self,
-        key: &str,
-        period_days: Option<u32>,
-    ) -> Result<Option<KeyInfo>, ClientError> {
+    pub async fn enable_rotation(&self, key: &str, period_days: Option<u32>) -> Result<Option<KeyInfo>, ClientError> {
         self.run(ops::enable_rotation(key, period_days)).await
     }
 
@@ -459,12 +430,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::status`].
-    pub async fn encrypt(
-        &self,
-        key: &str,
-        plaintext: &[u8],
-        context: &Context,
-    ) -> Result<Vec<u8>, ClientError> {
+    pub async fn encrypt(&self, key: &str, plaintext: &[u8], context: &Context) -> Result<Vec<u8>, ClientError> {
         self.run(ops::encrypt(key, plaintext, context)).await
     }
 
@@ -472,11 +438,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::status`].
-    pub async fn decrypt(
-        &self,
-        blob: &[u8],
-        context: &Context,
-    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    pub async fn decrypt(&self, blob: &[u8], context: &Context) -> Result<Zeroizing<Vec<u8>>, ClientError> {
         self.run(ops::decrypt(blob, context)).await
     }
 
@@ -484,12 +446,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::status`].
-    pub async fn wrap(
-        &self,
-        key: &str,
-        dek: &[u8],
-        context: &Context,
-    ) -> Result<Vec<u8>, ClientError> {
+    pub async fn wrap(&self, key: &str, dek: &[u8], context: &Context) -> Result<Vec<u8>, ClientError> {
         self.run(ops::wrap(key, dek, context)).await
     }
 
@@ -497,11 +454,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::status`].
-    pub async fn unwrap(
-        &self,
-        blob: &[u8],
-        context: &Context,
-    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    pub async fn unwrap(&self, blob: &[u8], context: &Context) -> Result<Zeroizing<Vec<u8>>, ClientError> {
         self.run(ops::unwrap(blob, context)).await
     }
 
@@ -515,8 +468,7 @@ impl Client {
         context: &Context,
         with_plaintext: bool,
     ) -> Result<GeneratedDataKey, ClientError> {
-        self.run(ops::generate_data_key(key, context, with_plaintext))
-            .await
+        self.run(ops::generate_data_key(key, context, with_plaintext)).await
     }
 
     /// Re-encrypts a blob to the active version of `to` (default: its own
@@ -531,8 +483,7 @@ impl Client {
         to: Option<&str>,
         to_context: Option<&Context>,
     ) -> Result<Vec<u8>, ClientError> {
-        self.run(ops::re_encrypt(blob, context, to, to_context))
-            .await
+        self.run(ops::re_encrypt(blob, context, to, to_context)).await
     }
 
     /// Wraps many data keys in one request.
@@ -571,13 +522,8 @@ impl Client {
         context: &Context,
         with_plaintext: bool,
     ) -> Result<Vec<GeneratedDataKey>, ClientError> {
-        self.run(ops::generate_data_key_batch(
-            key,
-            count,
-            context,
-            with_plaintext,
-        ))
-        .await
+        self.run(ops::generate_data_key_batch(key, count, context, with_plaintext))
+            .await
     }
 
     /// Counts files per key version under a mount.
@@ -695,10 +641,7 @@ mod tests {
             reply(&mut server, hello.id, Response::Error(refusal)).await;
         };
         let (client, ()) = tokio::join!(Client::handshake(a, &options), answer);
-        assert!(matches!(
-            client,
-            Err(ClientError::UnsupportedProtocol { .. })
-        ));
+        assert!(matches!(client, Err(ClientError::UnsupportedProtocol { .. })));
     }
 
     #[tokio::test]
@@ -779,10 +722,7 @@ mod tests {
         drop(server);
         for call in calls {
             let result = tokio::time::timeout(LIMIT, call).await.unwrap().unwrap();
-            assert!(
-                matches!(result, Err(ClientError::Closed { .. })),
-                "{result:?}"
-            );
+            assert!(matches!(result, Err(ClientError::Closed { .. })), "{result:?}");
         }
         assert!(client.is_closed());
         let later = tokio::time::timeout(LIMIT, client.status()).await.unwrap();
@@ -798,10 +738,7 @@ mod tests {
             reply(&mut server, 0, Response::Error(e)).await;
         });
         let err = client.status().await.unwrap_err();
-        assert!(
-            matches!(err, ClientError::Closed { cause: Some(_) }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ClientError::Closed { cause: Some(_) }), "{err:?}");
         assert_eq!(err.code(), Some(ErrorCode::Malformed));
     }
 
@@ -839,30 +776,16 @@ mod tests {
             server
         });
         let huge = vec![0u8; crate::proto::DEFAULT_MAX_FRAME + 1];
-        let err = client
-            .encrypt("k", &huge, &Context::new())
-            .await
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            ClientError::Codec(CodecError::Oversized { .. })
-        ));
-        assert_eq!(
-            client
-                .encrypt("k", b"small", &Context::new())
-                .await
-                .unwrap(),
-            b"small"
-        );
+        let err = client.encrypt("k", &huge, &Context::new()).await.unwrap_err();
+        assert!(matches!(err, ClientError::Codec(CodecError::Oversized { .. })));
+        assert_eq!(client.encrypt("k", b"small", &Context::new()).await.unwrap(), b"small");
     }
 
     #[tokio::test]
     async fn cancelled_call_does_not_disturb_the_next() {
         let (client, mut server) = pair().await;
         let slow = client.call(encrypt_request("slow"));
-        assert!(tokio::time::timeout(Duration::from_millis(50), slow)
-            .await
-            .is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(50), slow).await.is_err());
         let server_task = tokio::spawn(async move {
             let late = next_request(&mut server).await;
             let next = next_request(&mut server).await;

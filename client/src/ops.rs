@@ -11,8 +11,8 @@ use zeroize::Zeroizing;
 
 use crate::error::ClientError;
 use crate::proto::{
-    Context, CreateKey, DataKey, ErrorCode, ErrorReply, FsRewrapInfo, FsVersionsInfo, KeyInfo,
-    Request, Response, RotationEntry, StatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Context, CreateKey, DataKey, ErrorCode, ErrorReply, FsRewrapInfo, FsVersionsInfo, KeyInfo, Request, Response,
+    RotationEntry, StatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Connection settings common to both clients.
@@ -263,11 +263,7 @@ pub(crate) fn unwrap(blob_in: &[u8], context: &Context) -> Op<Zeroizing<Vec<u8>>
     Op::new(request, plaintext)
 }
 
-pub(crate) fn generate_data_key(
-    k: &str,
-    context: &Context,
-    with_plaintext: bool,
-) -> Op<GeneratedDataKey> {
+pub(crate) fn generate_data_key(k: &str, context: &Context, with_plaintext: bool) -> Op<GeneratedDataKey> {
     let request = Request::GenerateDataKey {
         key: key(k),
         context: context.clone(),
@@ -291,11 +287,7 @@ pub(crate) fn re_encrypt(
     Op::new(request, blob)
 }
 
-pub(crate) fn wrap_batch(
-    k: &str,
-    deks: &[impl AsRef<[u8]>],
-    context: &Context,
-) -> Op<Vec<Vec<u8>>> {
+pub(crate) fn wrap_batch(k: &str, deks: &[impl AsRef<[u8]>], context: &Context) -> Op<Vec<Vec<u8>>> {
     let request = Request::WrapBatch {
         key: key(k),
         deks: owned_items(deks),
@@ -358,10 +350,7 @@ mod tests {
     #[test]
     fn check_hello_refuses_other_versions_and_refusals() {
         let other = check_hello(Ok(hello_response(PROTOCOL_VERSION + 1)));
-        assert!(matches!(
-            other,
-            Err(ClientError::UnsupportedProtocol { .. })
-        ));
+        assert!(matches!(other, Err(ClientError::UnsupportedProtocol { .. })));
         let refused = Response::Error(ErrorReply::new(ErrorCode::UnsupportedProtocol, "no"));
         assert!(matches!(
             check_hello(Ok(refused)),
@@ -397,10 +386,7 @@ mod tests {
         let reply = ErrorReply::new(ErrorCode::DecryptFailed, "bad");
         let items = (op.parse)(Response::Plaintexts(vec![Ok(vec![1]), Err(reply)])).unwrap();
         assert_eq!(items[0].as_ref().unwrap().as_slice(), &[1]);
-        assert_eq!(
-            items[1].as_ref().unwrap_err().code,
-            ErrorCode::DecryptFailed
-        );
+        assert_eq!(items[1].as_ref().unwrap_err().code, ErrorCode::DecryptFailed);
     }
 
     #[test]
@@ -410,9 +396,6 @@ mod tests {
             plaintext: Some(vec![42; 32]),
         });
         let text = format!("{dk:?}");
-        assert!(
-            text.contains("[redacted]") && !text.contains("42"),
-            "{text}"
-        );
+        assert!(text.contains("[redacted]") && !text.contains("42"), "{text}");
     }
 }

@@ -1,0 +1,183 @@
+//! Start, stop, restart, crash, --dev, and start-up refusals.
+
+use std::process::Command;
+use std::time::Duration;
+
+use kms_client::blocking::BlockingClient;
+use kms_client::proto::{Context, CreateKey, ErrorCode};
+use kms_tests::{bin, stderr, TestDaemon};
+
+#[test]
+fn sigterm_drains_and_removes_the_socket() {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    c.status().unwrap();
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(!d.socket.exists(), "socket removed");
+    assert!(d.logs().contains("SIGTERM"), "{}", d.logs());
+}
+
+/// Keys created, rotated and used before a stop are all there after it,
+/// and every blob handed out before still unwraps.
+fn keys_survive(stop: impl FnOnce(&mut TestDaemon)) {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    let ctx: Context = [("app".to_string(), "db".to_string())].into();
+    let key = c
+        .create_key(CreateKey {
+            name: Some("survivor".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut blobs = Vec::new();
+    for v in 0..4u8 {
+        blobs.push((v, c.wrap("survivor", &[v; 32], &ctx).unwrap()));
+        c.rotate_key("survivor").unwrap();
+    }
+    let default_blob = c.wrap("default", &[9; 32], &Context::new()).unwrap();
+    let before = c.describe_key("survivor").unwrap();
+    drop(c);
+    stop(&mut d);
+    d.restart();
+    let mut c = d.client();
+    let after = c.describe_key(&key.id.to_string()).unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after.active_version, 5);
+    for (v, blob) in blobs {
+        assert_eq!(&c.unwrap(&blob, &ctx).unwrap()[..], &[v; 32]);
+    }
+    assert_eq!(&c.unwrap(&default_blob, &Context::new()).unwrap()[..], &[9; 32]);
+}
+
+#[test]
+fn restart_after_sigterm_keeps_keys_and_old_blobs() {
+    keys_survive(|d| assert!(d.terminate().success()));
+}
+
+#[test]
+fn restart_after_sigkill_keeps_keys_and_old_blobs() {
+    keys_survive(TestDaemon::kill9);
+}
+
+#[test]
+fn acknowledged_rotations_survive_sigkill_under_load() {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    c.create_key(CreateKey {
+        name: Some("k".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut acked = 1;
+    for _ in 0..10 {
+        acked = c
+            .rotate_key("k")
+            .unwrap()
+            .map(|k| k.active_version)
+            .unwrap_or(acked + 1);
+    }
+    d.kill9();
+    d.restart();
+    assert_eq!(d.client().describe_key("k").unwrap().active_version, acked);
+}
+
+#[test]
+fn dev_mode_works_from_an_empty_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("kmsd"))
+        .arg("--dev")
+        .current_dir(dir.path())
+        .env("KMSD_METRICS__LISTEN", "")
+        .env_remove("KMSD_SOCKET")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dev = dir.path().join("kmsd-dev");
+    let socket = dev.join("kmsd.sock");
+    let mut c = kms_tests::wait_for(Duration::from_secs(10), || BlockingClient::connect(&socket).ok())
+        .expect("--dev daemon answers");
+    // The running user is an admin of the dev daemon, and the default key works.
+    let k = c
+        .create_key(CreateKey {
+            name: Some("mine".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let blob = c.wrap("mine", &[1; 32], &Context::new()).unwrap();
+    assert_eq!(&c.unwrap(&blob, &Context::new()).unwrap()[..], &[1; 32]);
+    assert_eq!(k.zone, "dev");
+    for (p, mode) in [
+        (dev.clone(), 0o700),
+        (dev.join("root-key"), 0o600),
+        (socket.clone(), 0o660),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(m, mode, "{}", p.display());
+    }
+    assert!(dev.join("kmsd.toml").exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_is_refused() {
+    let d = TestDaemon::start();
+    let out = d.command().stderr(std::process::Stdio::piped()).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("already listening") || err.contains("in use"), "{err}");
+    d.client().status().expect("the first daemon keeps serving");
+}
+
+#[test]
+fn a_wrong_root_key_is_refused_at_start() {
+    let mut d = TestDaemon::start();
+    d.client().create_key(CreateKey::default()).unwrap();
+    assert!(d.terminate().success());
+    let root = d.dir.path().join("root-key");
+    std::fs::remove_file(&root).unwrap();
+    kms_tests::write_root_key(&root);
+    let out = d.command().stderr(std::process::Stdio::piped()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("root key does not open"), "{}", stderr(&out));
+    assert!(!d.socket.exists(), "no half-started daemon");
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let d = TestDaemon::start();
+    let bad = d.dir.path().join("bad.toml");
+    for (toml, needle) in [
+        ("zonee = \"x\"", "zonee"),
+        ("max_frame = 1", "max_frame"),
+        ("socket = \"rel.sock\"", "socket"),
+        ("[access]\nadmins = [\"bob\"]", "access.admins"),
+    ] {
+        std::fs::write(&bad, toml).unwrap();
+        let out = Command::new(bin("kmsd"))
+            .arg("--config")
+            .arg(&bad)
+            .env_remove("KMSD_SOCKET")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains(needle), "{toml}: {}", stderr(&out));
+    }
+    let out = Command::new(bin("kmsd"))
+        .arg("--config")
+        .arg("/nonexistent/kmsd.toml")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/kmsd.toml"), "{}", stderr(&out));
+    // A missing key is still the right error over the socket.
+    let err = d.client().describe_key("nope").unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: the real `kmsd` and `kmsctl` binaries on temporary
+//! sockets. One module per area.
+
+mod lifecycle;
+mod protocol;
