@@ -1,1 +1,235 @@
-fn main() {}
+//! `kms-bench`: wrap/unwrap latency and throughput of the real kmsd, next to
+//! a bare echo server with the same framing measured in the same run.
+//!
+//! Run: `cargo run --release -p kms-tests --bin kms-bench [-- --secs N]`.
+//! Prints one table; the last column is kmsd / baseline.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, SinkExt, StreamExt};
+use kms_client::client::Client;
+use kms_client::proto::codec::Decoded;
+use kms_client::proto::{Context, CreateKey, Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
+use kms_tests::TestDaemon;
+use tokio::net::UnixListener;
+use tokio_util::codec::Framed;
+
+const LATENCY_OPS: usize = 20_000;
+const BATCH: usize = 1000;
+
+#[derive(Clone, Copy)]
+enum Op {
+    Wrap,
+    Unwrap,
+}
+
+/// What a benchmark talks to: the socket and the key and blob to use.
+#[derive(Clone)]
+struct Target {
+    socket: PathBuf,
+    key: String,
+    blob: Vec<u8>,
+}
+
+impl Target {
+    async fn connect(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect")
+    }
+
+    async fn once(&self, c: &Client, op: Op) {
+        let ctx = Context::new();
+        match op {
+            Op::Wrap => drop(c.wrap(&self.key, &[7u8; 32], &ctx).await.expect("wrap")),
+            Op::Unwrap => drop(c.unwrap(&self.blob, &ctx).await.expect("unwrap")),
+        }
+    }
+}
+
+/// p50 and p99 of one connection doing one request at a time, in µs.
+async fn latency(t: &Target, op: Op) -> (f64, f64) {
+    let c = t.connect().await;
+    for _ in 0..1000 {
+        t.once(&c, op).await;
+    }
+    let mut samples = Vec::with_capacity(LATENCY_OPS);
+    for _ in 0..LATENCY_OPS {
+        let start = Instant::now();
+        t.once(&c, op).await;
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
+}
+
+/// Requests per second with `conns` connections, each one request at a time.
+async fn throughput(t: &Target, op: Op, conns: usize, secs: f64) -> f64 {
+    let clients = futures::future::join_all((0..conns).map(|_| t.connect())).await;
+    run_for(secs, clients, move |t, c| async move {
+        t.once(&c, op).await;
+        1
+    }, t).await
+}
+
+/// Requests per second with `depth` requests in flight on one connection.
+async fn pipelined(t: &Target, op: Op, depth: usize, secs: f64) -> f64 {
+    let c = t.connect().await;
+    let clients = vec![c; depth];
+    run_for(secs, clients, move |t, c| async move {
+        t.once(&c, op).await;
+        1
+    }, t).await
+}
+
+/// DEKs per second wrapped in batches of 1000 over `conns` connections.
+async fn batched(t: &Target, conns: usize, secs: f64) -> f64 {
+    let clients = futures::future::join_all((0..conns).map(|_| t.connect())).await;
+    run_for(secs, clients, |t, c| async move {
+        let deks = vec![[7u8; 32]; BATCH];
+        let blobs = c.wrap_batch(&t.key, &deks, &Context::new()).await.expect("wrap batch");
+        blobs.len() as u64
+    }, t).await
+}
+
+/// Runs one worker per client for `secs`, each looping on `work`; returns
+/// the counted units per second.
+async fn run_for<F, Fut>(secs: f64, clients: Vec<Client>, work: F, t: &Target) -> f64
+where
+    F: Fn(Target, Client) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = u64> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            let (stop, count, t) = (stop.clone(), count.clone(), t.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    count.fetch_add(work(t.clone(), c.clone()).await, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The physical baseline: same socket type, same codec, same request and
+/// reply shapes, no keys and no crypto.
+async fn echo_server(path: PathBuf) {
+    let listener = UnixListener::bind(&path).expect("bind echo");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let mut framed = Framed::new(stream, FrameCodec::<Response, Request>::new(1 << 20));
+            loop {
+                // Like kmsd: reply to everything already buffered, flush when dry.
+                let item = match framed.next().now_or_never() {
+                    Some(item) => item,
+                    None => {
+                        if framed.flush().await.is_err() {
+                            return;
+                        }
+                        framed.next().await
+                    }
+                };
+                let Some(Ok(Decoded::Frame(Frame { id, body }))) = item else { return };
+                if framed.feed(Frame { id, body: echo_reply(body) }).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn echo_reply(req: Request) -> Response {
+    match req {
+        Request::Hello { .. } => Response::Hello { server: "echo".into(), protocol: PROTOCOL_VERSION, zone: "echo".into() },
+        Request::Wrap { dek, .. } => Response::Blob(vec![0; 33 + dek.len() + 16]),
+        Request::Unwrap { blob, .. } => Response::Plaintext(vec![0; blob.len().saturating_sub(49)]),
+        Request::WrapBatch { deks, .. } => Response::Blobs(deks.iter().map(|d| vec![0; 33 + d.len() + 16]).collect()),
+        _ => Response::Done,
+    }
+}
+
+struct Table(Vec<(String, f64, f64, &'static str)>);
+
+impl Table {
+    fn row(&mut self, name: impl Into<String>, kmsd: f64, base: f64, unit: &'static str) {
+        let name = name.into();
+        println!("  measured {name}: kmsd {kmsd:.1} {unit}, echo {base:.1} {unit}");
+        self.0.push((name, kmsd, base, unit));
+    }
+
+    fn print(&self) {
+        println!();
+        println!("| measurement | kmsd | echo baseline | unit | kmsd/baseline |");
+        println!("|---|---:|---:|---|---:|");
+        for (name, k, b, unit) in &self.0 {
+            println!("| {name} | {k:.1} | {b:.1} | {unit} | {:.2} |", k / b);
+        }
+    }
+}
+
+fn secs_arg() -> f64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == "--secs").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(3.0)
+}
+
+async fn targets(daemon: &TestDaemon, echo_path: &Path) -> (Target, Target) {
+    let c = Client::connect(&daemon.socket).await.expect("connect kmsd");
+    let key = c.create_key(CreateKey { name: Some("bench".into()), ..Default::default() }).await.expect("create key");
+    let key = key.id.to_string();
+    let blob = c.wrap(&key, &[7u8; 32], &Context::new()).await.expect("wrap");
+    let kmsd = Target { socket: daemon.socket.clone(), key: key.clone(), blob: blob.clone() };
+    let echo = Target { socket: echo_path.to_path_buf(), key, blob };
+    (kmsd, echo)
+}
+
+fn main() {
+    let secs = secs_arg();
+    let daemon = TestDaemon::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let echo_path = dir.path().join("echo.sock");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        tokio::spawn(echo_server(echo_path.clone()));
+        kms_tests::wait_for(Duration::from_secs(5), || echo_path.exists().then_some(())).expect("echo up");
+        let (kmsd, echo) = targets(&daemon, &echo_path).await;
+        println!("kms-bench: {secs} s per throughput figure, {LATENCY_OPS} requests per latency figure");
+        let mut t = Table(Vec::new());
+        for (op, name) in [(Op::Wrap, "wrap"), (Op::Unwrap, "unwrap")] {
+            let (k50, k99) = latency(&kmsd, op).await;
+            let (e50, e99) = latency(&echo, op).await;
+            t.row(format!("{name} p50 latency, 1 connection"), k50, e50, "µs");
+            t.row(format!("{name} p99 latency, 1 connection"), k99, e99, "µs");
+            for conns in [1, 16, 64] {
+                let k = throughput(&kmsd, op, conns, secs).await;
+                let e = throughput(&echo, op, conns, secs).await;
+                t.row(format!("{name} throughput, {conns} connections"), k, e, "req/s");
+            }
+            let k = pipelined(&kmsd, op, 64, secs).await;
+            let e = pipelined(&echo, op, 64, secs).await;
+            t.row(format!("{name} pipelined, 64 in flight on 1 connection"), k, e, "req/s");
+        }
+        let k = batched(&kmsd, 2, secs).await;
+        let e = batched(&echo, 2, secs).await;
+        t.row(format!("wrap batches of {BATCH}, 2 connections"), k, e, "DEKs/s");
+        t.print();
+    });
+    println!("\nkmsd peak RSS: {} KiB", peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0));
+}
+
+/// VmHWM of a process, in KiB.
+fn peak_rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()
+}
