@@ -4,15 +4,15 @@
 //! Input is read and checked before connecting, so bad input never reaches
 //! the daemon and a usage mistake does not depend on the daemon running.
 
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kms_client::proto::{Context, CreateKey, MAX_DEK, MAX_PLAINTEXT};
+use kms_client::proto::{Context, CreateKey, KeyInfo, MAX_DEK, MAX_PLAINTEXT};
 use kms_client::{blob, default_socket_path, BlockingClient, GeneratedDataKey};
 use zeroize::Zeroizing;
 
-use crate::cli::{Cli, Command, FsCommand, KeyCommand, RotationCommand};
+use crate::cli::{Cli, Command, ContextArgs, FsCommand, KeyCommand, RotationCommand};
 use crate::error::CliError;
 use crate::input::{b64, encode_output, read_input, read_limited};
 use crate::output::{self, Format};
@@ -39,13 +39,10 @@ struct Session {
 
 impl Session {
     fn client(&mut self) -> Result<&mut BlockingClient, CliError> {
-        if self.client.is_none() {
-            self.client = Some(BlockingClient::connect(&self.socket)?);
+        match &mut self.client {
+            Some(client) => Ok(client),
+            slot @ None => Ok(slot.insert(BlockingClient::connect(&self.socket)?)),
         }
-        // Just filled in above.
-        self.client
-            .as_mut()
-            .ok_or_else(|| CliError::Usage("no connection".into()))
     }
 }
 
@@ -83,120 +80,24 @@ fn write_stdout(output: &Output) -> Result<(), CliError> {
 }
 
 fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, CliError> {
+    let stdin = || io::stdin().lock();
+    let secret = Output::Secret;
     match command {
         Command::Status => {
             let info = s.client()?.status()?;
             Ok(Output::Text(output::render(format, &info, output::status)))
         }
-        Command::Key(cmd) => key_command(cmd, format, s),
-        Command::Fs(cmd) => fs_command(cmd, format, s),
-        data => data_command(data, s),
-    }
-}
-
-fn key_command(cmd: KeyCommand, format: Format, s: &mut Session) -> Result<Output, CliError> {
-    let text = match cmd {
-        KeyCommand::Create {
-            name,
-            description,
-            no_rotation,
-            rotation_period,
-        } => {
-            let rotation = match (no_rotation, rotation_period) {
-                (true, _) => Some(None),
-                (false, Some(days)) => Some(Some(days)),
-                (false, None) => None,
-            };
-            let key = s.client()?.create_key(CreateKey {
-                name,
-                description,
-                rotation,
-            })?;
-            output::render(format, &key, output::key)
-        }
-        KeyCommand::List => {
-            output::render(format, &s.client()?.list_keys()?, |k| output::key_list(k))
-        }
-        KeyCommand::Describe { key } => {
-            output::render(format, &s.client()?.describe_key(&key)?, output::key)
-        }
-        KeyCommand::Rotations { key } => {
-            output::render(format, &s.client()?.list_rotations(&key)?, |r| {
-                output::rotations(r)
-            })
-        }
-        change => return key_change(change, format, s),
-    };
-    Ok(Output::Text(text))
-}
-
-/// Commands that change a key and may send the key back.
-fn key_change(cmd: KeyCommand, format: Format, s: &mut Session) -> Result<Output, CliError> {
-    let c = s.client()?;
-    let (action, info, key) = match cmd {
-        KeyCommand::Enable { key } => ("enabled", c.enable_key(&key)?, key),
-        KeyCommand::Disable { key } => ("disabled", c.disable_key(&key)?, key),
-        KeyCommand::ScheduleDeletion { key, days } => {
-            ("deletion scheduled", c.schedule_deletion(&key, days)?, key)
-        }
-        KeyCommand::CancelDeletion { key } => ("deletion cancelled", c.cancel_deletion(&key)?, key),
-        KeyCommand::Rotate { key } => ("rotated", c.rotate_key(&key)?, key),
-        KeyCommand::Replicate { key, zone } => ("replicated", c.replicate_key(&key, &zone)?, key),
-        KeyCommand::Rotation(RotationCommand::Enable { key, period }) => (
-            "automatic rotation enabled",
-            c.enable_rotation(&key, period)?,
-            key,
-        ),
-        KeyCommand::Rotation(RotationCommand::Disable { key }) => (
-            "automatic rotation disabled",
-            c.disable_rotation(&key)?,
-            key,
-        ),
-        KeyCommand::Create { .. }
-        | KeyCommand::List
-        | KeyCommand::Describe { .. }
-        | KeyCommand::Rotations { .. } => {
-            return Err(CliError::Usage("not a key change".into()));
-        }
-    };
-    Ok(Output::Text(match format {
-        Format::Json => output::key_change_json(info.as_ref()),
-        Format::Human => output::key_change(action, &key, info.as_ref()),
-    }))
-}
-
-fn context_of(pairs: &crate::cli::ContextArgs) -> Result<Context, CliError> {
-    pairs.to_context().map_err(CliError::Usage)
-}
-
-/// encrypt, decrypt, wrap, unwrap, generate-data-key, re-encrypt: stdin
-/// to stdout.
-fn data_command(command: Command, s: &mut Session) -> Result<Output, CliError> {
-    let stdin = io::stdin().lock();
-    let out = match command {
-        Command::Encrypt { key, context } => {
-            let context = context_of(&context)?;
-            let data = read_limited(stdin, MAX_PLAINTEXT, "plaintext")?;
-            Zeroizing::new(s.client()?.encrypt(&key, &data, &context)?)
-        }
-        Command::Decrypt { context } => {
-            let context = context_of(&context)?;
-            let data = read_limited(stdin, MAX_DATA_BLOB, "ciphertext blob")?;
-            s.client()?.decrypt(&data, &context)?
-        }
+        Command::Key(cmd) => key_command(cmd, format, s.client()?).map(Output::Text),
+        Command::Fs(cmd) => fs_command(cmd, format, s).map(Output::Text),
+        Command::Encrypt { key, context } => encrypt(s, &key, &context, stdin()).map(secret),
+        Command::Decrypt { context } => decrypt(s, &context, stdin()).map(secret),
         Command::Wrap {
             key,
             context,
             encoding,
-        } => {
-            let context = context_of(&context)?;
-            let dek = read_input(stdin, encoding.base64, MAX_DEK, "data key")?;
-            encode_output(&s.client()?.wrap(&key, &dek, &context)?, encoding.base64)
-        }
+        } => wrap(s, &key, &context, encoding.base64, stdin()).map(secret),
         Command::Unwrap { context, encoding } => {
-            let context = context_of(&context)?;
-            let data = read_input(stdin, encoding.base64, MAX_DEK_BLOB, "wrapped key blob")?;
-            encode_output(&s.client()?.unwrap(&data, &context)?, encoding.base64)
+            unwrap(s, &context, encoding.base64, stdin()).map(secret)
         }
         Command::GenerateDataKey {
             key,
@@ -204,27 +105,147 @@ fn data_command(command: Command, s: &mut Session) -> Result<Output, CliError> {
             context,
         } => {
             let context = context_of(&context)?;
-            data_key_json(
-                &s.client()?
-                    .generate_data_key(&key, &context, !no_plaintext)?,
-            )
+            let dk = s
+                .client()?
+                .generate_data_key(&key, &context, !no_plaintext)?;
+            Ok(secret(data_key_json(&dk)))
         }
         Command::ReEncrypt {
             to,
             context,
             to_context,
-        } => {
-            let context = context_of(&context)?;
-            let to_context = non_empty_context(&to_context)?;
-            let data = read_limited(stdin, MAX_DATA_BLOB, "ciphertext blob")?;
-            let blob =
-                s.client()?
-                    .re_encrypt(&data, &context, to.as_deref(), to_context.as_ref())?;
-            Zeroizing::new(blob)
-        }
-        other => return Err(CliError::Usage(format!("not a data command: {other:?}"))),
+        } => re_encrypt(s, to.as_deref(), &context, &to_context, stdin()).map(secret),
+    }
+}
+
+fn key_command(
+    cmd: KeyCommand,
+    format: Format,
+    c: &mut BlockingClient,
+) -> Result<String, CliError> {
+    let change = |action: &str, key: &str, info: Option<KeyInfo>| match format {
+        Format::Json => output::key_change_json(info.as_ref()),
+        Format::Human => output::key_change(action, key, info.as_ref()),
     };
-    Ok(Output::Secret(out))
+    Ok(match cmd {
+        KeyCommand::Create {
+            name,
+            description,
+            no_rotation,
+            rotation_period,
+        } => {
+            let rotation = create_rotation(no_rotation, rotation_period);
+            let key = c.create_key(CreateKey {
+                name,
+                description,
+                rotation,
+            })?;
+            output::render(format, &key, output::key)
+        }
+        KeyCommand::List => output::render(format, &c.list_keys()?, |k| output::key_list(k)),
+        KeyCommand::Describe { key } => output::render(format, &c.describe_key(&key)?, output::key),
+        KeyCommand::Rotations { key } => {
+            output::render(format, &c.list_rotations(&key)?, |r| output::rotations(r))
+        }
+        KeyCommand::Enable { key } => change("enabled", &key, c.enable_key(&key)?),
+        KeyCommand::Disable { key } => change("disabled", &key, c.disable_key(&key)?),
+        KeyCommand::ScheduleDeletion { key, days } => {
+            change("deletion scheduled", &key, c.schedule_deletion(&key, days)?)
+        }
+        KeyCommand::CancelDeletion { key } => {
+            change("deletion cancelled", &key, c.cancel_deletion(&key)?)
+        }
+        KeyCommand::Rotate { key } => change("rotated", &key, c.rotate_key(&key)?),
+        KeyCommand::Replicate { key, zone } => change(
+            &format!("replicated to {zone}"),
+            &key,
+            c.replicate_key(&key, &zone)?,
+        ),
+        KeyCommand::Rotation(RotationCommand::Enable { key, period }) => change(
+            "automatic rotation enabled",
+            &key,
+            c.enable_rotation(&key, period)?,
+        ),
+        KeyCommand::Rotation(RotationCommand::Disable { key }) => change(
+            "automatic rotation disabled",
+            &key,
+            c.disable_rotation(&key)?,
+        ),
+    })
+}
+
+/// `CreateKey::rotation` from the two flags (clap makes them exclusive).
+fn create_rotation(no_rotation: bool, period: Option<u32>) -> Option<Option<u32>> {
+    match (no_rotation, period) {
+        (true, _) => Some(None),
+        (false, Some(days)) => Some(Some(days)),
+        (false, None) => None,
+    }
+}
+
+fn context_of(pairs: &ContextArgs) -> Result<Context, CliError> {
+    pairs.to_context().map_err(CliError::Usage)
+}
+
+type Secret = Zeroizing<Vec<u8>>;
+
+fn encrypt(
+    s: &mut Session,
+    key: &str,
+    ctx: &ContextArgs,
+    input: impl Read,
+) -> Result<Secret, CliError> {
+    let context = context_of(ctx)?;
+    let data = read_limited(input, MAX_PLAINTEXT, "plaintext")?;
+    Ok(Zeroizing::new(s.client()?.encrypt(key, &data, &context)?))
+}
+
+fn decrypt(s: &mut Session, ctx: &ContextArgs, input: impl Read) -> Result<Secret, CliError> {
+    let context = context_of(ctx)?;
+    let data = read_limited(input, MAX_DATA_BLOB, "ciphertext blob")?;
+    Ok(s.client()?.decrypt(&data, &context)?)
+}
+
+fn wrap(
+    s: &mut Session,
+    key: &str,
+    ctx: &ContextArgs,
+    base64: bool,
+    input: impl Read,
+) -> Result<Secret, CliError> {
+    let context = context_of(ctx)?;
+    let dek = read_input(input, base64, MAX_DEK, "data key")?;
+    Ok(encode_output(
+        &s.client()?.wrap(key, &dek, &context)?,
+        base64,
+    ))
+}
+
+fn unwrap(
+    s: &mut Session,
+    ctx: &ContextArgs,
+    base64: bool,
+    input: impl Read,
+) -> Result<Secret, CliError> {
+    let context = context_of(ctx)?;
+    let data = read_input(input, base64, MAX_DEK_BLOB, "wrapped key blob")?;
+    Ok(encode_output(&s.client()?.unwrap(&data, &context)?, base64))
+}
+
+fn re_encrypt(
+    s: &mut Session,
+    to: Option<&str>,
+    ctx: &ContextArgs,
+    to_ctx: &[(String, String)],
+    input: impl Read,
+) -> Result<Secret, CliError> {
+    let context = context_of(ctx)?;
+    let to_context = non_empty_context(to_ctx)?;
+    let data = read_limited(input, MAX_DATA_BLOB, "ciphertext blob")?;
+    let blob = s
+        .client()?
+        .re_encrypt(&data, &context, to, to_context.as_ref())?;
+    Ok(Zeroizing::new(blob))
 }
 
 fn non_empty_context(pairs: &[(String, String)]) -> Result<Option<Context>, CliError> {
@@ -258,10 +279,11 @@ fn data_key_json(dk: &GeneratedDataKey) -> Zeroizing<Vec<u8>> {
     Zeroizing::new(out.as_bytes().to_vec())
 }
 
-fn fs_command(cmd: FsCommand, format: Format, s: &mut Session) -> Result<Output, CliError> {
-    let text = match cmd {
+fn fs_command(cmd: FsCommand, format: Format, s: &mut Session) -> Result<String, CliError> {
+    Ok(match cmd {
         FsCommand::Versions { mount } => {
-            let info = s.client()?.fs_versions(&mount_arg(&mount)?)?;
+            let mount = mount_arg(&mount)?;
+            let info = s.client()?.fs_versions(&mount)?;
             output::render(format, &info, output::fs_versions)
         }
         FsCommand::Rewrap { mount } => {
@@ -273,8 +295,7 @@ fn fs_command(cmd: FsCommand, format: Format, s: &mut Session) -> Result<Output,
             progress.finish();
             output::render(format, &info, output::fs_rewrap)
         }
-    };
-    Ok(Output::Text(text))
+    })
 }
 
 /// The mount as an absolute path: the daemon does not share our cwd.
@@ -355,6 +376,90 @@ mod tests {
     fn mount_paths_are_made_absolute() {
         let m = mount_arg(Path::new("mnt")).unwrap();
         assert!(Path::new(&m).is_absolute() && m.ends_with("mnt"));
+    }
+
+    use std::os::unix::net::UnixListener;
+
+    use kms_client::blocking::{read_frame, write_frame};
+    use kms_client::proto::codec::{decode_body, encode_body, Decoded};
+    use kms_client::proto::{
+        ErrorCode, ErrorReply, Frame, Request, Response, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    };
+
+    /// A one-connection fake daemon answering with `answer`; returns the
+    /// session pointed at it.
+    fn fake_daemon(name: &str, answer: fn(Request) -> Response) -> Session {
+        let dir = std::env::temp_dir().join(format!("kmsctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("kmsd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            while let Ok(body) = read_frame(&mut conn, DEFAULT_MAX_FRAME) {
+                let Decoded::Frame(frame) = decode_body::<Request>(&body) else {
+                    return;
+                };
+                let reply = match frame.body {
+                    Request::Hello { .. } => Response::Hello {
+                        server: "fake".into(),
+                        protocol: PROTOCOL_VERSION,
+                        zone: "z".into(),
+                    },
+                    other => answer(other),
+                };
+                let out = encode_body(&Frame {
+                    id: frame.id,
+                    body: reply,
+                })
+                .unwrap();
+                write_frame(&mut conn, &out, DEFAULT_MAX_FRAME).unwrap();
+            }
+        });
+        Session {
+            socket,
+            client: None,
+        }
+    }
+
+    #[test]
+    fn encrypt_sends_stdin_and_context() {
+        let mut s = fake_daemon("encrypt", |req| match req {
+            Request::Encrypt {
+                plaintext, context, ..
+            } if context.contains_key("a") => Response::Blob(plaintext),
+            _ => Response::Done,
+        });
+        let ctx = ContextArgs {
+            pairs: vec![("a".into(), "1".into())],
+        };
+        let out = encrypt(&mut s, "k", &ctx, &b"secret"[..]).unwrap();
+        assert_eq!(out.as_slice(), b"secret");
+    }
+
+    #[test]
+    fn server_error_exits_1_with_its_code() {
+        let mut s = fake_daemon("error", |_| {
+            Response::Error(ErrorReply::new(ErrorCode::NotFound, "no key named k"))
+        });
+        let cmd = Command::Key(KeyCommand::Describe { key: "k".into() });
+        let Err(err) = execute(cmd, Format::Human, &mut s) else {
+            panic!("expected an error")
+        };
+        assert_eq!(err.exit_code(), 1);
+        assert_eq!(err.render(false), "kmsctl: not-found: no key named k\n");
+    }
+
+    #[test]
+    fn oversized_plaintext_is_refused_before_connecting() {
+        let mut s = Session {
+            socket: "/nonexistent/kmsd.sock".into(),
+            client: None,
+        };
+        let big = vec![0u8; MAX_PLAINTEXT + 1];
+        let ctx = ContextArgs { pairs: vec![] };
+        let err = encrypt(&mut s, "k", &ctx, &big[..]).unwrap_err();
+        assert!(matches!(err, CliError::Input(_)), "{err:?}");
     }
 
     #[test]
