@@ -387,12 +387,10 @@ mod tests {
     };
 
     /// A one-connection fake daemon answering with `answer`; returns the
-    /// session pointed at it.
-    fn fake_daemon(name: &str, answer: fn(Request) -> Response) -> Session {
-        let dir = std::env::temp_dir().join(format!("kmsctl-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("kmsd.sock");
+    /// session pointed at it and the directory holding its socket.
+    fn fake_daemon(answer: fn(Request) -> Response) -> (Session, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kmsd.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
@@ -416,15 +414,16 @@ mod tests {
                 write_frame(&mut conn, &out, DEFAULT_MAX_FRAME).unwrap();
             }
         });
-        Session {
+        let session = Session {
             socket,
             client: None,
-        }
+        };
+        (session, dir)
     }
 
     #[test]
     fn encrypt_sends_stdin_and_context() {
-        let mut s = fake_daemon("encrypt", |req| match req {
+        let (mut s, _dir) = fake_daemon(|req| match req {
             Request::Encrypt {
                 plaintext, context, ..
             } if context.contains_key("a") => Response::Blob(plaintext),
@@ -439,7 +438,7 @@ mod tests {
 
     #[test]
     fn server_error_exits_1_with_its_code() {
-        let mut s = fake_daemon("error", |_| {
+        let (mut s, _dir) = fake_daemon(|_| {
             Response::Error(ErrorReply::new(ErrorCode::NotFound, "no key named k"))
         });
         let cmd = Command::Key(KeyCommand::Describe { key: "k".into() });
@@ -464,9 +463,9 @@ mod tests {
 
     #[test]
     fn unreachable_socket_is_a_connect_error() {
-        let dir = std::env::temp_dir().join(format!("kmsctl-test-{}", std::process::id()));
+        let dir = tempfile::tempdir().unwrap();
         let mut s = Session {
-            socket: dir.join("none.sock"),
+            socket: dir.path().join("none.sock"),
             client: None,
         };
         let Err(err) = execute(Command::Status, Format::Human, &mut s) else {
