@@ -286,6 +286,7 @@ impl ErrorReply {
 /// Stable error codes. Their string forms are part of the CLI and JSON
 /// contract and never change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ErrorCode {
     Malformed,
     UnsupportedProtocol,
@@ -346,6 +347,7 @@ impl fmt::Display for ErrorCode {
 
 /// `customer` or `default-organization`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KeyKind {
     Customer,
     DefaultOrganization,
@@ -362,6 +364,7 @@ impl fmt::Display for KeyKind {
 
 /// Where a key's material comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KeyRole {
     /// Lives in one zone only.
     SingleZone,
@@ -385,6 +388,7 @@ impl fmt::Display for KeyRole {
 
 /// Key lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KeyState {
     Enabled,
     Disabled,
@@ -408,6 +412,7 @@ impl fmt::Display for KeyState {
 
 /// How a key version came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Origin {
     Initial,
     Automatic,
@@ -575,6 +580,16 @@ mod tests {
             assert!(seen.insert(c.as_str()));
             assert!(c.as_str().chars().all(|ch| ch.is_ascii_lowercase() || ch == '-'));
         }
+    }
+
+    #[test]
+    fn json_uses_the_cli_spelling_and_postcard_the_variant_index() {
+        assert_eq!(serde_json::to_string(&ErrorCode::NotFound).unwrap(), "\"not-found\"");
+        assert_eq!(
+            serde_json::to_string(&KeyKind::DefaultOrganization).unwrap(),
+            "\"default-organization\""
+        );
+        assert_eq!(postcard::to_allocvec(&ErrorCode::NotFound).unwrap(), vec![2]);
     }
 
     #[test]

@@ -67,30 +67,48 @@ async fn latency(t: &Target, op: Op) -> (f64, f64) {
 /// Requests per second with `conns` connections, each one request at a time.
 async fn throughput(t: &Target, op: Op, conns: usize, secs: f64) -> f64 {
     let clients = futures::future::join_all((0..conns).map(|_| t.connect())).await;
-    run_for(secs, clients, move |t, c| async move {
-        t.once(&c, op).await;
-        1
-    }, t).await
+    run_for(
+        secs,
+        clients,
+        move |t, c| async move {
+            t.once(&c, op).await;
+            1
+        },
+        t,
+    )
+    .await
 }
 
 /// Requests per second with `depth` requests in flight on one connection.
 async fn pipelined(t: &Target, op: Op, depth: usize, secs: f64) -> f64 {
     let c = t.connect().await;
     let clients = vec![c; depth];
-    run_for(secs, clients, move |t, c| async move {
-        t.once(&c, op).await;
-        1
-    }, t).await
+    run_for(
+        secs,
+        clients,
+        move |t, c| async move {
+            t.once(&c, op).await;
+            1
+        },
+        t,
+    )
+    .await
 }
 
 /// DEKs per second wrapped in batches of 1000 over `conns` connections.
 async fn batched(t: &Target, conns: usize, secs: f64) -> f64 {
     let clients = futures::future::join_all((0..conns).map(|_| t.connect())).await;
-    run_for(secs, clients, |t, c| async move {
-        let deks = vec![[7u8; 32]; BATCH];
-        let blobs = c.wrap_batch(&t.key, &deks, &Context::new()).await.expect("wrap batch");
-        blobs.len() as u64
-    }, t).await
+    run_for(
+        secs,
+        clients,
+        |t, c| async move {
+            let deks = vec![[7u8; 32]; BATCH];
+            let blobs = c.wrap_batch(&t.key, &deks, &Context::new()).await.expect("wrap batch");
+            blobs.len() as u64
+        },
+        t,
+    )
+    .await
 }
 
 /// Runs one worker per client for `secs`, each looping on `work`; returns
@@ -127,7 +145,9 @@ where
 async fn echo_server(path: PathBuf) {
     let listener = UnixListener::bind(&path).expect("bind echo");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let mut framed = Framed::new(stream, FrameCodec::<Response, Request>::new(1 << 20));
             loop {
@@ -141,8 +161,17 @@ async fn echo_server(path: PathBuf) {
                         framed.next().await
                     }
                 };
-                let Some(Ok(Decoded::Frame(Frame { id, body }))) = item else { return };
-                if framed.feed(Frame { id, body: echo_reply(body) }).await.is_err() {
+                let Some(Ok(Decoded::Frame(Frame { id, body }))) = item else {
+                    return;
+                };
+                if framed
+                    .feed(Frame {
+                        id,
+                        body: echo_reply(body),
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -152,7 +181,11 @@ async fn echo_server(path: PathBuf) {
 
 fn echo_reply(req: Request) -> Response {
     match req {
-        Request::Hello { .. } => Response::Hello { server: "echo".into(), protocol: PROTOCOL_VERSION, zone: "echo".into() },
+        Request::Hello { .. } => Response::Hello {
+            server: "echo".into(),
+            protocol: PROTOCOL_VERSION,
+            zone: "echo".into(),
+        },
         Request::Wrap { dek, .. } => Response::Blob(vec![0; 33 + dek.len() + 16]),
         Request::Unwrap { blob, .. } => Response::Plaintext(vec![0; blob.len().saturating_sub(49)]),
         Request::WrapBatch { deks, .. } => Response::Blobs(deks.iter().map(|d| vec![0; 33 + d.len() + 16]).collect()),
@@ -181,16 +214,34 @@ impl Table {
 
 fn secs_arg() -> f64 {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == "--secs").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(3.0)
+    args.iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0)
 }
 
 async fn targets(daemon: &TestDaemon, echo_path: &Path) -> (Target, Target) {
     let c = Client::connect(&daemon.socket).await.expect("connect kmsd");
-    let key = c.create_key(CreateKey { name: Some("bench".into()), ..Default::default() }).await.expect("create key");
+    let key = c
+        .create_key(CreateKey {
+            name: Some("bench".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("create key");
     let key = key.id.to_string();
     let blob = c.wrap(&key, &[7u8; 32], &Context::new()).await.expect("wrap");
-    let kmsd = Target { socket: daemon.socket.clone(), key: key.clone(), blob: blob.clone() };
-    let echo = Target { socket: echo_path.to_path_buf(), key, blob };
+    let kmsd = Target {
+        socket: daemon.socket.clone(),
+        key: key.clone(),
+        blob: blob.clone(),
+    };
+    let echo = Target {
+        socket: echo_path.to_path_buf(),
+        key,
+        blob,
+    };
     (kmsd, echo)
 }
 
@@ -199,7 +250,11 @@ fn main() {
     let daemon = TestDaemon::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let echo_path = dir.path().join("echo.sock");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         tokio::spawn(echo_server(echo_path.clone()));
         kms_tests::wait_for(Duration::from_secs(5), || echo_path.exists().then_some(())).expect("echo up");
@@ -225,11 +280,20 @@ fn main() {
         t.row(format!("wrap batches of {BATCH}, 2 connections"), k, e, "DEKs/s");
         t.print();
     });
-    println!("\nkmsd peak RSS: {} KiB", peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0));
+    println!(
+        "\nkmsd peak RSS: {} KiB",
+        peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0)
+    );
 }
 
 /// VmHWM of a process, in KiB.
 fn peak_rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

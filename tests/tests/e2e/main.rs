@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `kmsd` and `kmsctl` binaries on temporary
 //! sockets. One module per area.
 
+mod cli;
 mod lifecycle;
 mod protocol;

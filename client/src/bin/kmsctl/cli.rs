@@ -257,13 +257,7 @@ mod tests {
             }
         ));
         let cmd = key_cmd(&["key", "create", "--no-rotation"]);
-        assert!(matches!(
-            cmd,
-            KeyCommand::Create {
-                no_rotation: true,
-                ..
-            }
-        ));
+        assert!(matches!(cmd, KeyCommand::Create { no_rotation: true, .. }));
         let conflict = fails(&["key", "create", "--no-rotation", "--rotation-period", "9"]);
         assert_eq!(conflict, clap::error::ErrorKind::ArgumentConflict);
     }
@@ -289,33 +283,21 @@ mod tests {
                 other => panic!("{verb}: {other:?}"),
             };
             assert_eq!(key, "k1");
-            assert_eq!(
-                fails(&["key", verb]),
-                clap::error::ErrorKind::MissingRequiredArgument
-            );
+            assert_eq!(fails(&["key", verb]), clap::error::ErrorKind::MissingRequiredArgument);
         }
     }
 
     #[test]
     fn key_deletion_rotation_and_replication() {
         let cmd = key_cmd(&["key", "schedule-deletion", "k", "--days", "7"]);
-        assert!(matches!(
-            cmd,
-            KeyCommand::ScheduleDeletion { days: Some(7), .. }
-        ));
+        assert!(matches!(cmd, KeyCommand::ScheduleDeletion { days: Some(7), .. }));
         let cmd = key_cmd(&["key", "rotation", "enable", "k", "--period", "30"]);
         assert!(matches!(
             cmd,
-            KeyCommand::Rotation(RotationCommand::Enable {
-                period: Some(30),
-                ..
-            })
+            KeyCommand::Rotation(RotationCommand::Enable { period: Some(30), .. })
         ));
         let cmd = key_cmd(&["key", "rotation", "disable", "k"]);
-        assert!(matches!(
-            cmd,
-            KeyCommand::Rotation(RotationCommand::Disable { .. })
-        ));
+        assert!(matches!(cmd, KeyCommand::Rotation(RotationCommand::Disable { .. })));
         let cmd = key_cmd(&["key", "replicate", "k", "--zone", "eu"]);
         assert!(matches!(cmd, KeyCommand::Replicate { ref zone, .. } if zone == "eu"));
         assert_eq!(
@@ -337,10 +319,7 @@ mod tests {
         assert_eq!(key, "k");
         let ctx = context.to_context().unwrap();
         assert_eq!(ctx.get("b").map(String::as_str), Some("x=y"));
-        assert!(matches!(
-            parse(&["decrypt"]).command,
-            Command::Decrypt { .. }
-        ));
+        assert!(matches!(parse(&["decrypt"]).command, Command::Decrypt { .. }));
         let cli = parse(&["wrap", "k", "--base64"]);
         assert!(matches!(
             cli.command,
@@ -360,20 +339,9 @@ mod tests {
         let cli = parse(&["generate-data-key", "k", "--no-plaintext"]);
         assert!(matches!(
             cli.command,
-            Command::GenerateDataKey {
-                no_plaintext: true,
-                ..
-            }
+            Command::GenerateDataKey { no_plaintext: true, .. }
         ));
-        let cli = parse(&[
-            "re-encrypt",
-            "--to",
-            "k2",
-            "--context",
-            "a=1",
-            "--to-context",
-            "b=2",
-        ]);
+        let cli = parse(&["re-encrypt", "--to", "k2", "--context", "a=1", "--to-context", "b=2"]);
         let Command::ReEncrypt { to, to_context, .. } = cli.command else {
             panic!()
         };
@@ -383,10 +351,7 @@ mod tests {
     #[test]
     fn fs_commands() {
         let cli = parse(&["fs", "versions", "/mnt/x"]);
-        assert!(matches!(
-            cli.command,
-            Command::Fs(FsCommand::Versions { .. })
-        ));
+        assert!(matches!(cli.command, Command::Fs(FsCommand::Versions { .. })));
         let cli = parse(&["fs", "rewrap", "/mnt/x"]);
         assert!(matches!(cli.command, Command::Fs(FsCommand::Rewrap { .. })));
     }
@@ -405,18 +370,12 @@ mod tests {
     fn context_pairs() {
         assert_eq!(parse_pair("a=").unwrap(), ("a".into(), String::new()));
         assert!(parse_pair("a").is_err());
-        let dup = [
-            ("a".to_owned(), "1".to_owned()),
-            ("a".to_owned(), "2".to_owned()),
-        ];
+        let dup = [("a".to_owned(), "1".to_owned()), ("a".to_owned(), "2".to_owned())];
         assert!(to_context(&dup).unwrap_err().contains("twice"));
     }
 
     #[test]
     fn unknown_command_is_refused() {
-        assert_eq!(
-            fails(&["frobnicate"]),
-            clap::error::ErrorKind::InvalidSubcommand
-        );
+        assert_eq!(fails(&["frobnicate"]), clap::error::ErrorKind::InvalidSubcommand);
     }
 }

@@ -51,11 +51,7 @@ impl Session {
 /// # Errors
 /// Whatever the command fails with; see [`CliError`].
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    let format = if cli.json {
-        Format::Json
-    } else {
-        Format::Human
-    };
+    let format = if cli.json { Format::Json } else { Format::Human };
     let mut session = Session {
         socket: cli.socket.unwrap_or_else(default_socket_path),
         client: None,
@@ -91,23 +87,15 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
         Command::Fs(cmd) => fs_command(cmd, format, s).map(Output::Text),
         Command::Encrypt { key, context } => encrypt(s, &key, &context, stdin()).map(secret),
         Command::Decrypt { context } => decrypt(s, &context, stdin()).map(secret),
-        Command::Wrap {
-            key,
-            context,
-            encoding,
-        } => wrap(s, &key, &context, encoding.base64, stdin()).map(secret),
-        Command::Unwrap { context, encoding } => {
-            unwrap(s, &context, encoding.base64, stdin()).map(secret)
-        }
+        Command::Wrap { key, context, encoding } => wrap(s, &key, &context, encoding.base64, stdin()).map(secret),
+        Command::Unwrap { context, encoding } => unwrap(s, &context, encoding.base64, stdin()).map(secret),
         Command::GenerateDataKey {
             key,
             no_plaintext,
             context,
         } => {
             let context = context_of(&context)?;
-            let dk = s
-                .client()?
-                .generate_data_key(&key, &context, !no_plaintext)?;
+            let dk = s.client()?.generate_data_key(&key, &context, !no_plaintext)?;
             Ok(secret(data_key_json(&dk)))
         }
         Command::ReEncrypt {
@@ -118,11 +106,7 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
     }
 }
 
-fn key_command(
-    cmd: KeyCommand,
-    format: Format,
-    c: &mut BlockingClient,
-) -> Result<String, CliError> {
+fn key_command(cmd: KeyCommand, format: Format, c: &mut BlockingClient) -> Result<String, CliError> {
     let change = |action: &str, key: &str, info: Option<KeyInfo>| match format {
         Format::Json => output::key_change_json(info.as_ref()),
         Format::Human => output::key_change(action, key, info.as_ref()),
@@ -144,33 +128,23 @@ fn key_command(
         }
         KeyCommand::List => output::render(format, &c.list_keys()?, |k| output::key_list(k)),
         KeyCommand::Describe { key } => output::render(format, &c.describe_key(&key)?, output::key),
-        KeyCommand::Rotations { key } => {
-            output::render(format, &c.list_rotations(&key)?, |r| output::rotations(r))
-        }
+        KeyCommand::Rotations { key } => output::render(format, &c.list_rotations(&key)?, |r| output::rotations(r)),
         KeyCommand::Enable { key } => change("enabled", &key, c.enable_key(&key)?),
         KeyCommand::Disable { key } => change("disabled", &key, c.disable_key(&key)?),
         KeyCommand::ScheduleDeletion { key, days } => {
             change("deletion scheduled", &key, c.schedule_deletion(&key, days)?)
         }
-        KeyCommand::CancelDeletion { key } => {
-            change("deletion cancelled", &key, c.cancel_deletion(&key)?)
-        }
+        KeyCommand::CancelDeletion { key } => change("deletion cancelled", &key, c.cancel_deletion(&key)?),
         KeyCommand::Rotate { key } => change("rotated", &key, c.rotate_key(&key)?),
-        KeyCommand::Replicate { key, zone } => change(
-            &format!("replicated to {zone}"),
-            &key,
-            c.replicate_key(&key, &zone)?,
-        ),
-        KeyCommand::Rotation(RotationCommand::Enable { key, period }) => change(
-            "automatic rotation enabled",
-            &key,
-            c.enable_rotation(&key, period)?,
-        ),
-        KeyCommand::Rotation(RotationCommand::Disable { key }) => change(
-            "automatic rotation disabled",
-            &key,
-            c.disable_rotation(&key)?,
-        ),
+        KeyCommand::Replicate { key, zone } => {
+            change(&format!("replicated to {zone}"), &key, c.replicate_key(&key, &zone)?)
+        }
+        KeyCommand::Rotation(RotationCommand::Enable { key, period }) => {
+            change("automatic rotation enabled", &key, c.enable_rotation(&key, period)?)
+        }
+        KeyCommand::Rotation(RotationCommand::Disable { key }) => {
+            change("automatic rotation disabled", &key, c.disable_rotation(&key)?)
+        }
     })
 }
 
@@ -189,12 +163,7 @@ fn context_of(pairs: &ContextArgs) -> Result<Context, CliError> {
 
 type Secret = Zeroizing<Vec<u8>>;
 
-fn encrypt(
-    s: &mut Session,
-    key: &str,
-    ctx: &ContextArgs,
-    input: impl Read,
-) -> Result<Secret, CliError> {
+fn encrypt(s: &mut Session, key: &str, ctx: &ContextArgs, input: impl Read) -> Result<Secret, CliError> {
     let context = context_of(ctx)?;
     let data = read_limited(input, MAX_PLAINTEXT, "plaintext")?;
     Ok(Zeroizing::new(s.client()?.encrypt(key, &data, &context)?))
@@ -206,27 +175,13 @@ fn decrypt(s: &mut Session, ctx: &ContextArgs, input: impl Read) -> Result<Secre
     Ok(s.client()?.decrypt(&data, &context)?)
 }
 
-fn wrap(
-    s: &mut Session,
-    key: &str,
-    ctx: &ContextArgs,
-    base64: bool,
-    input: impl Read,
-) -> Result<Secret, CliError> {
+fn wrap(s: &mut Session, key: &str, ctx: &ContextArgs, base64: bool, input: impl Read) -> Result<Secret, CliError> {
     let context = context_of(ctx)?;
     let dek = read_input(input, base64, MAX_DEK, "data key")?;
-    Ok(encode_output(
-        &s.client()?.wrap(key, &dek, &context)?,
-        base64,
-    ))
+    Ok(encode_output(&s.client()?.wrap(key, &dek, &context)?, base64))
 }
 
-fn unwrap(
-    s: &mut Session,
-    ctx: &ContextArgs,
-    base64: bool,
-    input: impl Read,
-) -> Result<Secret, CliError> {
+fn unwrap(s: &mut Session, ctx: &ContextArgs, base64: bool, input: impl Read) -> Result<Secret, CliError> {
     let context = context_of(ctx)?;
     let data = read_input(input, base64, MAX_DEK_BLOB, "wrapped key blob")?;
     Ok(encode_output(&s.client()?.unwrap(&data, &context)?, base64))
@@ -242,9 +197,7 @@ fn re_encrypt(
     let context = context_of(ctx)?;
     let to_context = non_empty_context(to_ctx)?;
     let data = read_limited(input, MAX_DATA_BLOB, "ciphertext blob")?;
-    let blob = s
-        .client()?
-        .re_encrypt(&data, &context, to, to_context.as_ref())?;
+    let blob = s.client()?.re_encrypt(&data, &context, to, to_context.as_ref())?;
     Ok(Zeroizing::new(blob))
 }
 
@@ -252,9 +205,7 @@ fn non_empty_context(pairs: &[(String, String)]) -> Result<Option<Context>, CliE
     if pairs.is_empty() {
         return Ok(None);
     }
-    crate::cli::to_context(pairs)
-        .map(Some)
-        .map_err(CliError::Usage)
+    crate::cli::to_context(pairs).map(Some).map_err(CliError::Usage)
 }
 
 /// `{"blob": "<base64>", "plaintext": "<base64>"}`, built in zeroizing
@@ -300,8 +251,8 @@ fn fs_command(cmd: FsCommand, format: Format, s: &mut Session) -> Result<String,
 
 /// The mount as an absolute path: the daemon does not share our cwd.
 fn mount_arg(mount: &Path) -> Result<String, CliError> {
-    let absolute = std::path::absolute(mount)
-        .map_err(|e| CliError::Usage(format!("bad mount path {}: {e}", mount.display())))?;
+    let absolute =
+        std::path::absolute(mount).map_err(|e| CliError::Usage(format!("bad mount path {}: {e}", mount.display())))?;
     absolute
         .into_os_string()
         .into_string()
@@ -382,9 +333,7 @@ mod tests {
 
     use kms_client::blocking::{read_frame, write_frame};
     use kms_client::proto::codec::{decode_body, encode_body, Decoded};
-    use kms_client::proto::{
-        ErrorCode, ErrorReply, Frame, Request, Response, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
-    };
+    use kms_client::proto::{ErrorCode, ErrorReply, Frame, Request, Response, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 
     /// A one-connection fake daemon answering with `answer`; returns the
     /// session pointed at it and the directory holding its socket.
@@ -414,19 +363,14 @@ mod tests {
                 write_frame(&mut conn, &out, DEFAULT_MAX_FRAME).unwrap();
             }
         });
-        let session = Session {
-            socket,
-            client: None,
-        };
+        let session = Session { socket, client: None };
         (session, dir)
     }
 
     #[test]
     fn encrypt_sends_stdin_and_context() {
         let (mut s, _dir) = fake_daemon(|req| match req {
-            Request::Encrypt {
-                plaintext, context, ..
-            } if context.contains_key("a") => Response::Blob(plaintext),
+            Request::Encrypt { plaintext, context, .. } if context.contains_key("a") => Response::Blob(plaintext),
             _ => Response::Done,
         });
         let ctx = ContextArgs {
@@ -438,9 +382,7 @@ mod tests {
 
     #[test]
     fn server_error_exits_1_with_its_code() {
-        let (mut s, _dir) = fake_daemon(|_| {
-            Response::Error(ErrorReply::new(ErrorCode::NotFound, "no key named k"))
-        });
+        let (mut s, _dir) = fake_daemon(|_| Response::Error(ErrorReply::new(ErrorCode::NotFound, "no key named k")));
         let cmd = Command::Key(KeyCommand::Describe { key: "k".into() });
         let Err(err) = execute(cmd, Format::Human, &mut s) else {
             panic!("expected an error")

@@ -81,9 +81,7 @@ impl CliError {
 fn local_code(e: &ClientError) -> ErrorCode {
     match e {
         _ if e.is_connection_error() => ErrorCode::Unavailable,
-        ClientError::Codec(kms_client::proto::CodecError::Oversized { .. }) => {
-            ErrorCode::InvalidArgument
-        }
+        ClientError::Codec(kms_client::proto::CodecError::Oversized { .. }) => ErrorCode::InvalidArgument,
         _ => ErrorCode::Internal,
     }
 }
@@ -120,10 +118,7 @@ mod tests {
             "10 manual rotations used",
         )));
         assert_eq!(e.exit_code(), 1);
-        assert_eq!(
-            e.render(false),
-            "kmsctl: limit-exceeded: 10 manual rotations used\n"
-        );
+        assert_eq!(e.render(false), "kmsctl: limit-exceeded: 10 manual rotations used\n");
     }
 
     #[test]
@@ -144,19 +139,13 @@ mod tests {
     fn usage_and_input_errors() {
         assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
         let input = CliError::Input("plaintext too large".into());
-        assert_eq!(
-            (input.exit_code(), input.code()),
-            (1, ErrorCode::InvalidArgument)
-        );
+        assert_eq!((input.exit_code(), input.code()), (1, ErrorCode::InvalidArgument));
     }
 
     #[test]
     fn json_errors_have_code_and_message() {
         let value: serde_json::Value = serde_json::from_str(&connect_error().render(true)).unwrap();
         assert_eq!(value["error"]["code"], "unavailable");
-        assert!(value["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("kmsd.sock"));
+        assert!(value["error"]["message"].as_str().unwrap().contains("kmsd.sock"));
     }
 }

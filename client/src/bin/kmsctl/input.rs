@@ -18,23 +18,15 @@ use crate::error::CliError;
 /// # Errors
 /// [`CliError::Input`] when over the limit, [`CliError::Stdio`] on read
 /// errors.
-pub fn read_limited(
-    r: impl Read,
-    limit: usize,
-    what: &str,
-) -> Result<Zeroizing<Vec<u8>>, CliError> {
+pub fn read_limited(r: impl Read, limit: usize, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
     let mut buf = Zeroizing::new(Vec::new());
     let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    r.take(cap)
-        .read_to_end(&mut buf)
-        .map_err(|source| CliError::Stdio {
-            what: "read stdin",
-            source,
-        })?;
+    r.take(cap).read_to_end(&mut buf).map_err(|source| CliError::Stdio {
+        what: "read stdin",
+        source,
+    })?;
     if buf.len() > limit {
-        return Err(CliError::Input(format!(
-            "{what} on stdin is larger than {limit} bytes"
-        )));
+        return Err(CliError::Input(format!("{what} on stdin is larger than {limit} bytes")));
     }
     Ok(buf)
 }
@@ -48,20 +40,14 @@ pub fn read_base64(r: impl Read, limit: usize, what: &str) -> Result<Zeroizing<V
     // 4 characters per 3 bytes, plus room for line breaks.
     let text_limit = limit.div_ceil(3) * 4 * 2 + 64;
     let text = read_limited(r, text_limit, what)?;
-    let compact: Zeroizing<Vec<u8>> = Zeroizing::new(
-        text.iter()
-            .copied()
-            .filter(|b| !b.is_ascii_whitespace())
-            .collect(),
-    );
+    let compact: Zeroizing<Vec<u8>> =
+        Zeroizing::new(text.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect());
     let decoded = STANDARD
         .decode(compact.as_slice())
         .map(Zeroizing::new)
         .map_err(|e| CliError::Input(format!("{what} on stdin is not valid base64: {e}")))?;
     if decoded.len() > limit {
-        return Err(CliError::Input(format!(
-            "{what} is larger than {limit} bytes"
-        )));
+        return Err(CliError::Input(format!("{what} is larger than {limit} bytes")));
     }
     Ok(decoded)
 }
@@ -70,12 +56,7 @@ pub fn read_base64(r: impl Read, limit: usize, what: &str) -> Result<Zeroizing<V
 ///
 /// # Errors
 /// As [`read_limited`] and [`read_base64`].
-pub fn read_input(
-    r: impl Read,
-    base64: bool,
-    limit: usize,
-    what: &str,
-) -> Result<Zeroizing<Vec<u8>>, CliError> {
+pub fn read_input(r: impl Read, base64: bool, limit: usize, what: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
     if base64 {
         read_base64(r, limit, what)
     } else {
@@ -111,9 +92,7 @@ mod tests {
         let data = [7u8; 16];
         assert_eq!(read_limited(&data[..], 16, "x").unwrap().len(), 16);
         let err = read_limited(&data[..], 15, "plaintext").unwrap_err();
-        assert!(
-            matches!(err, CliError::Input(ref m) if m.contains("plaintext") && m.contains("15"))
-        );
+        assert!(matches!(err, CliError::Input(ref m) if m.contains("plaintext") && m.contains("15")));
     }
 
     #[test]
@@ -121,18 +100,9 @@ mod tests {
         let text = encode_output(b"hello world", true);
         assert_eq!(text.as_slice(), b"aGVsbG8gd29ybGQ=\n");
         let wrapped = b"aGVsbG8g\nd29ybGQ=\n";
-        assert_eq!(
-            read_base64(&wrapped[..], 64, "x").unwrap().as_slice(),
-            b"hello world"
-        );
-        assert!(matches!(
-            read_base64(&b"***"[..], 64, "x"),
-            Err(CliError::Input(_))
-        ));
-        assert!(matches!(
-            read_base64(&wrapped[..], 4, "x"),
-            Err(CliError::Input(_))
-        ));
+        assert_eq!(read_base64(&wrapped[..], 64, "x").unwrap().as_slice(), b"hello world");
+        assert!(matches!(read_base64(&b"***"[..], 64, "x"), Err(CliError::Input(_))));
+        assert!(matches!(read_base64(&wrapped[..], 4, "x"), Err(CliError::Input(_))));
     }
 
     #[test]

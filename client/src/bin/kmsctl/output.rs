@@ -3,9 +3,7 @@
 
 use std::fmt::Write as _;
 
-use kms_client::proto::{
-    fmt_time, FsRewrapInfo, FsVersionsInfo, KeyInfo, RotationEntry, StatusInfo,
-};
+use kms_client::proto::{fmt_time, FsRewrapInfo, FsVersionsInfo, KeyInfo, RotationEntry, StatusInfo};
 use serde::Serialize;
 
 /// How to render responses.
@@ -16,11 +14,7 @@ pub enum Format {
 }
 
 /// Renders `value` as pretty JSON or with `human`; always ends in a newline.
-pub fn render<T: Serialize + ?Sized>(
-    format: Format,
-    value: &T,
-    human: impl FnOnce(&T) -> String,
-) -> String {
+pub fn render<T: Serialize + ?Sized>(format: Format, value: &T, human: impl FnOnce(&T) -> String) -> String {
     match format {
         Format::Json => json(value),
         Format::Human => human(value),
@@ -30,8 +24,7 @@ pub fn render<T: Serialize + ?Sized>(
 /// Pretty JSON with a trailing newline.
 pub fn json<T: Serialize + ?Sized>(value: &T) -> String {
     // Response types are plain data (string keys only): serializing cannot fail.
-    let mut out =
-        serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut out = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     out.push('\n');
     out
 }
@@ -47,11 +40,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = String::new();
     let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
     for row in std::iter::once(&header).chain(rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -124,13 +113,7 @@ pub fn key(k: &KeyInfo) -> String {
     let rows: Vec<Vec<String>> = k
         .versions
         .iter()
-        .map(|v| {
-            vec![
-                v.version.to_string(),
-                fmt_time(v.created_at),
-                v.origin.to_string(),
-            ]
-        })
+        .map(|v| vec![v.version.to_string(), fmt_time(v.created_at), v.origin.to_string()])
         .collect();
     out.push_str(&indent(&table(&["VERSION", "CREATED", "ORIGIN"], &rows)));
     out
@@ -178,17 +161,9 @@ fn replicas_block(k: &KeyInfo) -> String {
     let rows: Vec<Vec<String>> = k
         .replicas
         .iter()
-        .map(|r| {
-            vec![
-                r.zone.clone(),
-                or_dash(r.confirmed_version.map(|v| v.to_string())),
-            ]
-        })
+        .map(|r| vec![r.zone.clone(), or_dash(r.confirmed_version.map(|v| v.to_string()))])
         .collect();
-    format!(
-        "replicas:\n{}",
-        indent(&table(&["ZONE", "CONFIRMED VERSION"], &rows))
-    )
+    format!("replicas:\n{}", indent(&table(&["ZONE", "CONFIRMED VERSION"], &rows)))
 }
 
 /// `kmsctl key list`.
@@ -206,10 +181,7 @@ pub fn key_list(keys: &[KeyInfo]) -> String {
             ]
         })
         .collect();
-    table(
-        &["ID", "NAME", "KIND", "STATE", "VERSION", "ROTATION"],
-        &rows,
-    )
+    table(&["ID", "NAME", "KIND", "STATE", "VERSION", "ROTATION"], &rows)
 }
 
 fn rotation_summary(k: &KeyInfo) -> String {
@@ -258,11 +230,7 @@ pub fn fs_versions(v: &FsVersionsInfo) -> String {
         .counts
         .iter()
         .map(|(version, files)| {
-            let mark = if *version == v.active_version {
-                " (active)"
-            } else {
-                ""
-            };
+            let mark = if *version == v.active_version { " (active)" } else { "" };
             vec![format!("{version}{mark}"), files.to_string()]
         })
         .collect();
@@ -284,9 +252,7 @@ pub fn fs_rewrap(r: &FsRewrapInfo) -> String {
 
 #[cfg(test)]
 mod tests {
-    use kms_client::proto::{
-        KeyKind, KeyRole, KeyState, Origin, Policy, Principal, RotationInfo, VersionInfo,
-    };
+    use kms_client::proto::{KeyKind, KeyRole, KeyState, Origin, Policy, Principal, RotationInfo, VersionInfo};
 
     use super::*;
 
