@@ -181,3 +181,38 @@ fn bad_config_is_a_clear_error() {
     let err = d.client().describe_key("nope").unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
 }
+
+#[test]
+fn socket_activation_serves_on_the_inherited_socket() {
+    // A normal daemon gives us a config and state; stop it and let
+    // systemd-socket-activate own the socket instead.
+    let mut d = TestDaemon::start();
+    d.client()
+        .create_key(CreateKey {
+            name: Some("activated".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(d.terminate().success());
+    let activated = d.dir.path().join("activated.sock");
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&activated)
+        .arg(bin("kmsd"))
+        .arg("--config")
+        .arg(&d.config)
+        .env_remove("KMSD_SOCKET")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    let mut c = kms_tests::wait_for(Duration::from_secs(10), || BlockingClient::connect(&activated).ok())
+        .expect("kmsd started by the first connection");
+    assert_eq!(c.describe_key("activated").unwrap().active_version, 1);
+    assert!(!d.socket.exists(), "kmsd did not bind its configured socket");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = child.wait();
+}

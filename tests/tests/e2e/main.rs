@@ -4,3 +4,4 @@
 mod cli;
 mod lifecycle;
 mod protocol;
+mod schedule;
