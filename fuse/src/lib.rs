@@ -1,1 +1,7 @@
-//! kms-fuse
+//! kms-fuse: kmsd's transparent encrypting filesystem.
+//!
+//! - [`format`]: the on-disk layout of an encrypted file, as pure functions.
+//! - [`keys`]: data keys and the [`keys::KeySource`] that wraps them.
+
+pub mod format;
+pub mod keys;
