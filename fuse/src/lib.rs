@@ -3,5 +3,7 @@
 //! - [`format`]: the on-disk layout of an encrypted file, as pure functions.
 //! - [`keys`]: data keys and the [`keys::KeySource`] that wraps them.
 
+pub mod error;
+pub mod file;
 pub mod format;
 pub mod keys;
