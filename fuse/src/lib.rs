@@ -6,4 +6,7 @@
 pub mod error;
 pub mod file;
 pub mod format;
+pub mod fs;
+pub mod inode;
 pub mod keys;
+mod xattr;
