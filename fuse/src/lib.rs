@@ -1,1 +1,23 @@
-//! kms-fuse
+//! kms-fuse: kmsd's transparent encrypting filesystem.
+//!
+//! - [`format`]: the on-disk layout of an encrypted file, as pure functions.
+//! - [`keys`]: data keys and the [`keys::KeySource`] that wraps them.
+//! - [`file`]: one open encrypted file (random-access plaintext I/O).
+//! - [`fs`]: the filesystem operations; [`adapter`]: their FUSE binding.
+//! - [`mount`]: mount, unmount, stale-mount recovery.
+//! - [`admin`]: `fs versions` and `fs rewrap` over a backing directory.
+
+pub mod adapter;
+pub mod admin;
+pub mod error;
+pub mod file;
+pub mod format;
+pub mod fs;
+pub mod inode;
+pub mod keys;
+pub mod mount;
+mod xattr;
+
+pub use error::Error;
+pub use keys::{Dek, FileId, KeyError, KeySource, MemoryKeySource};
+pub use mount::{mount, recover_stale_mount, MountHandle, MountOptions};

@@ -1,0 +1,527 @@
+//! The on-disk format of one encrypted file, as pure functions.
+//!
+//! ```text
+//! header (HEADER_LEN = 512 bytes)
+//!   0..8     magic "KMSFUSE\0"
+//!   8..10    u16 BE format version = 1
+//!   10..26   file id (16 random bytes)
+//!   26..32   zero
+//!   32..272  slot 0 \  each: u64 BE sequence | u16 BE blob length |
+//!   272..512 slot 1 /        blob (zero padded) | u32 BE CRC-32 of the rest
+//! blocks, from HEADER_LEN, each DISK_BLOCK_SIZE except the last:
+//!   nonce (12) || AES-256-GCM(plaintext, up to 4096 bytes) || tag (16)
+//!   AAD = file id || u64 BE block index || u8 last-block flag
+//! ```
+//!
+//! Every file has at least one block: the empty file is one sealed block
+//! with no plaintext. The last block carries the last-block flag, so cutting
+//! a file at a block boundary (down to the bare header included) is
+//! detected. Holes are never sparse on disk: they are sealed zero blocks.
+//! See `fuse/FORMAT.md` for the reasoning.
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use rand::RngCore;
+
+use crate::keys::{Dek, FileId};
+
+/// Plaintext bytes per block.
+pub const BLOCK_SIZE: usize = 4096;
+/// Random nonce stored in front of each block.
+pub const NONCE_LEN: usize = 12;
+/// GCM tag stored after each block's ciphertext.
+pub const TAG_LEN: usize = 16;
+/// Bytes a block adds to its plaintext on disk.
+pub const BLOCK_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+/// On-disk size of a full block.
+pub const DISK_BLOCK_SIZE: usize = BLOCK_SIZE + BLOCK_OVERHEAD;
+/// First bytes of every encrypted file.
+pub const MAGIC: [u8; 8] = *b"KMSFUSE\0";
+/// The only format version this crate writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Magic, version, file id and padding in front of the slots.
+pub const PREFIX_LEN: usize = 32;
+/// One header slot holding a sequence number and a wrapped DEK.
+pub const SLOT_LEN: usize = 240;
+/// Longest wrapped-DEK blob a slot can hold.
+pub const MAX_BLOB_LEN: usize = SLOT_LEN - 8 - 2 - 4;
+/// Total header length; data blocks start here.
+pub const HEADER_LEN: usize = PREFIX_LEN + 2 * SLOT_LEN;
+
+/// Why bytes on disk are not a valid file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("header too short ({0} bytes)")]
+    HeaderTooShort(usize),
+    #[error("bad magic: not an encrypted file")]
+    BadMagic,
+    #[error("unsupported format version {0}")]
+    UnsupportedVersion(u16),
+    #[error("no valid key slot in header")]
+    NoValidSlot,
+    #[error("wrapped key too long ({0} bytes)")]
+    BlobTooLong(usize),
+    #[error("backing length {0} is not a valid encrypted length")]
+    BadLength(u64),
+    #[error("block {0} is too short")]
+    BlockTooShort(u64),
+    #[error("block {0} failed authentication")]
+    BlockAuth(u64),
+}
+
+/// One header slot: a wrapped DEK and the sequence number that orders it
+/// against the other slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub seq: u64,
+    pub blob: Vec<u8>,
+}
+
+/// A decoded file header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub file_id: FileId,
+    pub slots: [Option<Slot>; 2],
+}
+
+impl Header {
+    /// The header of a new file: `blob` in slot 0 with sequence 1.
+    ///
+    /// # Errors
+    /// The blob does not fit a slot.
+    pub fn new(file_id: FileId, blob: Vec<u8>) -> Result<Self, FormatError> {
+        check_blob_len(&blob)?;
+        Ok(Self {
+            file_id,
+            slots: [Some(Slot { seq: 1, blob }), None],
+        })
+    }
+
+    /// The `HEADER_LEN` bytes of this header; empty slots are zeros, which
+    /// never pass the slot checksum.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; HEADER_LEN];
+        out[..8].copy_from_slice(&MAGIC);
+        out[8..10].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+        out[10..26].copy_from_slice(&self.file_id);
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(slot) = slot {
+                let start = slot_offset(i) as usize;
+                out[start..start + SLOT_LEN].copy_from_slice(&encode_slot(slot));
+            }
+        }
+        out
+    }
+
+    /// Parses a header; a slot that fails its checksum (torn write) is
+    /// treated as empty.
+    ///
+    /// # Errors
+    /// Too short, wrong magic or version, or no valid slot.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(FormatError::HeaderTooShort(bytes.len()));
+        }
+        if bytes[..8] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let version = u16::from_be_bytes([bytes[8], bytes[9]]);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let file_id = bytes[10..26].try_into().expect("16 bytes");
+        let slot = |i: usize| {
+            let start = slot_offset(i) as usize;
+            decode_slot(&bytes[start..start + SLOT_LEN])
+        };
+        let header = Self {
+            file_id,
+            slots: [slot(0), slot(1)],
+        };
+        header.current()?;
+        Ok(header)
+    }
+
+    /// Index and contents of the slot with the highest sequence number.
+    ///
+    /// # Errors
+    /// Both slots are empty or torn.
+    pub fn current(&self) -> Result<(usize, &Slot), FormatError> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .max_by_key(|(_, s)| s.seq)
+            .ok_or(FormatError::NoValidSlot)
+    }
+
+    /// Where and what to write to replace the older slot with `blob`: the
+    /// slot index and its `SLOT_LEN` bytes. The current slot is untouched,
+    /// so a torn write leaves the header readable.
+    ///
+    /// # Errors
+    /// No current slot, or the blob does not fit.
+    pub fn next_slot(&self, blob: Vec<u8>) -> Result<(usize, Slot), FormatError> {
+        check_blob_len(&blob)?;
+        let (current, slot) = self.current()?;
+        let seq = slot.seq + 1;
+        Ok((1 - current, Slot { seq, blob }))
+    }
+}
+
+fn check_blob_len(blob: &[u8]) -> Result<(), FormatError> {
+    if blob.len() > MAX_BLOB_LEN {
+        return Err(FormatError::BlobTooLong(blob.len()));
+    }
+    Ok(())
+}
+
+/// Byte offset of slot `i` in the file.
+pub fn slot_offset(i: usize) -> u64 {
+    (PREFIX_LEN + i * SLOT_LEN) as u64
+}
+
+/// The `SLOT_LEN` bytes of a slot. The blob must fit (see [`Header::new`]).
+pub fn encode_slot(slot: &Slot) -> [u8; SLOT_LEN] {
+    let mut out = [0u8; SLOT_LEN];
+    out[..8].copy_from_slice(&slot.seq.to_be_bytes());
+    out[8..10].copy_from_slice(&(slot.blob.len() as u16).to_be_bytes());
+    out[10..10 + slot.blob.len()].copy_from_slice(&slot.blob);
+    let crc = crc32(&out[..SLOT_LEN - 4]);
+    out[SLOT_LEN - 4..].copy_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// A slot from its bytes, or `None` when empty or torn.
+pub fn decode_slot(bytes: &[u8]) -> Option<Slot> {
+    let bytes: &[u8; SLOT_LEN] = bytes.try_into().ok()?;
+    let stored = u32::from_be_bytes(bytes[SLOT_LEN - 4..].try_into().expect("4 bytes"));
+    if crc32(&bytes[..SLOT_LEN - 4]) != stored {
+        return None;
+    }
+    let seq = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let len = u16::from_be_bytes([bytes[8], bytes[9]]) as usize;
+    if seq == 0 || len > MAX_BLOB_LEN {
+        return None;
+    }
+    Some(Slot {
+        seq,
+        blob: bytes[10..10 + len].to_vec(),
+    })
+}
+
+/// CRC-32 (IEEE), bitwise: slots are small and written rarely.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+/// A DEK's cipher, expanded once per open file rather than per block.
+pub struct BlockKey(Aes256Gcm);
+
+impl std::fmt::Debug for BlockKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlockKey([redacted])")
+    }
+}
+
+impl BlockKey {
+    /// Expands `dek` for block sealing.
+    pub fn new(dek: &Dek) -> Self {
+        Self(Aes256Gcm::new(dek.expose().into()))
+    }
+}
+
+fn block_aad(file_id: &FileId, index: u64, last: bool) -> [u8; 25] {
+    let mut aad = [0u8; 25];
+    aad[..16].copy_from_slice(file_id);
+    aad[16..24].copy_from_slice(&index.to_be_bytes());
+    aad[24] = u8::from(last);
+    aad
+}
+
+/// Seals one block (at most `BLOCK_SIZE` bytes) under a fresh random nonce.
+pub fn seal_block(
+    key: &BlockKey,
+    file_id: &FileId,
+    index: u64,
+    last: bool,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    assert!(
+        plaintext.len() <= BLOCK_SIZE,
+        "block larger than BLOCK_SIZE"
+    );
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let mut out = Vec::with_capacity(plaintext.len() + BLOCK_OVERHEAD);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
+    let aad = block_aad(file_id, index, last);
+    let tag = key
+        .0
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[NONCE_LEN..])
+        .expect("GCM encrypts any block-sized message");
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// Opens one on-disk block, checking its position and last-block flag.
+///
+/// # Errors
+/// The block is shorter than its overhead or fails authentication.
+pub fn open_block(
+    key: &BlockKey,
+    file_id: &FileId,
+    index: u64,
+    last: bool,
+    disk: &[u8],
+) -> Result<Vec<u8>, FormatError> {
+    if disk.len() < BLOCK_OVERHEAD || disk.len() > DISK_BLOCK_SIZE {
+        return Err(FormatError::BlockTooShort(index));
+    }
+    let (nonce, rest) = disk.split_at(NONCE_LEN);
+    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let mut plain = ct.to_vec();
+    let aad = block_aad(file_id, index, last);
+    key.0
+        .decrypt_in_place_detached(
+            Nonce::from_slice(nonce),
+            &aad,
+            &mut plain,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| FormatError::BlockAuth(index))?;
+    Ok(plain)
+}
+
+/// Index of the last block of a file of `size` plaintext bytes.
+pub fn last_index(size: u64) -> u64 {
+    size.saturating_sub(1) / BLOCK_SIZE as u64
+}
+
+/// Plaintext length of block `index` in a file of `size` bytes (0 past the
+/// end).
+pub fn block_len(size: u64, index: u64) -> usize {
+    let start = index * BLOCK_SIZE as u64;
+    size.saturating_sub(start).min(BLOCK_SIZE as u64) as usize
+}
+
+/// Byte offset of block `index` in the backing file.
+pub fn block_offset(index: u64) -> u64 {
+    HEADER_LEN as u64 + index * DISK_BLOCK_SIZE as u64
+}
+
+/// Backing length of a file of `size` plaintext bytes.
+pub fn disk_len(size: u64) -> u64 {
+    let blocks = last_index(size) + 1;
+    HEADER_LEN as u64 + blocks * BLOCK_OVERHEAD as u64 + size
+}
+
+/// Plaintext size of a backing file of `len` bytes.
+///
+/// # Errors
+/// No length of plaintext gives `len` (shorter than header and one empty
+/// block, or a last block shorter than its overhead).
+pub fn plain_len(len: u64) -> Result<u64, FormatError> {
+    let min = (HEADER_LEN + BLOCK_OVERHEAD) as u64;
+    if len < min {
+        return Err(FormatError::BadLength(len));
+    }
+    let payload = len - HEADER_LEN as u64;
+    let blocks = payload.div_ceil(DISK_BLOCK_SIZE as u64);
+    let last_disk = payload - (blocks - 1) * DISK_BLOCK_SIZE as u64;
+    if last_disk < BLOCK_OVERHEAD as u64 {
+        return Err(FormatError::BadLength(len));
+    }
+    Ok(payload - blocks * BLOCK_OVERHEAD as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: FileId = [7u8; 16];
+
+    fn key() -> BlockKey {
+        BlockKey::new(&Dek::from_bytes([5u8; 32]))
+    }
+
+    /// Seals a whole file's blocks the way the filesystem lays them out.
+    fn seal_file(key: &BlockKey, id: &FileId, data: &[u8]) -> Vec<u8> {
+        let size = data.len() as u64;
+        let last = last_index(size);
+        let mut out = Vec::new();
+        for i in 0..=last {
+            let start = i as usize * BLOCK_SIZE;
+            let block = &data[start..start + block_len(size, i)];
+            out.extend(seal_block(key, id, i, i == last, block));
+        }
+        out
+    }
+
+    /// Opens a file's blocks, deriving the size from their length.
+    fn open_file(key: &BlockKey, id: &FileId, disk: &[u8]) -> Result<Vec<u8>, FormatError> {
+        let size = plain_len((HEADER_LEN + disk.len()) as u64)?;
+        let last = last_index(size);
+        let mut out = Vec::new();
+        for i in 0..=last {
+            let start = (block_offset(i) as usize) - HEADER_LEN;
+            let len = block_len(size, i) + BLOCK_OVERHEAD;
+            out.extend(open_block(
+                key,
+                id,
+                i,
+                i == last,
+                &disk[start..start + len],
+            )?);
+        }
+        Ok(out)
+    }
+
+    fn sample(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn round_trip_at_every_boundary_size() {
+        let key = key();
+        for len in [0, 1, 4095, 4096, 4097, 8192, (1 << 20) + 1] {
+            let data = sample(len);
+            let disk = seal_file(&key, &ID, &data);
+            assert_eq!(disk.len() as u64 + HEADER_LEN as u64, disk_len(len as u64));
+            assert_eq!(open_file(&key, &ID, &disk).unwrap(), data, "len {len}");
+        }
+    }
+
+    #[test]
+    fn size_math_is_inverse() {
+        for size in (0..20_000u64).chain([1 << 20, (1 << 20) + 1, 1 << 33]) {
+            assert_eq!(plain_len(disk_len(size)), Ok(size), "size {size}");
+        }
+    }
+
+    #[test]
+    fn impossible_lengths_are_refused() {
+        let h = HEADER_LEN as u64;
+        for len in [0, h, h + 27, h + DISK_BLOCK_SIZE as u64 + 27] {
+            assert!(plain_len(len).is_err(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn flipped_byte_is_detected() {
+        let key = key();
+        let mut disk = seal_file(&key, &ID, &sample(5000));
+        for pos in [0, 20, 4100, disk.len() - 1] {
+            disk[pos] ^= 0x40;
+            assert!(open_file(&key, &ID, &disk).is_err(), "pos {pos}");
+            disk[pos] ^= 0x40;
+        }
+        assert!(open_file(&key, &ID, &disk).is_ok());
+    }
+
+    #[test]
+    fn block_moved_within_file_is_detected() {
+        let key = key();
+        let mut disk = seal_file(&key, &ID, &sample(3 * BLOCK_SIZE + 10));
+        let (a, b) = disk.split_at_mut(DISK_BLOCK_SIZE);
+        a.swap_with_slice(&mut b[..DISK_BLOCK_SIZE]);
+        assert_eq!(open_file(&key, &ID, &disk), Err(FormatError::BlockAuth(0)));
+    }
+
+    #[test]
+    fn block_moved_between_files_is_detected() {
+        let key = key();
+        let other_id = [8u8; 16];
+        let mut disk = seal_file(&key, &ID, &sample(2 * BLOCK_SIZE + 1));
+        let other = seal_file(&key, &other_id, &sample(2 * BLOCK_SIZE + 1));
+        disk[..DISK_BLOCK_SIZE].copy_from_slice(&other[..DISK_BLOCK_SIZE]);
+        assert_eq!(open_file(&key, &ID, &disk), Err(FormatError::BlockAuth(0)));
+    }
+
+    #[test]
+    fn truncation_at_block_boundary_is_detected() {
+        let key = key();
+        let disk = seal_file(&key, &ID, &sample(3 * BLOCK_SIZE));
+        for blocks in 1..3 {
+            let cut = &disk[..blocks * DISK_BLOCK_SIZE];
+            let last = blocks as u64 - 1;
+            assert_eq!(open_file(&key, &ID, cut), Err(FormatError::BlockAuth(last)));
+        }
+        assert!(open_file(&key, &ID, &[]).is_err(), "bare header");
+    }
+
+    #[test]
+    fn zeroed_block_is_detected() {
+        let key = key();
+        let mut disk = seal_file(&key, &ID, &vec![0u8; 2 * BLOCK_SIZE + 5]);
+        disk[..DISK_BLOCK_SIZE].fill(0);
+        assert_eq!(open_file(&key, &ID, &disk), Err(FormatError::BlockAuth(0)));
+    }
+
+    #[test]
+    fn header_round_trips_and_rewrap_uses_other_slot() {
+        let header = Header::new(ID, vec![1; 81]).unwrap();
+        let decoded = Header::decode(&header.encode()).unwrap();
+        assert_eq!(decoded, header);
+        let (i, slot) = decoded.next_slot(vec![2; 81]).unwrap();
+        assert_eq!((i, slot.seq), (1, 2));
+        let mut bytes = decoded.encode();
+        let at = slot_offset(i) as usize;
+        bytes[at..at + SLOT_LEN].copy_from_slice(&encode_slot(&slot));
+        let after = Header::decode(&bytes).unwrap();
+        assert_eq!(after.current().unwrap().1.blob, vec![2; 81]);
+        let (j, next) = after.next_slot(vec![3; 81]).unwrap();
+        assert_eq!((j, next.seq), (0, 3));
+    }
+
+    #[test]
+    fn torn_slot_falls_back_to_the_other() {
+        let mut header = Header::new(ID, vec![1; 81]).unwrap();
+        let (i, slot) = header.next_slot(vec![2; 81]).unwrap();
+        header.slots[i] = Some(slot);
+        let mut bytes = header.encode();
+        let at = slot_offset(i) as usize;
+        bytes[at + 50] ^= 0xff; // torn write of the newer slot
+        let decoded = Header::decode(&bytes).unwrap();
+        assert_eq!(decoded.current().unwrap().1.blob, vec![1; 81]);
+        let at0 = slot_offset(0) as usize;
+        bytes[at0 + 3] ^= 1;
+        assert_eq!(Header::decode(&bytes), Err(FormatError::NoValidSlot));
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        let good = Header::new(ID, vec![1; 81]).unwrap().encode();
+        assert_eq!(
+            Header::decode(&good[..100]),
+            Err(FormatError::HeaderTooShort(100))
+        );
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(Header::decode(&bad), Err(FormatError::BadMagic));
+        let mut bad = good;
+        bad[9] = 9;
+        assert_eq!(
+            Header::decode(&bad),
+            Err(FormatError::UnsupportedVersion(9))
+        );
+        assert_eq!(
+            Header::new(ID, vec![0; MAX_BLOB_LEN + 1]),
+            Err(FormatError::BlobTooLong(MAX_BLOB_LEN + 1))
+        );
+    }
+
+    #[test]
+    fn crc32_matches_reference() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+}

@@ -1,0 +1,735 @@
+//! The filesystem's operations, independent of the FUSE wire: each returns
+//! `Result<T, Error>` and the adapter in [`crate::adapter`] replies.
+//!
+//! Namespace operations act on the backing directory through the `O_PATH`
+//! descriptors of the [`InodeTable`]; regular-file data goes through one
+//! shared [`EncryptedFile`] per open inode, whose DEK is unwrapped at the
+//! first open and dropped (zeroized) at the last release.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::DirEntryExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
+use nix::fcntl::{openat, AtFlags, OFlag, RenameFlags, AT_FDCWD};
+use nix::sys::stat::{fchmodat, fstat, fstatat, mknodat, utimensat, FchmodatFlags};
+use nix::sys::stat::{FileStat, Mode, SFlag, UtimensatFlags};
+use nix::sys::statvfs::{fstatvfs, Statvfs};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, Gid, Uid, UnlinkatFlags};
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::file::EncryptedFile;
+use crate::format;
+use crate::inode::{InodeTable, Node, ROOT};
+use crate::keys::KeySource;
+use crate::xattr;
+
+/// Who is asking (from the FUSE request header).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attribute changes of one `setattr`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+}
+
+/// One directory entry of an open directory snapshot.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: OsString,
+    pub kind: FileType,
+    pub ino: u64,
+}
+
+#[derive(Debug)]
+struct OpenEntry {
+    file: Arc<EncryptedFile>,
+    handles: u64,
+}
+
+/// The encrypted filesystem over one backing directory.
+pub struct EncryptedFs {
+    keys: Arc<dyn KeySource>,
+    nodes: InodeTable,
+    open: Mutex<HashMap<u64, OpenEntry>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_dir: AtomicU64,
+    logged: Mutex<HashSet<PathBuf>>,
+}
+
+impl std::fmt::Debug for EncryptedFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptedFs")
+            .field("open_files", &self.open.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn o_path() -> OFlag {
+    OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+fn stat_fd(fd: &OwnedFd) -> Result<FileStat> {
+    Ok(fstat(fd)?)
+}
+
+fn stat_node(node: &Node) -> Result<FileStat> {
+    let flags = AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW;
+    Ok(fstatat(node.fd(), "", flags)?)
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFDIR => FileType::Directory,
+        SFlag::S_IFLNK => FileType::Symlink,
+        SFlag::S_IFIFO => FileType::NamedPipe,
+        SFlag::S_IFSOCK => FileType::Socket,
+        SFlag::S_IFCHR => FileType::CharDevice,
+        SFlag::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(sec: i64, nsec: i64) -> SystemTime {
+    let nsec = nsec.clamp(0, 999_999_999) as u32;
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0) + Duration::new(0, nsec)
+    }
+}
+
+fn timespec(t: Option<TimeOrNow>) -> TimeSpec {
+    match t {
+        None => TimeSpec::UTIME_OMIT,
+        Some(TimeOrNow::Now) => TimeSpec::UTIME_NOW,
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => TimeSpec::from_duration(d),
+            Err(e) => TimeSpec::new(-(e.duration().as_secs_f64().ceil() as i64), 0),
+        },
+    }
+}
+
+/// The chain of causes of an error, for logs.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+impl EncryptedFs {
+    /// A filesystem over `source` whose DEKs come from `keys`.
+    ///
+    /// # Errors
+    /// `source` cannot be opened as a directory.
+    pub fn new(source: &Path, keys: Arc<dyn KeySource>) -> Result<Self> {
+        let root = openat(
+            AT_FDCWD,
+            source,
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )?;
+        let st = stat_fd(&root)?;
+        Ok(Self {
+            keys,
+            nodes: InodeTable::new(root, &st),
+            open: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_dir: AtomicU64::new(1),
+            logged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Logs `e` (tampering once per backing path) and returns its errno.
+    pub fn report(&self, op: &str, e: &Error) -> fuser::Errno {
+        if let Some(path) = e.tamper_path() {
+            if self.logged.lock().insert(path.clone()) {
+                tracing::warn!(path = %path.display(), error = %describe(e), "{op}: refusing to serve tampered or undecryptable file");
+            }
+        } else if let Error::Key { .. } = e {
+            tracing::warn!(error = %describe(e), "{op}: data key unavailable");
+        } else {
+            tracing::debug!(error = %describe(e), "{op} failed");
+        }
+        fuser::Errno::from(e)
+    }
+
+    fn attr(&self, ino: u64, st: &FileStat) -> FileAttr {
+        let kind = kind_of(st.st_mode);
+        let size = if kind == FileType::RegularFile {
+            self.plain_size(ino, st.st_size as u64)
+        } else {
+            st.st_size as u64
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: st.st_blocks as u64,
+            atime: time(st.st_atime, st.st_atime_nsec),
+            mtime: time(st.st_mtime, st.st_mtime_nsec),
+            ctime: time(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: format::BLOCK_SIZE as u32,
+            flags: 0,
+        }
+    }
+
+    /// The plaintext size: the open file's (exact while writes are in
+    /// flight) or derived from the backing length (0 if that is invalid;
+    /// reads will then fail with EIO).
+    fn plain_size(&self, ino: u64, backing_len: u64) -> u64 {
+        let open = self.open.lock().get(&ino).map(|e| e.file.clone());
+        match open {
+            Some(file) => file.size(),
+            None => format::plain_len(backing_len).unwrap_or(0),
+        }
+    }
+
+    /// Looks `name` up in `parent` and takes a kernel reference to it.
+    ///
+    /// # Errors
+    /// Backing errors (`ENOENT` ...).
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
+        let parent = self.nodes.get(parent)?;
+        self.lookup_in(&parent, name)
+    }
+
+    fn lookup_in(&self, parent: &Node, name: &OsStr) -> Result<FileAttr> {
+        let fd = openat(parent.fd(), name, o_path(), Mode::empty())?;
+        let st = stat_fd(&fd)?;
+        let ino = self.nodes.remember(fd, &st);
+        Ok(self.attr(ino, &st))
+    }
+
+    /// Drops kernel references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.nodes.forget(ino, n);
+    }
+
+    /// Attributes of `ino`.
+    ///
+    /// # Errors
+    /// Unknown inode or backing errors.
+    pub fn getattr(&self, ino: u64) -> Result<FileAttr> {
+        let node = self.nodes.get(ino)?;
+        Ok(self.attr(ino, &stat_node(&node)?))
+    }
+
+    /// Applies `set` (owner first, so a later mode keeps its set-id bits).
+    ///
+    /// # Errors
+    /// Backing errors; `EISDIR`/`EINVAL` for size on a non-file; data
+    /// errors of the truncation.
+    pub fn setattr(&self, ino: u64, set: &SetAttr) -> Result<FileAttr> {
+        let node = self.nodes.get(ino)?;
+        if set.uid.is_some() || set.gid.is_some() {
+            let flags = AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW;
+            let (uid, gid) = (set.uid.map(Uid::from_raw), set.gid.map(Gid::from_raw));
+            fchownat(node.fd(), "", uid, gid, flags)?;
+        }
+        if let (Some(mode), false) = (set.mode, node.is_symlink()) {
+            let mode = Mode::from_bits_truncate(mode & 0o7777);
+            fchmodat(
+                AT_FDCWD,
+                &node.proc_path(),
+                mode,
+                FchmodatFlags::FollowSymlink,
+            )?;
+        }
+        if let Some(size) = set.size {
+            self.truncate(ino, &node, size)?;
+        }
+        if (set.atime.is_some() || set.mtime.is_some()) && !node.is_symlink() {
+            let (a, m) = (timespec(set.atime), timespec(set.mtime));
+            utimensat(
+                AT_FDCWD,
+                &node.proc_path(),
+                &a,
+                &m,
+                UtimensatFlags::FollowSymlink,
+            )?;
+        }
+        self.getattr(ino)
+    }
+
+    fn truncate(&self, ino: u64, node: &Node, size: u64) -> Result<()> {
+        if !node.is_file() {
+            return Err(Error::Sys(nix::Error::EINVAL));
+        }
+        let file = self.acquire(ino)?;
+        let result = file.truncate(size);
+        self.release(ino);
+        result
+    }
+
+    /// Target of a symlink.
+    ///
+    /// # Errors
+    /// Not a symlink, or backing errors.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let node = self.nodes.get(ino)?;
+        Ok(nix::fcntl::readlinkat(node.fd(), "")?.into_vec())
+    }
+
+    /// Gives a node just created by root to the caller and sets its exact
+    /// mode (the kernel already applied the caller's umask; ours must not
+    /// count), then takes the kernel's reference to it.
+    fn adopt(
+        &self,
+        caller: Caller,
+        parent: &Node,
+        name: &OsStr,
+        mode: Option<u32>,
+    ) -> Result<FileAttr> {
+        let fd = openat(parent.fd(), name, o_path(), Mode::empty())?;
+        let parent_st = stat_node(parent)?;
+        let setgid_parent = parent_st.st_mode & libc::S_ISGID != 0;
+        if caller.uid != 0 || caller.gid != 0 {
+            let gid = (!setgid_parent).then(|| Gid::from_raw(caller.gid));
+            let flags = AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW;
+            fchownat(&fd, "", Some(Uid::from_raw(caller.uid)), gid, flags)?;
+        }
+        let st = stat_fd(&fd)?;
+        if let Some(mut mode) = mode {
+            if kind_of(st.st_mode) == FileType::Directory && setgid_parent {
+                mode |= libc::S_ISGID;
+            }
+            let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            let mode = Mode::from_bits_truncate(mode & 0o7777);
+            fchmodat(AT_FDCWD, &path, mode, FchmodatFlags::FollowSymlink)?;
+        }
+        let st = stat_fd(&fd)?;
+        let ino = self.nodes.remember(fd, &st);
+        Ok(self.attr(ino, &st))
+    }
+
+    /// Creates a directory.
+    ///
+    /// # Errors
+    /// Backing errors.
+    pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<FileAttr> {
+        let parent = self.nodes.get(parent)?;
+        nix::sys::stat::mkdirat(parent.fd(), name, Mode::from_bits_truncate(0o700))?;
+        self.adopt(caller, &parent, name, Some(mode))
+    }
+
+    /// Creates a fifo, socket or (empty, encrypted) regular file. Device
+    /// nodes are refused: the backing directory is not `nodev`.
+    ///
+    /// # Errors
+    /// `EPERM` for devices, backing or key errors.
+    pub fn mknod(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<FileAttr> {
+        let kind = SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits());
+        if kind == SFlag::S_IFREG {
+            let (attr, fh) = self.create(caller, parent, name, mode)?;
+            self.release(fh);
+            return Ok(attr);
+        }
+        if kind != SFlag::S_IFIFO && kind != SFlag::S_IFSOCK {
+            return Err(Error::Sys(nix::Error::EPERM));
+        }
+        let parent = self.nodes.get(parent)?;
+        mknodat(parent.fd(), name, kind, Mode::from_bits_truncate(0o600), 0)?;
+        self.adopt(caller, &parent, name, Some(mode))
+    }
+
+    /// Creates a symlink.
+    ///
+    /// # Errors
+    /// Backing errors.
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+    ) -> Result<FileAttr> {
+        let parent = self.nodes.get(parent)?;
+        nix::unistd::symlinkat(target, parent.fd(), name)?;
+        self.adopt(caller, &parent, name, None)
+    }
+
+    /// Removes a non-directory. An open file stays readable through its
+    /// descriptor until the last release.
+    ///
+    /// # Errors
+    /// Backing errors.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let parent = self.nodes.get(parent)?;
+        nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::NoRemoveDir)?;
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    ///
+    /// # Errors
+    /// Backing errors.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let parent = self.nodes.get(parent)?;
+        nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::RemoveDir)?;
+        Ok(())
+    }
+
+    /// Renames with `renameat2` flags (`NOREPLACE`, `EXCHANGE`).
+    ///
+    /// # Errors
+    /// `EINVAL` for other flags (whiteouts), backing errors.
+    pub fn rename(&self, from: (u64, &OsStr), to: (u64, &OsStr), flags: u32) -> Result<()> {
+        let allowed = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
+        let flags = RenameFlags::from_bits(flags)
+            .filter(|f| allowed.contains(*f))
+            .ok_or(Error::Sys(nix::Error::EINVAL))?;
+        let (old_dir, new_dir) = (self.nodes.get(from.0)?, self.nodes.get(to.0)?);
+        nix::fcntl::renameat2(old_dir.fd(), from.1, new_dir.fd(), to.1, flags)?;
+        Ok(())
+    }
+
+    /// Adds a hard link to `ino` (same backing inode, so same header and DEK).
+    ///
+    /// # Errors
+    /// Backing errors.
+    pub fn link(&self, ino: u64, new_parent: u64, name: &OsStr) -> Result<FileAttr> {
+        let node = self.nodes.get(ino)?;
+        let parent = self.nodes.get(new_parent)?;
+        let follow = AtFlags::AT_SYMLINK_FOLLOW;
+        nix::unistd::linkat(AT_FDCWD, &node.proc_path(), parent.fd(), name, follow)?;
+        self.lookup_in(&parent, name)
+    }
+
+    /// Creates and opens a new encrypted file; returns its attributes and
+    /// file handle.
+    ///
+    /// # Errors
+    /// Backing errors or the key source refusing a new DEK (the half-made
+    /// backing file is removed).
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+    ) -> Result<(FileAttr, u64)> {
+        let parent = self.nodes.get(parent)?;
+        let flags =
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        let fd = openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))?;
+        let result = self.init_created(caller, &parent, name, File::from(fd), mode);
+        if result.is_err() {
+            let _ = nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::NoRemoveDir);
+        }
+        result
+    }
+
+    fn init_created(
+        &self,
+        caller: Caller,
+        parent: &Node,
+        name: &OsStr,
+        file: File,
+        mode: u32,
+    ) -> Result<(FileAttr, u64)> {
+        let path = parent.backing_path().join(name);
+        let encrypted = EncryptedFile::create(file, path, self.keys.as_ref())?;
+        let attr = self.adopt(caller, parent, name, Some(mode))?;
+        let ino = attr.ino.0;
+        let mut open = self.open.lock();
+        let entry = open.entry(ino).or_insert_with(|| OpenEntry {
+            file: Arc::new(encrypted),
+            handles: 0,
+        });
+        entry.handles += 1;
+        Ok((attr, ino))
+    }
+
+    /// Opens `ino`; the handle is the inode number (one shared
+    /// [`EncryptedFile`] per inode).
+    ///
+    /// # Errors
+    /// Not a regular file, a damaged header, or no DEK.
+    pub fn open(&self, ino: u64) -> Result<u64> {
+        self.acquire(ino)?;
+        Ok(ino)
+    }
+
+    /// The open file of `ino`, unwrapping its DEK on first open, plus one
+    /// handle.
+    fn acquire(&self, ino: u64) -> Result<Arc<EncryptedFile>> {
+        if let Some(entry) = self.open.lock().get_mut(&ino) {
+            entry.handles += 1;
+            return Ok(entry.file.clone());
+        }
+        let node = self.nodes.get(ino)?;
+        if !node.is_file() {
+            return Err(Error::Sys(nix::Error::EISDIR));
+        }
+        let path = node.proc_path();
+        let file = OpenOptions::new().read(true).write(true).open(&path);
+        let file = file.or_else(|_| File::open(&path))?;
+        let fresh = EncryptedFile::open(file, node.backing_path(), self.keys.as_ref())?;
+        let mut open = self.open.lock();
+        let entry = open.entry(ino).or_insert_with(|| OpenEntry {
+            file: Arc::new(fresh),
+            handles: 0,
+        });
+        entry.handles += 1;
+        Ok(entry.file.clone())
+    }
+
+    /// Drops one handle; the DEK goes with the last.
+    pub fn release(&self, ino: u64) {
+        let mut open = self.open.lock();
+        if let Some(entry) = open.get_mut(&ino) {
+            entry.handles -= 1;
+            if entry.handles == 0 {
+                open.remove(&ino);
+            }
+        }
+    }
+
+    fn opened(&self, ino: u64) -> Result<Arc<EncryptedFile>> {
+        let open = self.open.lock();
+        let entry = open.get(&ino).ok_or(Error::Sys(nix::Error::EBADF))?;
+        Ok(entry.file.clone())
+    }
+
+    /// Reads plaintext.
+    ///
+    /// # Errors
+    /// `EIO` on tampering, backing errors.
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.opened(ino)?.read(offset, size)
+    }
+
+    /// Writes plaintext; returns the bytes written (all of them).
+    ///
+    /// # Errors
+    /// As [`EncryptedFs::read`].
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.opened(ino)?.write(offset, data)?;
+        Ok(data.len() as u32)
+    }
+
+    /// Flushes an open file to stable storage.
+    ///
+    /// # Errors
+    /// Backing `fsync` errors.
+    pub fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
+        self.opened(ino)?.sync(datasync)
+    }
+
+    /// Snapshots a directory's entries; returns the handle.
+    ///
+    /// # Errors
+    /// Backing errors.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let node = self.nodes.get(ino)?;
+        let parent_ino = if ino == ROOT { ROOT } else { ino };
+        let mut entries = vec![
+            DirEntry {
+                name: ".".into(),
+                kind: FileType::Directory,
+                ino,
+            },
+            DirEntry {
+                name: "..".into(),
+                kind: FileType::Directory,
+                ino: parent_ino,
+            },
+        ];
+        for item in std::fs::read_dir(node.proc_path())? {
+            let item = item?;
+            let kind = FileType::from_std(item.file_type()?).unwrap_or(FileType::RegularFile);
+            entries.push(DirEntry {
+                name: item.file_name(),
+                kind,
+                ino: item.ino(),
+            });
+        }
+        let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// The snapshot of an open directory.
+    ///
+    /// # Errors
+    /// `EBADF` for an unknown handle.
+    pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let dirs = self.dirs.lock();
+        dirs.get(&fh).cloned().ok_or(Error::Sys(nix::Error::EBADF))
+    }
+
+    /// Forgets a directory snapshot.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    /// Statistics of the backing filesystem.
+    ///
+    /// # Errors
+    /// Backing errors.
+    pub fn statfs(&self) -> Result<Statvfs> {
+        let root = self.nodes.get(ROOT)?;
+        Ok(fstatvfs(root.fd())?)
+    }
+
+    /// `access(2)` by mode bits (owner, group, other; supplementary groups
+    /// are not known). Only used without `default_permissions`.
+    ///
+    /// # Errors
+    /// `EACCES` when denied.
+    pub fn access(&self, caller: Caller, ino: u64, mask: i32) -> Result<()> {
+        let st = stat_node(&*self.nodes.get(ino)?)?;
+        let want = (mask & 0o7) as u32;
+        let granted = if caller.uid == 0 {
+            let any_x = st.st_mode & 0o111 != 0 || kind_of(st.st_mode) == FileType::Directory;
+            0o6 | if any_x { 0o1 } else { 0 }
+        } else if caller.uid == st.st_uid {
+            (st.st_mode >> 6) & 0o7
+        } else if caller.gid == st.st_gid {
+            (st.st_mode >> 3) & 0o7
+        } else {
+            st.st_mode & 0o7
+        };
+        if want & !granted != 0 {
+            return Err(Error::Sys(nix::Error::EACCES));
+        }
+        Ok(())
+    }
+
+    /// `getxattr` for `user.*` names.
+    ///
+    /// # Errors
+    /// See [`xattr::get`].
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        xattr::get(&self.nodes.get(ino)?.proc_path(), name, size)
+    }
+
+    /// `listxattr`, `user.*` names only.
+    ///
+    /// # Errors
+    /// See [`xattr::list`].
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        xattr::list(&self.nodes.get(ino)?.proc_path())
+    }
+
+    /// `setxattr` for `user.*` names.
+    ///
+    /// # Errors
+    /// See [`xattr::set`].
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        xattr::set(&self.nodes.get(ino)?.proc_path(), name, value, flags)
+    }
+
+    /// `removexattr` for `user.*` names.
+    ///
+    /// # Errors
+    /// See [`xattr::remove`].
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        xattr::remove(&self.nodes.get(ino)?.proc_path(), name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MemoryKeySource;
+
+    const ROOT_CALLER: Caller = Caller { uid: 0, gid: 0 };
+
+    fn fs() -> (tempfile::TempDir, EncryptedFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(MemoryKeySource::default());
+        let fs = EncryptedFs::new(dir.path(), keys).unwrap();
+        (dir, fs)
+    }
+
+    #[test]
+    fn create_write_read_and_plaintext_size() {
+        let (dir, fs) = fs();
+        let (attr, fh) = fs
+            .create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o640)
+            .unwrap();
+        assert_eq!(attr.perm, 0o640);
+        assert_eq!(fs.write(fh, 5000, b"hello").unwrap(), 5);
+        assert_eq!(fs.getattr(fh).unwrap().size, 5005);
+        fs.release(fh);
+        assert_eq!(fs.getattr(attr.ino.0).unwrap().size, 5005);
+        let fh = fs.open(attr.ino.0).unwrap();
+        assert_eq!(fs.read(fh, 4998, 100).unwrap(), b"\0\0hello");
+        fs.release(fh);
+        let backing = std::fs::read(dir.path().join("a")).unwrap();
+        assert!(!backing.windows(5).any(|w| w == b"hello"));
+    }
+
+    #[test]
+    fn unlinked_open_file_stays_readable() {
+        let (_dir, fs) = fs();
+        let (attr, fh) = fs
+            .create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600)
+            .unwrap();
+        fs.write(fh, 0, b"still here").unwrap();
+        fs.unlink(ROOT, OsStr::new("a")).unwrap();
+        assert_eq!(fs.read(fh, 0, 64).unwrap(), b"still here");
+        assert_eq!(fs.getattr(attr.ino.0).unwrap().nlink, 0);
+        fs.release(fh);
+        assert!(fs.lookup(ROOT, OsStr::new("a")).is_err());
+    }
+
+    #[test]
+    fn readdir_lists_entries_and_setattr_truncates() {
+        let (_dir, fs) = fs();
+        let (attr, fh) = fs
+            .create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600)
+            .unwrap();
+        fs.write(fh, 0, &[7u8; 9000]).unwrap();
+        fs.release(fh);
+        fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("d"), 0o755).unwrap();
+        let set = SetAttr {
+            size: Some(10),
+            mode: Some(0o604),
+            ..SetAttr::default()
+        };
+        let after = fs.setattr(attr.ino.0, &set).unwrap();
+        assert_eq!((after.size, after.perm), (10, 0o604));
+        let dh = fs.opendir(ROOT).unwrap();
+        let mut names: Vec<_> = fs
+            .dir_entries(dh)
+            .unwrap()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".", "..", "d", "f"]);
+        fs.releasedir(dh);
+    }
+}

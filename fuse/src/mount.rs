@@ -1,0 +1,189 @@
+//! Mounting and unmounting: the only module that talks to the kernel's
+//! mount machinery.
+//!
+//! As root, fuser mounts with `mount(2)` directly, so no `fusermount3` is
+//! needed. The mount uses `default_permissions` (the kernel checks file
+//! modes) and `allow_other` (other users reach it at all).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use nix::mount::{umount2, MntFlags};
+
+use crate::adapter::FuseAdapter;
+use crate::error::{Error, Result};
+use crate::fs::EncryptedFs;
+use crate::keys::KeySource;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Threads serving requests (each with its own `/dev/fuse` clone).
+    pub threads: usize,
+    /// How long the kernel may cache attributes and entries.
+    pub ttl: Duration,
+    /// Let users other than the mounter in (`allow_other`).
+    pub allow_other: bool,
+    /// Name shown in the mount table.
+    pub fs_name: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            threads: 4,
+            ttl: Duration::from_secs(1),
+            allow_other: true,
+            fs_name: "kms-fuse".to_string(),
+        }
+    }
+}
+
+/// A live mount. Dropping it unmounts (lazily if the mount is busy).
+#[derive(Debug)]
+pub struct MountHandle {
+    session: Option<BackgroundSession>,
+    target: PathBuf,
+}
+
+fn mount_error(target: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Mount {
+        path: target.to_path_buf(),
+        source,
+    }
+}
+
+/// The fuser configuration for `opts`.
+pub fn fuser_config(opts: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(opts.fs_name.clone()),
+        MountOption::Subtype("kms-fuse".to_string()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    config
+}
+
+/// Mounts the encrypted view of `source` at `target`.
+///
+/// # Errors
+/// `source` is not a directory, or the kernel refuses the mount.
+pub fn mount(
+    source: &Path,
+    target: &Path,
+    keys: Arc<dyn KeySource>,
+    opts: &MountOptions,
+) -> Result<MountHandle> {
+    raise_fd_limit();
+    let fs = EncryptedFs::new(source, keys)?;
+    let adapter = FuseAdapter::new(fs, opts.ttl);
+    let session =
+        fuser::spawn_mount(adapter, target, &fuser_config(opts)).map_err(mount_error(target))?;
+    tracing::info!(source = %source.display(), target = %target.display(), "mounted");
+    Ok(MountHandle {
+        session: Some(session),
+        target: target.to_path_buf(),
+    })
+}
+
+impl MountHandle {
+    /// Where this is mounted.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Unmounts and waits for the serving threads to finish.
+    ///
+    /// # Errors
+    /// The mount is busy (`EBUSY`): it is then detached lazily, and goes
+    /// away when its last user does.
+    pub fn unmount(mut self) -> Result<()> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(source) => {
+                let _ = umount2(&self.target, MntFlags::MNT_DETACH);
+                Err(mount_error(&self.target)(source))
+            }
+        }
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            tracing::warn!(target = %self.target.display(), error = %crate::fs::describe(&e), "unmount failed; detached lazily");
+        }
+    }
+}
+
+/// Clears a mountpoint left behind by a daemon that died ("Transport
+/// endpoint is not connected") with a lazy unmount. Returns whether
+/// anything was detached.
+///
+/// # Errors
+/// The detach itself fails.
+pub fn recover_stale_mount(target: &Path) -> Result<bool> {
+    match std::fs::metadata(target) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            umount2(target, MntFlags::MNT_DETACH)?;
+            tracing::warn!(target = %target.display(), "detached stale FUSE mount");
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Each inode the kernel knows holds an `O_PATH` descriptor, so allow as
+/// many as the hard limit permits.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard
+    // limit needs no privilege.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_asks_for_permissions_and_threads() {
+        let c = fuser_config(&MountOptions::default());
+        assert!(c.mount_options.contains(&MountOption::DefaultPermissions));
+        assert_eq!(c.acl, SessionACL::All);
+        assert_eq!(c.n_threads, Some(4));
+        assert!(c.clone_fd);
+    }
+
+    #[test]
+    fn healthy_directory_is_not_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!recover_stale_mount(dir.path()).unwrap());
+    }
+}

@@ -1,0 +1,483 @@
+//! Real-FUSE tests: mount a backing tempdir with `MemoryKeySource` and
+//! drive it through the kernel. They need root and /dev/fuse; without them
+//! they print why and pass, unless `CI` is set, where they fail.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kms_fuse::format::{DISK_BLOCK_SIZE, HEADER_LEN};
+use kms_fuse::{admin, mount, MemoryKeySource, MountHandle, MountOptions};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    keys: Arc<MemoryKeySource>,
+    handle: Option<MountHandle>,
+}
+
+impl Fixture {
+    fn path(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    fn remount(&mut self) {
+        self.handle.take().unwrap().unmount().unwrap();
+        self.handle = Some(mount(&self.backing, &self.mnt, self.keys.clone(), &opts()).unwrap());
+    }
+}
+
+fn opts() -> MountOptions {
+    MountOptions {
+        threads: 4,
+        ..MountOptions::default()
+    }
+}
+
+fn fuse_unusable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    match OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/fuse: {e}")),
+    }
+}
+
+/// A mounted fixture, or `None` (test skipped) when FUSE cannot be used
+/// and `CI` is unset.
+fn fixture() -> Option<Fixture> {
+    if let Some(why) = fuse_unusable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but FUSE is unusable: {why}"
+        );
+        eprintln!("skipping mount test: {why}");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let keys = Arc::new(MemoryKeySource::default());
+    let handle = mount(&backing, &mnt, keys.clone(), &opts()).unwrap();
+    Some(Fixture {
+        _dir: dir,
+        backing,
+        mnt,
+        keys,
+        handle: Some(handle),
+    })
+}
+
+fn eio<T>(r: &std::io::Result<T>) -> bool {
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EIO))
+}
+
+/// Small deterministic generator (xorshift64*), so a printed seed replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+const NAMES: [&str; 6] = ["a", "b", "c", "d/x", "d/y", "d/z"];
+
+/// One random operation applied identically under both roots.
+fn step(rng: &mut Rng, roots: [&Path; 2]) -> String {
+    let name = NAMES[rng.below(NAMES.len() as u64) as usize];
+    let other = NAMES[rng.below(NAMES.len() as u64) as usize];
+    let op = rng.below(12);
+    let off = rng.below(40_000);
+    let len = rng.below(9_000) as usize;
+    let data = rng.bytes(len);
+    let mode = 0o600 | (rng.below(8) as u32) << 3;
+    let size = rng.below(30_000);
+    let desc = format!("op {op} {name} {other} off {off} len {len} mode {mode:o} size {size}");
+    for root in roots {
+        let (p, q) = (root.join(name), root.join(other));
+        let _ = match op {
+            0..=2 => write_at(&p, off, &data),
+            3 => OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&p)
+                .and_then(|mut f| f.write_all(&data)),
+            4 => OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_len(size)),
+            5 => fs::rename(&p, &q),
+            6 => fs::hard_link(&p, &q),
+            7 => fs::remove_file(&p),
+            8 => fs::set_permissions(&p, fs::Permissions::from_mode(mode)),
+            9 => OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.sync_all()),
+            10 => File::create(&p).map(drop),
+            _ => reopen_rw(&p, off, &data),
+        };
+    }
+    desc
+}
+
+fn write_at(p: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)?;
+    f.write_all_at(data, off)
+}
+
+/// Open, write, close, open again read-write, read back a range.
+fn reopen_rw(p: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
+    write_at(p, off, data)?;
+    let mut f = OpenOptions::new().read(true).write(true).open(p)?;
+    f.seek(SeekFrom::Start(off / 2))?;
+    let mut buf = vec![0u8; data.len()];
+    let _ = f.read(&mut buf)?;
+    Ok(())
+}
+
+fn compare(roots: [&Path; 2], ctx: &str) {
+    for name in NAMES {
+        let (m, p) = (roots[0].join(name), roots[1].join(name));
+        let (mm, pm) = (fs::symlink_metadata(&m), fs::symlink_metadata(&p));
+        match (&mm, &pm) {
+            (Ok(mm), Ok(pm)) => {
+                assert_eq!(mm.len(), pm.len(), "size of {name} {ctx}");
+                assert_eq!(mm.mode(), pm.mode(), "mode of {name} {ctx}");
+                assert_eq!(mm.nlink(), pm.nlink(), "nlink of {name} {ctx}");
+                let (a, b) = (fs::read(&m).unwrap(), fs::read(&p).unwrap());
+                assert!(a == b, "contents of {name} differ {ctx}");
+            }
+            (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind(), "{name} {ctx}"),
+            _ => panic!("{name}: mount {mm:?} vs plain {pm:?} {ctx}"),
+        }
+    }
+}
+
+#[test]
+fn differential_random_ops_with_rotation_and_rewrap() {
+    let Some(mut fx) = fixture() else { return };
+    let seed = std::env::var("KMS_FUSE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand_seed);
+    let ops: u64 = std::env::var("KMS_FUSE_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    println!("differential seed {seed} (replay with KMS_FUSE_SEED={seed}), {ops} ops");
+    let plain_dir = tempfile::tempdir().unwrap();
+    let mnt = fx.mnt.clone();
+    let roots = [mnt.as_path(), plain_dir.path()];
+    for root in roots {
+        fs::create_dir(root.join("d")).unwrap();
+    }
+    let mut rng = Rng(seed | 1);
+    let start = Instant::now();
+    for i in 0..ops {
+        if i == ops / 2 {
+            assert_eq!(fx.keys.rotate(), 2);
+        }
+        let desc = step(&mut rng, roots);
+        compare(roots, &format!("after step {i} ({desc}), seed {seed}"));
+    }
+    println!("{ops} ops in {:?}", start.elapsed());
+    let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
+    println!("versions before rewrap: {:?}", v.counts);
+    assert_eq!(v.unreadable, 0);
+    let info = admin::rewrap(&fx.backing, fx.keys.as_ref(), |_, _| {}).unwrap();
+    assert_eq!(info.failed, 0);
+    let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
+    assert!(v.counts.iter().all(|(ver, _)| *ver == 2), "{:?}", v.counts);
+    compare(roots, "after rewrap");
+    fx.remount();
+    compare(roots, "after rewrap and remount");
+}
+
+fn rand_seed() -> u64 {
+    let mut b = [0u8; 8];
+    File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+#[test]
+fn unlinked_open_file_stays_readable_until_closed() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.path("f");
+    fs::write(&p, vec![9u8; 10_000]).unwrap();
+    let mut f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    fs::remove_file(&p).unwrap();
+    assert!(!p.exists());
+    f.write_all_at(b"more", 10_000).unwrap();
+    let mut back = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), 10_004);
+    assert_eq!(&back[10_000..], b"more");
+    assert_eq!(f.metadata().unwrap().len(), 10_004);
+}
+
+fn renameat2(from: &Path, to: &Path, flags: nix::fcntl::RenameFlags) -> nix::Result<()> {
+    nix::fcntl::renameat2(nix::fcntl::AT_FDCWD, from, nix::fcntl::AT_FDCWD, to, flags)
+}
+
+#[test]
+fn rename_noreplace_and_exchange() {
+    let Some(fx) = fixture() else { return };
+    let (a, b) = (fx.path("a"), fx.path("b"));
+    fs::write(&a, b"alpha").unwrap();
+    fs::write(&b, b"beta").unwrap();
+    let noreplace = nix::fcntl::RenameFlags::RENAME_NOREPLACE;
+    assert_eq!(renameat2(&a, &b, noreplace), Err(nix::Error::EEXIST));
+    renameat2(&a, &b, nix::fcntl::RenameFlags::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(&a).unwrap(), b"beta");
+    assert_eq!(fs::read(&b).unwrap(), b"alpha");
+    renameat2(&a, &fx.path("c"), noreplace).unwrap();
+    assert_eq!(fs::read(fx.path("c")).unwrap(), b"beta");
+}
+
+#[test]
+fn concurrent_writers_of_different_files_and_one_file() {
+    let Some(fx) = fixture() else { return };
+    let shared = fx.path("shared");
+    File::create(&shared).unwrap();
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let own = fx.path(&format!("own{t}"));
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let f = File::create(&own).unwrap();
+                let s = OpenOptions::new().write(true).open(&shared).unwrap();
+                for round in 0..50u64 {
+                    let chunk = vec![t + 1; 3000];
+                    f.write_all_at(&chunk, round * 3000).unwrap();
+                    // Interleaved, unaligned 1000-byte stripes: neighbours
+                    // share blocks, so lost updates would show.
+                    s.write_all_at(&[t + 1; 1000], (round * 4 + u64::from(t)) * 1000)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for t in 0..4u8 {
+        assert_eq!(
+            fs::read(fx.path(&format!("own{t}"))).unwrap(),
+            vec![t + 1; 150_000]
+        );
+    }
+    let data = fs::read(&shared).unwrap();
+    assert_eq!(data.len(), 200_000);
+    for (i, stripe) in data.chunks(1000).enumerate() {
+        assert!(stripe.iter().all(|&b| b == (i % 4) as u8 + 1), "stripe {i}");
+    }
+}
+
+/// Writes a file through the mount, unmounts, lets `damage` edit the
+/// backing file, remounts, and expects EIO on read.
+fn expect_tamper(name: &str, data: &[u8], damage: impl FnOnce(&Fixture, &Path)) {
+    let Some(mut fx) = fixture() else { return };
+    fs::write(fx.path(name), data).unwrap();
+    fs::write(fx.path("other"), data).unwrap();
+    fx.handle.take().unwrap().unmount().unwrap();
+    damage(&fx, &fx.backing.join(name));
+    fx.handle = Some(mount(&fx.backing, &fx.mnt, fx.keys.clone(), &opts()).unwrap());
+    let r = fs::read(fx.path(name));
+    assert!(eio(&r), "{name}: expected EIO, got {r:?}");
+    assert_eq!(fs::read(fx.path("other")).unwrap(), data, "untouched file");
+}
+
+fn edit(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = fs::read(path).unwrap();
+    f(&mut bytes);
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn tamper_flipped_byte_reads_eio() {
+    expect_tamper("flip", &[5u8; 10_000], |_, p| {
+        edit(p, |b| b[HEADER_LEN + DISK_BLOCK_SIZE + 100] ^= 1)
+    });
+}
+
+#[test]
+fn tamper_block_moved_within_file_reads_eio() {
+    expect_tamper("swap", &[6u8; 3 * 4096 + 1], |_, p| {
+        edit(p, |b| {
+            let (x, y) = b[HEADER_LEN..].split_at_mut(DISK_BLOCK_SIZE);
+            x.swap_with_slice(&mut y[..DISK_BLOCK_SIZE]);
+        })
+    });
+}
+
+#[test]
+fn tamper_block_from_other_file_reads_eio() {
+    expect_tamper("moved", &[7u8; 2 * 4096 + 1], |fx, p| {
+        let other = fs::read(fx.backing.join("other")).unwrap();
+        edit(p, |b| {
+            let r = HEADER_LEN..HEADER_LEN + DISK_BLOCK_SIZE;
+            b[r.clone()].copy_from_slice(&other[r]);
+        })
+    });
+}
+
+#[test]
+fn tamper_header_copied_reads_eio() {
+    expect_tamper("hdr", &[8u8; 5000], |fx, p| {
+        let other = fs::read(fx.backing.join("other")).unwrap();
+        edit(p, |b| b[..HEADER_LEN].copy_from_slice(&other[..HEADER_LEN]))
+    });
+}
+
+#[test]
+fn tamper_truncation_at_block_boundary_reads_eio() {
+    expect_tamper("cut", &[9u8; 3 * 4096], |_, p| {
+        edit(p, |b| b.truncate(HEADER_LEN + 2 * DISK_BLOCK_SIZE))
+    });
+}
+
+#[test]
+fn tamper_truncation_to_bare_header_reads_eio() {
+    expect_tamper("bare", b"short", |_, p| edit(p, |b| b.truncate(HEADER_LEN)));
+}
+
+#[test]
+fn rotation_old_files_readable_new_files_new_version() {
+    let Some(fx) = fixture() else { return };
+    fs::write(fx.path("old"), b"v1 data").unwrap();
+    fx.keys.rotate();
+    fs::write(fx.path("new"), b"v2 data").unwrap();
+    let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
+    assert_eq!(v.counts, vec![(1, 1), (2, 1)]);
+    // Rewrap while a file is open: the open handle keeps working.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.path("old"))
+        .unwrap();
+    let info = admin::rewrap(&fx.backing, fx.keys.as_ref(), |_, _| {}).unwrap();
+    assert_eq!((info.rewrapped, info.already_current), (1, 1));
+    f.write_all_at(b"!", 7).unwrap();
+    drop(f);
+    assert_eq!(fs::read(fx.path("old")).unwrap(), b"v1 data!");
+    assert_eq!(fs::read(fx.path("new")).unwrap(), b"v2 data");
+}
+
+#[test]
+fn namespace_ops_symlink_fifo_xattr_statfs() {
+    let Some(fx) = fixture() else { return };
+    fs::create_dir(fx.path("dir")).unwrap();
+    fs::write(fx.path("dir/f"), b"x").unwrap();
+    std::os::unix::fs::symlink("dir/f", fx.path("ln")).unwrap();
+    assert_eq!(fs::read_link(fx.path("ln")).unwrap(), Path::new("dir/f"));
+    assert_eq!(fs::read(fx.path("ln")).unwrap(), b"x");
+    nix::unistd::mkfifo(
+        &fx.path("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    assert!(fs::symlink_metadata(fx.path("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo_like());
+    let mut names: Vec<_> = fs::read_dir(&fx.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["dir", "fifo", "ln"]);
+    assert_eq!(
+        fs::remove_dir(fx.path("dir")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    fs::remove_file(fx.path("dir/f")).unwrap();
+    fs::remove_dir(fx.path("dir")).unwrap();
+    let stat = nix::sys::statvfs::statvfs(&fx.mnt).unwrap();
+    assert!(stat.blocks() > 0);
+    fs::write(fx.path("x"), b"").unwrap();
+    let set = xattr_set(&fx.path("x"), "user.k", b"v");
+    if set.is_ok() {
+        assert_eq!(
+            xattr_set(&fx.path("x"), "trusted.k", b"v")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Unsupported
+        );
+    }
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+
+impl FifoLike for fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_fifo(self)
+    }
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let p = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: NUL-terminated strings and a pointer/length pair for `value`.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn modes_decide_access_for_other_users() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.path("private");
+    fs::write(&p, b"secret").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(&fx.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    // A child process that drops to uid 65534 must be refused by mode bits.
+    let status = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(&p)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) => assert!(!s.success(), "uid 65534 read a 0600 root file"),
+        Err(e) => eprintln!("setpriv unavailable ({e}); access check skipped"),
+    }
+}
