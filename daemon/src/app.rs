@@ -10,11 +10,17 @@ use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config};
+use kms_client::proto::CreateKey;
+
+use crate::config::{self, Config, MountConfig};
 use crate::keys::{KeyService, RootKey, SystemClock};
+use crate::mounts::Mounts;
 use crate::notify;
 use crate::ops::Daemon;
 use crate::server::{self, Listener};
+
+/// Name of the key that encrypts the `--dev` filesystem.
+pub const DEV_KEY: &str = "dev";
 
 /// Default `--dev` folder.
 pub const DEFAULT_DEV_DIR: &str = "kmsd-dev";
@@ -35,7 +41,7 @@ listen = "127.0.0.1:9464"
 ///
 /// # Errors
 /// When the folder, config or root key cannot be created or read.
-pub fn dev_config(dir: &Path) -> Result<Config> {
+pub fn dev_config(dir: &Path) -> Result<(Config, PathBuf)> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -62,7 +68,7 @@ pub fn dev_config(dir: &Path) -> Result<Config> {
     if !cfg.access.admins.contains(&me) {
         cfg.access.admins.push(me);
     }
-    Ok(cfg)
+    Ok((cfg, dir))
 }
 
 fn path_str(p: &Path) -> Result<String> {
@@ -104,18 +110,58 @@ pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>> {
     Ok(Arc::new(svc))
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; returns after draining.
+/// The `--dev` filesystem: `DIR/mnt` over `DIR/data`, encrypted with the
+/// customer key `dev` (created for the running user if absent).
+fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
+    let uid = nix::unistd::getuid().as_raw();
+    let me = crate::keys::Caller::process(uid, nix::unistd::getgid().as_raw(), None);
+    if keys.entry(DEV_KEY).is_err() {
+        let req = CreateKey {
+            name: Some(DEV_KEY.into()),
+            description: "--dev filesystem key".into(),
+            rotation: None,
+        };
+        if let Err(e) = keys.create_key(&me, &req) {
+            tracing::warn!(error = %e, "cannot create the dev key; no dev filesystem");
+            return;
+        }
+    }
+    let cfg = MountConfig {
+        source: dir.join("data"),
+        target: dir.join("mnt"),
+        key: DEV_KEY.into(),
+    };
+    match mounts.mount_one(keys, &cfg) {
+        Ok(()) => tracing::info!(target = %cfg.target.display(), "dev filesystem mounted: files written there are stored encrypted in {}", cfg.source.display()),
+        Err(e) => tracing::warn!(
+            "dev filesystem not mounted: {}; kmsd serves keys without it (FUSE needs /dev/fuse and root or fusermount3)",
+            crate::keys::error::error_chain(&e)
+        ),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns after draining and
+/// unmounting. `dev_dir` is the `--dev` folder, if any.
 ///
 /// # Errors
-/// Start-up failures (store, socket, signals).
-pub async fn run(cfg: Config, _log: crate::logging::LogHandle) -> Result<()> {
+/// Start-up failures (store, socket, mounts, signals).
+pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, _log: crate::logging::LogHandle) -> Result<()> {
     let keys = open_keys(&cfg)?;
     let listener = match Listener::inherited()? {
         Some(l) => l,
         None => Listener::bind(&cfg.socket)?,
     };
+    let mounts = {
+        let keys = keys.clone();
+        let configs = cfg.mounts.clone();
+        tokio::task::spawn_blocking(move || Mounts::mount_all(&keys, &configs)).await??
+    };
+    let mounts = Arc::new(mounts);
+    if let Some(dir) = &dev_dir {
+        dev_mount(&keys, &mounts, dir);
+    }
     let shutdown = CancellationToken::new();
-    let daemon = Arc::new(Daemon::new(keys.clone()));
+    let daemon = Arc::new(Daemon::new(keys.clone(), mounts.clone()));
     spawn_signal_handler(shutdown.clone())?;
     let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), shutdown.clone()));
     let where_ = listener
@@ -126,6 +172,7 @@ pub async fn run(cfg: Config, _log: crate::logging::LogHandle) -> Result<()> {
     notify::ready(&format!("serving {} keys in zone {}", keys.key_count(), cfg.zone));
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
     let _ = scheduler.await;
+    tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
     if let Some(p) = &listener.path {
         if let Err(e) = std::fs::remove_file(p) {
             tracing::warn!(path = %p.display(), error = %e, "cannot remove socket");

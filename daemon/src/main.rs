@@ -37,16 +37,18 @@ fn main() -> ExitCode {
 fn start(args: &Args) -> anyhow::Result<()> {
     // Log the start-up at info until the config says otherwise.
     let log = logging::init("info");
-    let cfg = load(args)?;
+    let (cfg, dev_dir) = load(args)?;
     log.set(&cfg.log_level);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(app::run(cfg, log))
+    runtime.block_on(app::run(cfg, dev_dir, log))
 }
 
-fn load(args: &Args) -> anyhow::Result<Config> {
+fn load(args: &Args) -> anyhow::Result<(Config, Option<PathBuf>)> {
     if args.dev {
-        return app::dev_config(&args.dev_dir);
+        let (cfg, dir) = app::dev_config(&args.dev_dir)?;
+        return Ok((cfg, Some(dir)));
     }
-    Config::load(&args.config, config::process_env())
-        .with_context(|| format!("configuration {}", args.config.display()))
+    let cfg = Config::load(&args.config, config::process_env())
+        .with_context(|| format!("configuration {}", args.config.display()))?;
+    Ok((cfg, None))
 }

@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kms_client::proto::{DataKey, ErrorCode, ErrorReply, MountInfo, Request, Response, StatusInfo, PROTOCOL_VERSION};
+use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, StatusInfo, PROTOCOL_VERSION};
 
 use crate::keys::{self, Caller, KeyService};
+use crate::mounts::Mounts;
 
 /// The daemon's shared state, seen by every connection.
 #[derive(Debug)]
@@ -15,17 +16,17 @@ pub struct Daemon {
     pub keys: Arc<KeyService>,
     pub started: Instant,
     pub connections: AtomicU64,
-    pub mounts: parking_lot::RwLock<Vec<MountInfo>>,
+    pub mounts: Arc<Mounts>,
 }
 
 impl Daemon {
-    /// State around an opened key service.
-    pub fn new(keys: Arc<KeyService>) -> Self {
+    /// State around an opened key service and its mounts.
+    pub fn new(keys: Arc<KeyService>, mounts: Arc<Mounts>) -> Self {
         Self {
             keys,
             started: Instant::now(),
             connections: AtomicU64::new(0),
-            mounts: Default::default(),
+            mounts,
         }
     }
 
@@ -45,7 +46,7 @@ impl Daemon {
             uptime_secs: self.started.elapsed().as_secs(),
             keys: self.keys.key_count() as u64,
             connections: self.connections.load(Ordering::Relaxed),
-            mounts: self.mounts.read().clone(),
+            mounts: self.mounts.infos(),
         })
     }
 }
@@ -141,9 +142,19 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             |dks| Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect()),
         ),
         Request::ReplicateKey { .. } => unavailable("multi-zone replication is not available in this build"),
-        Request::FsVersions { mount } | Request::FsRewrap { mount } => {
-            unavailable(&format!("no encrypted filesystem is mounted at {mount}"))
-        }
+        Request::FsVersions { mount } => match d.mounts.versions(k, caller, &mount) {
+            Ok(v) => Response::FsVersions(v),
+            Err(e) => Response::Error(e),
+        },
+        Request::FsRewrap { mount } => rewrap(d, caller, &mount, |_, _| {}),
+    }
+}
+
+/// Runs `fs rewrap`, reporting progress through `progress(done, total)`.
+pub fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64, u64)) -> Response {
+    match d.mounts.rewrap(&d.keys, caller, mount, progress) {
+        Ok(r) => Response::FsRewrap(r),
+        Err(e) => Response::Error(e),
     }
 }
 

@@ -261,6 +261,9 @@ impl Session {
         if !self.greeted {
             return self.on_hello(daemon, id, body).await;
         }
+        if let Request::FsRewrap { mount } = body {
+            return self.rewrap(daemon, id, mount).await;
+        }
         let response = if ops::is_blocking(&body) {
             let (d, c) = (daemon.clone(), self.caller.clone());
             tokio::task::spawn_blocking(move || ops::handle_guarded(&d, &c, body))
@@ -269,6 +272,31 @@ impl Session {
         } else {
             ops::handle_guarded(daemon, &self.caller, body)
         };
+        self.send(id, response).await?;
+        Ok(Next::Continue)
+    }
+
+    /// `fs rewrap`, with `Progress` frames (at most five a second) before
+    /// the final reply.
+    async fn rewrap(&mut self, daemon: &Arc<Daemon>, id: u64, mount: String) -> Result<Next, CodecError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (d, c) = (daemon.clone(), self.caller.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let mut last: Option<std::time::Instant> = None;
+            ops::rewrap(&d, &c, &mount, |done, total| {
+                if done == total || last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(200)) {
+                    last = Some(std::time::Instant::now());
+                    let _ = tx.send((done, total));
+                }
+            })
+        });
+        while let Some((done, total)) = rx.recv().await {
+            self.send(id, Response::Progress { done, total }).await?;
+            self.framed.flush().await?;
+        }
+        let response = task
+            .await
+            .unwrap_or_else(|_| error(ErrorCode::Internal, "rewrap task failed"));
         self.send(id, response).await?;
         Ok(Next::Continue)
     }

@@ -97,11 +97,7 @@ pub enum Rewrapped {
 ///
 /// # Errors
 /// The directory walk fails or the active version is unknown.
-pub fn rewrap(
-    root: &Path,
-    keys: &dyn KeySource,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<FsRewrapInfo> {
+pub fn rewrap(root: &Path, keys: &dyn KeySource, mut progress: impl FnMut(u64, u64)) -> Result<FsRewrapInfo> {
     let active = keys.active_version().map_err(|source| Error::Key {
         path: root.to_path_buf(),
         source,
@@ -148,18 +144,13 @@ pub fn rewrap_file(path: &Path, keys: &dyn KeySource, active: u32) -> Result<Rew
     let n = file.read_at(&mut bytes, 0)?;
     let header = Header::decode(&bytes[..n]).map_err(tampered)?;
     let (_, slot) = header.current().map_err(tampered)?;
-    let blob = BlobHeader::parse(&slot.blob)
-        .map_err(|e| key_err(KeyError::DecryptFailed(e.to_string())))?;
+    let blob = BlobHeader::parse(&slot.blob).map_err(|e| key_err(KeyError::DecryptFailed(e.to_string())))?;
     if blob.key_id == keys.key_id() && blob.version == active {
         return Ok(Rewrapped::AlreadyCurrent);
     }
     let new_blob = keys.rewrap(&header.file_id, &slot.blob).map_err(key_err)?;
-    let before = keys
-        .unwrap_dek(&header.file_id, &slot.blob)
-        .map_err(key_err)?;
-    let after = keys
-        .unwrap_dek(&header.file_id, &new_blob)
-        .map_err(key_err)?;
+    let before = keys.unwrap_dek(&header.file_id, &slot.blob).map_err(key_err)?;
+    let after = keys.unwrap_dek(&header.file_id, &new_blob).map_err(key_err)?;
     if before != after {
         let why = "re-wrapped blob holds a different key".to_string();
         return Err(key_err(KeyError::DecryptFailed(why)));
@@ -184,10 +175,7 @@ mod tests {
             .create_new(true)
             .open(&path)
             .unwrap();
-        EncryptedFile::create(file, path, keys)
-            .unwrap()
-            .write(0, data)
-            .unwrap();
+        EncryptedFile::create(file, path, keys).unwrap().write(0, data).unwrap();
     }
 
     fn read(path: &Path, keys: &MemoryKeySource) -> Vec<u8> {
@@ -214,17 +202,10 @@ mod tests {
         let before = std::fs::read(dir.path().join("a")).unwrap();
         let mut seen = Vec::new();
         let info = rewrap(dir.path(), &keys, |d, t| seen.push((d, t))).unwrap();
-        assert_eq!(
-            (info.rewrapped, info.already_current, info.failed),
-            (1, 1, 1)
-        );
+        assert_eq!((info.rewrapped, info.already_current, info.failed), (1, 1, 1));
         assert_eq!(seen.last(), Some(&(3, 3)));
         let after = std::fs::read(dir.path().join("a")).unwrap();
-        assert_eq!(
-            before[HEADER_LEN..],
-            after[HEADER_LEN..],
-            "data blocks untouched"
-        );
+        assert_eq!(before[HEADER_LEN..], after[HEADER_LEN..], "data blocks untouched");
         assert_eq!(versions(dir.path(), &keys).unwrap().counts, vec![(2, 2)]);
         assert_eq!(read(&dir.path().join("a"), &keys), b"one");
         assert_eq!(read(&dir.path().join("sub/b"), &keys), b"two");

@@ -16,8 +16,8 @@ use rand::RngCore;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, block_len, block_offset, last_index, open_block, seal_block, BlockKey, FormatError,
-    Header, BLOCK_OVERHEAD, BLOCK_SIZE, HEADER_LEN,
+    self, block_len, block_offset, last_index, open_block, seal_block, BlockKey, FormatError, Header, BLOCK_OVERHEAD,
+    BLOCK_SIZE, HEADER_LEN,
 };
 use crate::keys::{Dek, FileId, KeySource};
 
@@ -148,8 +148,8 @@ impl EncryptedFile {
             let at = (block_offset(index) - start) as usize;
             let len = block_len(size, index) + BLOCK_OVERHEAD;
             let block = &disk[at..at + len];
-            let plain = open_block(key, &self.file_id, index, index == final_index, block)
-                .map_err(|e| self.tampered(e))?;
+            let plain =
+                open_block(key, &self.file_id, index, index == final_index, block).map_err(|e| self.tampered(e))?;
             out.extend_from_slice(&plain);
         }
         Ok(out)
@@ -229,9 +229,7 @@ impl EncryptedFile {
             return Ok(());
         }
         let old = *size;
-        let end = offset
-            .checked_add(len)
-            .ok_or(Error::Sys(nix::Error::EFBIG))?;
+        let end = offset.checked_add(len).ok_or(Error::Sys(nix::Error::EFBIG))?;
         let new = old.max(end);
         let mut first = offset / BLOCK_SIZE as u64;
         if new > old {
@@ -239,12 +237,7 @@ impl EncryptedFile {
         }
         let last = last_index(new);
         let key = BlockKey::new(&self.dek);
-        let span = Span {
-            old,
-            new,
-            offset,
-            src,
-        };
+        let span = Span { old, new, offset, src };
         let mut chunk = first;
         while chunk <= last {
             let chunk_last = (chunk + CHUNK_BLOCKS - 1).min(last);

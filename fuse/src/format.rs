@@ -248,17 +248,8 @@ fn block_aad(file_id: &FileId, index: u64, last: bool) -> [u8; 25] {
 }
 
 /// Seals one block (at most `BLOCK_SIZE` bytes) under a fresh random nonce.
-pub fn seal_block(
-    key: &BlockKey,
-    file_id: &FileId,
-    index: u64,
-    last: bool,
-    plaintext: &[u8],
-) -> Vec<u8> {
-    assert!(
-        plaintext.len() <= BLOCK_SIZE,
-        "block larger than BLOCK_SIZE"
-    );
+pub fn seal_block(key: &BlockKey, file_id: &FileId, index: u64, last: bool, plaintext: &[u8]) -> Vec<u8> {
+    assert!(plaintext.len() <= BLOCK_SIZE, "block larger than BLOCK_SIZE");
     let mut nonce = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let mut out = Vec::with_capacity(plaintext.len() + BLOCK_OVERHEAD);
@@ -292,12 +283,7 @@ pub fn open_block(
     let mut plain = ct.to_vec();
     let aad = block_aad(file_id, index, last);
     key.0
-        .decrypt_in_place_detached(
-            Nonce::from_slice(nonce),
-            &aad,
-            &mut plain,
-            Tag::from_slice(tag),
-        )
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), &aad, &mut plain, Tag::from_slice(tag))
         .map_err(|_| FormatError::BlockAuth(index))?;
     Ok(plain)
 }
@@ -375,13 +361,7 @@ mod tests {
         for i in 0..=last {
             let start = (block_offset(i) as usize) - HEADER_LEN;
             let len = block_len(size, i) + BLOCK_OVERHEAD;
-            out.extend(open_block(
-                key,
-                id,
-                i,
-                i == last,
-                &disk[start..start + len],
-            )?);
+            out.extend(open_block(key, id, i, i == last, &disk[start..start + len])?);
         }
         Ok(out)
     }
@@ -501,19 +481,13 @@ mod tests {
     #[test]
     fn bad_headers_are_refused() {
         let good = Header::new(ID, vec![1; 81]).unwrap().encode();
-        assert_eq!(
-            Header::decode(&good[..100]),
-            Err(FormatError::HeaderTooShort(100))
-        );
+        assert_eq!(Header::decode(&good[..100]), Err(FormatError::HeaderTooShort(100)));
         let mut bad = good.clone();
         bad[0] = b'X';
         assert_eq!(Header::decode(&bad), Err(FormatError::BadMagic));
         let mut bad = good;
         bad[9] = 9;
-        assert_eq!(
-            Header::decode(&bad),
-            Err(FormatError::UnsupportedVersion(9))
-        );
+        assert_eq!(Header::decode(&bad), Err(FormatError::UnsupportedVersion(9)));
         assert_eq!(
             Header::new(ID, vec![0; MAX_BLOB_LEN + 1]),
             Err(FormatError::BlobTooLong(MAX_BLOB_LEN + 1))

@@ -146,12 +146,7 @@ impl EncryptedFs {
     /// # Errors
     /// `source` cannot be opened as a directory.
     pub fn new(source: &Path, keys: Arc<dyn KeySource>) -> Result<Self> {
-        let root = openat(
-            AT_FDCWD,
-            source,
-            OFlag::O_PATH | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )?;
+        let root = openat(AT_FDCWD, source, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())?;
         let st = stat_fd(&root)?;
         Ok(Self {
             keys,
@@ -258,25 +253,14 @@ impl EncryptedFs {
         }
         if let (Some(mode), false) = (set.mode, node.is_symlink()) {
             let mode = Mode::from_bits_truncate(mode & 0o7777);
-            fchmodat(
-                AT_FDCWD,
-                &node.proc_path(),
-                mode,
-                FchmodatFlags::FollowSymlink,
-            )?;
+            fchmodat(AT_FDCWD, &node.proc_path(), mode, FchmodatFlags::FollowSymlink)?;
         }
         if let Some(size) = set.size {
             self.truncate(ino, &node, size)?;
         }
         if (set.atime.is_some() || set.mtime.is_some()) && !node.is_symlink() {
             let (a, m) = (timespec(set.atime), timespec(set.mtime));
-            utimensat(
-                AT_FDCWD,
-                &node.proc_path(),
-                &a,
-                &m,
-                UtimensatFlags::FollowSymlink,
-            )?;
+            utimensat(AT_FDCWD, &node.proc_path(), &a, &m, UtimensatFlags::FollowSymlink)?;
         }
         self.getattr(ino)
     }
@@ -303,13 +287,7 @@ impl EncryptedFs {
     /// Gives a node just created by root to the caller and sets its exact
     /// mode (the kernel already applied the caller's umask; ours must not
     /// count), then takes the kernel's reference to it.
-    fn adopt(
-        &self,
-        caller: Caller,
-        parent: &Node,
-        name: &OsStr,
-        mode: Option<u32>,
-    ) -> Result<FileAttr> {
+    fn adopt(&self, caller: Caller, parent: &Node, name: &OsStr, mode: Option<u32>) -> Result<FileAttr> {
         let fd = openat(parent.fd(), name, o_path(), Mode::empty())?;
         let parent_st = stat_node(parent)?;
         let setgid_parent = parent_st.st_mode & libc::S_ISGID != 0;
@@ -366,13 +344,7 @@ impl EncryptedFs {
     ///
     /// # Errors
     /// Backing errors.
-    pub fn symlink(
-        &self,
-        caller: Caller,
-        parent: u64,
-        name: &OsStr,
-        target: &Path,
-    ) -> Result<FileAttr> {
+    pub fn symlink(&self, caller: Caller, parent: u64, name: &OsStr, target: &Path) -> Result<FileAttr> {
         let parent = self.nodes.get(parent)?;
         nix::unistd::symlinkat(target, parent.fd(), name)?;
         self.adopt(caller, &parent, name, None)
@@ -431,16 +403,9 @@ impl EncryptedFs {
     /// # Errors
     /// Backing errors or the key source refusing a new DEK (the half-made
     /// backing file is removed).
-    pub fn create(
-        &self,
-        caller: Caller,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-    ) -> Result<(FileAttr, u64)> {
+    pub fn create(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<(FileAttr, u64)> {
         let parent = self.nodes.get(parent)?;
-        let flags =
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
         let fd = openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))?;
         let result = self.init_created(caller, &parent, name, File::from(fd), mode);
         if result.is_err() {
@@ -676,9 +641,7 @@ mod tests {
     #[test]
     fn create_write_read_and_plaintext_size() {
         let (dir, fs) = fs();
-        let (attr, fh) = fs
-            .create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o640)
-            .unwrap();
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o640).unwrap();
         assert_eq!(attr.perm, 0o640);
         assert_eq!(fs.write(fh, 5000, b"hello").unwrap(), 5);
         assert_eq!(fs.getattr(fh).unwrap().size, 5005);
@@ -694,9 +657,7 @@ mod tests {
     #[test]
     fn unlinked_open_file_stays_readable() {
         let (_dir, fs) = fs();
-        let (attr, fh) = fs
-            .create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600)
-            .unwrap();
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600).unwrap();
         fs.write(fh, 0, b"still here").unwrap();
         fs.unlink(ROOT, OsStr::new("a")).unwrap();
         assert_eq!(fs.read(fh, 0, 64).unwrap(), b"still here");
@@ -708,9 +669,7 @@ mod tests {
     #[test]
     fn readdir_lists_entries_and_setattr_truncates() {
         let (_dir, fs) = fs();
-        let (attr, fh) = fs
-            .create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600)
-            .unwrap();
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
         fs.write(fh, 0, &[7u8; 9000]).unwrap();
         fs.release(fh);
         fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("d"), 0o755).unwrap();
@@ -722,12 +681,7 @@ mod tests {
         let after = fs.setattr(attr.ino.0, &set).unwrap();
         assert_eq!((after.size, after.perm), (10, 0o604));
         let dh = fs.opendir(ROOT).unwrap();
-        let mut names: Vec<_> = fs
-            .dir_entries(dh)
-            .unwrap()
-            .iter()
-            .map(|e| e.name.clone())
-            .collect();
+        let mut names: Vec<_> = fs.dir_entries(dh).unwrap().iter().map(|e| e.name.clone()).collect();
         names.sort();
         assert_eq!(names, [".", "..", "d", "f"]);
         fs.releasedir(dh);

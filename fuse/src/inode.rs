@@ -109,10 +109,7 @@ impl InodeTable {
     /// `ESTALE` when the kernel names an inode it has forgotten.
     pub fn get(&self, ino: u64) -> Result<Arc<Node>> {
         let inner = self.inner.lock();
-        let entry = inner
-            .nodes
-            .get(&ino)
-            .ok_or(Error::Sys(nix::Error::ESTALE))?;
+        let entry = inner.nodes.get(&ino).ok_or(Error::Sys(nix::Error::ESTALE))?;
         Ok(entry.node.clone())
     }
 
@@ -127,20 +124,10 @@ impl InodeTable {
         }
         let ino = inner.next;
         inner.next += 1;
-        let node = Arc::new(Node {
-            fd,
-            mode: st.st_mode,
-        });
+        let node = Arc::new(Node { fd, mode: st.st_mode });
         inner.by_key.insert(key_of(st), ino);
         let key = key_of(st);
-        inner.nodes.insert(
-            ino,
-            Entry {
-                node,
-                key,
-                nlookup: 1,
-            },
-        );
+        inner.nodes.insert(ino, Entry { node, key, nlookup: 1 });
         ino
     }
 

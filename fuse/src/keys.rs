@@ -168,9 +168,7 @@ impl MemoryKeySource {
         if self.available.load(Ordering::SeqCst) {
             Ok(())
         } else {
-            Err(KeyError::Unavailable(
-                "memory key source switched off".into(),
-            ))
+            Err(KeyError::Unavailable("memory key source switched off".into()))
         }
     }
 
@@ -208,9 +206,7 @@ impl MemoryKeySource {
         if header.key_id != self.key_id {
             return Err(fail("blob belongs to another key"));
         }
-        let cipher = self
-            .cipher(header.version)
-            .ok_or_else(|| fail("unknown key version"))?;
+        let cipher = self.cipher(header.version).ok_or_else(|| fail("unknown key version"))?;
         let aad = blob::aad(&header.to_bytes(), &file_context(file_id));
         let payload = Payload {
             msg: &blob_bytes[blob::HEADER_LEN..],
@@ -221,10 +217,7 @@ impl MemoryKeySource {
                 .decrypt(Nonce::from_slice(&header.nonce), payload)
                 .map_err(|_| fail("authentication failed"))?,
         );
-        let bytes: [u8; DEK_LEN] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| fail("wrong data key length"))?;
+        let bytes: [u8; DEK_LEN] = plain.as_slice().try_into().map_err(|_| fail("wrong data key length"))?;
         Ok(Dek::from_bytes(bytes))
     }
 }
@@ -313,9 +306,6 @@ mod tests {
     fn unavailable_source_refuses() {
         let keys = MemoryKeySource::default();
         keys.set_available(false);
-        assert!(matches!(
-            keys.new_dek(&[0; 16]),
-            Err(KeyError::Unavailable(_))
-        ));
+        assert!(matches!(keys.new_dek(&[0; 16]), Err(KeyError::Unavailable(_))));
     }
 }

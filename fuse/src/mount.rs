@@ -79,17 +79,11 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
 ///
 /// # Errors
 /// `source` is not a directory, or the kernel refuses the mount.
-pub fn mount(
-    source: &Path,
-    target: &Path,
-    keys: Arc<dyn KeySource>,
-    opts: &MountOptions,
-) -> Result<MountHandle> {
+pub fn mount(source: &Path, target: &Path, keys: Arc<dyn KeySource>, opts: &MountOptions) -> Result<MountHandle> {
     raise_fd_limit();
     let fs = EncryptedFs::new(source, keys)?;
     let adapter = FuseAdapter::new(fs, opts.ttl);
-    let session =
-        fuser::spawn_mount(adapter, target, &fuser_config(opts)).map_err(mount_error(target))?;
+    let session = fuser::spawn_mount(adapter, target, &fuser_config(opts)).map_err(mount_error(target))?;
     tracing::info!(source = %source.display(), target = %target.display(), "mounted");
     Ok(MountHandle {
         session: Some(session),

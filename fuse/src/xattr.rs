@@ -40,14 +40,7 @@ pub fn get(path: &Path, name: &OsStr, size: u32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; size as usize];
     // SAFETY: both strings are NUL-terminated and live across the call; the
     // buffer pointer and length describe `buf` (a null-length read is allowed).
-    let n = check(unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    })?;
+    let n = check(unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })?;
     if size == 0 {
         return Ok(vec![0u8; n]);
     }
@@ -72,10 +65,7 @@ pub fn list(path: &Path) -> Result<Vec<u8>> {
 
 fn filter_user(list: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    for name in list
-        .split(|&b| b == 0)
-        .filter(|n| n.starts_with(USER_PREFIX))
-    {
+    for name in list.split(|&b| b == 0).filter(|n| n.starts_with(USER_PREFIX)) {
         out.extend_from_slice(name);
         out.push(0);
     }
@@ -91,15 +81,7 @@ pub fn set(path: &Path, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
     let name = user_name(name, nix::Error::EOPNOTSUPP)?;
     let path = cstr(path.as_os_str().as_bytes())?;
     // SAFETY: NUL-terminated strings and a pointer/length pair for `value`.
-    let ret = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    };
+    let ret = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) };
     check(ret as isize).map(drop)
 }
 

@@ -119,18 +119,12 @@ fn step(rng: &mut Rng, roots: [&Path; 2]) -> String {
                 .create(true)
                 .open(&p)
                 .and_then(|mut f| f.write_all(&data)),
-            4 => OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .and_then(|f| f.set_len(size)),
+            4 => OpenOptions::new().write(true).open(&p).and_then(|f| f.set_len(size)),
             5 => fs::rename(&p, &q),
             6 => fs::hard_link(&p, &q),
             7 => fs::remove_file(&p),
             8 => fs::set_permissions(&p, fs::Permissions::from_mode(mode)),
-            9 => OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .and_then(|f| f.sync_all()),
+            9 => OpenOptions::new().write(true).open(&p).and_then(|f| f.sync_all()),
             10 => File::create(&p).map(drop),
             _ => reopen_rw(&p, off, &data),
         };
@@ -139,11 +133,7 @@ fn step(rng: &mut Rng, roots: [&Path; 2]) -> String {
 }
 
 fn write_at(p: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(p)?;
+    let f = OpenOptions::new().write(true).create(true).truncate(false).open(p)?;
     f.write_all_at(data, off)
 }
 
@@ -217,10 +207,7 @@ fn differential_random_ops_with_rotation_and_rewrap() {
 
 fn rand_seed() -> u64 {
     let mut b = [0u8; 8];
-    File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut b)
-        .unwrap();
+    File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
     u64::from_le_bytes(b)
 }
 
@@ -287,10 +274,7 @@ fn concurrent_writers_of_different_files_and_one_file() {
         t.join().unwrap();
     }
     for t in 0..4u8 {
-        assert_eq!(
-            fs::read(fx.path(&format!("own{t}"))).unwrap(),
-            vec![t + 1; 150_000]
-        );
+        assert_eq!(fs::read(fx.path(&format!("own{t}"))).unwrap(), vec![t + 1; 150_000]);
     }
     let data = fs::read(&shared).unwrap();
     assert_eq!(data.len(), 200_000);
@@ -376,11 +360,7 @@ fn rotation_old_files_readable_new_files_new_version() {
     let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
     assert_eq!(v.counts, vec![(1, 1), (2, 1)]);
     // Rewrap while a file is open: the open handle keeps working.
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(fx.path("old"))
-        .unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(fx.path("old")).unwrap();
     let info = admin::rewrap(&fx.backing, fx.keys.as_ref(), |_, _| {}).unwrap();
     assert_eq!((info.rewrapped, info.already_current), (1, 1));
     f.write_all_at(b"!", 7).unwrap();
@@ -397,19 +377,12 @@ fn namespace_ops_symlink_fifo_xattr_statfs() {
     std::os::unix::fs::symlink("dir/f", fx.path("ln")).unwrap();
     assert_eq!(fs::read_link(fx.path("ln")).unwrap(), Path::new("dir/f"));
     assert_eq!(fs::read(fx.path("ln")).unwrap(), b"x");
-    nix::unistd::mkfifo(
-        &fx.path("fifo"),
-        nix::sys::stat::Mode::from_bits_truncate(0o640),
-    )
-    .unwrap();
+    nix::unistd::mkfifo(&fx.path("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
     assert!(fs::symlink_metadata(fx.path("fifo"))
         .unwrap()
         .file_type()
         .is_fifo_like());
-    let mut names: Vec<_> = fs::read_dir(&fx.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let mut names: Vec<_> = fs::read_dir(&fx.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, ["dir", "fifo", "ln"]);
     assert_eq!(
@@ -424,9 +397,7 @@ fn namespace_ops_symlink_fifo_xattr_statfs() {
     let set = xattr_set(&fx.path("x"), "user.k", b"v");
     if set.is_ok() {
         assert_eq!(
-            xattr_set(&fx.path("x"), "trusted.k", b"v")
-                .unwrap_err()
-                .kind(),
+            xattr_set(&fx.path("x"), "trusted.k", b"v").unwrap_err().kind(),
             ErrorKind::Unsupported
         );
     }
@@ -446,15 +417,7 @@ fn xattr_set(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     let p = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
     // SAFETY: NUL-terminated strings and a pointer/length pair for `value`.
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
     if r == 0 {
         Ok(())
     } else {

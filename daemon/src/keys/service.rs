@@ -302,6 +302,17 @@ impl KeyService {
         Ok(e.record.info())
     }
 
+    /// The key, if `caller` has `access` to it (for callers outside this
+    /// service, such as the filesystem admin commands).
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`.
+    pub fn authorize(&self, caller: &Caller, key_ref: &str, access: Access) -> Result<Arc<KeyEntry>> {
+        let e = self.entry(key_ref)?;
+        self.check(caller, &e.record, access)?;
+        Ok(e)
+    }
+
     /// Lists the keys the caller may read, oldest first.
     pub fn list(&self, caller: &Caller) -> Vec<KeyInfo> {
         let admins = self.admins.load();
