@@ -156,6 +156,8 @@ impl Mounts {
             target: target.clone(),
             key: cfg.key.clone(),
         })?;
+        // First: a mountpoint left by a crash cannot even be stat'ed.
+        kms_fuse::recover_stale_mount(&target).map_err(|source| MountError::Stale { target: target.clone(), source })?;
         for dir in [&cfg.source, &cfg.target] {
             std::fs::DirBuilder::new()
                 .recursive(true)

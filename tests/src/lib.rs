@@ -222,6 +222,12 @@ impl TestDaemon {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill9();
+        // A killed daemon leaves its FUSE mount behind; detach it so the
+        // temporary folder can be removed.
+        let mnt = self.dir.path().join("mnt");
+        if is_mounted(&mnt) {
+            let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 
@@ -269,4 +275,56 @@ pub fn stdout(o: &Output) -> String {
 /// Text of a command's stderr.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Whether FUSE mounts can be tested here. Under `CI` a missing FUSE is a
+/// failure, not a skip.
+pub fn fuse_available() -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok()
+        && nix::unistd::geteuid().is_root();
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "FUSE tests need /dev/fuse and root, and CI is set");
+        eprintln!("skipping: /dev/fuse is not usable or not root (set CI to make this a failure)");
+    }
+    ok
+}
+
+impl TestDaemon {
+    /// Starts a daemon that mounts `DIR/mnt` over `DIR/data` with a key
+    /// named `fs` (created on a first start, then mounted on a restart, as
+    /// an operator would).
+    pub fn start_with_mount() -> Self {
+        let mut d = Self::start();
+        d.client()
+            .create_key(kms_client::proto::CreateKey { name: Some("fs".into()), ..Default::default() })
+            .expect("create fs key");
+        assert!(d.terminate().success());
+        let mount = format!(
+            "\n[[mount]]\nsource = {:?}\ntarget = {:?}\nkey = \"fs\"\n",
+            d.dir.path().join("data"),
+            d.dir.path().join("mnt")
+        );
+        let mut cfg = std::fs::read_to_string(&d.config).unwrap();
+        cfg.push_str(&mount);
+        std::fs::write(&d.config, cfg).unwrap();
+        d.restart();
+        d
+    }
+
+    /// The mountpoint of [`start_with_mount`](Self::start_with_mount).
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// The backing dir of [`start_with_mount`](Self::start_with_mount).
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+/// Is `path` a mountpoint (listed in /proc/self/mounts)?
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&*p))
 }

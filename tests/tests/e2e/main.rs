@@ -2,6 +2,7 @@
 //! sockets. One module per area.
 
 mod cli;
+mod fs;
 mod lifecycle;
 mod protocol;
 mod schedule;
