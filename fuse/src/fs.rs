@@ -686,4 +686,16 @@ mod tests {
         assert_eq!(names, [".", "..", "d", "f"]);
         fs.releasedir(dh);
     }
+
+    #[test]
+    fn tampering_is_logged_once_per_path_and_is_eio() {
+        let (_dir, fs) = fs();
+        let e = Error::Tampered {
+            path: PathBuf::from("/backing/f"),
+            source: format::FormatError::BlockAuth(0),
+        };
+        assert_eq!(fs.report("read", &e), fuser::Errno::EIO);
+        assert_eq!(fs.report("read", &e), fuser::Errno::EIO);
+        assert_eq!(fs.logged.lock().len(), 1);
+    }
 }

@@ -147,8 +147,12 @@ fn reopen_rw(p: &Path, off: u64, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A file made before the rotation and only ever written, so the run always
+/// has a version-1 file whose cached DEK keeps working after rotation.
+const KEEP: &str = "keep";
+
 fn compare(roots: [&Path; 2], ctx: &str) {
-    for name in NAMES {
+    for name in NAMES.iter().chain([&KEEP]) {
         let (m, p) = (roots[0].join(name), roots[1].join(name));
         let (mm, pm) = (fs::symlink_metadata(&m), fs::symlink_metadata(&p));
         match (&mm, &pm) {
@@ -184,10 +188,19 @@ fn differential_random_ops_with_rotation_and_rewrap() {
         fs::create_dir(root.join("d")).unwrap();
     }
     let mut rng = Rng(seed | 1);
+    let keep = [
+        File::create(roots[0].join(KEEP)).unwrap(),
+        File::create(roots[1].join(KEEP)).unwrap(),
+    ];
     let start = Instant::now();
     for i in 0..ops {
         if i == ops / 2 {
             assert_eq!(fx.keys.rotate(), 2);
+        }
+        if i % 10 == 0 {
+            let (off, data) = (rng.below(20_000), rng.bytes(500));
+            keep.iter()
+                .for_each(|f| f.write_all_at(&data, off).unwrap());
         }
         let desc = step(&mut rng, roots);
         compare(roots, &format!("after step {i} ({desc}), seed {seed}"));
@@ -196,6 +209,8 @@ fn differential_random_ops_with_rotation_and_rewrap() {
     let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
     println!("versions before rewrap: {:?}", v.counts);
     assert_eq!(v.unreadable, 0);
+    assert!(v.counts.iter().any(|(ver, _)| *ver == 1), "{:?}", v.counts);
+    drop(keep);
     let info = admin::rewrap(&fx.backing, fx.keys.as_ref(), |_, _| {}).unwrap();
     assert_eq!(info.failed, 0);
     let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
