@@ -157,7 +157,10 @@ impl Mounts {
             key: cfg.key.clone(),
         })?;
         // First: a mountpoint left by a crash cannot even be stat'ed.
-        kms_fuse::recover_stale_mount(&target).map_err(|source| MountError::Stale { target: target.clone(), source })?;
+        kms_fuse::recover_stale_mount(&target).map_err(|source| MountError::Stale {
+            target: target.clone(),
+            source,
+        })?;
         for dir in [&cfg.source, &cfg.target] {
             std::fs::DirBuilder::new()
                 .recursive(true)

@@ -199,8 +199,7 @@ fn differential_random_ops_with_rotation_and_rewrap() {
         }
         if i % 10 == 0 {
             let (off, data) = (rng.below(20_000), rng.bytes(500));
-            keep.iter()
-                .for_each(|f| f.write_all_at(&data, off).unwrap());
+            keep.iter().for_each(|f| f.write_all_at(&data, off).unwrap());
         }
         let desc = step(&mut rng, roots);
         compare(roots, &format!("after step {i} ({desc}), seed {seed}"));

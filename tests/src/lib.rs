@@ -280,10 +280,17 @@ pub fn stderr(o: &Output) -> String {
 /// Whether FUSE mounts can be tested here. Under `CI` a missing FUSE is a
 /// failure, not a skip.
 pub fn fuse_available() -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok()
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok()
         && nix::unistd::geteuid().is_root();
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "FUSE tests need /dev/fuse and root, and CI is set");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "FUSE tests need /dev/fuse and root, and CI is set"
+        );
         eprintln!("skipping: /dev/fuse is not usable or not root (set CI to make this a failure)");
     }
     ok
@@ -296,7 +303,10 @@ impl TestDaemon {
     pub fn start_with_mount() -> Self {
         let mut d = Self::start();
         d.client()
-            .create_key(kms_client::proto::CreateKey { name: Some("fs".into()), ..Default::default() })
+            .create_key(kms_client::proto::CreateKey {
+                name: Some("fs".into()),
+                ..Default::default()
+            })
             .expect("create fs key");
         assert!(d.terminate().success());
         let mount = format!(

@@ -28,7 +28,12 @@ fn versions(d: &TestDaemon) -> serde_json::Value {
 }
 
 fn count_at(v: &serde_json::Value, version: u64) -> u64 {
-    v["counts"].as_array().unwrap().iter().find(|c| c[0] == version).map_or(0, |c| c[1].as_u64().unwrap())
+    v["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[0] == version)
+        .map_or(0, |c| c[1].as_u64().unwrap())
 }
 
 #[test]
@@ -53,7 +58,11 @@ fn rotation_keeps_old_files_readable_and_rewrap_moves_headers_only() {
     // Rewrap with a file held open: it keeps working, and data blocks are
     // untouched (only the header region of the backing file changes).
     let backing_before = fs::read(d.data().join("old.bin")).unwrap();
-    let mut held = OpenOptions::new().read(true).write(true).open(mnt.join("old.txt")).unwrap();
+    let mut held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("old.txt"))
+        .unwrap();
     let out = d.kmsctl(&["fs", "rewrap", mnt.to_str().unwrap()], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     let v = versions(&d);
@@ -61,14 +70,25 @@ fn rotation_keeps_old_files_readable_and_rewrap_moves_headers_only() {
     let backing_after = fs::read(d.data().join("old.bin")).unwrap();
     assert_eq!(backing_before.len(), backing_after.len());
     let header = kms_fuse::format::HEADER_LEN;
-    assert_eq!(backing_before[header..], backing_after[header..], "data blocks were rewritten");
-    assert_ne!(backing_before[..header], backing_after[..header], "header was not rewrapped");
+    assert_eq!(
+        backing_before[header..],
+        backing_after[header..],
+        "data blocks were rewritten"
+    );
+    assert_ne!(
+        backing_before[..header],
+        backing_after[..header],
+        "header was not rewrapped"
+    );
     let mut s = String::new();
     held.read_to_string(&mut s).unwrap();
     assert_eq!(s, "written under version 1");
     held.write_all(b", then appended").unwrap();
     drop(held);
-    assert_eq!(fs::read(mnt.join("old.txt")).unwrap(), b"written under version 1, then appended");
+    assert_eq!(
+        fs::read(mnt.join("old.txt")).unwrap(),
+        b"written under version 1, then appended"
+    );
     assert_eq!(fs::read(mnt.join("old.bin")).unwrap(), big);
 }
 
@@ -104,8 +124,10 @@ fn sigkill_during_writes_loses_no_fsynced_byte() {
         })
         .collect();
     // Let them write, then kill kmsd in the middle of it.
-    kms_tests::wait_for(Duration::from_secs(20), || (durable.lock().unwrap().iter().all(|&n| n > 50_000)).then_some(()))
-        .expect("writers made progress");
+    kms_tests::wait_for(Duration::from_secs(20), || {
+        (durable.lock().unwrap().iter().all(|&n| n > 50_000)).then_some(())
+    })
+    .expect("writers made progress");
     d.kill9();
     let acked = durable.lock().unwrap().clone();
     stop.store(true, Ordering::Relaxed);
@@ -117,9 +139,17 @@ fn sigkill_during_writes_loses_no_fsynced_byte() {
     assert!(is_mounted(&mnt));
     for (w, &n) in acked.iter().enumerate() {
         let data = fs::read(mnt.join(format!("log{w}"))).unwrap();
-        assert!(data.len() as u64 >= n, "log{w}: {} bytes after restart, {n} were fsynced", data.len());
-        let expected: Vec<u8> = (0..).map(|i| record(w, i)).flatten().take(data.len()).collect();
-        assert_eq!(data[..n as usize], expected[..n as usize], "log{w}: fsynced bytes differ");
+        assert!(
+            data.len() as u64 >= n,
+            "log{w}: {} bytes after restart, {n} were fsynced",
+            data.len()
+        );
+        let expected: Vec<u8> = (0..).flat_map(|i| record(w, i)).take(data.len()).collect();
+        assert_eq!(
+            data[..n as usize],
+            expected[..n as usize],
+            "log{w}: fsynced bytes differ"
+        );
     }
 }
 
@@ -140,7 +170,11 @@ fn tampering_reads_as_eio_and_is_logged() {
     fs::write(mnt.join("victim"), vec![7u8; 10_000]).unwrap();
     fs::write(mnt.join("other"), vec![8u8; 10_000]).unwrap();
     // Flip one byte of the second data block in the backing file.
-    let backing = OpenOptions::new().read(true).write(true).open(d.data().join("victim")).unwrap();
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.data().join("victim"))
+        .unwrap();
     let off = kms_fuse::format::HEADER_LEN as u64 + kms_fuse::format::DISK_BLOCK_SIZE as u64 + 100;
     let mut b = [0u8; 1];
     backing.read_exact_at(&mut b, off).unwrap();
@@ -167,7 +201,11 @@ fn tampering_reads_as_eio_and_is_logged() {
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
     assert!(fs::read(mnt.join("victim")).is_err());
     assert_eq!(fs::read(mnt.join("other")).unwrap(), vec![8u8; 10_000]);
-    assert!(d.logs().contains("victim"), "tamper logged with its path:\n{}", d.logs());
+    assert!(
+        d.logs().contains("victim"),
+        "tamper logged with its path:\n{}",
+        d.logs()
+    );
 }
 
 #[test]
@@ -179,19 +217,41 @@ fn cp_tar_git_and_sqlite_work_on_the_mount() {
     let mnt = d.mnt();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     // cp -a of a source tree, compared with diff -r.
-    run(Command::new("cp").arg("-a").arg(src.join("daemon/src")).arg(mnt.join("copy")));
-    run(Command::new("diff").arg("-r").arg(src.join("daemon/src")).arg(mnt.join("copy")));
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(src.join("daemon/src"))
+        .arg(mnt.join("copy")));
+    run(Command::new("diff")
+        .arg("-r")
+        .arg(src.join("daemon/src"))
+        .arg(mnt.join("copy")));
     // tar x of an archive made from another tree.
     let tarball = d.dir.path().join("client.tar");
-    run(Command::new("tar").arg("-cf").arg(&tarball).arg("-C").arg(src).arg("client"));
+    run(Command::new("tar")
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(src)
+        .arg("client"));
     fs::create_dir(mnt.join("untar")).unwrap();
-    run(Command::new("tar").arg("-xf").arg(&tarball).arg("-C").arg(mnt.join("untar")));
-    run(Command::new("diff").arg("-r").arg(src.join("client")).arg(mnt.join("untar/client")));
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(mnt.join("untar")));
+    run(Command::new("diff")
+        .arg("-r")
+        .arg(src.join("client"))
+        .arg(mnt.join("untar/client")));
     // git init, add, commit, and fsck.
     let repo = mnt.join("repo");
     run(Command::new("cp").arg("-a").arg(src.join("fuse/src")).arg(&repo));
     let git = |args: &[&str]| {
-        run(Command::new("git").arg("-C").arg(&repo).args(["-c", "user.name=t", "-c", "user.email=t@example.com"]).args(args))
+        run(Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args))
     };
     git(&["init", "-q"]);
     git(&["add", "."]);
@@ -202,13 +262,22 @@ fn cp_tar_git_and_sqlite_work_on_the_mount() {
     let db = mnt.join("test.db");
     let mut sql = String::from("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);\n");
     for i in 0..300 {
-        sql.push_str(&format!("BEGIN; INSERT INTO t(v) VALUES (hex(randomblob({}))); COMMIT;\n", 16 + i % 700));
+        sql.push_str(&format!(
+            "BEGIN; INSERT INTO t(v) VALUES (hex(randomblob({}))); COMMIT;\n",
+            16 + i % 700
+        ));
     }
     sql.push_str("UPDATE t SET v = v || 'x' WHERE id % 3 = 0;\nDELETE FROM t WHERE id % 5 = 0;\n");
-    let mut child = Command::new("sqlite3").arg(&db).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new("sqlite3")
+        .arg(&db)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(sql.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success());
-    let out = run(Command::new("sqlite3").arg(&db).arg("PRAGMA integrity_check; SELECT count(*) FROM t;"));
+    let out = run(Command::new("sqlite3")
+        .arg(&db)
+        .arg("PRAGMA integrity_check; SELECT count(*) FROM t;"));
     assert_eq!(out.trim(), "ok\n240");
     // Nothing is stored in clear in the backing dir.
     let clear = fs::read(src.join("daemon/src/app.rs")).unwrap();
