@@ -145,7 +145,7 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 ///
 /// # Errors
 /// Start-up failures (store, socket, mounts, signals).
-pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, _log: crate::logging::LogHandle) -> Result<()> {
+pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
     let keys = open_keys(&cfg)?;
     let listener = match Listener::inherited()? {
         Some(l) => l,
@@ -163,6 +163,8 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, _log: crate::logging::Lo
     let shutdown = CancellationToken::new();
     let daemon = Arc::new(Daemon::new(keys.clone(), mounts.clone()));
     spawn_signal_handler(shutdown.clone())?;
+    let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, keys.clone()));
     let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), shutdown.clone()));
     let where_ = listener
         .path
@@ -180,6 +182,65 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, _log: crate::logging::Lo
     }
     tracing::info!("kmsd stopped");
     Ok(())
+}
+
+/// Loads the configuration again (from the same file or `--dev` folder)
+/// and applies what can change at run time.
+pub struct Reloader {
+    /// Reads and validates the configuration.
+    pub load: Box<dyn Fn() -> Result<Config> + Send + Sync>,
+    /// Changes the log filter.
+    pub log: crate::logging::LogHandle,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
+}
+
+/// On SIGHUP: re-read the configuration; apply admins and log level; keep
+/// the running configuration when the new one is invalid.
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    mut current: Config,
+    reload: Reloader,
+    keys: Arc<KeyService>,
+) {
+    while hup.recv().await.is_some() {
+        notify::reloading();
+        match (reload.load)().and_then(|new| Ok((new.admins()?, new))) {
+            Ok((admins, new)) => {
+                keys.set_admins(admins);
+                reload.log.set(&new.log_level);
+                warn_restart_only(&current, &new);
+                tracing::info!(admins = ?new.access.admins, log_level = %new.log_level, "configuration reloaded");
+                current = new;
+            }
+            Err(e) => tracing::error!("configuration reload refused, the running configuration stays: {e:#}"),
+        }
+        notify::ready(&format!("serving {} keys in zone {}", keys.key_count(), current.zone));
+    }
+}
+
+/// Names the settings that changed but only take effect on restart.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let changed = [
+        ("zone", old.zone != new.zone),
+        ("socket", old.socket != new.socket),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("root_key", old.root_key != new.root_key),
+        ("max_frame", old.max_frame != new.max_frame),
+        ("mount", old.mounts != new.mounts),
+        ("peer", old.peers != new.peers),
+        ("metrics.listen", old.metrics != new.metrics),
+    ];
+    for (name, _) in changed.iter().filter(|(_, c)| *c) {
+        tracing::warn!(
+            setting = name,
+            "changed in the configuration; takes effect when kmsd restarts"
+        );
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {

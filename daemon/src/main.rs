@@ -9,7 +9,7 @@ use kmsd::config::{self, Config};
 use kmsd::{app, logging};
 
 /// kmsd: local key-management sidecar.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 struct Args {
     /// Configuration file.
@@ -39,8 +39,13 @@ fn start(args: &Args) -> anyhow::Result<()> {
     let log = logging::init("info");
     let (cfg, dev_dir) = load(args)?;
     log.set(&cfg.log_level);
+    let again = args.clone();
+    let reload = app::Reloader {
+        load: Box::new(move || load(&again).map(|(cfg, _)| cfg)),
+        log,
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(app::run(cfg, dev_dir, log))
+    runtime.block_on(app::run(cfg, dev_dir, reload))
 }
 
 fn load(args: &Args) -> anyhow::Result<(Config, Option<PathBuf>)> {

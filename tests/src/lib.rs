@@ -338,3 +338,27 @@ pub fn is_mounted(path: &Path) -> bool {
     let p = path.to_string_lossy();
     mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&*p))
 }
+
+/// Runs `kmsctl --socket SOCKET ARGS...` as `uid` (gid the same), after
+/// opening the daemon's folder and socket to other users, as membership of
+/// the socket's group would.
+pub fn kmsctl_as(d: &TestDaemon, uid: u32, args: &[&str], stdin: &[u8]) -> Output {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut child = Command::new(bin("kmsctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .uid(uid)
+        .gid(uid)
+        .env_remove("KMSD_SOCKET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kmsctl as another uid");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}

@@ -25,9 +25,16 @@ struct Args {
 fn args() -> Args {
     let a: Vec<String> = std::env::args().collect();
     let get = |name: &str, default: u64| {
-        a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        a.iter()
+            .position(|x| x == name)
+            .and_then(|i| a.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
-    Args { size_mb: get("--size-mb", 1024), files: get("--files", 10_000) as usize }
+    Args {
+        size_mb: get("--size-mb", 1024),
+        files: get("--files", 10_000) as usize,
+    }
 }
 
 fn drop_caches() {
@@ -100,7 +107,11 @@ fn measure(dir: &Path, a: &Args) -> Figures {
             let sub = tree.join(format!("d{d:03}"));
             fs::create_dir_all(&sub).expect("mkdir");
             for i in 0..100.min(a.files) {
-                let mut f = OpenOptions::new().write(true).create_new(true).open(sub.join(format!("f{i:03}"))).expect("create");
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(sub.join(format!("f{i:03}")))
+                    .expect("create");
                 f.write_all(&small).expect("write small");
             }
         }
@@ -112,8 +123,17 @@ fn measure(dir: &Path, a: &Args) -> Figures {
         assert!(out.status.success());
     });
     let ls = a.files as f64 / t;
-    Figures { seq_write, seq_read, random_read, create, ls }
+    Figures {
+        seq_write,
+        seq_read,
+        random_read,
+        create,
+        ls,
+    }
 }
+
+/// A table row: name, unit, and the figure it shows.
+type Row = (&'static str, &'static str, fn(&Figures) -> f64);
 
 /// A gocryptfs mount; unmounted on drop.
 struct Gocryptfs {
@@ -142,12 +162,22 @@ impl Drop for Gocryptfs {
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().expect("run (is the Debian package gocryptfs installed?)");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn peak_rss_kib(pid: i32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn main() {
@@ -157,14 +187,17 @@ fn main() {
     let plain_dir = root.join("plain");
     fs::create_dir_all(&plain_dir).expect("mkdir plain");
     let gocryptfs = Gocryptfs::mount(&root);
-    println!("kms-fsbench: {} MiB sequential file, {RANDOM_READS} random 4 KiB reads, {} small files", a.size_mb, a.files);
+    println!(
+        "kms-fsbench: {} MiB sequential file, {RANDOM_READS} random 4 KiB reads, {} small files",
+        a.size_mb, a.files
+    );
     println!("measuring plain directory...");
     let plain = measure(&plain_dir, &a);
     println!("measuring gocryptfs...");
     let goc = measure(&gocryptfs.mnt, &a);
     println!("measuring kmsd...");
     let kmsd = measure(&daemon.mnt(), &a);
-    let rows: [(&str, &str, fn(&Figures) -> f64); 5] = [
+    let rows: [Row; 5] = [
         ("sequential write", "MB/s", |f| f.seq_write),
         ("sequential read (cold)", "MB/s", |f| f.seq_read),
         ("random 4 KiB read (cold)", "ops/s", |f| f.random_read),
@@ -178,6 +211,9 @@ fn main() {
         let (p, g, k) = (get(&plain), get(&goc), get(&kmsd));
         println!("| {name} | {unit} | {p:.0} | {g:.0} | {k:.0} | {:.2} |", k / g);
     }
-    println!("\nkmsd peak RSS: {} KiB", peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0));
+    println!(
+        "\nkmsd peak RSS: {} KiB",
+        peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0)
+    );
     drop(gocryptfs);
 }

@@ -2,10 +2,7 @@
 //! walk-through, every error code the CLI can reach, exit codes, and a
 //! second uid refused.
 
-use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
-
-use kms_tests::{bin, stderr, stdout, TestDaemon};
+use kms_tests::{stderr, stdout, TestDaemon};
 
 fn ok(d: &TestDaemon, args: &[&str], stdin: &[u8]) -> Vec<u8> {
     let out = d.kmsctl(args, stdin);
@@ -130,26 +127,7 @@ fn a_second_uid_is_refused_and_logged() {
     let d = TestDaemon::start();
     ok(&d, &["key", "create", "--name", "roots"], b"");
     let blob = ok(&d, &["wrap", "roots"], &[3; 32]);
-    // Let uid 65534 reach the socket, as membership of the kmsd group would.
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let as_nobody = |args: &[&str], stdin: &[u8]| {
-        use std::io::Write;
-        use std::os::unix::process::CommandExt;
-        let mut child = Command::new(bin("kmsctl"))
-            .arg("--socket")
-            .arg(&d.socket)
-            .args(args)
-            .uid(65534)
-            .gid(65534)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let as_nobody = |args: &[&str], stdin: &[u8]| kms_tests::kmsctl_as(&d, 65534, args, stdin);
     let out = as_nobody(&["unwrap"], &blob);
     assert_eq!(out.status.code(), Some(1));
     assert!(

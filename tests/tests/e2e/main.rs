@@ -5,4 +5,5 @@ mod cli;
 mod fs;
 mod lifecycle;
 mod protocol;
+mod reload;
 mod schedule;
