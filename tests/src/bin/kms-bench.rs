@@ -67,32 +67,23 @@ async fn latency(t: &Target, op: Op) -> (f64, f64) {
 /// Requests per second with `conns` connections, each one request at a time.
 async fn throughput(t: &Target, op: Op, conns: usize, secs: f64) -> f64 {
     let clients = futures::future::join_all((0..conns).map(|_| t.connect())).await;
-    run_for(
-        secs,
-        clients,
-        move |t, c| async move {
-            t.once(&c, op).await;
-            1
-        },
-        t,
-    )
-    .await
+    one_at_a_time(t, op, clients, secs).await
 }
 
 /// Requests per second with `depth` requests in flight on one connection.
 async fn pipelined(t: &Target, op: Op, depth: usize, secs: f64) -> f64 {
     let c = t.connect().await;
-    let clients = vec![c; depth];
-    run_for(
-        secs,
-        clients,
-        move |t, c| async move {
-            t.once(&c, op).await;
-            1
-        },
-        t,
-    )
-    .await
+    one_at_a_time(t, op, vec![c; depth], secs).await
+}
+
+/// One worker per entry of `clients` (the same connection may appear many
+/// times), each sending `op` and waiting for its reply in a loop.
+async fn one_at_a_time(t: &Target, op: Op, clients: Vec<Client>, secs: f64) -> f64 {
+    let work = move |t: Target, c: Client| async move {
+        t.once(&c, op).await;
+        1
+    };
+    run_for(secs, clients, work, t).await
 }
 
 /// DEKs per second wrapped in batches of 1000 over `conns` connections.
@@ -282,18 +273,6 @@ fn main() {
     });
     println!(
         "\nkmsd peak RSS: {} KiB",
-        peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0)
+        kms_tests::peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0)
     );
-}
-
-/// VmHWM of a process, in KiB.
-fn peak_rss_kib(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }

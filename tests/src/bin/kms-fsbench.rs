@@ -169,17 +169,6 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn peak_rss_kib(pid: i32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn main() {
     let a = args();
     let daemon = TestDaemon::start_with_mount();
@@ -213,7 +202,7 @@ fn main() {
     }
     println!(
         "\nkmsd peak RSS: {} KiB",
-        peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0)
+        kms_tests::peak_rss_kib(daemon.pid().as_raw()).unwrap_or(0)
     );
     drop(gocryptfs);
 }
