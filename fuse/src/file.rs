@@ -30,7 +30,9 @@ pub struct EncryptedFile {
     file: File,
     path: PathBuf,
     file_id: FileId,
-    dek: Dek,
+    /// The DEK's expanded cipher, built once when the file is opened; the
+    /// key schedule is zeroized on drop.
+    key: BlockKey,
     size: RwLock<u64>,
 }
 
@@ -102,7 +104,7 @@ impl EncryptedFile {
             file,
             path,
             file_id,
-            dek,
+            key: BlockKey::new(&dek),
             size: RwLock::new(size),
         }
     }
@@ -127,9 +129,9 @@ impl EncryptedFile {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let key = BlockKey::new(&self.dek);
+        let key = &self.key;
         let first = offset / BLOCK_SIZE as u64;
-        let plain = self.read_blocks(&key, *size, first, (end - 1) / BLOCK_SIZE as u64)?;
+        let plain = self.read_blocks(key, *size, first, (end - 1) / BLOCK_SIZE as u64)?;
         let skip = (offset - first * BLOCK_SIZE as u64) as usize;
         Ok(plain[skip..skip + (end - offset) as usize].to_vec())
     }
@@ -204,16 +206,16 @@ impl EncryptedFile {
     /// Re-seals the new final block with the last-block flag, then cuts the
     /// backing file.
     fn shrink(&self, size: &mut u64, new_size: u64) -> Result<()> {
-        let key = BlockKey::new(&self.dek);
+        let key = &self.key;
         let index = last_index(new_size);
         let keep = block_len(new_size, index);
         let mut plain = if keep > 0 {
-            self.read_blocks(&key, *size, index, index)?
+            self.read_blocks(key, *size, index, index)?
         } else {
             Vec::new()
         };
         plain.truncate(keep);
-        let sealed = seal_block(&key, &self.file_id, index, true, &plain);
+        let sealed = seal_block(key, &self.file_id, index, true, &plain);
         self.file.write_all_at(&sealed, block_offset(index))?;
         self.file.set_len(format::disk_len(new_size))?;
         *size = new_size;
@@ -236,12 +238,12 @@ impl EncryptedFile {
             first = first.min(last_index(old));
         }
         let last = last_index(new);
-        let key = BlockKey::new(&self.dek);
+        let key = &self.key;
         let span = Span { old, new, offset, src };
         let mut chunk = first;
         while chunk <= last {
             let chunk_last = (chunk + CHUNK_BLOCKS - 1).min(last);
-            self.write_chunk(&key, &span, chunk, chunk_last)?;
+            self.write_chunk(key, &span, chunk, chunk_last)?;
             chunk = chunk_last + 1;
         }
         *size = new;
