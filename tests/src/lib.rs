@@ -28,9 +28,20 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
+/// Builds kmsd and kmsctl when running under cargo (`cargo test`, `cargo
+/// run`), so that tests never use stale binaries; a binary started directly
+/// uses the ones beside it.
 fn build_binaries(dir: &Path) {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let Ok(cargo) = std::env::var("CARGO") else {
+        assert!(
+            dir.join("kmsd").exists(),
+            "no kmsd beside {}; build the workspace first",
+            dir.display()
+        );
+        return;
+    };
     let mut cmd = Command::new(cargo);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
     cmd.args(["build", "--bins", "-p", "kmsd", "-p", "kms-client"]);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");

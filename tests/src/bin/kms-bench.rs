@@ -236,19 +236,52 @@ async fn targets(daemon: &TestDaemon, echo_path: &Path) -> (Target, Target) {
     (kmsd, echo)
 }
 
+/// The echo server runs in its own process, like kmsd, so that both pay
+/// the same cross-process wake-ups.
+struct EchoProcess(std::process::Child);
+
+impl EchoProcess {
+    fn start(path: &Path) -> Self {
+        let exe = std::env::current_exe().expect("own path");
+        let child = std::process::Command::new(exe)
+            .arg("--echo-server")
+            .arg(path)
+            .spawn()
+            .expect("start echo server");
+        kms_tests::wait_for(Duration::from_secs(5), || path.exists().then_some(())).expect("echo server up");
+        Self(child)
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--echo-server")
+        .and_then(|i| args.get(i + 1))
+    {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(echo_server(PathBuf::from(path)));
+        return;
+    }
     let secs = secs_arg();
     let daemon = TestDaemon::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let echo_path = dir.path().join("echo.sock");
+    let _echo = EchoProcess::start(&echo_path);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        tokio::spawn(echo_server(echo_path.clone()));
-        kms_tests::wait_for(Duration::from_secs(5), || echo_path.exists().then_some(())).expect("echo up");
         let (kmsd, echo) = targets(&daemon, &echo_path).await;
         println!("kms-bench: {secs} s per throughput figure, {LATENCY_OPS} requests per latency figure");
         let mut t = Table(Vec::new());
