@@ -9,5 +9,6 @@ pub mod keys;
 pub mod logging;
 pub mod notify;
 pub mod ops;
+pub mod replication;
 pub mod scheduler;
 pub mod server;

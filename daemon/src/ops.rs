@@ -8,6 +8,7 @@ use std::time::Instant;
 use kms_client::proto::{DataKey, ErrorCode, ErrorReply, MountInfo, Request, Response, StatusInfo, PROTOCOL_VERSION};
 
 use crate::keys::{self, Caller, KeyService};
+use crate::replication::Replicator;
 
 /// The daemon's shared state, seen by every connection.
 #[derive(Debug)]
@@ -16,6 +17,8 @@ pub struct Daemon {
     pub started: Instant,
     pub connections: AtomicU64,
     pub mounts: parking_lot::RwLock<Vec<MountInfo>>,
+    /// Multi-zone replication, when peers are configured.
+    pub replication: Option<Arc<Replicator>>,
 }
 
 impl Daemon {
@@ -26,7 +29,21 @@ impl Daemon {
             started: Instant::now(),
             connections: AtomicU64::new(0),
             mounts: Default::default(),
+            replication: None,
         }
+    }
+
+    /// Adds multi-zone replication.
+    pub fn with_replication(mut self, r: Arc<Replicator>) -> Self {
+        self.replication = Some(r);
+        self
+    }
+
+    /// The replicator, if this request is one it answers (asynchronously:
+    /// it talks to other zones).
+    pub fn replication_for(&self, req: &Request) -> Option<&Arc<Replicator>> {
+        let is_replication = matches!(req, Request::ReplicateKey { .. } | Request::Replication(_));
+        self.replication.as_ref().filter(|_| is_replication)
     }
 
     /// The `Hello` reply.
@@ -140,7 +157,10 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             k.generate_data_key_batch(caller, &key, count as usize, &context),
             |dks| Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect()),
         ),
-        Request::ReplicateKey { .. } => unavailable("multi-zone replication is not available in this build"),
+        // With peers configured these go to `Daemon::replication_for`.
+        Request::ReplicateKey { .. } | Request::Replication(_) => {
+            unavailable("multi-zone replication is not configured here: no [[peer]] and peer key")
+        }
         Request::FsVersions { mount } | Request::FsRewrap { mount } => {
             unavailable(&format!("no encrypted filesystem is mounted at {mount}"))
         }

@@ -261,7 +261,9 @@ impl Session {
         if !self.greeted {
             return self.on_hello(daemon, id, body).await;
         }
-        let response = if ops::is_blocking(&body) {
+        let response = if let Some(r) = daemon.replication_for(&body) {
+            r.handle(&self.caller, body).await
+        } else if ops::is_blocking(&body) {
             let (d, c) = (daemon.clone(), self.caller.clone());
             tokio::task::spawn_blocking(move || ops::handle_guarded(&d, &c, body))
                 .await
