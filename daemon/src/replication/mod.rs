@@ -113,7 +113,8 @@ pub struct Replicator {
     /// Outcome counters (see [`ReplicationStats`]).
     pub stats: ReplicationStats,
     /// Test hook (`KMSDTEST_FAULT=kill-before-push`): SIGKILL ourselves
-    /// after a version was persisted and before it is pushed.
+    /// after a new version was persisted and before it is pushed to a
+    /// replica that already holds an older one.
     kill_before_push: bool,
 }
 
@@ -137,6 +138,14 @@ impl Replicator {
             settings,
             stats: ReplicationStats::default(),
             kill_before_push: std::env::var("KMSDTEST_FAULT").is_ok_and(|v| v == "kill-before-push"),
+        }
+    }
+
+    /// The `kill-before-push` fault point (see `kill_before_push`).
+    pub(crate) fn fault_before_push(&self, id: Uuid, zone: &str) {
+        if self.kill_before_push {
+            tracing::warn!(key = %id, zone, "test fault: SIGKILL before push");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
     }
 
@@ -268,10 +277,6 @@ impl Replicator {
     pub async fn push_current(&self, id: Uuid, zone: &str) -> Result<u32, ReplicateError> {
         let z = zone.to_string();
         let export = self.blocking(move |s| s.export_for_replica(id, &z)).await?;
-        if self.kill_before_push {
-            tracing::warn!(key = %id, zone, "test fault: SIGKILL before push");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        }
         let version = self.push(zone, export).await.map_err(|source| ReplicateError::Peer {
             zone: zone.to_string(),
             source,

@@ -67,6 +67,9 @@ async fn push_round(r: &Replicator, backoff: &mut Pending) {
         if backoff.get(&key).is_some_and(|b| b.next > Instant::now()) {
             continue;
         }
+        if confirmed.is_some() {
+            r.fault_before_push(id, &key.1);
+        }
         match r.push_current(id, &key.1).await {
             Ok(version) => {
                 tracing::info!(key = %id, zone = %key.1, version, previously = ?confirmed, "replica caught up");

@@ -5,3 +5,4 @@ mod cli;
 mod lifecycle;
 mod protocol;
 mod schedule;
+mod zones;
