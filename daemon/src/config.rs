@@ -367,6 +367,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_shows_the_defaults() {
+        assert_eq!(
+            parse(include_str!("../../systemd/kmsd.toml")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let err = parse("zonee = \"x\"").unwrap_err().to_string();
         assert!(err.contains("zonee"), "{err}");

@@ -398,3 +398,139 @@ impl Replicator {
 fn error(code: ErrorCode, msg: impl Into<String>) -> Response {
     Response::Error(ErrorReply::new(code, msg))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, Weak};
+
+    use futures::future::BoxFuture;
+    use kms_client::proto::{CreateKey, KeyRole};
+
+    use super::*;
+    use crate::keys::{ManualClock, RootKey};
+
+    const PEER_UID: u32 = 990;
+
+    /// Delivers frames in memory to the other zone's replicator, as uid
+    /// `PEER_UID`: the replication logic without sockets.
+    #[derive(Debug, Default)]
+    struct Loopback(OnceLock<HashMap<String, Weak<Replicator>>>);
+
+    impl PeerTransport for Loopback {
+        fn send<'a>(
+            &'a self,
+            zone: &'a str,
+            frame: ReplicationFrame,
+        ) -> BoxFuture<'a, Result<ReplicationFrame, PeerError>> {
+            Box::pin(async move {
+                let peer = self.0.get().and_then(|m| m.get(zone)).and_then(Weak::upgrade);
+                let peer = peer.ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
+                let caller = Caller::process(PEER_UID, PEER_UID, None);
+                match peer.handle(&caller, Request::Replication(frame)).await {
+                    Response::Replication(f) => Ok(f),
+                    Response::Error(reply) => Err(PeerError::Refused {
+                        zone: zone.to_string(),
+                        reply,
+                    }),
+                    other => Err(PeerError::Unexpected {
+                        zone: zone.to_string(),
+                        kind: other.kind_name(),
+                    }),
+                }
+            })
+        }
+    }
+
+    struct Zone {
+        _dir: tempfile::TempDir,
+        r: Arc<Replicator>,
+    }
+
+    fn zone(name: &str, peer: &str, key: u8, transport: Arc<Loopback>) -> Zone {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::at(1_750_000_000));
+        let keys = KeyService::open(dir.path(), RootKey::from_bytes(&[1; 32]), name, clock).unwrap();
+        let settings = Settings {
+            pull_interval: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+        };
+        let r = Replicator::new(
+            Arc::new(keys),
+            vec![peer.to_string()],
+            PeerKey::from_bytes(&[key; 32]),
+            vec![Principal::Uid(PEER_UID)],
+            transport,
+            settings,
+        );
+        Zone {
+            _dir: dir,
+            r: Arc::new(r),
+        }
+    }
+
+    fn pair(key_a: u8, key_b: u8) -> (Zone, Zone) {
+        let t = Arc::new(Loopback::default());
+        let a = zone("a", "b", key_a, t.clone());
+        let b = zone("b", "a", key_b, t.clone());
+        let map = HashMap::from([
+            ("a".to_string(), Arc::downgrade(&a.r)),
+            ("b".to_string(), Arc::downgrade(&b.r)),
+        ]);
+        t.0.set(map).unwrap();
+        (a, b)
+    }
+
+    fn owner() -> Caller {
+        Caller::process(1000, 1000, None)
+    }
+
+    fn create(z: &Zone) {
+        let req = CreateKey {
+            name: Some("app".into()),
+            ..Default::default()
+        };
+        z.r.keys.create_key(&owner(), &req).unwrap();
+    }
+
+    #[tokio::test]
+    async fn replicate_push_and_pull_through_the_transport_trait() {
+        let (a, b) = pair(3, 3);
+        create(&a);
+        let info = a.r.replicate(&owner(), "app", "b").await.unwrap();
+        assert_eq!(info.role, KeyRole::Primary);
+        assert_eq!(info.replicas[0].confirmed_version, Some(1));
+        let id = info.id;
+        a.r.keys.rotate(&owner(), "app").unwrap();
+        assert_eq!(a.r.push_current(id, "b").await.unwrap(), 2);
+        a.r.keys.rotate(&owner(), "app").unwrap();
+        assert_eq!(b.r.pull(id, "a").await.unwrap(), 3);
+        assert_eq!(
+            b.r.keys.rotations(&owner(), "app").unwrap(),
+            a.r.keys.rotations(&owner(), "app").unwrap()
+        );
+        assert_eq!(a.r.stats.pushes_ok.load(Ordering::Relaxed), 2);
+        assert_eq!(b.r.stats.pulls_ok.load(Ordering::Relaxed), 1);
+        let lag = replica_lag(&a.r.keys.describe(&owner(), "app").unwrap());
+        assert_eq!(lag, vec![("b".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn wrong_peering_key_and_unknown_uid_are_refused() {
+        let (a, b) = pair(3, 4);
+        create(&a);
+        let err = a.r.replicate(&owner(), "app", "b").await.unwrap_err();
+        assert_eq!(ErrorReply::from(err).code, ErrorCode::PermissionDenied);
+        assert_eq!(b.r.stats.frames_rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(a.r.stats.pushes_refused.load(Ordering::Relaxed), 1);
+        let k = a.r.keys.describe(&owner(), "app").unwrap();
+        assert_eq!(k.role, KeyRole::SingleZone);
+
+        let frame = seal::seal(&a.r.peer_key, "a", "b", &Message::Pull { key: k.id }).unwrap();
+        let stranger = Caller::process(4242, 4242, None);
+        match b.r.handle(&stranger, Request::Replication(frame)).await {
+            Response::Error(e) => assert_eq!(e.code, ErrorCode::PermissionDenied),
+            other => panic!("{other:?}"),
+        }
+    }
+}
