@@ -5,6 +5,7 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
@@ -17,10 +18,16 @@ use crate::keys::{KeyService, RootKey, SystemClock};
 use crate::mounts::Mounts;
 use crate::notify;
 use crate::ops::Daemon;
+use crate::replication::seal::PeerKey;
+use crate::replication::transport::UnixTransport;
+use crate::replication::{tasks, Replicator, Settings};
 use crate::server::{self, Listener};
 
 /// Name of the key that encrypts the `--dev` filesystem.
 pub const DEV_KEY: &str = "dev";
+
+/// How long a peer may take to accept a connection or answer a frame.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default `--dev` folder.
 pub const DEFAULT_DEV_DIR: &str = "kmsd-dev";
@@ -77,16 +84,19 @@ fn path_str(p: &Path) -> Result<String> {
         .with_context(|| format!("path {} is not UTF-8", p.display()))
 }
 
+/// `$CREDENTIALS_DIRECTORY/NAME`, when systemd passed that credential.
+fn credential(name: &str) -> Option<PathBuf> {
+    let p = Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
+    p.exists().then_some(p)
+}
+
 /// The root key file: the systemd credential if present, else `root_key`.
 ///
 /// # Errors
 /// When neither is available.
 pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        let p = Path::new(&dir).join("root-key");
-        if p.exists() {
-            return Ok(p);
-        }
+    if let Some(p) = credential("root-key") {
+        return Ok(p);
     }
     match &cfg.root_key {
         Some(p) => Ok(p.clone()),
@@ -95,6 +105,49 @@ pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
              (LoadCredential=root-key:PATH); for a local trial run kmsd --dev"
         ),
     }
+}
+
+/// The peering key file: the systemd credential `peer-key` if present,
+/// else `peer_key`.
+///
+/// # Errors
+/// When neither is available.
+pub fn peer_key_path(cfg: &Config) -> Result<PathBuf> {
+    if let Some(p) = credential("peer-key") {
+        return Ok(p);
+    }
+    match &cfg.peer_key {
+        Some(p) => Ok(p.clone()),
+        None => bail!(
+            "[[peer]] zones are configured but there is no peering key: set peer_key or pass the \
+             systemd credential peer-key (LoadCredential=peer-key:PATH)"
+        ),
+    }
+}
+
+/// The replicator for the configured peers, or `None` without peers.
+///
+/// # Errors
+/// Peers without a readable peering key; malformed `access.peers`.
+pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<Arc<Replicator>>> {
+    if cfg.peers.is_empty() {
+        return Ok(None);
+    }
+    let path = peer_key_path(cfg)?;
+    let peer_key = PeerKey::load(&path).with_context(|| format!("cannot load peering key {}", path.display()))?;
+    let allowed = cfg.peer_uids()?;
+    if allowed.is_empty() {
+        tracing::warn!("no [access] peers: replication frames from other zones will be refused");
+    }
+    let sockets = cfg.peers.iter().map(|p| (p.zone.clone(), p.socket.clone())).collect();
+    let transport = Arc::new(UnixTransport::new(sockets, cfg.max_frame, PEER_TIMEOUT));
+    let settings = Settings {
+        pull_interval: Duration::from_secs(cfg.replication.pull_interval_secs),
+        retry_max: Duration::from_secs(cfg.replication.retry_max_secs),
+    };
+    let zones = cfg.peers.iter().map(|p| p.zone.clone()).collect();
+    let r = Replicator::new(keys.clone(), zones, peer_key, allowed, transport, settings);
+    Ok(Some(Arc::new(r)))
 }
 
 /// Opens the key store named by the configuration.
@@ -161,7 +214,16 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         dev_mount(&keys, &mounts, dir);
     }
     let shutdown = CancellationToken::new();
-    let daemon = Arc::new(Daemon::new(keys.clone(), mounts.clone()));
+    let replication = open_replication(&cfg, &keys)?;
+    let mut daemon = Daemon::new(keys.clone(), mounts.clone());
+    let tasks = tokio_util::task::TaskTracker::new();
+    if let Some(r) = &replication {
+        daemon = daemon.with_replication(r.clone());
+        tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
+        tasks.spawn(tasks::run_pulls(r.clone(), shutdown.clone()));
+    }
+    tasks.close();
+    let daemon = Arc::new(daemon);
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, keys.clone()));
@@ -174,6 +236,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     notify::ready(&format!("serving {} keys in zone {}", keys.key_count(), cfg.zone));
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
     let _ = scheduler.await;
+    tasks.wait().await;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
     if let Some(p) = &listener.path {
         if let Err(e) = std::fs::remove_file(p) {

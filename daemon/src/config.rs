@@ -50,6 +50,7 @@ pub struct Config {
     pub log_level: String,
     pub access: AccessConfig,
     pub metrics: MetricsConfig,
+    pub replication: ReplicationConfig,
     #[serde(rename = "mount")]
     pub mounts: Vec<MountConfig>,
     #[serde(rename = "peer")]
@@ -69,6 +70,7 @@ impl Default for Config {
             log_level: "info".to_string(),
             access: AccessConfig::default(),
             metrics: MetricsConfig::default(),
+            replication: ReplicationConfig::default(),
             mounts: Vec::new(),
             peers: Vec::new(),
             peer_key: None,
@@ -82,6 +84,28 @@ impl Default for Config {
 pub struct AccessConfig {
     /// Principals (`uid:N`, `gid:N`) who administer every key.
     pub admins: Vec<String>,
+    /// Principals (`uid:N`, `gid:N`) of other zones' daemons, the only
+    /// callers whose replication frames are considered.
+    pub peers: Vec<String>,
+}
+
+/// `[replication]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Seconds between a replica's pulls from its primary.
+    pub pull_interval_secs: u64,
+    /// Longest pause, in seconds, between retries of a failed push.
+    pub retry_max_secs: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            pull_interval_secs: 30,
+            retry_max_secs: 5,
+        }
+    }
 }
 
 /// `[metrics]`
@@ -147,6 +171,7 @@ impl Config {
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("access.admins")
+            .with_list_parse_key("access.peers")
             .try_parsing(true)
             .source(Some(env.into_iter().collect()));
         let cfg: Config = config::Config::builder()
@@ -218,7 +243,31 @@ impl Config {
         if let Some(p) = &self.peer_key {
             require_absolute("peer_key", p)?;
         }
-        Ok(())
+        for (i, p) in self.peers.iter().enumerate() {
+            if self.peers[..i].iter().any(|o| o.zone == p.zone) {
+                return Err(invalid(&format!("peer[{i}].zone"), "listed twice"));
+            }
+        }
+        let r = &self.replication;
+        if !(1..=86_400).contains(&r.pull_interval_secs) {
+            return Err(invalid("replication.pull_interval_secs", "must be within 1..=86400"));
+        }
+        if !(1..=3_600).contains(&r.retry_max_secs) {
+            return Err(invalid("replication.retry_max_secs", "must be within 1..=3600"));
+        }
+        self.peer_uids().map(|_| ())
+    }
+
+    /// The principals allowed to send replication frames.
+    ///
+    /// # Errors
+    /// `Invalid` for a malformed principal.
+    pub fn peer_uids(&self) -> Result<Vec<Principal>, ConfigError> {
+        self.access
+            .peers
+            .iter()
+            .map(|s| s.trim().parse::<Principal>().map_err(|e| invalid("access.peers", e)))
+            .collect()
     }
 
     /// The global admins.
@@ -293,6 +342,10 @@ mod tests {
             peer_key = "/etc/kmsd/peer-key"
             [access]
             admins = ["uid:0", "gid:27"]
+            peers = ["uid:990"]
+            [replication]
+            pull_interval_secs = 10
+            retry_max_secs = 2
             [metrics]
             listen = ""
             [[mount]]
@@ -309,6 +362,16 @@ mod tests {
         assert_eq!(cfg.metrics_addr().unwrap(), None);
         assert_eq!(cfg.mounts[0].key, "data");
         assert_eq!(cfg.peers[0].zone, "zone-b");
+        assert_eq!(cfg.peer_uids().unwrap(), vec![Principal::Uid(990)]);
+        assert_eq!(cfg.replication.pull_interval_secs, 10);
+    }
+
+    #[test]
+    fn the_example_config_shows_the_defaults() {
+        assert_eq!(
+            parse(include_str!("../../systemd/kmsd.toml")).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]
@@ -349,6 +412,16 @@ mod tests {
             ("[[mount]]\nsource=\"/a\"\ntarget=\"/a/b\"\nkey=\"k\"", "mount[0]"),
             ("[[mount]]\nsource=\"a\"\ntarget=\"/b\"\nkey=\"k\"", "mount[0].source"),
             ("zone=\"z\"\n[[peer]]\nzone=\"z\"\nsocket=\"/s\"", "peer[0].zone"),
+            (
+                "[[peer]]\nzone=\"y\"\nsocket=\"/s\"\n[[peer]]\nzone=\"y\"\nsocket=\"/t\"",
+                "peer[1].zone",
+            ),
+            ("[access]\npeers = [\"daemon\"]", "access.peers"),
+            (
+                "[replication]\npull_interval_secs = 0",
+                "replication.pull_interval_secs",
+            ),
+            ("[replication]\nretry_max_secs = 0", "replication.retry_max_secs"),
         ];
         for (toml, key) in cases {
             let err = parse(toml).unwrap_err().to_string();

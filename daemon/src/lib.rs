@@ -10,5 +10,6 @@ pub mod logging;
 pub mod mounts;
 pub mod notify;
 pub mod ops;
+pub mod replication;
 pub mod scheduler;
 pub mod server;

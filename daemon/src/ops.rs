@@ -9,6 +9,7 @@ use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, Statu
 
 use crate::keys::{self, Caller, KeyService};
 use crate::mounts::Mounts;
+use crate::replication::Replicator;
 
 /// The daemon's shared state, seen by every connection.
 #[derive(Debug)]
@@ -17,6 +18,8 @@ pub struct Daemon {
     pub started: Instant,
     pub connections: AtomicU64,
     pub mounts: Arc<Mounts>,
+    /// Multi-zone replication, when peers are configured.
+    pub replication: Option<Arc<Replicator>>,
 }
 
 impl Daemon {
@@ -27,7 +30,21 @@ impl Daemon {
             started: Instant::now(),
             connections: AtomicU64::new(0),
             mounts,
+            replication: None,
         }
+    }
+
+    /// Adds multi-zone replication.
+    pub fn with_replication(mut self, r: Arc<Replicator>) -> Self {
+        self.replication = Some(r);
+        self
+    }
+
+    /// The replicator, if this request is one it answers (asynchronously:
+    /// it talks to other zones).
+    pub fn replication_for(&self, req: &Request) -> Option<&Arc<Replicator>> {
+        let is_replication = matches!(req, Request::ReplicateKey { .. } | Request::Replication(_));
+        self.replication.as_ref().filter(|_| is_replication)
     }
 
     /// The `Hello` reply.
@@ -141,7 +158,10 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             k.generate_data_key_batch(caller, &key, count as usize, &context),
             |dks| Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect()),
         ),
-        Request::ReplicateKey { .. } => unavailable("multi-zone replication is not available in this build"),
+        // With peers configured these go to `Daemon::replication_for`.
+        Request::ReplicateKey { .. } | Request::Replication(_) => {
+            unavailable("multi-zone replication is not configured here: no [[peer]] and peer key")
+        }
         Request::FsVersions { mount } => match d.mounts.versions(k, caller, &mount) {
             Ok(v) => Response::FsVersions(v),
             Err(e) => Response::Error(e),

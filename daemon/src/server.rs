@@ -264,7 +264,9 @@ impl Session {
         if let Request::FsRewrap { mount } = body {
             return self.rewrap(daemon, id, mount).await;
         }
-        let response = if ops::is_blocking(&body) {
+        let response = if let Some(r) = daemon.replication_for(&body) {
+            r.handle(&self.caller, body).await
+        } else if ops::is_blocking(&body) {
             let (d, c) = (daemon.clone(), self.caller.clone());
             tokio::task::spawn_blocking(move || ops::handle_guarded(&d, &c, body))
                 .await

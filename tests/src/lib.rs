@@ -63,6 +63,9 @@ pub struct DaemonOptions {
     pub extra_config: String,
     /// Extra environment for the daemon.
     pub env: Vec<(String, String)>,
+    /// Socket path; default `kmsd.sock` in the daemon's own folder. Set it
+    /// when other daemons must know the path before this one starts.
+    pub socket: Option<PathBuf>,
 }
 
 impl Default for DaemonOptions {
@@ -71,6 +74,7 @@ impl Default for DaemonOptions {
             zone: "test".into(),
             extra_config: String::new(),
             env: Vec::new(),
+            socket: None,
         }
     }
 }
@@ -113,7 +117,7 @@ impl TestDaemon {
     /// Starts a daemon with `opts` and waits until it answers.
     pub fn start_with(opts: DaemonOptions) -> Self {
         let dir = tempfile::Builder::new().prefix("kmsd-test-").tempdir().unwrap();
-        let socket = dir.path().join("kmsd.sock");
+        let socket = opts.socket.clone().unwrap_or_else(|| dir.path().join("kmsd.sock"));
         let config = dir.path().join("kmsd.toml");
         write_root_key(&dir.path().join("root-key"));
         let toml = format!(
@@ -220,6 +224,14 @@ impl TestDaemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for the daemon to exit by itself (`timeout` at most).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = wait_for(timeout, || child.try_wait().unwrap())?;
+        self.child = None;
+        Some(status)
     }
 
     /// Starts the daemon again on the same folder.

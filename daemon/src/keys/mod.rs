@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod material;
 pub mod model;
 pub mod policy;
+pub mod replica;
 pub mod rotation;
 pub mod service;
 pub mod store;

@@ -30,6 +30,7 @@ use super::error::{Error, Result};
 use super::lifecycle;
 use super::model::{validate_description, validate_name, validate_period, KeyRecord, RotationSchedule};
 use super::policy::{allowed, Access, Caller};
+use super::replica::{self, KeyExport};
 use super::rotation;
 use super::store::{RootKey, Store, StoreError};
 
@@ -98,6 +99,8 @@ pub struct KeyService {
     admins: ArcSwap<Vec<Principal>>,
     writer: Mutex<()>,
     changed: tokio::sync::Notify,
+    /// Bumped after every persisted change; replication watches it.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -130,6 +133,7 @@ impl KeyService {
             admins: ArcSwap::from_pointee(Vec::new()),
             writer: Mutex::new(()),
             changed: tokio::sync::Notify::new(),
+            generation: tokio::sync::watch::Sender::new(0),
         };
         if !has_default {
             svc.create_default_key()?;
@@ -177,6 +181,17 @@ impl KeyService {
         self.changed.notified().await;
     }
 
+    /// A receiver that sees a new value after every persisted change to any
+    /// key (the hook the replication task waits on).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn notify_changed(&self) {
+        self.changed.notify_one();
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
     /// Resolves a UUID or a name to the key's current entry.
     ///
     /// # Errors
@@ -213,7 +228,7 @@ impl KeyService {
         let mut ring = Keyring::clone(&self.ring.load());
         ring.insert(KeyEntry::new(rec, None));
         self.ring.store(Arc::new(ring));
-        self.changed.notify_one();
+        self.notify_changed();
     }
 
     /// Applies `f` to a copy of the key's record; persists and swaps it in
@@ -243,7 +258,7 @@ impl KeyService {
         if let Some(slot) = ring.by_id.get(&rec.id) {
             slot.store(Arc::new(KeyEntry::new(rec, Some(previous))));
         }
-        self.changed.notify_one();
+        self.notify_changed();
     }
 
     /// Holds the writer lock, as a rotation does across its fsync.
@@ -473,7 +488,150 @@ impl KeyService {
         ring.by_id.remove(&id);
         ring.by_name.retain(|_, v| *v != id);
         self.ring.store(Arc::new(ring));
-        self.changed.notify_one();
+        self.notify_changed();
+    }
+
+    // ---- replication --------------------------------------------------------
+
+    /// Starts replicating a key to `zone`: adds `zone` as an unconfirmed
+    /// replica, makes the key primary, persists that, and returns the
+    /// export to push and whether `zone` was new. The caller pushes it
+    /// without holding any lock, then calls [`record_confirmed`] or
+    /// [`cancel_replica`].
+    ///
+    /// [`record_confirmed`]: Self::record_confirmed
+    /// [`cancel_replica`]: Self::cancel_replica
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied` (needs admin), and those of
+    /// [`replica::add_replica`]; `Unavailable` if it cannot be stored.
+    pub fn begin_replica(&self, caller: &Caller, key_ref: &str, zone: &str) -> Result<(KeyExport, bool)> {
+        let (out, _) = self.mutate(caller, key_ref, Access::Admin, |k, _| {
+            let added = replica::add_replica(k, zone)?;
+            Ok((replica::export(k), added))
+        })?;
+        Ok(out)
+    }
+
+    /// Forgets a replica in `zone` that never confirmed (its first push
+    /// failed).
+    ///
+    /// # Errors
+    /// `NotFound`, `Unavailable`.
+    pub fn cancel_replica(&self, id: Uuid, zone: &str) -> Result<()> {
+        self.mutate_internal(id, |k, _| {
+            replica::drop_unconfirmed_replica(k, zone);
+            Ok(())
+        })
+    }
+
+    /// On a primary: the replica in `zone` confirmed holding `version`.
+    ///
+    /// # Errors
+    /// `NotFound`, `InvalidArgument` (see [`replica::confirm`]),
+    /// `Unavailable`.
+    pub fn record_confirmed(&self, id: Uuid, zone: &str, version: u32) -> Result<()> {
+        self.mutate_internal(id, |k, _| replica::confirm(k, zone, version))
+    }
+
+    /// On a primary: the export for its replica in `zone`.
+    ///
+    /// # Errors
+    /// `NotFound` when the key does not exist here or `zone` holds no
+    /// replica of it.
+    pub fn export_for_replica(&self, id: Uuid, zone: &str) -> Result<KeyExport> {
+        let e = self.entry(&id.to_string())?;
+        let r = &e.record;
+        if r.role != kms_client::proto::KeyRole::Primary || !r.replicas.iter().any(|x| x.zone == zone) {
+            return Err(Error::NotFound(format!(
+                "{id} (as a primary with a replica in zone {zone})"
+            )));
+        }
+        Ok(replica::export(r))
+    }
+
+    /// On a replica: creates the replica or applies the primary's newer
+    /// versions, durably, and returns the active version now held.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when the export does not come from `from_zone`,
+    /// names a key that is not its replica here, conflicts with the versions
+    /// held, or takes a name already used here; `Unavailable`.
+    pub fn accept_replica(&self, export: &KeyExport, from_zone: &str) -> Result<u32> {
+        if export.primary_zone != from_zone || from_zone == self.zone {
+            return Err(Error::InvalidArgument(format!(
+                "zone {from_zone} sent key {} whose primary is in zone {}",
+                export.id, export.primary_zone
+            )));
+        }
+        let _writer = self.writer.lock();
+        match self.entry(&export.id.to_string()) {
+            Ok(current) => self.apply_replica(export, &current),
+            Err(_) => self.create_replica(export),
+        }
+    }
+
+    fn apply_replica(&self, export: &KeyExport, current: &KeyEntry) -> Result<u32> {
+        let mut rec = current.record.clone();
+        replica::apply(&mut rec, export)?;
+        let active = rec.active().version;
+        if rec != current.record {
+            self.store.save(&rec).map_err(Error::Unavailable)?;
+            self.swap(rec, current);
+        }
+        Ok(active)
+    }
+
+    fn create_replica(&self, export: &KeyExport) -> Result<u32> {
+        if let Some(name) = &export.name {
+            if self.ring.load().by_name.contains_key(name) {
+                return Err(Error::InvalidArgument(format!(
+                    "zone {} cannot hold a replica of key {name:?}: another key has that name here",
+                    self.zone
+                )));
+            }
+        }
+        let rec = replica::new_replica(export, &self.zone)?;
+        let active = rec.active().version;
+        self.store.save(&rec).map_err(Error::Unavailable)?;
+        tracing::info!(key = %rec.id, primary_zone = %export.primary_zone, version = active, "replica created");
+        self.insert(rec);
+        Ok(active)
+    }
+
+    /// On a primary: every (key, replica zone, confirmed version) whose
+    /// replica has not confirmed the active version.
+    pub fn replicas_behind(&self) -> Vec<(Uuid, String, Option<u32>)> {
+        self.records()
+            .filter(|r| r.role == kms_client::proto::KeyRole::Primary)
+            .flat_map(|r| {
+                let id = r.id;
+                replica::behind(&r).into_iter().map(move |(z, v)| (id, z, v))
+            })
+            .collect()
+    }
+
+    /// Every replica held here: (key, primary zone, active version).
+    pub fn replicas_held(&self) -> Vec<(Uuid, String, u32)> {
+        self.records()
+            .filter_map(|r| match &r.role {
+                kms_client::proto::KeyRole::Replica { primary_zone } => {
+                    Some((r.id, primary_zone.clone(), r.active().version))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn records(&self) -> impl Iterator<Item = KeyRecord> {
+        let ring = self.ring.load_full();
+        let all: Vec<KeyRecord> = ring.by_id.values().map(|s| s.load().record.clone()).collect();
+        all.into_iter()
+    }
+
+    fn mutate_internal(&self, id: Uuid, f: impl FnOnce(&mut KeyRecord, UnixTime) -> Result<()>) -> Result<()> {
+        self.mutate(&Caller::internal(), &id.to_string(), Access::Admin, f)
+            .map(|_| ())
     }
 
     // ---- cryptography -----------------------------------------------------

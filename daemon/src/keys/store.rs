@@ -43,7 +43,7 @@ pub enum StoreError {
     WrongRootKey { path: PathBuf },
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("root key {path} is invalid: {reason}")]
+    #[error("key file {path} is invalid: {reason}")]
     BadRootKey { path: PathBuf, reason: String },
     #[error("state directory {path} is in use by another kmsd")]
     Locked { path: PathBuf },
@@ -78,19 +78,7 @@ impl RootKey {
     /// # Errors
     /// `Io` if unreadable, `BadRootKey` if it has another shape.
     pub fn load(path: &Path) -> Result<Self, StoreError> {
-        let raw = Zeroizing::new(fs::read(path).map_err(io_err("cannot read root key", path))?);
-        let bad = |reason: &str| StoreError::BadRootKey {
-            path: path.into(),
-            reason: reason.into(),
-        };
-        let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
-        if raw.len() == ROOT_KEY_LEN {
-            key.copy_from_slice(&raw);
-        } else {
-            let text = std::str::from_utf8(&raw).map_err(|_| bad("expected 32 bytes or 64 hex digits"))?;
-            decode_hex(text.trim_end(), &mut key).ok_or_else(|| bad("expected 32 bytes or 64 hex digits"))?;
-        }
-        Ok(Self::from_bytes(&key))
+        Ok(Self::from_bytes(&*read_key_file(path)?))
     }
 
     /// Creates a new random root key file with mode 0600 (fails if it
@@ -144,6 +132,27 @@ impl RootKey {
             .ok()?;
         Some(plain)
     }
+}
+
+/// Reads a 32-byte key file (root key, peering key): exactly 32 raw bytes,
+/// or 64 hex digits with an optional trailing newline.
+///
+/// # Errors
+/// `Io` if unreadable, `BadRootKey` if it has another shape.
+pub fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; ROOT_KEY_LEN]>, StoreError> {
+    let raw = Zeroizing::new(fs::read(path).map_err(io_err("cannot read key file", path))?);
+    let bad = || StoreError::BadRootKey {
+        path: path.into(),
+        reason: "expected 32 bytes or 64 hex digits".into(),
+    };
+    let mut key = Zeroizing::new([0u8; ROOT_KEY_LEN]);
+    if raw.len() == ROOT_KEY_LEN {
+        key.copy_from_slice(&raw);
+    } else {
+        let text = std::str::from_utf8(&raw).map_err(|_| bad())?;
+        decode_hex(text.trim_end(), &mut key).ok_or_else(bad)?;
+    }
+    Ok(key)
 }
 
 fn decode_hex(text: &str, out: &mut [u8; ROOT_KEY_LEN]) -> Option<()> {

@@ -637,3 +637,75 @@ mod prop {
         }
     }
 }
+
+// ---- multi-zone ---------------------------------------------------------
+
+fn zone_b(clock: &Arc<ManualClock>) -> (tempfile::TempDir, KeyService) {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = KeyService::open(dir.path(), RootKey::from_bytes(&[7; 32]), "zone-b", clock.clone()).unwrap();
+    (dir, svc)
+}
+
+#[test]
+fn replica_takes_versions_from_its_primary_durably() {
+    let mut f = fixture();
+    let (b_dir, b) = zone_b(&f.clock);
+    let id = create(&f.svc, "app");
+    let uuid: uuid::Uuid = id.parse().unwrap();
+    assert_eq!(
+        f.svc.begin_replica(&bob(), &id, "zone-b").unwrap_err().code(),
+        ErrorCode::PermissionDenied
+    );
+    let (export, added) = f.svc.begin_replica(&alice(), &id, "zone-b").unwrap();
+    assert!(added);
+    assert_eq!(b.accept_replica(&export, "zone-a").unwrap(), 1);
+    f.svc.record_confirmed(uuid, "zone-b", 1).unwrap();
+    assert!(f.svc.replicas_behind().is_empty());
+
+    let blob = f.svc.wrap(&alice(), "app", b"dek", &ctx(&[])).unwrap();
+    assert_eq!(&b.unwrap(&alice(), &blob, &ctx(&[])).unwrap()[..], b"dek");
+
+    f.clock.advance(10);
+    f.svc.rotate(&alice(), "app").unwrap();
+    assert_eq!(f.svc.replicas_behind(), vec![(uuid, "zone-b".to_string(), Some(1))]);
+    let export = f.svc.export_for_replica(uuid, "zone-b").unwrap();
+    assert!(f.svc.export_for_replica(uuid, "zone-c").is_err());
+    assert_eq!(b.accept_replica(&export, "zone-a").unwrap(), 2);
+    assert_eq!(b.accept_replica(&export, "zone-a").unwrap(), 2);
+    assert!(b.accept_replica(&export, "zone-c").is_err());
+    assert_eq!(b.replicas_held(), vec![(uuid, "zone-a".to_string(), 2)]);
+    assert_eq!(b.rotate(&alice(), "app").unwrap_err().code(), ErrorCode::NotPrimary);
+
+    // Durable on both sides.
+    drop(b);
+    let b = KeyService::open(b_dir.path(), RootKey::from_bytes(&[7; 32]), "zone-b", f.clock.clone()).unwrap();
+    assert_eq!(
+        b.rotations(&alice(), "app").unwrap(),
+        f.svc.rotations(&alice(), "app").unwrap()
+    );
+    f.svc.record_confirmed(uuid, "zone-b", 2).unwrap();
+    f.reopen();
+    let info = f.svc.describe(&alice(), "app").unwrap();
+    assert_eq!(info.role, kms_client::proto::KeyRole::Primary);
+    assert_eq!(info.replicas[0].confirmed_version, Some(2));
+    // A replica never rotates on its own schedule.
+    let due = b.run_due(T0 + 3650 * DAY);
+    assert!(due.rotated.iter().all(|(k, _)| *k != uuid), "{due:?}");
+}
+
+#[test]
+fn a_name_taken_in_the_target_zone_refuses_the_replica() {
+    let f = fixture();
+    let (_b_dir, b) = zone_b(&f.clock);
+    create(&f.svc, "app");
+    create(&b, "app");
+    let (export, _) = f.svc.begin_replica(&alice(), "app", "zone-b").unwrap();
+    assert_eq!(
+        b.accept_replica(&export, "zone-a").unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    f.svc.cancel_replica(export.id, "zone-b").unwrap();
+    let info = f.svc.describe(&alice(), "app").unwrap();
+    assert_eq!(info.role, kms_client::proto::KeyRole::SingleZone);
+    assert!(info.replicas.is_empty());
+}

@@ -7,3 +7,4 @@ mod lifecycle;
 mod protocol;
 mod reload;
 mod schedule;
+mod zones;

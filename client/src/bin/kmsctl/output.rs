@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use kms_client::proto::{fmt_time, FsRewrapInfo, FsVersionsInfo, KeyInfo, RotationEntry, StatusInfo};
+use kms_client::proto::{fmt_time, FsRewrapInfo, FsVersionsInfo, KeyInfo, KeyRole, RotationEntry, StatusInfo};
 use serde::Serialize;
 
 /// How to render responses.
@@ -99,6 +99,7 @@ pub fn key(k: &KeyInfo) -> String {
         ("kind", k.kind.to_string()),
         ("zone", k.zone.clone()),
         ("role", k.role.to_string()),
+        ("primary zone", primary_zone(k)),
         ("state", k.state.to_string()),
         ("created", fmt_time(k.created_at)),
         ("active version", k.active_version.to_string()),
@@ -154,16 +155,41 @@ fn policy_block(k: &KeyInfo) -> String {
     )
 }
 
+/// Where the key rotates: its own zone unless it is a replica.
+fn primary_zone(k: &KeyInfo) -> String {
+    match &k.role {
+        KeyRole::SingleZone => "-".to_owned(),
+        KeyRole::Primary => k.zone.clone(),
+        KeyRole::Replica { primary_zone } => primary_zone.clone(),
+    }
+}
+
+/// On a primary: each replica's confirmed version and lag in versions. On a
+/// replica: the replica zones as last heard from the primary.
 fn replicas_block(k: &KeyInfo) -> String {
     if k.replicas.is_empty() {
         return String::new();
     }
+    if !matches!(k.role, KeyRole::Primary) {
+        let zones: Vec<&str> = k.replicas.iter().map(|r| r.zone.as_str()).collect();
+        return format!("replica zones:  {}\n", zones.join(", "));
+    }
     let rows: Vec<Vec<String>> = k
         .replicas
         .iter()
-        .map(|r| vec![r.zone.clone(), or_dash(r.confirmed_version.map(|v| v.to_string()))])
+        .map(|r| {
+            let lag = k.active_version - r.confirmed_version.unwrap_or(0);
+            vec![
+                r.zone.clone(),
+                or_dash(r.confirmed_version.map(|v| v.to_string())),
+                lag.to_string(),
+            ]
+        })
         .collect();
-    format!("replicas:\n{}", indent(&table(&["ZONE", "CONFIRMED VERSION"], &rows)))
+    format!(
+        "replicas:\n{}",
+        indent(&table(&["ZONE", "CONFIRMED VERSION", "LAG (VERSIONS)"], &rows))
+    )
 }
 
 /// `kmsctl key list`.
@@ -252,7 +278,7 @@ pub fn fs_rewrap(r: &FsRewrapInfo) -> String {
 
 #[cfg(test)]
 mod tests {
-    use kms_client::proto::{KeyKind, KeyRole, KeyState, Origin, Policy, Principal, RotationInfo, VersionInfo};
+    use kms_client::proto::{KeyKind, KeyState, Origin, Policy, Principal, RotationInfo, VersionInfo};
 
     use super::*;
 
@@ -305,6 +331,7 @@ mod tests {
             "kind:           customer",
             "zone:           eu-1",
             "role:           single-zone",
+            "primary zone:   -",
             "state:          enabled",
             "created:        1970-01-01T00:00:00Z",
             "active version: 2",
@@ -317,6 +344,35 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn describe_shows_replicas_with_confirmed_version_and_lag() {
+        let mut k = sample();
+        k.role = KeyRole::Primary;
+        k.replicas = vec![
+            kms_client::proto::ReplicaInfo {
+                zone: "eu-2".into(),
+                confirmed_version: Some(1),
+            },
+            kms_client::proto::ReplicaInfo {
+                zone: "us-1".into(),
+                confirmed_version: None,
+            },
+        ];
+        let text = key(&k);
+        assert!(text.contains("primary zone:   eu-1"), "{text}");
+        assert!(text.contains("LAG (VERSIONS)"), "{text}");
+        let row = text.lines().find(|l| l.contains("eu-2")).unwrap();
+        assert!(row.contains(" 1 ") && row.trim_end().ends_with('1'), "{row}");
+        let row = text.lines().find(|l| l.contains("us-1")).unwrap();
+        assert!(row.contains('-') && row.trim_end().ends_with('2'), "{row}");
+        k.role = KeyRole::Replica {
+            primary_zone: "eu-1".into(),
+        };
+        let text = key(&k);
+        assert!(text.contains("primary zone:   eu-1"), "{text}");
+        assert!(text.contains("replica zones:  eu-2, us-1"), "{text}");
     }
 
     #[test]

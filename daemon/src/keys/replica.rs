@@ -1,0 +1,359 @@
+//! Multi-zone rules, as pure functions on a [`KeyRecord`]: what a primary
+//! exports to its replicas ([`KeyExport`]), how a replica is created from an
+//! export and how it takes later versions (in order, idempotently, never a
+//! gap and never a version the primary does not have), and how a primary
+//! tracks its replicas' confirmed versions.
+//!
+//! No I/O and no network here: the service persists the results and the
+//! daemon's replication module moves exports between zones, sealed.
+
+use kms_client::proto::{KeyKind, KeyRole, KeyState, Policy, ReplicaInfo, UnixTime};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::{Error, Result};
+use super::model::{KeyRecord, KeyVersion, RotationSchedule};
+
+/// Everything a replica needs from its primary, material included. Only
+/// ever serialised inside a sealed replication frame; `Debug` redacts the
+/// material (through [`KeyVersion`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyExport {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub description: String,
+    pub kind: KeyKind,
+    pub primary_zone: String,
+    pub created_at: UnixTime,
+    pub policy: Policy,
+    pub rotation: RotationSchedule,
+    pub manual_rotations: u32,
+    /// Every version, 1..=n in order.
+    pub versions: Vec<KeyVersion>,
+    /// Every zone holding a replica (for `key describe` on the replicas).
+    pub replica_zones: Vec<String>,
+}
+
+impl KeyExport {
+    /// The newest version carried.
+    pub fn active_version(&self) -> u32 {
+        self.versions.last().map_or(0, |v| v.version)
+    }
+}
+
+/// Exports a primary (or single-zone) key, which lives in `key.zone`.
+pub fn export(key: &KeyRecord) -> KeyExport {
+    KeyExport {
+        id: key.id,
+        name: key.name.clone(),
+        description: key.description.clone(),
+        kind: key.kind,
+        primary_zone: key.zone.clone(),
+        created_at: key.created_at,
+        policy: key.policy.clone(),
+        rotation: key.rotation.clone(),
+        manual_rotations: key.manual_rotations,
+        versions: key.versions.clone(),
+        replica_zones: key.replicas.iter().map(|r| r.zone.clone()).collect(),
+    }
+}
+
+/// May `key` get a replica in `zone`? Adds `zone` as a replica not yet
+/// confirmed and makes the key primary. Returns whether `zone` is new.
+///
+/// # Errors
+/// `Forbidden` for the default organization key, `NotPrimary` for a
+/// replica, `InvalidArgument` for the key's own zone.
+pub fn add_replica(key: &mut KeyRecord, zone: &str) -> Result<bool> {
+    if key.is_default() {
+        return Err(Error::Forbidden(
+            "the default organization key is platform-managed and exists in every zone: it cannot be replicated"
+                .to_string(),
+        ));
+    }
+    if let KeyRole::Replica { primary_zone } = &key.role {
+        return Err(Error::NotPrimary {
+            key: key.label(),
+            primary_zone: primary_zone.clone(),
+        });
+    }
+    if zone == key.zone {
+        return Err(Error::InvalidArgument(format!(
+            "key {} already lives in zone {zone}; replicate it to another zone",
+            key.label()
+        )));
+    }
+    key.role = KeyRole::Primary;
+    if key.replicas.iter().any(|r| r.zone == zone) {
+        return Ok(false);
+    }
+    key.replicas.push(ReplicaInfo {
+        zone: zone.to_string(),
+        confirmed_version: None,
+    });
+    Ok(true)
+}
+
+/// Undoes [`add_replica`] after the first push failed, unless the replica
+/// confirmed something meanwhile. A key left without replicas is
+/// single-zone again.
+pub fn drop_unconfirmed_replica(key: &mut KeyRecord, zone: &str) {
+    key.replicas.retain(|r| r.zone != zone || r.confirmed_version.is_some());
+    if key.replicas.is_empty() && key.role == KeyRole::Primary {
+        key.role = KeyRole::SingleZone;
+    }
+}
+
+/// Records that the replica in `zone` holds `version`. Confirmations only
+/// move forward, so a late acknowledgement never hides a newer one.
+///
+/// # Errors
+/// `InvalidArgument` when `zone` is not a replica of `key` or `version`
+/// is newer than the key's own.
+pub fn confirm(key: &mut KeyRecord, zone: &str, version: u32) -> Result<()> {
+    if version > key.active().version {
+        return Err(Error::InvalidArgument(format!(
+            "zone {zone} confirmed version {version} of key {}, which has only {}",
+            key.label(),
+            key.active().version
+        )));
+    }
+    let label = key.label();
+    let r = key
+        .replicas
+        .iter_mut()
+        .find(|r| r.zone == zone)
+        .ok_or_else(|| Error::InvalidArgument(format!("zone {zone} holds no replica of key {label}")))?;
+    r.confirmed_version = r.confirmed_version.max(Some(version));
+    Ok(())
+}
+
+/// Replicas that have not confirmed the active version: (zone, confirmed).
+pub fn behind(key: &KeyRecord) -> Vec<(String, Option<u32>)> {
+    let active = key.active().version;
+    key.replicas
+        .iter()
+        .filter(|r| r.confirmed_version.is_none_or(|v| v < active))
+        .map(|r| (r.zone.clone(), r.confirmed_version))
+        .collect()
+}
+
+/// Checks that an export's versions are exactly 1..=n.
+fn check_contiguous(export: &KeyExport) -> Result<()> {
+    let ok = !export.versions.is_empty()
+        && export
+            .versions
+            .iter()
+            .zip(1u32..)
+            .all(|(v, expected)| v.version == expected);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "the export of key {} does not hold versions 1..=n in order",
+            export.id
+        )))
+    }
+}
+
+/// A new replica in `zone` of the key `export`ed by its primary.
+///
+/// # Errors
+/// `InvalidArgument` for a default-organization key or malformed versions.
+pub fn new_replica(export: &KeyExport, zone: &str) -> Result<KeyRecord> {
+    if export.kind != KeyKind::Customer {
+        return Err(Error::InvalidArgument(
+            "only customer keys can be replicated".to_string(),
+        ));
+    }
+    check_contiguous(export)?;
+    Ok(KeyRecord {
+        id: export.id,
+        name: export.name.clone(),
+        description: export.description.clone(),
+        kind: export.kind,
+        zone: zone.to_string(),
+        role: KeyRole::Replica {
+            primary_zone: export.primary_zone.clone(),
+        },
+        state: KeyState::Enabled,
+        created_at: export.created_at,
+        policy: export.policy.clone(),
+        rotation: export.rotation.clone(),
+        manual_rotations: export.manual_rotations,
+        versions: export.versions.clone(),
+        replicas: replica_list(export),
+    })
+}
+
+fn replica_list(export: &KeyExport) -> Vec<ReplicaInfo> {
+    export
+        .replica_zones
+        .iter()
+        .map(|z| ReplicaInfo {
+            zone: z.clone(),
+            confirmed_version: None,
+        })
+        .collect()
+}
+
+/// Applies a later export from the primary to an existing replica: checks
+/// that every version the replica holds is identical in the export, then
+/// appends the versions that follow, and takes the primary's schedule and
+/// description. Applying the same export twice changes nothing; an older
+/// export (one that crossed a newer one) changes nothing either.
+///
+/// # Errors
+/// `InvalidArgument` when `key` is not a replica of the export's primary,
+/// the versions are not 1..=n, or a version differs from the one held
+/// (a conflict that must not be papered over).
+pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<()> {
+    let primary_ok = matches!(&key.role, KeyRole::Replica { primary_zone } if *primary_zone == export.primary_zone);
+    if !primary_ok || key.id != export.id {
+        return Err(Error::InvalidArgument(format!(
+            "key {} exists here and is not a replica of zone {}",
+            key.label(),
+            export.primary_zone
+        )));
+    }
+    check_contiguous(export)?;
+    for held in &key.versions {
+        if export.version_matches(held) == Some(false) {
+            return Err(Error::InvalidArgument(format!(
+                "version {} of key {} differs from the primary's; refusing the update",
+                held.version,
+                key.label()
+            )));
+        }
+    }
+    let have = key.versions.len();
+    if export.versions.len() < have {
+        return Ok(());
+    }
+    key.versions.extend(export.versions.iter().skip(have).cloned());
+    key.description.clone_from(&export.description);
+    key.rotation = export.rotation.clone();
+    key.manual_rotations = export.manual_rotations;
+    key.replicas = replica_list(export);
+    Ok(())
+}
+
+impl KeyExport {
+    /// `Some(true)` if the export holds `v` identically, `Some(false)` if it
+    /// holds a different version with that number, `None` if it lacks it.
+    fn version_matches(&self, v: &KeyVersion) -> Option<bool> {
+        let idx = usize::try_from(v.version).ok()?.checked_sub(1)?;
+        self.versions.get(idx).map(|e| e == v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::rotation;
+    use kms_client::proto::ErrorCode;
+
+    fn primary() -> KeyRecord {
+        let mut k = KeyRecord::new(
+            Uuid::new_v4(),
+            KeyKind::Customer,
+            "a",
+            RotationSchedule::every(365, 0),
+            0,
+        );
+        k.name = Some("app".into());
+        k
+    }
+
+    fn replica_of(p: &KeyRecord) -> KeyRecord {
+        new_replica(&export(p), "b").unwrap()
+    }
+
+    #[test]
+    fn replica_has_same_id_history_and_role() {
+        let mut p = primary();
+        rotation::rotate_manual(&mut p, 10).unwrap();
+        assert!(add_replica(&mut p, "b").unwrap());
+        let r = replica_of(&p);
+        assert_eq!((r.id, r.zone.as_str()), (p.id, "b"));
+        assert_eq!(r.rotations(), p.rotations());
+        assert_eq!(r.versions, p.versions);
+        assert_eq!(r.manual_rotations, 1);
+        assert_eq!(
+            r.role,
+            KeyRole::Replica {
+                primary_zone: "a".into()
+            }
+        );
+        assert_eq!(p.role, KeyRole::Primary);
+    }
+
+    #[test]
+    fn apply_takes_new_versions_in_order_and_is_idempotent() {
+        let mut p = primary();
+        add_replica(&mut p, "b").unwrap();
+        let mut r = replica_of(&p);
+        rotation::rotate_manual(&mut p, 10).unwrap();
+        rotation::rotate_manual(&mut p, 20).unwrap();
+        let e = export(&p);
+        apply(&mut r, &e).unwrap();
+        assert_eq!(r.versions, p.versions);
+        let before = r.clone();
+        apply(&mut r, &e).unwrap();
+        assert_eq!(r, before);
+        // An older export changes nothing either.
+        let mut old = e.clone();
+        old.versions.truncate(1);
+        apply(&mut r, &old).unwrap();
+        assert_eq!(r.versions, p.versions);
+    }
+
+    #[test]
+    fn gaps_and_conflicts_are_refused() {
+        let mut p = primary();
+        let mut r = replica_of(&p);
+        rotation::rotate_manual(&mut p, 10).unwrap();
+        let mut gap = export(&p);
+        gap.versions.remove(0);
+        assert_eq!(apply(&mut r, &gap).unwrap_err().code(), ErrorCode::InvalidArgument);
+        let mut other = primary();
+        other.id = p.id;
+        let conflict = export(&other);
+        assert_eq!(apply(&mut r, &conflict).unwrap_err().code(), ErrorCode::InvalidArgument);
+        assert_eq!(r.versions.len(), 1);
+        let mut wrong_primary = export(&p);
+        wrong_primary.primary_zone = "c".into();
+        assert!(apply(&mut r, &wrong_primary).is_err());
+    }
+
+    #[test]
+    fn who_may_be_replicated() {
+        let mut d = primary();
+        d.kind = KeyKind::DefaultOrganization;
+        assert_eq!(add_replica(&mut d, "b").unwrap_err().code(), ErrorCode::Forbidden);
+        let mut p = primary();
+        assert_eq!(add_replica(&mut p, "a").unwrap_err().code(), ErrorCode::InvalidArgument);
+        let mut r = replica_of(&p);
+        assert_eq!(add_replica(&mut r, "c").unwrap_err().code(), ErrorCode::NotPrimary);
+        assert!(add_replica(&mut p, "b").unwrap());
+        assert!(!add_replica(&mut p, "b").unwrap());
+    }
+
+    #[test]
+    fn confirmations_only_move_forward_and_pending_can_be_dropped() {
+        let mut p = primary();
+        add_replica(&mut p, "b").unwrap();
+        add_replica(&mut p, "c").unwrap();
+        rotation::rotate_manual(&mut p, 10).unwrap();
+        confirm(&mut p, "b", 2).unwrap();
+        confirm(&mut p, "b", 1).unwrap();
+        assert_eq!(p.replicas[0].confirmed_version, Some(2));
+        assert!(confirm(&mut p, "b", 3).is_err());
+        assert!(confirm(&mut p, "x", 1).is_err());
+        assert_eq!(behind(&p), vec![("c".to_string(), None)]);
+        drop_unconfirmed_replica(&mut p, "c");
+        drop_unconfirmed_replica(&mut p, "b");
+        assert_eq!(p.replicas.len(), 1);
+        assert_eq!(p.role, KeyRole::Primary);
+    }
+}

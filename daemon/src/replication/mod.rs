@@ -1,0 +1,536 @@
+//! Multi-zone keys between daemons: `key replicate`, the replication
+//! frames other zones send us, and (in [`tasks`]) the background pushes
+//! from primaries and pulls by replicas.
+//!
+//! Invariants: key material leaves the daemon only sealed under the
+//! peering key ([`seal`]); every change is persisted through the key
+//! service before it is acknowledged; no lock is held across a network
+//! call; a replica only ever takes versions in order from its primary.
+
+pub mod seal;
+pub mod tasks;
+pub mod transport;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use kms_client::proto::{ErrorCode, ErrorReply, KeyInfo, Principal, ReplicationFrame, Request, Response};
+use uuid::Uuid;
+
+use crate::keys::error::error_chain;
+use crate::keys::replica::KeyExport;
+use crate::keys::{self, Caller, KeyService};
+use seal::{Message, PeerKey};
+use transport::{PeerError, PeerTransport};
+
+/// Why `key replicate` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    #[error(transparent)]
+    Key(#[from] keys::Error),
+    #[error("{0}")]
+    Zone(String),
+    #[error("cannot replicate to zone {zone}")]
+    Peer {
+        zone: String,
+        #[source]
+        source: PeerError,
+    },
+}
+
+impl From<ReplicateError> for ErrorReply {
+    fn from(e: ReplicateError) -> Self {
+        match e {
+            ReplicateError::Key(k) => k.into(),
+            ReplicateError::Zone(msg) => ErrorReply::new(ErrorCode::InvalidArgument, msg),
+            ReplicateError::Peer {
+                zone,
+                source: PeerError::Refused { reply, .. },
+            } => ErrorReply::new(
+                reply.code,
+                format!("zone {zone} refused the replica: {}", reply.message),
+            ),
+            e @ ReplicateError::Peer { .. } => ErrorReply::new(ErrorCode::Unavailable, error_chain(&e)),
+        }
+    }
+}
+
+/// Counters for the metrics exporter. Hook: when metrics are wired, export
+/// these as `kmsd_replication_pushes_total{outcome="ok|refused|failed"}`,
+/// `kmsd_replication_pulls_total{outcome="ok|failed"}` and
+/// `kmsd_replication_frames_rejected_total`, and the replica lag as
+/// `kmsd_replica_lag_versions{key,zone}` from [`replica_lag`].
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    pub pushes_ok: AtomicU64,
+    pub pushes_refused: AtomicU64,
+    pub pushes_failed: AtomicU64,
+    pub pulls_ok: AtomicU64,
+    pub pulls_failed: AtomicU64,
+    pub frames_rejected: AtomicU64,
+}
+
+impl ReplicationStats {
+    fn count_push(&self, r: &Result<u32, PeerError>) {
+        let c = match r {
+            Ok(_) => &self.pushes_ok,
+            Err(PeerError::Refused { .. }) => &self.pushes_refused,
+            Err(_) => &self.pushes_failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Lag in versions of each replica of a primary key: (zone, versions
+/// behind); a replica that never confirmed lags by the whole history.
+pub fn replica_lag(k: &KeyInfo) -> Vec<(String, u32)> {
+    k.replicas
+        .iter()
+        .map(|r| (r.zone.clone(), k.active_version - r.confirmed_version.unwrap_or(0)))
+        .collect()
+}
+
+/// Timing of the background work.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Between a replica's pulls from its primary.
+    pub pull_interval: Duration,
+    /// Longest pause between retries of a failed push.
+    pub retry_max: Duration,
+}
+
+/// The replication state of one daemon.
+#[derive(Debug)]
+pub struct Replicator {
+    keys: Arc<KeyService>,
+    peers: Vec<String>,
+    peer_key: PeerKey,
+    allowed: Vec<Principal>,
+    transport: Arc<dyn PeerTransport>,
+    settings: Settings,
+    /// Outcome counters (see [`ReplicationStats`]).
+    pub stats: ReplicationStats,
+    /// Test hook (`KMSDTEST_FAULT=kill-before-push`): SIGKILL ourselves
+    /// after a new version was persisted and before it is pushed to a
+    /// replica that already holds an older one.
+    kill_before_push: bool,
+}
+
+impl Replicator {
+    /// Replication for `keys` with the peers `peers` (zones) reached through
+    /// `transport`, accepting frames only from `allowed` callers.
+    pub fn new(
+        keys: Arc<KeyService>,
+        peers: Vec<String>,
+        peer_key: PeerKey,
+        allowed: Vec<Principal>,
+        transport: Arc<dyn PeerTransport>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            keys,
+            peers,
+            peer_key,
+            allowed,
+            transport,
+            settings,
+            stats: ReplicationStats::default(),
+            kill_before_push: std::env::var("KMSDTEST_FAULT").is_ok_and(|v| v == "kill-before-push"),
+        }
+    }
+
+    /// The `kill-before-push` fault point (see `kill_before_push`).
+    pub(crate) fn fault_before_push(&self, id: Uuid, zone: &str) {
+        if self.kill_before_push {
+            tracing::warn!(key = %id, zone, "test fault: SIGKILL before push");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    fn zone(&self) -> &str {
+        self.keys.zone()
+    }
+
+    /// Answers `ReplicateKey` and `Replication` requests; a panic becomes an
+    /// `internal` error for this request only.
+    pub async fn handle(&self, caller: &Caller, req: Request) -> Response {
+        let fut = async {
+            match req {
+                Request::ReplicateKey { key, zone } => match self.replicate(caller, &key, &zone).await {
+                    Ok(info) => Response::Key(info),
+                    Err(e) => Response::Error(e.into()),
+                },
+                Request::Replication(frame) => self.on_frame(caller, frame).await,
+                other => error(
+                    ErrorCode::Internal,
+                    format!("{} is not a replication request", other.op_name()),
+                ),
+            }
+        };
+        std::panic::AssertUnwindSafe(fut)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!(uid = caller.uid, "replication handler panicked; answered internal");
+                error(ErrorCode::Internal, "internal error during replication")
+            })
+    }
+
+    /// `key replicate KEY --zone ZONE`: persists the new replica as pending,
+    /// pushes the key, records the confirmation. If the push fails the
+    /// pending replica is forgotten and the error returned.
+    ///
+    /// # Errors
+    /// [`ReplicateError`]: key rules, unknown or own zone, peer failures.
+    pub async fn replicate(&self, caller: &Caller, key: &str, zone: &str) -> Result<KeyInfo, ReplicateError> {
+        self.check_target(zone)?;
+        let (c, k, z) = (caller.clone(), key.to_string(), zone.to_string());
+        let (export, added) = self.blocking(move |s| s.begin_replica(&c, &k, &z)).await?;
+        let id = export.id;
+        match self.push(zone, export).await {
+            Ok(version) => {
+                let z = zone.to_string();
+                self.blocking(move |s| s.record_confirmed(id, &z, version)).await?;
+                tracing::info!(key = %id, zone, version, "key replicated");
+                Ok(self.keys.describe(caller, &id.to_string())?)
+            }
+            Err(source) => {
+                tracing::warn!(key = %id, zone, error = %error_chain(&source), "replication failed");
+                if added {
+                    let z = zone.to_string();
+                    self.blocking(move |s| s.cancel_replica(id, &z)).await?;
+                }
+                Err(ReplicateError::Peer {
+                    zone: zone.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    fn check_target(&self, zone: &str) -> Result<(), ReplicateError> {
+        if zone == self.zone() {
+            return Err(ReplicateError::Zone(format!(
+                "zone {zone} is this daemon's own zone; replicate to another zone"
+            )));
+        }
+        if !self.peers.iter().any(|p| p == zone) {
+            return Err(ReplicateError::Zone(format!(
+                "unknown zone {zone}; configured peers: {}",
+                self.peers.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs a key-service call (which may fsync) off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&KeyService) -> keys::Result<T> + Send + 'static,
+    ) -> keys::Result<T> {
+        let keys = self.keys.clone();
+        tokio::task::spawn_blocking(move || f(&keys))
+            .await
+            .unwrap_or_else(|_| Err(keys::Error::Internal("replication task failed".to_string())))
+    }
+
+    /// Sends one message to `zone` and opens its sealed answer.
+    async fn exchange(&self, zone: &str, msg: &Message) -> Result<Message, PeerError> {
+        let bad = |source| PeerError::BadSeal {
+            zone: zone.to_string(),
+            source,
+        };
+        let frame = seal::seal(&self.peer_key, self.zone(), zone, msg).map_err(bad)?;
+        let answer = self.transport.send(zone, frame).await?;
+        if answer.from_zone != zone || answer.to_zone != self.zone() {
+            return Err(PeerError::Unexpected {
+                zone: zone.to_string(),
+                kind: "frame for other zones",
+            });
+        }
+        seal::open(&self.peer_key, &answer).map_err(bad)
+    }
+
+    /// Pushes `export` to its replica in `zone`; returns the version the
+    /// replica confirmed.
+    async fn push(&self, zone: &str, export: KeyExport) -> Result<u32, PeerError> {
+        let id = export.id;
+        let r = match self.exchange(zone, &Message::Push(export)).await {
+            Ok(Message::Ack { key, version }) if key == id => Ok(version),
+            Ok(_) => Err(PeerError::Unexpected {
+                zone: zone.to_string(),
+                kind: "message instead of an acknowledgement",
+            }),
+            Err(e) => Err(e),
+        };
+        self.stats.count_push(&r);
+        r
+    }
+
+    /// Pushes the current state of primary key `id` to its replica in
+    /// `zone` and records the confirmation.
+    ///
+    /// # Errors
+    /// As [`ReplicateError`].
+    pub async fn push_current(&self, id: Uuid, zone: &str) -> Result<u32, ReplicateError> {
+        let z = zone.to_string();
+        let export = self.blocking(move |s| s.export_for_replica(id, &z)).await?;
+        let version = self.push(zone, export).await.map_err(|source| ReplicateError::Peer {
+            zone: zone.to_string(),
+            source,
+        })?;
+        let z = zone.to_string();
+        self.blocking(move |s| s.record_confirmed(id, &z, version)).await?;
+        Ok(version)
+    }
+
+    /// Asks the primary in `primary_zone` for key `id` and applies what it
+    /// sends; returns the active version now held.
+    ///
+    /// # Errors
+    /// As [`ReplicateError`].
+    pub async fn pull(&self, id: Uuid, primary_zone: &str) -> Result<u32, ReplicateError> {
+        let peer = |source| ReplicateError::Peer {
+            zone: primary_zone.to_string(),
+            source,
+        };
+        let r = self.exchange(primary_zone, &Message::Pull { key: id }).await;
+        let c = if r.is_ok() {
+            &self.stats.pulls_ok
+        } else {
+            &self.stats.pulls_failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        let export = match r.map_err(peer)? {
+            Message::Export(e) if e.id == id => e,
+            _ => {
+                return Err(peer(PeerError::Unexpected {
+                    zone: primary_zone.to_string(),
+                    kind: "message instead of an export",
+                }))
+            }
+        };
+        let z = primary_zone.to_string();
+        Ok(self.blocking(move |s| s.accept_replica(&export, &z)).await?)
+    }
+
+    /// One frame from another zone: who sent it, does it verify, then the
+    /// message itself.
+    async fn on_frame(&self, caller: &Caller, frame: ReplicationFrame) -> Response {
+        let from = frame.from_zone.clone();
+        let msg = match self.admit(caller, &frame) {
+            Ok(msg) => msg,
+            Err(reply) => {
+                self.stats.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                return Response::Error(reply);
+            }
+        };
+        let answer = match msg {
+            Message::Push(export) => self.on_push(export, &from).await,
+            Message::Pull { key } => self.on_pull(key, &from).await,
+            Message::Ack { .. } | Message::Export(_) => Err(ErrorReply::new(
+                ErrorCode::InvalidArgument,
+                "acknowledgements and exports are answers, not requests",
+            )),
+        };
+        match answer.and_then(|m| self.seal_to(&from, &m)) {
+            Ok(frame) => Response::Replication(frame),
+            Err(reply) => {
+                tracing::warn!(claimed_zone = %from, error = %reply, "replication request refused");
+                Response::Error(reply)
+            }
+        }
+    }
+
+    /// Checks the caller's uid, the zones and the seal.
+    fn admit(&self, caller: &Caller, frame: &ReplicationFrame) -> Result<Message, ErrorReply> {
+        let (uid, pid, from) = (caller.uid, caller.pid, &frame.from_zone);
+        if !caller.matches(&self.allowed) {
+            tracing::warn!(uid, pid, claimed_zone = %from, "replication frame from a uid not in access.peers; refused");
+            return Err(ErrorReply::new(
+                ErrorCode::PermissionDenied,
+                format!("uid {uid} is not a configured peer (access.peers)"),
+            ));
+        }
+        if frame.to_zone != self.zone() || !self.peers.iter().any(|p| p == from) {
+            tracing::warn!(uid, pid, claimed_zone = %from, to_zone = %frame.to_zone, "replication frame for unknown zones; refused");
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidArgument,
+                format!("this is zone {}; zone {from} is not a configured peer", self.zone()),
+            ));
+        }
+        seal::open(&self.peer_key, frame).map_err(|e| {
+            tracing::warn!(uid, pid, claimed_zone = %from, error = %error_chain(&e), "replication frame does not verify (wrong peering key?); refused");
+            ErrorReply::new(
+                ErrorCode::PermissionDenied,
+                format!("replication frame claiming zone {from} does not verify under this zone's peering key"),
+            )
+        })
+    }
+
+    fn seal_to(&self, zone: &str, msg: &Message) -> Result<ReplicationFrame, ErrorReply> {
+        seal::seal(&self.peer_key, self.zone(), zone, msg)
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, error_chain(&e)))
+    }
+
+    async fn on_push(&self, export: KeyExport, from: &str) -> Result<Message, ErrorReply> {
+        let (id, z) = (export.id, from.to_string());
+        let version = self
+            .blocking(move |s| s.accept_replica(&export, &z))
+            .await
+            .map_err(ErrorReply::from)?;
+        tracing::debug!(key = %id, primary_zone = from, version, "replica up to date");
+        Ok(Message::Ack { key: id, version })
+    }
+
+    async fn on_pull(&self, id: Uuid, from: &str) -> Result<Message, ErrorReply> {
+        let z = from.to_string();
+        let export = self
+            .blocking(move |s| s.export_for_replica(id, &z))
+            .await
+            .map_err(ErrorReply::from)?;
+        Ok(Message::Export(export))
+    }
+}
+
+fn error(code: ErrorCode, msg: impl Into<String>) -> Response {
+    Response::Error(ErrorReply::new(code, msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, Weak};
+
+    use futures::future::BoxFuture;
+    use kms_client::proto::{CreateKey, KeyRole};
+
+    use super::*;
+    use crate::keys::{ManualClock, RootKey};
+
+    const PEER_UID: u32 = 990;
+
+    /// Delivers frames in memory to the other zone's replicator, as uid
+    /// `PEER_UID`: the replication logic without sockets.
+    #[derive(Debug, Default)]
+    struct Loopback(OnceLock<HashMap<String, Weak<Replicator>>>);
+
+    impl PeerTransport for Loopback {
+        fn send<'a>(
+            &'a self,
+            zone: &'a str,
+            frame: ReplicationFrame,
+        ) -> BoxFuture<'a, Result<ReplicationFrame, PeerError>> {
+            Box::pin(async move {
+                let peer = self.0.get().and_then(|m| m.get(zone)).and_then(Weak::upgrade);
+                let peer = peer.ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
+                let caller = Caller::process(PEER_UID, PEER_UID, None);
+                match peer.handle(&caller, Request::Replication(frame)).await {
+                    Response::Replication(f) => Ok(f),
+                    Response::Error(reply) => Err(PeerError::Refused {
+                        zone: zone.to_string(),
+                        reply,
+                    }),
+                    other => Err(PeerError::Unexpected {
+                        zone: zone.to_string(),
+                        kind: other.kind_name(),
+                    }),
+                }
+            })
+        }
+    }
+
+    struct Zone {
+        _dir: tempfile::TempDir,
+        r: Arc<Replicator>,
+    }
+
+    fn zone(name: &str, peer: &str, key: u8, transport: Arc<Loopback>) -> Zone {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::at(1_750_000_000));
+        let keys = KeyService::open(dir.path(), RootKey::from_bytes(&[1; 32]), name, clock).unwrap();
+        let settings = Settings {
+            pull_interval: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+        };
+        let r = Replicator::new(
+            Arc::new(keys),
+            vec![peer.to_string()],
+            PeerKey::from_bytes(&[key; 32]),
+            vec![Principal::Uid(PEER_UID)],
+            transport,
+            settings,
+        );
+        Zone {
+            _dir: dir,
+            r: Arc::new(r),
+        }
+    }
+
+    fn pair(key_a: u8, key_b: u8) -> (Zone, Zone) {
+        let t = Arc::new(Loopback::default());
+        let a = zone("a", "b", key_a, t.clone());
+        let b = zone("b", "a", key_b, t.clone());
+        let map = HashMap::from([
+            ("a".to_string(), Arc::downgrade(&a.r)),
+            ("b".to_string(), Arc::downgrade(&b.r)),
+        ]);
+        t.0.set(map).unwrap();
+        (a, b)
+    }
+
+    fn owner() -> Caller {
+        Caller::process(1000, 1000, None)
+    }
+
+    fn create(z: &Zone) {
+        let req = CreateKey {
+            name: Some("app".into()),
+            ..Default::default()
+        };
+        z.r.keys.create_key(&owner(), &req).unwrap();
+    }
+
+    #[tokio::test]
+    async fn replicate_push_and_pull_through_the_transport_trait() {
+        let (a, b) = pair(3, 3);
+        create(&a);
+        let info = a.r.replicate(&owner(), "app", "b").await.unwrap();
+        assert_eq!(info.role, KeyRole::Primary);
+        assert_eq!(info.replicas[0].confirmed_version, Some(1));
+        let id = info.id;
+        a.r.keys.rotate(&owner(), "app").unwrap();
+        assert_eq!(a.r.push_current(id, "b").await.unwrap(), 2);
+        a.r.keys.rotate(&owner(), "app").unwrap();
+        assert_eq!(b.r.pull(id, "a").await.unwrap(), 3);
+        assert_eq!(
+            b.r.keys.rotations(&owner(), "app").unwrap(),
+            a.r.keys.rotations(&owner(), "app").unwrap()
+        );
+        assert_eq!(a.r.stats.pushes_ok.load(Ordering::Relaxed), 2);
+        assert_eq!(b.r.stats.pulls_ok.load(Ordering::Relaxed), 1);
+        let lag = replica_lag(&a.r.keys.describe(&owner(), "app").unwrap());
+        assert_eq!(lag, vec![("b".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn wrong_peering_key_and_unknown_uid_are_refused() {
+        let (a, b) = pair(3, 4);
+        create(&a);
+        let err = a.r.replicate(&owner(), "app", "b").await.unwrap_err();
+        assert_eq!(ErrorReply::from(err).code, ErrorCode::PermissionDenied);
+        assert_eq!(b.r.stats.frames_rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(a.r.stats.pushes_refused.load(Ordering::Relaxed), 1);
+        let k = a.r.keys.describe(&owner(), "app").unwrap();
+        assert_eq!(k.role, KeyRole::SingleZone);
+
+        let frame = seal::seal(&a.r.peer_key, "a", "b", &Message::Pull { key: k.id }).unwrap();
+        let stranger = Caller::process(4242, 4242, None);
+        match b.r.handle(&stranger, Request::Replication(frame)).await {
+            Response::Error(e) => assert_eq!(e.code, ErrorCode::PermissionDenied),
+            other => panic!("{other:?}"),
+        }
+    }
+}
