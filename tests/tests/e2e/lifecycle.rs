@@ -117,6 +117,20 @@ fn dev_mode_works_from_an_empty_folder() {
         assert_eq!(m, mode, "{}", p.display());
     }
     assert!(dev.join("kmsd.toml").exists());
+    // Where FUSE works, --dev mounts DIR/mnt over DIR/data with the key "dev".
+    if kms_tests::fuse_available() {
+        std::fs::write(dev.join("mnt/hello.txt"), b"hello through the dev mount").unwrap();
+        assert_eq!(
+            std::fs::read(dev.join("mnt/hello.txt")).unwrap(),
+            b"hello through the dev mount"
+        );
+        let stored = std::fs::read(dev.join("data/hello.txt")).unwrap();
+        assert!(!stored.windows(5).any(|w| w == b"hello"), "stored encrypted");
+        assert_eq!(
+            c.describe_key("dev").unwrap().kind,
+            kms_client::proto::KeyKind::Customer
+        );
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -124,6 +138,10 @@ fn dev_mode_works_from_an_empty_folder() {
     .unwrap();
     assert!(child.wait().unwrap().success());
     assert!(!socket.exists());
+    assert!(
+        !kms_tests::is_mounted(&dev.join("mnt")),
+        "the dev mount is gone after SIGINT"
+    );
 }
 
 #[test]
