@@ -16,8 +16,8 @@ use rand::RngCore;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, block_len, block_offset, last_index, open_block, seal_block, BlockKey, FormatError, Header, BLOCK_OVERHEAD,
-    BLOCK_SIZE, HEADER_LEN,
+    self, block_len, block_offset, last_index, open_block_in_place, seal_block, BlockKey, FormatError, Header,
+    BLOCK_OVERHEAD, BLOCK_SIZE, HEADER_LEN,
 };
 use crate::keys::{Dek, FileId, KeySource};
 
@@ -133,7 +133,12 @@ impl EncryptedFile {
         let first = offset / BLOCK_SIZE as u64;
         let plain = self.read_blocks(key, *size, first, (end - 1) / BLOCK_SIZE as u64)?;
         let skip = (offset - first * BLOCK_SIZE as u64) as usize;
-        Ok(plain[skip..skip + (end - offset) as usize].to_vec())
+        let mut plain = plain;
+        plain.truncate(skip + (end - offset) as usize);
+        if skip > 0 {
+            plain.drain(..skip);
+        }
+        Ok(plain)
     }
 
     /// Decrypts blocks `first..=last` of a file of `size` bytes in one read.
@@ -149,10 +154,10 @@ impl EncryptedFile {
         for index in first..=last {
             let at = (block_offset(index) - start) as usize;
             let len = block_len(size, index) + BLOCK_OVERHEAD;
-            let block = &disk[at..at + len];
-            let plain =
-                open_block(key, &self.file_id, index, index == final_index, block).map_err(|e| self.tampered(e))?;
-            out.extend_from_slice(&plain);
+            let block = &mut disk[at..at + len];
+            let plain = open_block_in_place(key, &self.file_id, index, index == final_index, block)
+                .map_err(|e| self.tampered(e))?;
+            out.extend_from_slice(plain);
         }
         Ok(out)
     }

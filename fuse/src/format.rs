@@ -275,17 +275,36 @@ pub fn open_block(
     last: bool,
     disk: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
+    let mut buf = disk.to_vec();
+    let len = open_block_in_place(key, file_id, index, last, &mut buf)?.len();
+    buf.copy_within(NONCE_LEN..NONCE_LEN + len, 0);
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Like [`open_block`], but decrypts inside `disk` (no allocation) and
+/// returns the plaintext, which sits at `disk[NONCE_LEN..]`. On failure the
+/// buffer's ciphertext is left unspecified.
+///
+/// # Errors
+/// As [`open_block`].
+pub fn open_block_in_place<'a>(
+    key: &BlockKey,
+    file_id: &FileId,
+    index: u64,
+    last: bool,
+    disk: &'a mut [u8],
+) -> Result<&'a [u8], FormatError> {
     if disk.len() < BLOCK_OVERHEAD || disk.len() > DISK_BLOCK_SIZE {
         return Err(FormatError::BlockTooShort(index));
     }
-    let (nonce, rest) = disk.split_at(NONCE_LEN);
-    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let mut plain = ct.to_vec();
+    let (nonce, rest) = disk.split_at_mut(NONCE_LEN);
+    let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
     let aad = block_aad(file_id, index, last);
     key.0
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), &aad, &mut plain, Tag::from_slice(tag))
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), &aad, ct, Tag::from_slice(tag))
         .map_err(|_| FormatError::BlockAuth(index))?;
-    Ok(plain)
+    Ok(ct)
 }
 
 /// Index of the last block of a file of `size` plaintext bytes.
