@@ -115,6 +115,27 @@ mod tests {
     }
 
     #[test]
+    fn ciphers_are_built_once_per_version_and_reused_across_rotations() {
+        use crate::keys::model::{KeyRecord, RotationSchedule};
+        let mut key = KeyRecord::new(
+            Uuid::new_v4(),
+            kms_client::proto::KeyKind::Customer,
+            "z",
+            RotationSchedule::every(365, 0),
+            0,
+        );
+        let before = VersionCiphers::build(&key, None);
+        crate::keys::rotation::rotate_manual(&mut key, 1).unwrap();
+        let after = VersionCiphers::build(&key, Some(&before));
+        assert!(
+            Arc::ptr_eq(&before.0[0], &after.0[0]),
+            "version 1's cipher is reused, not expanded again"
+        );
+        assert_eq!(after.0.len(), 2);
+        assert!(after.get(3).is_none() && after.get(0).is_none());
+    }
+
+    #[test]
     fn nonces_are_fresh() {
         let m = Material::random();
         let a = seal(&cipher(&m), Uuid::nil(), 1, b"x", &Context::new());
