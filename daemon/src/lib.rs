@@ -9,6 +9,7 @@ pub mod keys;
 pub mod logging;
 pub mod mounts;
 pub mod notify;
+pub mod observe;
 pub mod ops;
 pub mod replication;
 pub mod scheduler;

@@ -9,6 +9,7 @@ use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, Statu
 
 use crate::keys::{self, Caller, KeyService};
 use crate::mounts::Mounts;
+use crate::observe::Observers;
 use crate::replication::Replicator;
 
 /// The daemon's shared state, seen by every connection.
@@ -20,6 +21,8 @@ pub struct Daemon {
     pub mounts: Arc<Mounts>,
     /// Multi-zone replication, when peers are configured.
     pub replication: Option<Arc<Replicator>>,
+    /// Told about every answered request (metrics, audit).
+    pub observers: Observers,
 }
 
 impl Daemon {
@@ -31,6 +34,7 @@ impl Daemon {
             connections: AtomicU64::new(0),
             mounts,
             replication: None,
+            observers: Observers::default(),
         }
     }
 

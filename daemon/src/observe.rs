@@ -1,0 +1,191 @@
+//! One report per answered request, for metrics and the audit log: what was
+//! asked (operation, caller, key, version), how it ended, and how long it
+//! took. The server builds an [`Observation`] around each request and hands
+//! it to every [`Observer`]; observers must be cheap and must never block.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kms_client::blob::BlobHeader;
+use kms_client::proto::{Request, Response};
+
+use crate::keys::Caller;
+
+/// What is known about a request before it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// Stable operation name (`Request::op_name`).
+    pub op: &'static str,
+    /// The key as the caller named it, or the key id a blob names.
+    pub key: Option<String>,
+    /// The key version a blob names (decrypt, unwrap, re-encrypt input).
+    pub version: Option<u32>,
+    /// Number of items of a batch request, 1 otherwise.
+    pub items: usize,
+    /// Plaintext bytes the request carries (encrypt, wrap).
+    pub plaintext_in: usize,
+}
+
+impl Subject {
+    /// Reads the subject off a request, before it is consumed.
+    pub fn of(req: &Request) -> Self {
+        let mut s = Self {
+            op: req.op_name(),
+            key: None,
+            version: None,
+            items: 1,
+            plaintext_in: 0,
+        };
+        match req {
+            Request::DescribeKey { key }
+            | Request::EnableKey { key }
+            | Request::DisableKey { key }
+            | Request::ScheduleDeletion { key, .. }
+            | Request::CancelDeletion { key }
+            | Request::ReplicateKey { key, .. }
+            | Request::RotateKey { key }
+            | Request::ListRotations { key }
+            | Request::EnableRotation { key, .. }
+            | Request::DisableRotation { key }
+            | Request::GenerateDataKey { key, .. } => s.key = Some(key.clone()),
+            Request::Encrypt { key, plaintext, .. } => (s.key, s.plaintext_in) = (Some(key.clone()), plaintext.len()),
+            Request::Wrap { key, dek, .. } => (s.key, s.plaintext_in) = (Some(key.clone()), dek.len()),
+            Request::WrapBatch { key, deks, .. } => {
+                s.key = Some(key.clone());
+                s.items = deks.len();
+                s.plaintext_in = deks.iter().map(Vec::len).sum();
+            }
+            Request::GenerateDataKeyBatch { key, count, .. } => (s.key, s.items) = (Some(key.clone()), *count as usize),
+            Request::Decrypt { blob, .. } | Request::Unwrap { blob, .. } | Request::ReEncrypt { blob, .. } => {
+                s.set_blob(blob);
+            }
+            Request::UnwrapBatch { blobs, .. } => {
+                s.items = blobs.len();
+                if let Some(first) = blobs.first() {
+                    s.set_blob(first);
+                }
+            }
+            Request::CreateKey(c) => s.key.clone_from(&c.name),
+            _ => {}
+        }
+        s
+    }
+
+    fn set_blob(&mut self, blob: &[u8]) {
+        if let Ok(h) = BlobHeader::parse(blob) {
+            self.key = Some(h.key_id.to_string());
+            self.version = Some(h.version);
+        }
+    }
+}
+
+/// One answered request.
+#[derive(Debug)]
+pub struct Observation<'a> {
+    pub subject: &'a Subject,
+    pub caller: &'a Caller,
+    pub response: &'a Response,
+    pub elapsed: Duration,
+}
+
+impl Observation<'_> {
+    /// `ok`, or the error code (`not-found`, `decrypt-failed`, ...).
+    pub fn outcome(&self) -> &'static str {
+        match self.response {
+            Response::Error(e) => e.code.as_str(),
+            _ => "ok",
+        }
+    }
+
+    /// The key id and version the answer names, where it names one: the
+    /// key of a key-info answer and its active version, or the key and
+    /// version of a returned blob. Falls back to the request's subject.
+    pub fn key_and_version(&self) -> (Option<String>, Option<u32>) {
+        let from_blob = |b: &[u8]| {
+            BlobHeader::parse(b)
+                .ok()
+                .map(|h| (Some(h.key_id.to_string()), Some(h.version)))
+        };
+        let answered = match self.response {
+            Response::Key(k) => Some((Some(k.id.to_string()), Some(k.active_version))),
+            Response::Blob(b) => from_blob(b),
+            Response::DataKey(d) => from_blob(&d.blob),
+            Response::Blobs(bs) => bs.first().and_then(|b| from_blob(b)),
+            Response::DataKeys(ds) => ds.first().and_then(|d| from_blob(&d.blob)),
+            _ => None,
+        };
+        answered.unwrap_or_else(|| (self.subject.key.clone(), self.subject.version))
+    }
+}
+
+/// Something that wants to hear about every answered request.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// Called once per answered request, on the request's thread.
+    fn observe(&self, o: &Observation<'_>);
+}
+
+/// The observers of one daemon.
+#[derive(Debug, Default, Clone)]
+pub struct Observers(Vec<Arc<dyn Observer>>);
+
+impl Observers {
+    /// Adds an observer.
+    pub fn push(&mut self, o: Arc<dyn Observer>) {
+        self.0.push(o);
+    }
+
+    /// Reports one answered request to every observer.
+    pub fn observe(&self, o: &Observation<'_>) {
+        for obs in &self.0 {
+            obs.observe(o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kms_client::proto::{Context, ErrorCode, ErrorReply};
+
+    #[test]
+    fn subject_reads_keys_and_blob_versions() {
+        let wrap = Request::Wrap {
+            key: "app".into(),
+            dek: vec![0; 32],
+            context: Context::new(),
+        };
+        let s = Subject::of(&wrap);
+        assert_eq!((s.op, s.key.as_deref(), s.plaintext_in), ("wrap", Some("app"), 32));
+        let mut blob = BlobHeader {
+            key_id: uuid::Uuid::nil(),
+            version: 7,
+            nonce: [0; 12],
+        }
+        .to_bytes()
+        .to_vec();
+        blob.extend_from_slice(&[0; 16]);
+        let s = Subject::of(&Request::Unwrap {
+            blob: blob.clone(),
+            context: Context::new(),
+        });
+        assert_eq!((s.key.clone(), s.version), (Some(uuid::Uuid::nil().to_string()), Some(7)));
+        let caller = Caller::process(1, 1, Some(2));
+        let err = Response::Error(ErrorReply::new(ErrorCode::DecryptFailed, "x"));
+        let o = Observation {
+            subject: &s,
+            caller: &caller,
+            response: &err,
+            elapsed: Duration::ZERO,
+        };
+        assert_eq!(o.outcome(), "decrypt-failed");
+        assert_eq!(o.key_and_version().1, Some(7));
+        let ok = Response::Blob(blob);
+        let o = Observation {
+            subject: &s,
+            caller: &caller,
+            response: &ok,
+            elapsed: Duration::ZERO,
+        };
+        assert_eq!(o.outcome(), "ok");
+    }
+}
