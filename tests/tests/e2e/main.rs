@@ -2,6 +2,7 @@
 //! sockets. One module per area.
 
 mod cli;
+mod disk;
 mod fs;
 mod lifecycle;
 mod protocol;

@@ -1,0 +1,148 @@
+//! Full disk: the key store and a mount's backing dir on small tmpfs
+//! filesystems that fill up. Rotation fails with `unavailable` and the
+//! store stays readable; writes through the mount get ENOSPC and earlier
+//! data stays intact; both work again once space is freed.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kms_client::proto::{Context, CreateKey, ErrorCode};
+use kms_tests::{fuse_available, DaemonOptions, TestDaemon};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(parent: &Path, name: &str, size: &str) -> Self {
+        let dir = parent.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let opts = format!("size={size},mode=0700");
+        mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .expect("mount tmpfs (root)");
+        Self(dir)
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut f = fs::File::create(&path).unwrap();
+        let chunk = vec![0xa5u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+    }
+}
+
+fn root_or_skip() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the full-disk tests need root, and CI is set"
+        );
+        eprintln!("skipping: needs root to mount tmpfs");
+    }
+    root
+}
+
+#[test]
+fn a_full_state_dir_refuses_rotation_clearly_and_recovers() {
+    if !root_or_skip() {
+        return;
+    }
+    let holder = tempfile::tempdir().unwrap();
+    let small = Tmpfs::new(holder.path(), "state", "256k");
+    let opts = DaemonOptions {
+        env: vec![("KMSD_STATE_DIR".into(), small.0.join("kmsd").to_str().unwrap().into())],
+        ..Default::default()
+    };
+    let d = TestDaemon::start_with(opts);
+    let mut c = d.client();
+    c.create_key(CreateKey {
+        name: Some("k".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let blob = c.wrap("k", &[5; 32], &Context::new()).unwrap();
+    let filler = small.fill();
+
+    let err = c.rotate_key("k").unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(
+        err.to_string().contains("No space left on device"),
+        "the message names the cause: {err}"
+    );
+    let err = c
+        .create_key(CreateKey {
+            name: Some("k2".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable));
+    // Nothing changed, and everything still reads and unwraps.
+    assert_eq!(c.describe_key("k").unwrap().active_version, 1);
+    assert_eq!(&c.unwrap(&blob, &Context::new()).unwrap()[..], &[5; 32]);
+    assert_eq!(c.wrap("k", &[6; 32], &Context::new()).map(|b| b.len()).unwrap(), 81);
+
+    fs::remove_file(filler).unwrap();
+    assert_eq!(c.rotate_key("k").unwrap().map(|k| k.active_version), Some(2));
+    c.create_key(CreateKey {
+        name: Some("k2".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(&c.unwrap(&blob, &Context::new()).unwrap()[..], &[5; 32]);
+}
+
+#[test]
+fn a_full_backing_dir_gives_enospc_and_keeps_earlier_data() {
+    if !root_or_skip() || !fuse_available() {
+        return;
+    }
+    let d = TestDaemon::start_with_mount();
+    // Put the backing dir on a small tmpfs: stop, mount over data/, restart.
+    let mut d = d;
+    assert!(d.terminate().success());
+    let small = Tmpfs::new(d.dir.path(), "data", "1m");
+    d.restart();
+    let mnt = d.mnt();
+    let early: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    fs::write(mnt.join("early"), &early).unwrap();
+
+    let mut f = fs::File::create(mnt.join("big")).unwrap();
+    let chunk = vec![1u8; 64 * 1024];
+    let err = loop {
+        match f.write_all(&chunk).and_then(|()| f.sync_all()) {
+            Ok(()) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+    assert_eq!(fs::read(mnt.join("early")).unwrap(), early, "earlier data intact");
+    assert!(fs::write(mnt.join("more"), vec![2u8; 256 * 1024]).is_err());
+
+    fs::remove_file(mnt.join("big")).unwrap();
+    let _ = fs::remove_file(mnt.join("more"));
+    fs::write(mnt.join("after"), vec![3u8; 256 * 1024]).unwrap();
+    assert_eq!(fs::read(mnt.join("after")).unwrap(), vec![3u8; 256 * 1024]);
+    assert_eq!(fs::read(mnt.join("early")).unwrap(), early);
+    assert!(d.terminate().success());
+    drop(small);
+}
