@@ -132,4 +132,14 @@ mod tests {
         assert_ne!(aad(&h, &a), aad(&h, &b));
         assert_eq!(aad(&h, &Context::new()), h.to_vec());
     }
+
+    proptest::proptest! {
+        /// Any byte string is a header or a clear error, never a panic.
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..128)) {
+            if let Ok(h) = BlobHeader::parse(&data) {
+                proptest::prop_assert_eq!(&h.to_bytes()[..], &data[..HEADER_LEN]);
+            }
+        }
+    }
 }

@@ -434,4 +434,23 @@ mod tests {
         assert!(parse("max_frame = \"big\"").is_err());
         assert!(parse("zone = 5\n[access]\nadmins = \"uid:0\"").is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+        /// Arbitrary text is a config or an error naming why, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = parse(&text);
+        }
+
+        /// Arbitrary values for known keys are accepted or refused, never a panic.
+        #[test]
+        fn arbitrary_values_never_panic(
+            key in proptest::sample::select(vec!["zone", "socket", "state_dir", "root_key", "max_frame", "log_level"]),
+            value in "\\PC{0,40}",
+        ) {
+            let _ = parse(&format!("{key} = {value:?}"));
+            let _ = parse(&format!("{key} = {}", value.len()));
+        }
+    }
 }

@@ -517,4 +517,26 @@ mod tests {
     fn crc32_matches_reference() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
+
+    proptest::proptest! {
+        /// Any bytes are a header or a clear error, never a panic; a header
+        /// that decodes has a current slot or says why not.
+        #[test]
+        fn header_decode_of_arbitrary_bytes_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            if let Ok(h) = Header::decode(&data) {
+                let _ = h.current();
+            }
+        }
+
+        /// Arbitrary block bytes never panic and never authenticate.
+        #[test]
+        fn open_block_of_arbitrary_bytes_fails_cleanly(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            index in 0u64..4,
+            last in proptest::bool::ANY,
+        ) {
+            let key = BlockKey::new(&Dek::from_bytes([3; 32]));
+            proptest::prop_assert!(open_block(&key, &[1; 16], index, last, &data).is_err());
+        }
+    }
 }
