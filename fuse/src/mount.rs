@@ -135,14 +135,20 @@ impl Drop for MountHandle {
 /// # Errors
 /// The detach itself fails.
 pub fn recover_stale_mount(target: &Path) -> Result<bool> {
-    match std::fs::metadata(target) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            umount2(target, MntFlags::MNT_DETACH)?;
-            tracing::warn!(target = %target.display(), "detached stale FUSE mount");
-            Ok(true)
-        }
-        _ => Ok(false),
+    if !is_dead_fuse_mount(target) {
+        return Ok(false);
     }
+    umount2(target, MntFlags::MNT_DETACH)?;
+    tracing::warn!(target = %target.display(), "detached stale FUSE mount");
+    Ok(true)
+}
+
+/// A FUSE mount whose daemon is gone answers `ENOTCONN`. `stat` alone can
+/// miss it (the kernel may still hold the root's attributes in its cache),
+/// so `statfs`, which is never cached, is asked too.
+fn is_dead_fuse_mount(target: &Path) -> bool {
+    let stat_dead = matches!(std::fs::metadata(target), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    stat_dead || matches!(nix::sys::statfs::statfs(target), Err(nix::Error::ENOTCONN))
 }
 
 /// Each inode the kernel knows holds an `O_PATH` descriptor, so allow as

@@ -2,6 +2,7 @@
 //! sockets. One module per area.
 
 mod cli;
+mod crash;
 mod disk;
 mod fs;
 mod lifecycle;
