@@ -9,4 +9,5 @@ mod lifecycle;
 mod protocol;
 mod reload;
 mod schedule;
+mod soak;
 mod zones;
