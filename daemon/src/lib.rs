@@ -14,3 +14,17 @@ pub mod ops;
 pub mod replication;
 pub mod scheduler;
 pub mod server;
+
+/// Helpers for unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A temporary directory only its owner may enter (mode 0700), as the
+    /// key store requires.
+    pub fn private_dir() -> std::io::Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+    }
+}

@@ -47,6 +47,12 @@ pub enum StoreError {
     BadRootKey { path: PathBuf, reason: String },
     #[error("state directory {path} is in use by another kmsd")]
     Locked { path: PathBuf },
+    #[error("{path} {problem}; fix it with: {fix}")]
+    Insecure {
+        path: PathBuf,
+        problem: String,
+        fix: String,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -140,6 +146,7 @@ impl RootKey {
 /// # Errors
 /// `Io` if unreadable, `BadRootKey` if it has another shape.
 pub fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; ROOT_KEY_LEN]>, StoreError> {
+    check_private(path)?;
     let raw = Zeroizing::new(fs::read(path).map_err(io_err("cannot read key file", path))?);
     let bad = || StoreError::BadRootKey {
         path: path.into(),
@@ -189,6 +196,8 @@ impl Store {
             .mode(0o700)
             .create(&keys_dir)
             .map_err(io_err("cannot create", &keys_dir))?;
+        check_private(dir)?;
+        check_private(&keys_dir)?;
         let lock = lock_dir(dir)?;
         let store = Self {
             dir: dir.to_path_buf(),
@@ -317,6 +326,35 @@ impl Store {
     }
 }
 
+/// Refuses a path that is not owned by this process's user or that others
+/// may read or write: key material must not sit where another user can
+/// reach it.
+///
+/// # Errors
+/// `Insecure` naming the path, the problem and the command that fixes it.
+pub fn check_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(io_err("cannot stat", path))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(StoreError::Insecure {
+            path: path.into(),
+            problem: format!("is owned by uid {}, not by kmsd's uid {me}", meta.uid()),
+            fix: format!("chown -R {me} {}", path.display()),
+        });
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        let want = if meta.is_dir() { "700" } else { "600" };
+        return Err(StoreError::Insecure {
+            path: path.into(),
+            problem: format!("has mode {mode:04o}, open to other users"),
+            fix: format!("chmod {want} {}", path.display()),
+        });
+    }
+    Ok(())
+}
+
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join("lock");
     let f = OpenOptions::new()
@@ -402,7 +440,7 @@ mod tests {
 
     #[test]
     fn save_then_reopen_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let rec = record();
         {
             let (store, keys) = Store::open(dir.path(), root(1)).unwrap();
@@ -415,7 +453,7 @@ mod tests {
 
     #[test]
     fn wrong_root_key_is_refused_even_when_empty() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         drop(Store::open(dir.path(), root(1)).unwrap());
         let err = Store::open(dir.path(), root(2)).unwrap_err();
         assert!(matches!(err, StoreError::WrongRootKey { .. }), "{err}");
@@ -423,7 +461,7 @@ mod tests {
 
     #[test]
     fn corrupt_key_file_is_named_at_open() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let rec = record();
         {
             let (store, _) = Store::open(dir.path(), root(1)).unwrap();
@@ -443,7 +481,7 @@ mod tests {
 
     #[test]
     fn key_file_renamed_to_another_id_is_corrupt() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let rec = record();
         {
             let (store, _) = Store::open(dir.path(), root(1)).unwrap();
@@ -463,7 +501,7 @@ mod tests {
 
     #[test]
     fn missing_meta_with_keys_is_corrupt_not_empty() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         {
             let (store, _) = Store::open(dir.path(), root(1)).unwrap();
             store.save(&record()).unwrap();
@@ -477,7 +515,7 @@ mod tests {
 
     #[test]
     fn leftover_tmp_files_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         drop(Store::open(dir.path(), root(1)).unwrap());
         let tmp = dir.path().join("keys").join(".x.key.tmp");
         fs::write(&tmp, b"partial").unwrap();
@@ -487,7 +525,7 @@ mod tests {
 
     #[test]
     fn second_open_is_locked_out() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let _first = Store::open(dir.path(), root(1)).unwrap();
         assert!(matches!(
             Store::open(dir.path(), root(1)),
@@ -496,8 +534,28 @@ mod tests {
     }
 
     #[test]
+    fn a_state_dir_or_key_open_to_others_is_refused_with_the_fix() {
+        let dir = crate::testutil::private_dir().unwrap();
+        let state = dir.path().join("state");
+        drop(Store::open(&state, root(1)).unwrap());
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Store::open(&state, root(1)).unwrap_err().to_string();
+        assert!(err.contains("mode 0755") && err.contains("chmod 700"), "{err}");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+        drop(Store::open(&state, root(1)).unwrap());
+        let key = dir.path().join("root-key");
+        RootKey::create(&key).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = RootKey::load(&key).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::os::unix::fs::chown(&state, Some(65534), None).unwrap();
+        let err = Store::open(&state, root(1)).unwrap_err().to_string();
+        assert!(err.contains("owned by uid 65534") && err.contains("chown"), "{err}");
+    }
+
+    #[test]
     fn files_have_tight_modes() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let state = dir.path().join("state");
         let (store, _) = Store::open(&state, root(1)).unwrap();
         let rec = record();
@@ -508,7 +566,7 @@ mod tests {
 
     #[test]
     fn root_key_file_create_and_load() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let path = dir.path().join("root-key");
         RootKey::create(&path).unwrap();
         assert_eq!(mode_of(&path).unwrap(), 0o600);
@@ -517,6 +575,7 @@ mod tests {
         assert!(RootKey::create(&path).is_err(), "never overwrites a root key");
         let hex = dir.path().join("hex");
         fs::write(&hex, format!("{}\n", "ab".repeat(32))).unwrap();
+        fs::set_permissions(&hex, fs::Permissions::from_mode(0o600)).unwrap();
         RootKey::load(&hex).unwrap();
         fs::write(&hex, "short").unwrap();
         assert!(matches!(RootKey::load(&hex), Err(StoreError::BadRootKey { .. })));
@@ -524,7 +583,7 @@ mod tests {
 
     #[test]
     fn material_is_not_stored_in_clear() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let rec = record();
         let (store, _) = Store::open(dir.path(), root(1)).unwrap();
         store.save(&rec).unwrap();

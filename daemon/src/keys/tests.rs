@@ -23,7 +23,7 @@ fn open(dir: &Path, clock: &Arc<ManualClock>) -> KeyService {
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::private_dir().unwrap();
     let clock = Arc::new(ManualClock::at(T0));
     let svc = open(dir.path(), &clock);
     Fixture { dir, clock, svc }
@@ -32,7 +32,7 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn reopen(&mut self) {
         // Drop first: the store is locked while open.
-        let placeholder = tempfile::tempdir().unwrap();
+        let placeholder = crate::testutil::private_dir().unwrap();
         let old = std::mem::replace(&mut self.svc, open(placeholder.path(), &self.clock));
         drop(old);
         self.svc = open(self.dir.path(), &self.clock);
@@ -641,7 +641,7 @@ mod prop {
 // ---- multi-zone ---------------------------------------------------------
 
 fn zone_b(clock: &Arc<ManualClock>) -> (tempfile::TempDir, KeyService) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::private_dir().unwrap();
     let svc = KeyService::open(dir.path(), RootKey::from_bytes(&[7; 32]), "zone-b", clock.clone()).unwrap();
     (dir, svc)
 }

@@ -448,7 +448,7 @@ mod tests {
     }
 
     fn zone(name: &str, peer: &str, key: u8, transport: Arc<Loopback>) -> Zone {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let clock = Arc::new(ManualClock::at(1_750_000_000));
         let keys = KeyService::open(dir.path(), RootKey::from_bytes(&[1; 32]), name, clock).unwrap();
         let settings = Settings {

@@ -234,3 +234,33 @@ fn socket_activation_serves_on_the_inherited_socket() {
     .unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn a_state_dir_open_to_others_or_a_loose_root_key_stops_start_up_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = TestDaemon::start();
+    assert!(d.terminate().success());
+    let state = d.dir.path().join("state");
+    let root_key = d.dir.path().join("root-key");
+    let start = |d: &TestDaemon| d.command().stderr(std::process::Stdio::piped()).output().unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = start(&d);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("chmod 700 {}", state.display())),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!d.socket.exists(), "no half-started daemon");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&root_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = start(&d);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("chmod 600 {}", root_key.display())),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(&root_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    d.restart();
+}
