@@ -200,10 +200,10 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 /// Start-up failures (store, socket, mounts, signals).
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
     let keys = open_keys(&cfg)?;
-    let listener = match Listener::inherited()? {
-        Some(l) => l,
-        None => Listener::bind(&cfg.socket)?,
-    };
+    let replication = open_replication(&cfg, &keys)?;
+    // Mount before binding, so that no client reaches a half-started
+    // daemon; a failure after this point unmounts (Mounts' handles unmount
+    // on drop) and removes the socket (SocketFile).
     let mounts = {
         let keys = keys.clone();
         let configs = cfg.mounts.clone();
@@ -213,8 +213,12 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     if let Some(dir) = &dev_dir {
         dev_mount(&keys, &mounts, dir);
     }
+    let listener = match Listener::inherited()? {
+        Some(l) => l,
+        None => Listener::bind(&cfg.socket)?,
+    };
+    let _socket_file = SocketFile(listener.path.clone());
     let shutdown = CancellationToken::new();
-    let replication = open_replication(&cfg, &keys)?;
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     let tasks = tokio_util::task::TaskTracker::new();
     if let Some(r) = &replication {
@@ -238,13 +242,21 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let _ = scheduler.await;
     tasks.wait().await;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
-    if let Some(p) = &listener.path {
-        if let Err(e) = std::fs::remove_file(p) {
-            tracing::warn!(path = %p.display(), error = %e, "cannot remove socket");
-        }
-    }
     tracing::info!("kmsd stopped");
     Ok(())
+}
+
+/// The socket file kmsd bound; removed when kmsd stops or fails to start.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove socket");
+            }
+        }
+    }
 }
 
 /// Loads the configuration again (from the same file or `--dev` folder)

@@ -102,6 +102,8 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    #[error("mount {target}: the mountpoint is busy ({reason}); unmount or empty it, or choose another target")]
+    Busy { target: PathBuf, reason: &'static str },
     #[error("mount {target}: cannot clear a stale mountpoint")]
     Stale {
         target: PathBuf,
@@ -114,6 +116,25 @@ pub enum MountError {
         #[source]
         source: kms_fuse::Error,
     },
+}
+
+/// Refuses a mountpoint that already has something mounted on it or that
+/// holds files (they would be hidden under the encrypted view).
+fn check_free(target: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::MetadataExt;
+    let busy = |reason| MountError::Busy {
+        target: target.to_path_buf(),
+        reason,
+    };
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    if dev(target).is_some() && dev(target) != dev(parent) {
+        return Err(busy("something is already mounted there"));
+    }
+    if std::fs::read_dir(target).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(busy("it is not empty"));
+    }
+    Ok(())
 }
 
 /// One live mount.
@@ -176,6 +197,7 @@ impl Mounts {
             target: target.clone(),
             source,
         })?;
+        check_free(&target)?;
         let source_keys = Arc::new(ServiceKeys::new(keys.clone(), entry.record.id));
         let opts = MountOptions {
             fs_name: format!("kmsd:{}", cfg.key),

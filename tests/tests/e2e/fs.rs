@@ -300,3 +300,34 @@ fn sigterm_unmounts_and_restart_remounts() {
     let status = stdout(&d.kmsctl(&["status"], b""));
     assert!(status.contains(d.mnt().to_str().unwrap()), "{status}");
 }
+
+#[test]
+fn a_busy_or_non_empty_mountpoint_stops_start_up_clearly() {
+    if !fuse_available() {
+        return;
+    }
+    let mut d = TestDaemon::start_with_mount();
+    assert!(d.terminate().success());
+    let start = |d: &TestDaemon| d.command().stderr(std::process::Stdio::piped()).output().unwrap();
+    fs::write(d.mnt().join("stray"), b"x").unwrap();
+    let out = start(&d);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("busy (it is not empty)"), "{}", stderr(&out));
+    fs::remove_file(d.mnt().join("stray")).unwrap();
+    let opts = "size=64k";
+    nix::mount::mount(
+        Some("tmpfs"),
+        &d.mnt(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(opts),
+    )
+    .unwrap();
+    let out = start(&d);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already mounted"), "{}", stderr(&out));
+    assert!(!d.socket.exists(), "no half-started daemon");
+    nix::mount::umount2(&d.mnt(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    d.restart();
+    assert!(is_mounted(&d.mnt()));
+}
