@@ -264,3 +264,20 @@ fn a_state_dir_open_to_others_or_a_loose_root_key_stops_start_up_with_the_fix() 
     std::fs::set_permissions(&root_key, std::fs::Permissions::from_mode(0o600)).unwrap();
     d.restart();
 }
+
+#[test]
+fn a_socket_path_taken_by_a_file_stops_start_up_clearly() {
+    let mut d = TestDaemon::start();
+    assert!(d.terminate().success());
+    std::fs::write(&d.socket, b"not a socket").unwrap();
+    let out = d.command().stderr(std::process::Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("exists and is not a socket"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&d.socket).unwrap(),
+        b"not a socket",
+        "kmsd never deletes what is not its socket"
+    );
+    std::fs::remove_file(&d.socket).unwrap();
+    d.restart();
+}
