@@ -202,14 +202,44 @@ fn unavailable(msg: &str) -> Response {
 /// request only.
 pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request) -> Response {
     let op = req.op_name();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(d, caller, req))) {
+    guarded(op, caller, || handle(d, caller, req))
+}
+
+/// Runs `f`; a panic inside it is logged and answered `internal`, and the
+/// daemon goes on serving.
+fn guarded(op: &str, caller: &Caller, f: impl FnOnce() -> Response) -> Response {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(_) => {
-            tracing::error!(op, uid = caller.uid, "request handler panicked; answered internal");
+            tracing::error!(
+                op,
+                uid = caller.uid,
+                pid = caller.pid,
+                "request handler panicked; answered internal"
+            );
             Response::Error(ErrorReply::new(
                 ErrorCode::Internal,
                 format!("internal error while handling {op}"),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_handler_is_an_internal_error_for_that_request_only() {
+        let caller = Caller::process(1, 1, Some(1));
+        let r = guarded("wrap", &caller, || panic!("bug in one request"));
+        assert!(matches!(
+            r,
+            Response::Error(ErrorReply {
+                code: ErrorCode::Internal,
+                ..
+            })
+        ));
+        assert_eq!(guarded("status", &caller, || Response::Done), Response::Done);
     }
 }

@@ -281,3 +281,29 @@ fn a_socket_path_taken_by_a_file_stops_start_up_clearly() {
     std::fs::remove_file(&d.socket).unwrap();
     d.restart();
 }
+
+#[test]
+fn a_missing_root_key_stops_start_up_naming_it() {
+    let mut d = TestDaemon::start();
+    assert!(d.terminate().success());
+    let root_key = d.dir.path().join("root-key");
+    std::fs::remove_file(&root_key).unwrap();
+    let out = d.command().stderr(std::process::Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&root_key.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
+    // And with no root key configured at all, the message says how to give one.
+    let cfg = std::fs::read_to_string(&d.config).unwrap();
+    let without: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("root_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&d.config, without).unwrap();
+    let out = d.command().stderr(std::process::Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("LoadCredential=root-key"), "{}", stderr(&out));
+}
