@@ -7,4 +7,5 @@ mod lifecycle;
 mod protocol;
 mod reload;
 mod schedule;
+mod systemd;
 mod zones;
