@@ -411,6 +411,15 @@ fn scenario(c: &Container) {
     assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
     let stored = std::fs::read(c.rootfs().join("var/lib/kmsd-data/app/hello.txt")).unwrap();
     assert!(!stored.windows(5).any(|w| w == b"hello"), "stored encrypted");
+    // Another user's private folder: kmsd walks and writes it with
+    // DAC_OVERRIDE/DAC_READ_SEARCH and hands the new file over with CHOWN.
+    c.ok("install -d -o 65534 -g 65534 -m 0700 /srv/app/nobody");
+    c.ok("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo mine > /srv/app/nobody/f'");
+    let owner = c.ok("stat -c '%u:%g %a' /var/lib/kmsd-data/app/nobody /var/lib/kmsd-data/app/nobody/f");
+    assert_eq!(owner, "65534:65534 700\n65534:65534 644\n");
+    // systemd hears the watchdog pings.
+    let pinged = c.ok("systemctl show -P WatchdogTimestampMonotonic kmsd");
+    assert_ne!(pinged.trim(), "0", "no WATCHDOG=1 seen by systemd");
     c.ok("echo secret | kmsctl encrypt app > /root/blob");
     let keys = c.ok("kmsctl --json key list");
     // Restart: the same keys, the old ciphertext and the file still open.
@@ -419,6 +428,8 @@ fn scenario(c: &Container) {
     assert_eq!(c.ok("kmsctl --json key list"), keys);
     assert_eq!(c.ok("kmsctl decrypt < /root/blob"), "secret\n");
     assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
+    let theirs = "setpriv --reuid=65534 --regid=65534 --clear-groups cat /srv/app/nobody/f";
+    assert_eq!(c.ok(theirs), "mine\n");
     // Stop: the mount is gone, the folder is empty again.
     c.ok("systemctl stop kmsd");
     let mounts = c.ok("cat /proc/self/mounts");
