@@ -237,11 +237,12 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         .map_or("inherited socket".to_string(), |p| p.display().to_string());
     tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
     notify::ready(&status_line(&daemon));
-    tokio::spawn(report_to_systemd(daemon.clone(), shutdown.clone()));
+    let reporter = tokio::spawn(report_to_systemd(daemon.clone(), shutdown.clone()));
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
     let _ = scheduler.await;
     tasks.wait().await;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
+    reporter.abort();
     if let Some(p) = &listener.path {
         if let Err(e) = std::fs::remove_file(p) {
             tracing::warn!(path = %p.display(), error = %e, "cannot remove socket");
@@ -301,19 +302,19 @@ fn status_line(daemon: &Daemon) -> String {
     )
 }
 
-/// Until `shutdown`: `WATCHDOG=1` every [`notify::watchdog_interval`] (when
-/// systemd asked for it), and a new STATUS= line whenever a count changed.
-/// Runs on the main runtime, so a stuck runtime stops the pings and
-/// systemd's watchdog restarts the service.
+/// `WATCHDOG=1` every [`notify::watchdog_interval`] (when systemd asked
+/// for it) until aborted, and a new STATUS= line whenever a count changed
+/// until `shutdown`. It runs on the main runtime, so a stuck runtime stops
+/// the pings and systemd's watchdog restarts the service. The pings go on
+/// while draining: systemd's watchdog stays armed while a service stops.
 async fn report_to_systemd(daemon: Arc<Daemon>, shutdown: CancellationToken) {
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
     let mut status = tokio::time::interval(STATUS_EVERY);
     let mut last = status_line(&daemon);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
             _ = tick(watchdog.as_mut()) => notify::watchdog(),
-            _ = status.tick() => {
+            _ = status.tick(), if !shutdown.is_cancelled() => {
                 let now = status_line(&daemon);
                 if now != last {
                     notify::status(&now);
