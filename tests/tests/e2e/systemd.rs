@@ -401,11 +401,10 @@ fn scenario(c: &Container) {
         "{status}"
     );
     // The service runs in the host's mount namespace with only the
-    // capabilities the unit names (CHOWN DAC_OVERRIDE DAC_READ_SEARCH
-    // FOWNER FSETID SYS_ADMIN).
+    // capabilities the unit names (CHOWN DAC_OVERRIDE FOWNER SYS_ADMIN).
     c.ok("test \"$(readlink /proc/1/ns/mnt)\" = \"$(readlink /proc/$(systemctl show -P MainPID kmsd)/ns/mnt)\"");
     let caps = c.ok("grep CapBnd /proc/$(systemctl show -P MainPID kmsd)/status");
-    assert!(caps.contains("000000000020001f"), "{caps}");
+    assert!(caps.contains("000000000020000b"), "{caps}");
     // A file through the mount, from a shell outside the service.
     c.ok("echo 'hello through systemd' > /srv/app/hello.txt");
     assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
@@ -417,6 +416,7 @@ fn scenario(c: &Container) {
     c.ok("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo mine > /srv/app/nobody/f'");
     let owner = c.ok("stat -c '%u:%g %a' /var/lib/kmsd-data/app/nobody /var/lib/kmsd-data/app/nobody/f");
     assert_eq!(owner, "65534:65534 700\n65534:65534 644\n");
+    each_capability_is_needed(c);
     // systemd hears the watchdog pings.
     let pinged = c.ok("systemctl show -P WatchdogTimestampMonotonic kmsd");
     assert_ne!(pinged.trim(), "0", "no WATCHDOG=1 seen by systemd");
@@ -446,6 +446,31 @@ fn scenario(c: &Container) {
     ] {
         assert!(journal.contains(line), "no {line:?} in the journal:\n{journal}");
     }
+}
+
+/// Without any one of the unit's capabilities besides CAP_SYS_ADMIN, a
+/// user can no longer write a file into their own folder through the mount.
+fn each_capability_is_needed(c: &Container) {
+    const KEPT: [&str; 4] = ["CAP_SYS_ADMIN", "CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE"];
+    let dropins = c.rootfs().join("etc/systemd/system/kmsd.service.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    for cap in &KEPT[1..] {
+        let rest: Vec<&str> = KEPT.iter().copied().filter(|k| k != cap).collect();
+        let conf = format!(
+            "[Service]\nCapabilityBoundingSet=\nCapabilityBoundingSet={}\n",
+            rest.join(" ")
+        );
+        std::fs::write(dropins.join("caps.conf"), conf).unwrap();
+        c.ok("systemctl daemon-reload && systemctl restart kmsd");
+        let dir = format!("/srv/app/without-{cap}");
+        let tried = c.sh(&format!(
+            "install -d -o 65534 -g 65534 -m 0700 {dir} && \
+             setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo x > {dir}/f'"
+        ));
+        assert!(!tried.status.success(), "a user's write worked without {cap}");
+    }
+    std::fs::remove_file(dropins.join("caps.conf")).unwrap();
+    c.ok("systemctl daemon-reload && systemctl restart kmsd");
 }
 
 /// `systemctl status kmsd` once its Status: line contains `want` (10 s).
