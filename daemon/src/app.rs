@@ -29,6 +29,9 @@ pub const DEV_KEY: &str = "dev";
 /// How long a peer may take to accept a connection or answer a frame.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often the STATUS= line is checked for changed counts.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
 /// Default `--dev` folder.
 pub const DEFAULT_DEV_DIR: &str = "kmsd-dev";
 
@@ -230,18 +233,20 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let daemon = Arc::new(daemon);
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, keys.clone()));
+    tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, daemon.clone()));
     let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), shutdown.clone()));
     let where_ = listener
         .path
         .as_ref()
         .map_or("inherited socket".to_string(), |p| p.display().to_string());
     tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
-    notify::ready(&format!("serving {} keys in zone {}", keys.key_count(), cfg.zone));
+    notify::ready(&status_line(&daemon));
+    let reporter = tokio::spawn(report_to_systemd(daemon.clone(), shutdown.clone()));
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
     let _ = scheduler.await;
     tasks.wait().await;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
+    reporter.abort();
     tracing::info!("kmsd stopped");
     Ok(())
 }
@@ -280,8 +285,9 @@ async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     mut current: Config,
     reload: Reloader,
-    keys: Arc<KeyService>,
+    daemon: Arc<Daemon>,
 ) {
+    let keys = &daemon.keys;
     while hup.recv().await.is_some() {
         notify::reloading();
         match (reload.load)().and_then(|new| Ok((new.admins()?, new))) {
@@ -294,7 +300,50 @@ async fn reload_on_sighup(
             }
             Err(e) => tracing::error!("configuration reload refused, the running configuration stays: {e:#}"),
         }
-        notify::ready(&format!("serving {} keys in zone {}", keys.key_count(), current.zone));
+        notify::ready(&status_line(&daemon));
+    }
+}
+
+/// The STATUS= line `systemctl status` shows.
+fn status_line(daemon: &Daemon) -> String {
+    format!(
+        "{} keys, {} mounts, {} connections",
+        daemon.keys.key_count(),
+        daemon.mounts.count(),
+        daemon.connections.load(std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// `WATCHDOG=1` every [`notify::watchdog_interval`] (when systemd asked
+/// for it) until aborted, and a new STATUS= line whenever a count changed
+/// until `shutdown`. It runs on the main runtime, so a stuck runtime stops
+/// the pings and systemd's watchdog restarts the service. The pings go on
+/// while draining: systemd's watchdog stays armed while a service stops.
+async fn report_to_systemd(daemon: Arc<Daemon>, shutdown: CancellationToken) {
+    let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
+    let mut status = tokio::time::interval(STATUS_EVERY);
+    let mut last = status_line(&daemon);
+    loop {
+        tokio::select! {
+            _ = tick(watchdog.as_mut()) => notify::watchdog(),
+            _ = status.tick(), if !shutdown.is_cancelled() => {
+                let now = status_line(&daemon);
+                if now != last {
+                    notify::status(&now);
+                    last = now;
+                }
+            }
+        }
+    }
+}
+
+/// The next tick of `interval`, or never without one.
+async fn tick(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

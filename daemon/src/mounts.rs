@@ -223,6 +223,11 @@ impl Mounts {
         Ok(())
     }
 
+    /// How many filesystems are mounted.
+    pub fn count(&self) -> usize {
+        self.live.lock().len()
+    }
+
     /// What is mounted, for `status`.
     pub fn infos(&self) -> Vec<MountInfo> {
         self.live.lock().iter().map(|l| l.info.clone()).collect()

@@ -10,4 +10,5 @@ mod protocol;
 mod reload;
 mod schedule;
 mod soak;
+mod systemd;
 mod zones;

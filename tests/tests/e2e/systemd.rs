@@ -1,0 +1,486 @@
+//! systemd integration: the shipped units verify, and kmsd speaks the
+//! `sd_notify` protocol in the right order.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kms_tests::{bin, stderr, DaemonOptions, TestDaemon};
+use nix::sys::signal::{kill, Signal};
+
+/// The `systemd/` folder of the source tree.
+fn units_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
+}
+
+/// The shipped `kmsd.service` with `ExecStart=` pointing at `kmsd`.
+fn service_with_binary(kmsd: &Path) -> String {
+    let unit = std::fs::read_to_string(units_dir().join("kmsd.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/kmsd "), "{unit}");
+    unit.replace(
+        "ExecStart=/usr/local/bin/kmsd ",
+        &format!("ExecStart={} ", kmsd.display()),
+    )
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kmsd.service"), service_with_binary(&bin("kmsd"))).unwrap();
+    std::fs::copy(units_dir().join("kmsd.socket"), dir.path().join("kmsd.socket")).unwrap();
+    // The keys-only drop-in is checked as part of the service it changes.
+    let dropins = dir.path().join("kmsd.service.d");
+    std::fs::create_dir(&dropins).unwrap();
+    std::fs::copy(units_dir().join("kmsd-no-mounts.conf"), dropins.join("no-mounts.conf")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "kmsd.service", "kmsd.socket"])
+        .current_dir(dir.path())
+        // Our folder first, then the system's (trailing ':').
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    // Unknown keys and bad values are only warnings: any line naming our
+    // files is a failure.
+    let err = stderr(&out);
+    let ours: Vec<&str> = err.lines().filter(|l| l.contains("kmsd")).collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify:\n{err}"
+    );
+}
+
+/// What kmsd told a fake service manager, one datagram per entry.
+struct NotifyListener {
+    socket: UnixDatagram,
+    path: PathBuf,
+    got: Vec<String>,
+}
+
+impl NotifyListener {
+    fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        Self {
+            socket,
+            path,
+            got: Vec::new(),
+        }
+    }
+
+    /// Reads datagrams until one satisfies `want` (10 s at most); returns it.
+    fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            let Ok(n) = self.socket.recv(&mut buf) else { continue };
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.got.push(msg.clone());
+            if want(&msg) {
+                return msg;
+            }
+        }
+        panic!("no {what} within 10 s; got {:#?}", self.got);
+    }
+}
+
+fn has(msg: &str, line: &str) -> bool {
+    msg.lines().any(|l| l == line)
+}
+
+#[test]
+fn notify_socket_gets_ready_status_watchdog_reloading_stopping_in_order() {
+    let notify_dir = tempfile::tempdir().unwrap();
+    let mut n = NotifyListener::bind(notify_dir.path());
+    let mut d = TestDaemon::start_with(DaemonOptions {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), n.path.display().to_string()),
+            // 0.2 s: kmsd pings every 0.1 s. No WATCHDOG_PID: meant for us.
+            ("WATCHDOG_USEC".into(), "200000".into()),
+        ],
+        ..Default::default()
+    });
+    let ready = n.until("READY=1", |m| has(m, "READY=1"));
+    assert_eq!(n.got.len(), 1, "READY=1 comes first: {:#?}", n.got);
+    assert!(ready.contains("STATUS=1 keys, 0 mounts, 0 connections"), "{ready}");
+    n.until("WATCHDOG=1", |m| has(m, "WATCHDOG=1"));
+    n.until("a second WATCHDOG=1", |m| has(m, "WATCHDOG=1"));
+    // The STATUS line follows the counts: a new key and an open connection.
+    let mut c = d.client();
+    c.create_key(kms_client::proto::CreateKey::default()).unwrap();
+    n.until("STATUS with the new key and connection", |m| {
+        m.contains("STATUS=2 keys, 0 mounts, 1 connections")
+    });
+    drop(c);
+    kill(d.pid(), Signal::SIGHUP).unwrap();
+    n.until("RELOADING=1", |m| has(m, "RELOADING=1"));
+    let again = n.until("READY=1 after the reload", |m| has(m, "READY=1"));
+    assert!(again.contains("STATUS=2 keys, 0 mounts"), "{again}");
+    kill(d.pid(), Signal::SIGTERM).unwrap();
+    n.until("STOPPING=1", |m| has(m, "STOPPING=1"));
+    let status = d.wait_exit(Duration::from_secs(10)).expect("kmsd exits after SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
+/// The Debian mirror for the nspawn test (`KMSD_TEST_DEBIAN_MIRROR`).
+fn debian_mirror() -> String {
+    std::env::var("KMSD_TEST_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into())
+}
+
+/// Skips the test with `reason`, or fails it when `CI` is set.
+fn skip(reason: &str) {
+    assert!(std::env::var_os("CI").is_none(), "{reason}, and CI is set");
+    eprintln!("skipping: {reason} (set CI to make this a failure)");
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A minimal Debian bookworm booted by `systemd-nspawn`, on a rootfs built
+/// fresh in a temporary folder. Dropping it stops the container, detaches
+/// anything still mounted under the rootfs and deletes it.
+struct Container {
+    root: Option<tempfile::TempDir>,
+    nspawn: Option<std::process::Child>,
+    /// The container's init, as a host pid.
+    init: i32,
+    log: PathBuf,
+}
+
+impl Container {
+    /// `debootstrap` into a new folder; `None` when it failed (network).
+    fn debootstrap() -> Option<tempfile::TempDir> {
+        let dir = tempfile::Builder::new()
+            .prefix("kmsd-nspawn-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let root = dir.path().join("root");
+        let out = Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                "--include=systemd,systemd-sysv,dbus,fuse3",
+                "bookworm",
+            ])
+            .arg(&root)
+            .arg(debian_mirror())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!("debootstrap failed:\n{}\n{}", kms_tests::stdout(&out), stderr(&out));
+            detach_mounts_under(dir.path());
+            return None;
+        }
+        Some(dir)
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.root.as_ref().unwrap().path().join("root")
+    }
+
+    /// Boots the rootfs and waits until systemd says it is up (60 s).
+    fn boot(dir: tempfile::TempDir) -> Self {
+        let log = dir.path().join("nspawn.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let nspawn = Command::new("systemd-nspawn")
+            .args([
+                "--register=no",
+                "--keep-unit",
+                "--bind=/dev/fuse",
+                "--boot",
+                "--console=pipe",
+                "-D",
+            ])
+            .arg(dir.path().join("root"))
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("systemd-nspawn (Debian package systemd-container)");
+        let mut c = Self {
+            root: Some(dir),
+            nspawn: Some(nspawn),
+            init: 0,
+            log,
+        };
+        let parent = c.nspawn.as_ref().unwrap().id();
+        // The child of nspawn is systemd once it has exec'd; systemctl
+        // answers "offline" until systemd listens, then waits for the boot.
+        let mut state = String::new();
+        let up = kms_tests::wait_for(Duration::from_secs(60), || {
+            c.init = child_of(parent).filter(|&pid| comm(pid).as_deref() == Some("systemd"))?;
+            state = kms_tests::stdout(&c.sh("systemctl is-system-running --wait"));
+            matches!(state.trim(), "running" | "degraded").then_some(())
+        });
+        if up.is_none() {
+            panic!("container did not boot (state {state:?}):\n{}", c.nspawn_log());
+        }
+        c
+    }
+
+    fn nspawn_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `sh -c script` in every namespace of the container's init (not
+    /// the service's), with a clean environment and a 60 s limit.
+    fn sh(&self, script: &str) -> std::process::Output {
+        Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a", "env", "-i"])
+            .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .args(["timeout", "60", "sh", "-c", script])
+            .output()
+            .unwrap()
+    }
+
+    /// Like [`sh`](Self::sh), and the script must succeed; its stdout.
+    fn ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        if !out.status.success() {
+            let journal = kms_tests::stdout(&self.sh("journalctl -u kmsd --no-pager | tail -40"));
+            panic!(
+                "in the container: {script}\nexit {}\nstdout:\n{}\nstderr:\n{}\njournal of kmsd:\n{journal}",
+                out.status,
+                kms_tests::stdout(&out),
+                stderr(&out)
+            );
+        }
+        kms_tests::stdout(&out)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if let Some(mut nspawn) = self.nspawn.take() {
+            // SIGTERM: nspawn asks the container's systemd to power off.
+            let pid = nix::unistd::Pid::from_raw(nspawn.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            if kms_tests::wait_for(Duration::from_secs(15), || nspawn.try_wait().ok().flatten()).is_none() {
+                if self.init > 0 {
+                    // Killing init ends every process of the container.
+                    let _ = kill(nix::unistd::Pid::from_raw(self.init), Signal::SIGKILL);
+                }
+                let _ = nspawn.kill();
+                let _ = nspawn.wait();
+            }
+        }
+        if let Some(dir) = self.root.take() {
+            if !detach_mounts_under(dir.path()) {
+                // Never delete through a mount that is still there.
+                eprintln!("leaving {} behind: still mounted", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// The first child of `parent` (its pid), from /proc.
+fn child_of(parent: u32) -> Option<i32> {
+    let want = parent.to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim();
+        (ppid == want).then_some(pid)
+    })
+}
+
+/// The command name of `pid`.
+fn comm(pid: i32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim().to_string())
+}
+
+/// Lazily unmounts everything the host has mounted under `dir` (debootstrap
+/// mounts /proc and /sys in the target); whether nothing is left.
+fn detach_mounts_under(dir: &Path) -> bool {
+    let prefix = dir.to_string_lossy().into_owned();
+    let mounted = || -> Vec<String> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
+    };
+    for m in mounted().iter().rev() {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    mounted().is_empty()
+}
+
+/// Copies the built binaries, the units, snippets and the example config
+/// (metrics off) into the rootfs, as the README's install steps do, plus a
+/// root key and the folders of one mount.
+fn install(root: &Path) {
+    let put = |from: &Path, to: &str, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        let to = root.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("{} -> {}: {e}", from.display(), to.display()));
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    put(&bin("kmsd"), "/usr/local/bin/kmsd", 0o755);
+    put(&bin("kmsctl"), "/usr/local/bin/kmsctl", 0o755);
+    let units = units_dir();
+    put(&units.join("kmsd.service"), "/etc/systemd/system/kmsd.service", 0o644);
+    put(&units.join("kmsd.socket"), "/etc/systemd/system/kmsd.socket", 0o644);
+    put(&units.join("kmsd.sysusers"), "/etc/sysusers.d/kmsd.conf", 0o644);
+    put(&units.join("kmsd.tmpfiles"), "/etc/tmpfiles.d/kmsd.conf", 0o644);
+    let example = std::fs::read_to_string(units.join("kmsd.toml")).unwrap();
+    let config = example.replace("listen = \"127.0.0.1:9464\"", "listen = \"\"");
+    assert_ne!(config, example, "metrics.listen in the example config");
+    std::fs::create_dir_all(root.join("etc/kmsd")).unwrap();
+    std::fs::write(root.join("etc/kmsd/kmsd.toml"), config).unwrap();
+    kms_tests::write_root_key(&root.join("etc/kmsd/root-key"));
+    std::fs::create_dir_all(root.join("srv/app")).unwrap();
+    std::fs::create_dir_all(root.join("var/lib/kmsd-data/app")).unwrap();
+}
+
+const MOUNT: &str = "\n[[mount]]\nsource = \"/var/lib/kmsd-data/app\"\ntarget = \"/srv/app\"\nkey = \"app\"\n";
+
+/// The whole README installation under a real systemd: socket activation,
+/// STATUS, a mount visible to the rest of the system, reload, restart with
+/// keys and files intact, stop without a mount left behind, the journal.
+#[test]
+fn under_real_systemd() {
+    let started = Instant::now();
+    if !nix::unistd::geteuid().is_root() {
+        return skip("the nspawn test needs root");
+    }
+    if !have("debootstrap") || !have("systemd-nspawn") {
+        return skip("the nspawn test needs the Debian packages debootstrap and systemd-container");
+    }
+    if !kms_tests::fuse_available() {
+        return;
+    }
+    let Some(dir) = Container::debootstrap() else {
+        return skip("debootstrap failed (no network to the Debian mirror?)");
+    };
+    let bootstrapped = started.elapsed();
+    install(&dir.path().join("root"));
+    let c = Container::boot(dir);
+    let booted = started.elapsed();
+    scenario(&c);
+    eprintln!(
+        "nspawn test: debootstrap {:.0?}, boot {:.0?}, scenario {:.0?}",
+        bootstrapped,
+        booted - bootstrapped,
+        started.elapsed() - booted
+    );
+}
+
+fn scenario(c: &Container) {
+    c.ok("systemd-sysusers && systemd-tmpfiles --create kmsd.conf");
+    c.ok("systemctl enable --now kmsd.socket");
+    assert_eq!(c.ok("stat -c '%U:%G %a' /run/kmsd/kmsd.sock").trim(), "root:kmsd 660");
+    assert_eq!(
+        c.sh("systemctl is-active kmsd.service").status.code(),
+        Some(3),
+        "not started yet"
+    );
+    // The first client starts kmsd through the socket.
+    c.ok("kmsctl key create --name app >/dev/null");
+    assert_eq!(c.ok("systemctl is-active kmsd.service").trim(), "active");
+    // A mount added to the config: reload says it waits for a restart.
+    c.ok(&format!(
+        "printf '{}' >> /etc/kmsd/kmsd.toml",
+        MOUNT.replace('\n', "\\n")
+    ));
+    c.ok("systemctl reload kmsd");
+    c.ok("systemctl restart kmsd");
+    let status = wait_status(c, "2 keys, 1 mounts");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("TriggeredBy:") && l.contains("kmsd.socket")),
+        "{status}"
+    );
+    // The service runs in the host's mount namespace with only the
+    // capabilities the unit names (CHOWN DAC_OVERRIDE FOWNER SYS_ADMIN).
+    c.ok("test \"$(readlink /proc/1/ns/mnt)\" = \"$(readlink /proc/$(systemctl show -P MainPID kmsd)/ns/mnt)\"");
+    let caps = c.ok("grep CapBnd /proc/$(systemctl show -P MainPID kmsd)/status");
+    assert!(caps.contains("000000000020000b"), "{caps}");
+    // A file through the mount, from a shell outside the service.
+    c.ok("echo 'hello through systemd' > /srv/app/hello.txt");
+    assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
+    let stored = std::fs::read(c.rootfs().join("var/lib/kmsd-data/app/hello.txt")).unwrap();
+    assert!(!stored.windows(5).any(|w| w == b"hello"), "stored encrypted");
+    // Another user's private folder: kmsd walks and writes it with
+    // DAC_OVERRIDE/DAC_READ_SEARCH and hands the new file over with CHOWN.
+    c.ok("install -d -o 65534 -g 65534 -m 0700 /srv/app/nobody");
+    c.ok("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo mine > /srv/app/nobody/f'");
+    let owner = c.ok("stat -c '%u:%g %a' /var/lib/kmsd-data/app/nobody /var/lib/kmsd-data/app/nobody/f");
+    assert_eq!(owner, "65534:65534 700\n65534:65534 644\n");
+    each_capability_is_needed(c);
+    // systemd hears the watchdog pings.
+    let pinged = c.ok("systemctl show -P WatchdogTimestampMonotonic kmsd");
+    assert_ne!(pinged.trim(), "0", "no WATCHDOG=1 seen by systemd");
+    c.ok("echo secret | kmsctl encrypt app > /root/blob");
+    let keys = c.ok("kmsctl --json key list");
+    // Restart: the same keys, the old ciphertext and the file still open.
+    c.ok("systemctl restart kmsd");
+    wait_status(c, "2 keys, 1 mounts");
+    assert_eq!(c.ok("kmsctl --json key list"), keys);
+    assert_eq!(c.ok("kmsctl decrypt < /root/blob"), "secret\n");
+    assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
+    let theirs = "setpriv --reuid=65534 --regid=65534 --clear-groups cat /srv/app/nobody/f";
+    assert_eq!(c.ok(theirs), "mine\n");
+    // Stop: the mount is gone, the folder is empty again.
+    c.ok("systemctl stop kmsd");
+    let mounts = c.ok("cat /proc/self/mounts");
+    assert!(!mounts.contains("/srv/app"), "{mounts}");
+    assert_eq!(c.ok("ls -A /srv/app"), "");
+    let journal = c.ok("journalctl -u kmsd --no-pager");
+    for line in [
+        "kmsd ready",
+        "configuration reloaded",
+        "takes effect when kmsd restarts",
+        "SIGTERM: draining",
+        "unmounted",
+        "kmsd stopped",
+    ] {
+        assert!(journal.contains(line), "no {line:?} in the journal:\n{journal}");
+    }
+}
+
+/// Without any one of the unit's capabilities besides CAP_SYS_ADMIN, a
+/// user can no longer write a file into their own folder through the mount.
+fn each_capability_is_needed(c: &Container) {
+    const KEPT: [&str; 4] = ["CAP_SYS_ADMIN", "CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE"];
+    let dropins = c.rootfs().join("etc/systemd/system/kmsd.service.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    for cap in &KEPT[1..] {
+        let rest: Vec<&str> = KEPT.iter().copied().filter(|k| k != cap).collect();
+        let conf = format!(
+            "[Service]\nCapabilityBoundingSet=\nCapabilityBoundingSet={}\n",
+            rest.join(" ")
+        );
+        std::fs::write(dropins.join("caps.conf"), conf).unwrap();
+        c.ok("systemctl daemon-reload && systemctl restart kmsd");
+        let dir = format!("/srv/app/without-{cap}");
+        let tried = c.sh(&format!(
+            "install -d -o 65534 -g 65534 -m 0700 {dir} && \
+             setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo x > {dir}/f'"
+        ));
+        assert!(!tried.status.success(), "a user's write worked without {cap}");
+    }
+    std::fs::remove_file(dropins.join("caps.conf")).unwrap();
+    c.ok("systemctl daemon-reload && systemctl restart kmsd");
+}
+
+/// `systemctl status kmsd` once its Status: line contains `want` (10 s).
+fn wait_status(c: &Container, want: &str) -> String {
+    let mut last = String::new();
+    let found = kms_tests::wait_for(Duration::from_secs(10), || {
+        last = kms_tests::stdout(&c.sh("systemctl status kmsd --no-pager"));
+        last.lines()
+            .any(|l| l.trim_start().starts_with("Status: ") && l.contains(want))
+            .then(|| last.clone())
+    });
+    found.unwrap_or_else(|| panic!("no Status: line with {want:?}:\n{last}"))
+}
