@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use kms_client::proto::CreateKey;
 
+use crate::audit::AuditLog;
 use crate::config::{self, Config, MountConfig};
 use crate::keys::{KeyService, RootKey, SystemClock};
 use crate::mounts::Mounts;
@@ -200,6 +201,8 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 /// Start-up failures (store, socket, mounts, signals).
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
     let keys = open_keys(&cfg)?;
+    // After the store, whose lock keeps a second kmsd off this file.
+    let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
     let listener = match Listener::inherited()? {
         Some(l) => l,
         None => Listener::bind(&cfg.socket)?,
@@ -216,6 +219,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let shutdown = CancellationToken::new();
     let replication = open_replication(&cfg, &keys)?;
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
+    daemon.observers.push(audit.clone());
     let tasks = tokio_util::task::TaskTracker::new();
     if let Some(r) = &replication {
         daemon = daemon.with_replication(r.clone());
@@ -227,7 +231,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, keys.clone()));
-    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), shutdown.clone()));
+    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit, shutdown.clone()));
     let where_ = listener
         .path
         .as_ref()

@@ -168,7 +168,10 @@ mod tests {
             blob: blob.clone(),
             context: Context::new(),
         });
-        assert_eq!((s.key.clone(), s.version), (Some(uuid::Uuid::nil().to_string()), Some(7)));
+        assert_eq!(
+            (s.key.clone(), s.version),
+            (Some(uuid::Uuid::nil().to_string()), Some(7))
+        );
         let caller = Caller::process(1, 1, Some(2));
         let err = Response::Error(ErrorReply::new(ErrorCode::DecryptFailed, "x"));
         let o = Observation {
