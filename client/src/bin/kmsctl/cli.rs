@@ -83,6 +83,22 @@ pub enum Command {
     /// Encrypted filesystem mounts.
     #[command(subcommand)]
     Fs(FsCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `kmsctl audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of an audit log file (read directly, no
+    /// daemon needed); exits 1 when it is broken.
+    Verify {
+        /// The audit log [default: ./kmsd-dev/state/audit.log if it
+        /// exists, else /var/lib/kmsd/audit.log]
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
 }
 
 /// `kmsctl key ...`
