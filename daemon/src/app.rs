@@ -231,7 +231,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, keys.clone()));
-    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit, shutdown.clone()));
+    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
     let where_ = listener
         .path
         .as_ref()
@@ -241,6 +241,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
     let _ = scheduler.await;
     tasks.wait().await;
+    tokio::task::spawn_blocking(move || audit.flush()).await?;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
     if let Some(p) = &listener.path {
         if let Err(e) = std::fs::remove_file(p) {

@@ -68,6 +68,8 @@ fn key_operations_are_recorded_chained_and_checked() {
     assert!(stderr(&out).contains("permission-denied"), "{}", stderr(&out));
     c.status().unwrap();
     drop(c);
+    // Lines are written by a thread; a clean stop writes them all.
+    assert!(d.terminate().success());
 
     let all = lines(&audit_file(&d));
     let created = line(&all, "key-create", "ok");
@@ -143,20 +145,20 @@ fn key_operations_are_recorded_chained_and_checked() {
     assert!(stdout(&out).starts_with("broken at line 2:"), "{}", stdout(&out));
 
     // A restart continues the chain.
-    assert!(d.terminate().success());
     d.restart();
     d.client().wrap("audited", &dek, &ctx).unwrap();
+    assert!(d.terminate().success());
     let after = lines(&audit_file(&d));
     assert_eq!(after.len(), all.len() + 1);
     let out = verify(&d, &audit_file(&d));
     assert!(out.status.success(), "{}", stdout(&out));
 
     // kmsd finds an edit at start, keeps serving, and records the break.
-    assert!(d.terminate().success());
     let file = audit_file(&d);
     rewrite(&file, &file, |ls| ls[k] = ls[k].replace("\"uid\":65534", "\"uid\":0"));
     d.restart();
     d.client().wrap("audited", &dek, &ctx).unwrap();
+    assert!(d.terminate().success());
     assert!(d.logs().contains("audit-chain-break"), "{}", d.logs());
     let last = lines(&file);
     assert_eq!(last[after.len()]["op"], "audit-chain-break");
