@@ -171,3 +171,51 @@ fn key_operations_are_recorded_chained_and_checked() {
         stdout(&out)
     );
 }
+
+#[test]
+fn automatic_rotations_and_deletions_are_recorded_as_kmsd() {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    let daily = c
+        .create_key(CreateKey {
+            name: Some("daily".into()),
+            rotation: Some(Some(1)),
+            ..Default::default()
+        })
+        .unwrap();
+    let doomed = c
+        .create_key(CreateKey {
+            name: Some("doomed".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    c.schedule_deletion("doomed", Some(7)).unwrap();
+    drop(c);
+    assert!(d.terminate().success());
+
+    crate::schedule::restart_days_ahead(&mut d, 8);
+    let kmsd = i64::from(d.pid().as_raw());
+    let mut c = d.client();
+    kms_tests::wait_for(std::time::Duration::from_secs(10), || {
+        c.describe_key("daily").ok().filter(|k| k.active_version == 2)
+    })
+    .expect("daily rotated at start-up");
+    drop(c);
+    assert!(d.terminate().success());
+
+    let all = lines(&audit_file(&d));
+    let rotated = line(&all, "auto-rotate", "ok");
+    assert_eq!(rotated["key"], daily.id.to_string());
+    assert_eq!(
+        (&rotated["version"], &rotated["uid"], &rotated["pid"]),
+        (&Value::from(2), &Value::from(0), &Value::from(kmsd))
+    );
+    let deleted = line(&all, "auto-delete", "ok");
+    assert_eq!(deleted["key"], doomed.id.to_string());
+    assert_eq!(
+        (&deleted["uid"], &deleted["pid"]),
+        (&Value::from(0), &Value::from(kmsd))
+    );
+    let out = verify(&d, &audit_file(&d));
+    assert!(out.status.success(), "{}", stdout(&out));
+}

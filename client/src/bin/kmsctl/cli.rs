@@ -237,6 +237,19 @@ mod tests {
         }
     }
 
+    #[test]
+    fn audit_verify_takes_an_optional_file() {
+        let cli = parse(&["audit", "verify", "--file", "/tmp/a.log"]);
+        let Command::Audit(AuditCommand::Verify { file }) = cli.command else {
+            panic!("not audit verify");
+        };
+        assert_eq!(file.as_deref(), Some(std::path::Path::new("/tmp/a.log")));
+        assert!(matches!(
+            parse(&["audit", "verify"]).command,
+            Command::Audit(AuditCommand::Verify { file: None })
+        ));
+    }
+
     fn fails(args: &[&str]) -> clap::error::ErrorKind {
         let argv = std::iter::once("kmsctl").chain(args.iter().copied());
         Cli::try_parse_from(argv).unwrap_err().kind()
