@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use kms_client::proto::CreateKey;
 
+use crate::audit::AuditLog;
 use crate::config::{self, Config, MountConfig};
 use crate::keys::{KeyService, RootKey, SystemClock};
 use crate::mounts::Mounts;
@@ -204,6 +205,8 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
     let keys = open_keys(&cfg)?;
     let replication = open_replication(&cfg, &keys)?;
+    // After the store, whose lock keeps a second kmsd off this file.
+    let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
     // Mount before binding, so that no client reaches a half-started
     // daemon; a failure after this point unmounts (Mounts' handles unmount
     // on drop) and removes the socket (SocketFile).
@@ -223,6 +226,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let _socket_file = SocketFile(listener.path.clone());
     let shutdown = CancellationToken::new();
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
+    daemon.observers.push(audit.clone());
     let tasks = tokio_util::task::TaskTracker::new();
     if let Some(r) = &replication {
         daemon = daemon.with_replication(r.clone());
@@ -234,7 +238,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, daemon.clone()));
-    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), shutdown.clone()));
+    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
     let where_ = listener
         .path
         .as_ref()
@@ -245,6 +249,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
     let _ = scheduler.await;
     tasks.wait().await;
+    tokio::task::spawn_blocking(move || audit.flush()).await?;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
     reporter.abort();
     tracing::info!("kmsd stopped");

@@ -4,6 +4,7 @@
 //! socket, schedules its rotations and mounts its filesystems.
 
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod keys;
 pub mod logging;

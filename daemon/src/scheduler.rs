@@ -1,13 +1,15 @@
 //! The rotation and deletion scheduler: sleeps until the next due time,
 //! does what is due through [`KeyService::run_due`], and re-plans whenever
 //! a key changes. Due work that failed (e.g. disk full) is retried after a
-//! pause rather than in a tight loop.
+//! pause rather than in a tight loop. What each pass did goes to the audit
+//! log.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditLog;
 use crate::keys::KeyService;
 
 /// Longest sleep, so that a wall-clock jump is noticed within this time.
@@ -16,12 +18,15 @@ const MAX_SLEEP: Duration = Duration::from_secs(600);
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`.
-pub async fn run(keys: Arc<KeyService>, shutdown: CancellationToken) {
+pub async fn run(keys: Arc<KeyService>, audit: Arc<AuditLog>, shutdown: CancellationToken) {
     loop {
         let now = keys.now();
         let k = keys.clone();
         let failed = match tokio::task::spawn_blocking(move || k.run_due(now)).await {
-            Ok(report) => !report.failed.is_empty(),
+            Ok(report) => {
+                audit.record_due(&report);
+                !report.failed.is_empty()
+            }
             Err(e) => {
                 tracing::error!(error = %e, "scheduler pass panicked");
                 true

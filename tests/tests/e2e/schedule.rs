@@ -11,7 +11,7 @@ use kms_tests::{wait_for, TestDaemon};
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 /// Restarts `d` with its clock `days` ahead of the real one.
-fn restart_days_ahead(d: &mut TestDaemon, days: u32) {
+pub(crate) fn restart_days_ahead(d: &mut TestDaemon, days: u32) {
     assert!(
         std::path::Path::new(LIBFAKETIME).exists(),
         "install the Debian package faketime"

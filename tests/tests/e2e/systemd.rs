@@ -443,9 +443,14 @@ fn scenario(c: &Container) {
         "SIGTERM: draining",
         "unmounted",
         "kmsd stopped",
+        "kmsd::audit",
+        "\"outcome\":\"ok\"",
     ] {
         assert!(journal.contains(line), "no {line:?} in the journal:\n{journal}");
     }
+    // The audit file the journal lines mirror verifies.
+    let verified = c.ok("kmsctl audit verify --file /var/lib/kmsd/audit.log");
+    assert!(verified.starts_with("ok:"), "{verified}");
 }
 
 /// Without any one of the unit's capabilities besides CAP_SYS_ADMIN, a

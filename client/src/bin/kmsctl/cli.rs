@@ -83,6 +83,22 @@ pub enum Command {
     /// Encrypted filesystem mounts.
     #[command(subcommand)]
     Fs(FsCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `kmsctl audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of an audit log file (read directly, no
+    /// daemon needed); exits 1 when it is broken.
+    Verify {
+        /// The audit log [default: ./kmsd-dev/state/audit.log if it
+        /// exists, else /var/lib/kmsd/audit.log]
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
 }
 
 /// `kmsctl key ...`
@@ -219,6 +235,19 @@ mod tests {
             Ok(cli) => cli,
             Err(e) => panic!("{args:?}: {e}"),
         }
+    }
+
+    #[test]
+    fn audit_verify_takes_an_optional_file() {
+        let cli = parse(&["audit", "verify", "--file", "/tmp/a.log"]);
+        let Command::Audit(AuditCommand::Verify { file }) = cli.command else {
+            panic!("not audit verify");
+        };
+        assert_eq!(file.as_deref(), Some(std::path::Path::new("/tmp/a.log")));
+        assert!(matches!(
+            parse(&["audit", "verify"]).command,
+            Command::Audit(AuditCommand::Verify { file: None })
+        ));
     }
 
     fn fails(args: &[&str]) -> clap::error::ErrorKind {

@@ -12,7 +12,7 @@ use kms_client::proto::{Context, CreateKey, KeyInfo, MAX_DEK, MAX_PLAINTEXT};
 use kms_client::{blob, default_socket_path, BlockingClient, GeneratedDataKey};
 use zeroize::Zeroizing;
 
-use crate::cli::{Cli, Command, ContextArgs, FsCommand, KeyCommand, RotationCommand};
+use crate::cli::{AuditCommand, Cli, Command, ContextArgs, FsCommand, KeyCommand, RotationCommand};
 use crate::error::CliError;
 use crate::input::{b64, encode_output, read_input, read_limited};
 use crate::output::{self, Format};
@@ -20,6 +20,10 @@ use crate::output::{self, Format};
 /// Largest blob `decrypt` or `re-encrypt` may read: a 64 KiB plaintext
 /// plus header and tag.
 const MAX_DATA_BLOB: usize = MAX_PLAINTEXT + blob::MIN_BLOB_LEN;
+/// The audit log of `kmsd --dev` started in the current directory.
+const DEV_AUDIT_LOG: &str = "kmsd-dev/state/audit.log";
+/// The audit log of the system daemon.
+const SYSTEM_AUDIT_LOG: &str = "/var/lib/kmsd/audit.log";
 /// Largest blob `unwrap` may read.
 const MAX_DEK_BLOB: usize = MAX_DEK + blob::MIN_BLOB_LEN;
 
@@ -52,12 +56,42 @@ impl Session {
 /// Whatever the command fails with; see [`CliError`].
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let format = if cli.json { Format::Json } else { Format::Human };
+    if let Command::Audit(AuditCommand::Verify { file }) = &cli.command {
+        return audit_verify(file.as_deref(), format);
+    }
     let mut session = Session {
         socket: cli.socket.unwrap_or_else(default_socket_path),
         client: None,
     };
     let output = execute(cli.command, format, &mut session)?;
     write_stdout(&output)
+}
+
+/// `audit verify`: prints what it found on stdout; a broken chain then
+/// fails with [`CliError::Broken`] (exit 1).
+fn audit_verify(file: Option<&Path>, format: Format) -> Result<(), CliError> {
+    let path = file.map_or_else(default_audit_log, Path::to_path_buf);
+    let file_err = |source| CliError::File {
+        path: path.clone(),
+        source,
+    };
+    let f = std::fs::File::open(&path).map_err(file_err)?;
+    let report = kms_client::audit::verify(io::BufReader::new(f)).map_err(file_err)?;
+    write_stdout(&Output::Text(output::render(format, &report, output::audit_report)))?;
+    if report.is_intact() {
+        Ok(())
+    } else {
+        Err(CliError::Broken)
+    }
+}
+
+fn default_audit_log() -> PathBuf {
+    let dev = Path::new(".").join(DEV_AUDIT_LOG);
+    if dev.exists() {
+        dev
+    } else {
+        PathBuf::from(SYSTEM_AUDIT_LOG)
+    }
 }
 
 fn write_stdout(output: &Output) -> Result<(), CliError> {
@@ -85,6 +119,9 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
         }
         Command::Key(cmd) => key_command(cmd, format, s.client()?).map(Output::Text),
         Command::Fs(cmd) => fs_command(cmd, format, s).map(Output::Text),
+        Command::Audit(AuditCommand::Verify { file }) => {
+            audit_verify(file.as_deref(), format).map(|()| Output::Text(String::new()))
+        }
         Command::Encrypt { key, context } => encrypt(s, &key, &context, stdin()).map(secret),
         Command::Decrypt { context } => decrypt(s, &context, stdin()).map(secret),
         Command::Wrap { key, context, encoding } => wrap(s, &key, &context, encoding.base64, stdin()).map(secret),

@@ -24,6 +24,16 @@ pub enum CliError {
     /// Arguments clap accepted but that do not make sense together.
     #[error("{0}")]
     Usage(String),
+    /// A file named on the command line cannot be read.
+    #[error("cannot read {path}")]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `audit verify` found a broken chain, already reported on stdout.
+    #[error("the audit log's chain is broken")]
+    Broken,
     /// Reading stdin or writing stdout failed.
     #[error("cannot {what}")]
     Stdio {
@@ -49,7 +59,8 @@ impl CliError {
         match self {
             CliError::Client(e) => e.code().unwrap_or_else(|| local_code(e)),
             CliError::Input(_) | CliError::Usage(_) => ErrorCode::InvalidArgument,
-            CliError::Stdio { .. } => ErrorCode::Internal,
+            CliError::File { source, .. } if source.kind() == io::ErrorKind::NotFound => ErrorCode::NotFound,
+            CliError::File { .. } | CliError::Broken | CliError::Stdio { .. } => ErrorCode::Internal,
         }
     }
 
@@ -67,6 +78,9 @@ impl CliError {
 
     /// The line(s) to print on stderr.
     pub fn render(&self, json: bool) -> String {
+        if let CliError::Broken = self {
+            return String::new();
+        }
         if json {
             let value = serde_json::json!({
                 "error": { "code": self.code().as_str(), "message": self.message() }

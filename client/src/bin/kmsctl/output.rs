@@ -276,6 +276,14 @@ pub fn fs_rewrap(r: &FsRewrapInfo) -> String {
     )
 }
 
+/// `audit verify`: `ok: N lines, chain intact`, or each break.
+pub fn audit_report(r: &kms_client::audit::Report) -> String {
+    if r.is_intact() {
+        return format!("ok: {} lines, chain intact\n", r.lines);
+    }
+    r.breaks.iter().map(|b| format!("{b}\n")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use kms_client::proto::{KeyKind, KeyState, Origin, Policy, Principal, RotationInfo, VersionInfo};
