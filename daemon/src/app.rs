@@ -200,6 +200,7 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 /// Start-up failures (store, socket, mounts, signals).
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
     let keys = open_keys(&cfg)?;
+    let metrics_on = crate::metrics::install(cfg.metrics_addr()?)?;
     let listener = match Listener::inherited()? {
         Some(l) => l,
         None => Listener::bind(&cfg.socket)?,
@@ -222,8 +223,14 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
         tasks.spawn(tasks::run_pulls(r.clone(), shutdown.clone()));
     }
-    tasks.close();
+    if metrics_on {
+        daemon.observers.push(Arc::new(crate::metrics::RequestMetrics::new()));
+    }
     let daemon = Arc::new(daemon);
+    if metrics_on {
+        tasks.spawn(crate::metrics::run_state(daemon.clone(), shutdown.clone()));
+    }
+    tasks.close();
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, keys.clone()));

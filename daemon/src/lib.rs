@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod keys;
 pub mod logging;
+pub mod metrics;
 pub mod mounts;
 pub mod notify;
 pub mod observe;

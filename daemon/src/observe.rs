@@ -134,6 +134,11 @@ impl Observers {
         self.0.push(o);
     }
 
+    /// Whether nobody listens (then the server skips building observations).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Reports one answered request to every observer.
     pub fn observe(&self, o: &Observation<'_>) {
         for obs in &self.0 {
@@ -168,7 +173,10 @@ mod tests {
             blob: blob.clone(),
             context: Context::new(),
         });
-        assert_eq!((s.key.clone(), s.version), (Some(uuid::Uuid::nil().to_string()), Some(7)));
+        assert_eq!(
+            (s.key.clone(), s.version),
+            (Some(uuid::Uuid::nil().to_string()), Some(7))
+        );
         let caller = Caller::process(1, 1, Some(2));
         let err = Response::Error(ErrorReply::new(ErrorCode::DecryptFailed, "x"));
         let o = Observation {

@@ -21,7 +21,10 @@ pub async fn run(keys: Arc<KeyService>, shutdown: CancellationToken) {
         let now = keys.now();
         let k = keys.clone();
         let failed = match tokio::task::spawn_blocking(move || k.run_due(now)).await {
-            Ok(report) => !report.failed.is_empty(),
+            Ok(report) => {
+                crate::metrics::automatic_rotations(report.rotated.len());
+                !report.failed.is_empty()
+            }
             Err(e) => {
                 tracing::error!(error = %e, "scheduler pass panicked");
                 true

@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::{FutureExt, SinkExt, StreamExt};
 use kms_client::proto::codec::Decoded;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::keys::Caller;
+use crate::observe::{Observation, Subject};
 use crate::ops::{self, Daemon};
 
 /// Why the listener could not be set up.
@@ -261,10 +263,28 @@ impl Session {
         if !self.greeted {
             return self.on_hello(daemon, id, body).await;
         }
+        let subject = (!daemon.observers.is_empty()).then(|| Subject::of(&body));
+        let started = Instant::now();
+        let response = self.answer(daemon, id, body).await?;
+        if let Some(subject) = &subject {
+            daemon.observers.observe(&Observation {
+                subject,
+                caller: &self.caller,
+                response: &response,
+                elapsed: started.elapsed(),
+            });
+        }
+        self.send(id, response).await?;
+        Ok(Next::Continue)
+    }
+
+    /// Runs a request after the handshake; `fs rewrap` sends its progress
+    /// frames itself.
+    async fn answer(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Response, CodecError> {
         if let Request::FsRewrap { mount } = body {
             return self.rewrap(daemon, id, mount).await;
         }
-        let response = if let Some(r) = daemon.replication_for(&body) {
+        Ok(if let Some(r) = daemon.replication_for(&body) {
             r.handle(&self.caller, body).await
         } else if ops::is_blocking(&body) {
             let (d, c) = (daemon.clone(), self.caller.clone());
@@ -273,14 +293,12 @@ impl Session {
                 .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed"))
         } else {
             ops::handle_guarded(daemon, &self.caller, body)
-        };
-        self.send(id, response).await?;
-        Ok(Next::Continue)
+        })
     }
 
     /// `fs rewrap`, with `Progress` frames (at most five a second) before
     /// the final reply.
-    async fn rewrap(&mut self, daemon: &Arc<Daemon>, id: u64, mount: String) -> Result<Next, CodecError> {
+    async fn rewrap(&mut self, daemon: &Arc<Daemon>, id: u64, mount: String) -> Result<Response, CodecError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (d, c) = (daemon.clone(), self.caller.clone());
         let task = tokio::task::spawn_blocking(move || {
@@ -296,11 +314,9 @@ impl Session {
             self.send(id, Response::Progress { done, total }).await?;
             self.framed.flush().await?;
         }
-        let response = task
+        Ok(task
             .await
-            .unwrap_or_else(|_| error(ErrorCode::Internal, "rewrap task failed"));
-        self.send(id, response).await?;
-        Ok(Next::Continue)
+            .unwrap_or_else(|_| error(ErrorCode::Internal, "rewrap task failed")))
     }
 
     async fn on_hello(&mut self, daemon: &Daemon, id: u64, body: Request) -> Result<Next, CodecError> {

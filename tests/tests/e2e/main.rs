@@ -4,6 +4,7 @@
 mod cli;
 mod fs;
 mod lifecycle;
+mod metrics;
 mod protocol;
 mod reload;
 mod schedule;
