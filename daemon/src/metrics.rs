@@ -154,6 +154,33 @@ fn describe() {
     describe_gauge!("kmsd_keys", "Keys by state");
     describe_gauge!("kmsd_key_versions", "Versions held per key");
     describe_gauge!("kmsd_build_info", "Always 1; the labels name the build");
+    describe_counter!(
+        "kmsd_replication_pushes_total",
+        "Pushes of key versions to replica zones by outcome"
+    );
+    describe_counter!("kmsd_replication_pulls_total", "Pulls from primary zones by outcome");
+    describe_counter!(
+        "kmsd_replication_frames_rejected_total",
+        "Replication frames refused from peers"
+    );
+    describe_gauge!(
+        "kmsd_replica_lag_versions",
+        "Versions a replica zone is behind its primary key"
+    );
+    describe_counter!(
+        "kmsd_fs_operations_total",
+        "Encrypted filesystem operations by mount and kind"
+    );
+    describe_counter!("kmsd_fs_dek_cache_total", "File opens by DEK cache result (hit, miss)");
+    describe_counter!(
+        "kmsd_fs_tamper_detections_total",
+        "Reads refused because a file was tampered with"
+    );
+    describe_counter!(
+        "kmsd_fs_bytes_total",
+        Unit::Bytes,
+        "Plaintext bytes read and written through mounts"
+    );
     gauge!("kmsd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for kind in ["manual", "automatic"] {
         counter!("kmsd_rotations_total", "kind" => kind).absolute(0);
@@ -284,6 +311,9 @@ pub fn refresh(d: &Daemon) {
     if let Some(r) = &d.replication {
         replication(&r.stats, &keys);
     }
+    for (mount, stats) in d.mounts.stats() {
+        fs_counters(&mount, &stats);
+    }
 }
 
 fn state_name(s: KeyState) -> &'static str {
@@ -325,6 +355,20 @@ fn replication(s: &crate::replication::ReplicationStats, keys: &[KeyInfo]) {
         for (zone, lag) in crate::replication::replica_lag(k) {
             gauge!("kmsd_replica_lag_versions", "key" => k.id.to_string(), "zone" => zone).set(f64::from(lag));
         }
+    }
+}
+
+fn fs_counters(mount: &str, s: &kms_fuse::FsStatsSnapshot) {
+    let m = || mount.to_string();
+    for (op, n) in &s.ops {
+        counter!("kmsd_fs_operations_total", "mount" => m(), "op" => *op).absolute(*n);
+    }
+    for (result, n) in [("hit", s.dek_cache_hits), ("miss", s.dek_cache_misses)] {
+        counter!("kmsd_fs_dek_cache_total", "mount" => m(), "result" => result).absolute(n);
+    }
+    counter!("kmsd_fs_tamper_detections_total", "mount" => m()).absolute(s.tamper_detections);
+    for (direction, n) in [("read", s.bytes_read), ("written", s.bytes_written)] {
+        counter!("kmsd_fs_bytes_total", "mount" => m(), "direction" => direction).absolute(n);
     }
 }
 

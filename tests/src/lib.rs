@@ -358,7 +358,12 @@ impl TestDaemon {
     /// named `fs` (created on a first start, then mounted on a restart, as
     /// an operator would).
     pub fn start_with_mount() -> Self {
-        let mut d = Self::start();
+        Self::start_with_mount_opts(DaemonOptions::default())
+    }
+
+    /// [`start_with_mount`](Self::start_with_mount) with `opts`.
+    pub fn start_with_mount_opts(opts: DaemonOptions) -> Self {
+        let mut d = Self::start_with(opts);
         d.client()
             .create_key(kms_client::proto::CreateKey {
                 name: Some("fs".into()),

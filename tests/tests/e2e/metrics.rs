@@ -170,3 +170,60 @@ fn a_busy_metrics_address_stops_start_up_naming_the_setting() {
     );
     assert!(!d.socket.exists(), "no half-started daemon");
 }
+
+/// The value of the series `name{labels}` in a scrape body.
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn filesystem_operations_dek_cache_and_tampering_are_counted() {
+    if !kms_tests::fuse_available() {
+        return;
+    }
+    let addr = free_tcp_addr();
+    let d = TestDaemon::start_with_mount_opts(DaemonOptions::with_metrics(addr));
+    let mnt = d.mnt();
+    let file = mnt.join("f");
+    std::fs::write(&file, [5u8; 10_000]).unwrap();
+    {
+        // Two handles at once: the first unwraps the DEK, the second reuses it.
+        let (a, b) = (std::fs::File::open(&file).unwrap(), std::fs::File::open(&file).unwrap());
+        drop((a, b));
+    }
+    let m = mnt.to_str().unwrap();
+    let want = [format!(r#"kmsd_fs_operations_total{{mount="{m}",op="create"}} 1"#)];
+    let body = scrape_until(addr, &want);
+    let get = |body: &str, s: String| value(body, &s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
+    assert!(
+        get(
+            &body,
+            format!(r#"kmsd_fs_dek_cache_total{{mount="{m}",result="miss"}}"#)
+        ) >= 1.0
+    );
+    assert!(get(&body, format!(r#"kmsd_fs_dek_cache_total{{mount="{m}",result="hit"}}"#)) >= 1.0);
+    assert!(
+        get(
+            &body,
+            format!(r#"kmsd_fs_bytes_total{{mount="{m}",direction="written"}}"#)
+        ) >= 10_000.0
+    );
+    assert_eq!(
+        get(&body, format!(r#"kmsd_fs_tamper_detections_total{{mount="{m}"}}"#)),
+        0.0
+    );
+    // Flip a ciphertext byte in the backing file: reads now fail, counted.
+    let backing = d.data().join("f");
+    let mut raw = std::fs::read(&backing).unwrap();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 1;
+    std::fs::write(&backing, raw).unwrap();
+    assert!(std::fs::read(&file).is_err());
+    let tampered = format!(r#"kmsd_fs_tamper_detections_total{{mount="{m}"}}"#);
+    let seen = wait_for(Duration::from_secs(15), || {
+        let (_, body) = scrape(addr).ok()?;
+        (value(&body, &tampered)? >= 1.0).then_some(body)
+    });
+    promtool_check(&seen.expect("a tamper detection is counted"));
+}
