@@ -113,6 +113,13 @@ pub fn scrape(addr: std::net::SocketAddr) -> std::io::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
+/// The value of the series `series` (name and labels, exactly as
+/// rendered) in a scrape body.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A running `kmsd` with its own folder.
 #[derive(Debug)]
 pub struct TestDaemon {

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kms_client::proto::{Context, CreateKey, ErrorCode};
-use kms_tests::{free_tcp_addr, scrape, stderr, wait_for, DaemonOptions, TestDaemon};
+use kms_tests::{free_tcp_addr, metric, scrape, stderr, wait_for, DaemonOptions, TestDaemon};
 
 fn create(d: &TestDaemon, name: &str) -> String {
     let req = CreateKey {
@@ -171,12 +171,6 @@ fn a_busy_metrics_address_stops_start_up_naming_the_setting() {
     assert!(!d.socket.exists(), "no half-started daemon");
 }
 
-/// The value of the series `name{labels}` in a scrape body.
-fn value(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[test]
 fn filesystem_operations_dek_cache_and_tampering_are_counted() {
     if !kms_tests::fuse_available() {
@@ -195,7 +189,7 @@ fn filesystem_operations_dek_cache_and_tampering_are_counted() {
     let m = mnt.to_str().unwrap();
     let want = [format!(r#"kmsd_fs_operations_total{{mount="{m}",op="create"}} 1"#)];
     let body = scrape_until(addr, &want);
-    let get = |body: &str, s: String| value(body, &s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
+    let get = |body: &str, s: String| metric(body, &s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
     assert!(
         get(
             &body,
@@ -223,7 +217,7 @@ fn filesystem_operations_dek_cache_and_tampering_are_counted() {
     let tampered = format!(r#"kmsd_fs_tamper_detections_total{{mount="{m}"}}"#);
     let seen = wait_for(Duration::from_secs(15), || {
         let (_, body) = scrape(addr).ok()?;
-        (value(&body, &tampered)? >= 1.0).then_some(body)
+        (metric(&body, &tampered)? >= 1.0).then_some(body)
     });
     promtool_check(&seen.expect("a tamper detection is counted"));
 }
