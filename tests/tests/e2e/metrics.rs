@@ -221,3 +221,31 @@ fn filesystem_operations_dek_cache_and_tampering_are_counted() {
     });
     promtool_check(&seen.expect("a tamper detection is counted"));
 }
+
+#[test]
+fn scheduler_rotations_count_as_automatic() {
+    const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        assert!(std::env::var_os("CI").is_none(), "install the Debian package faketime");
+        eprintln!("skipping: libfaketime is not installed");
+        return;
+    }
+    let addr = free_tcp_addr();
+    let mut d = TestDaemon::start_with(DaemonOptions::with_metrics(addr));
+    let daily = CreateKey {
+        name: Some("daily".into()),
+        rotation: Some(Some(1)),
+        ..CreateKey::default()
+    };
+    d.client().create_key(daily).unwrap();
+    assert!(d.terminate().success());
+    // Down for two days: the scheduler rotates once at start-up.
+    d.opts.env.push(("LD_PRELOAD".into(), LIBFAKETIME.into()));
+    d.opts.env.push(("FAKETIME".into(), "+2d".into()));
+    d.restart();
+    let want = [
+        r#"kmsd_rotations_total{kind="automatic"} 1"#.to_string(),
+        r#"kmsd_rotations_total{kind="manual"} 0"#.to_string(),
+    ];
+    scrape_until(addr, &want);
+}
