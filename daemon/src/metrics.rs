@@ -97,11 +97,17 @@ pub enum MetricsError {
 /// backlog to a few MiB instead of the exporter's default 5 s worth.
 const UPKEEP: Duration = Duration::from_secs(1);
 
+/// Gauges not set for this long leave the scrape: the versions of a deleted
+/// key, the lag of a replica no longer configured. [`refresh`] sets every
+/// live gauge (build info included) well within it.
+const GAUGE_IDLE: Duration = Duration::from_secs(30);
+
 /// The exporter configuration: our buckets, an HTTP listener on `addr`.
-fn builder(addr: SocketAddr) -> PrometheusBuilder {
+fn builder(addr: SocketAddr, gauge_idle: Duration) -> PrometheusBuilder {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .upkeep_timeout(UPKEEP)
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(gauge_idle))
         .set_buckets_for_metric(Matcher::Full("kmsd_request_duration_seconds".into()), &DURATION_BUCKETS)
         .expect("DURATION_BUCKETS is not empty")
 }
@@ -117,7 +123,7 @@ pub fn install(addr: Option<SocketAddr>) -> Result<bool, MetricsError> {
     let Some(addr) = addr else {
         return Ok(false);
     };
-    let (recorder, exporter) = builder(addr)
+    let (recorder, exporter) = builder(addr, GAUGE_IDLE)
         .build()
         .map_err(|source| MetricsError::Listen { addr, source })?;
     set_recorder(recorder)?;
@@ -187,10 +193,14 @@ fn describe() {
         Unit::Bytes,
         "Plaintext bytes read and written through mounts"
     );
-    gauge!("kmsd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    build_info();
     for kind in ["manual", "automatic"] {
         counter!("kmsd_rotations_total", "kind" => kind).absolute(0);
     }
+}
+
+fn build_info() {
+    gauge!("kmsd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Counts automatic rotations done by the scheduler.
@@ -311,6 +321,7 @@ pub async fn run_state(daemon: Arc<Daemon>, shutdown: CancellationToken) {
 
 /// One pass over the state series.
 pub fn refresh(d: &Daemon) {
+    build_info();
     gauge!("kmsd_connections_open").set(d.connections.load(Ordering::Relaxed) as f64);
     let keys = d.keys.list(&Caller::internal());
     key_gauges(&keys);
@@ -386,7 +397,11 @@ mod tests {
     use metrics_exporter_prometheus::PrometheusHandle;
 
     fn local() -> (PrometheusRecorder, PrometheusHandle) {
-        let recorder = builder("127.0.0.1:0".parse().unwrap()).build_recorder();
+        local_idle(GAUGE_IDLE)
+    }
+
+    fn local_idle(gauge_idle: Duration) -> (PrometheusRecorder, PrometheusHandle) {
+        let recorder = builder("127.0.0.1:0".parse().unwrap(), gauge_idle).build_recorder();
         let handle = recorder.handle();
         (recorder, handle)
     }
@@ -539,6 +554,23 @@ mod tests {
         ] {
             assert!(has(&body, &line), "missing {line} in\n{body}");
         }
+    }
+
+    #[test]
+    fn gauges_left_unset_leave_the_scrape_but_refreshed_ones_stay() {
+        let (recorder, handle) = local_idle(Duration::from_millis(100));
+        let (_dir, d) = daemon();
+        metrics::with_local_recorder(&recorder, || {
+            gauge!("kmsd_key_versions", "key" => "deleted", "name" => "").set(1.0);
+            refresh(&d);
+        });
+        assert!(handle.render().contains(r#"key="deleted""#));
+        std::thread::sleep(Duration::from_millis(300));
+        metrics::with_local_recorder(&recorder, || refresh(&d));
+        let body = handle.render();
+        assert!(!body.contains(r#"key="deleted""#), "{body}");
+        assert!(body.contains("kmsd_build_info{"), "{body}");
+        assert!(has(&body, r#"kmsd_keys{state="disabled"} 1"#), "{body}");
     }
 
     #[test]
