@@ -263,7 +263,9 @@ impl RequestMetrics {
         }
     }
 
-    fn count_bytes(&self, o: &Observation<'_>) {
+    /// What a successful answer did: plaintext bytes in or out, a manual
+    /// rotation.
+    fn count_effects(&self, o: &Observation<'_>) {
         match (o.subject.op, o.response) {
             ("encrypt" | "wrap" | "wrap-batch", Response::Blob(_) | Response::Blobs(_)) => {
                 self.encrypted.increment(o.subject.plaintext_in as u64);
@@ -294,7 +296,7 @@ impl Observer for RequestMetrics {
                 metrics::histogram!("kmsd_request_duration_seconds", "op" => o.subject.op).record(secs);
             }
         }
-        self.count_bytes(o);
+        self.count_effects(o);
     }
 }
 
