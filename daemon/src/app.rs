@@ -207,6 +207,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
     let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
+    let metrics_on = crate::metrics::install(cfg.metrics_addr()?)?;
     // Mount before binding, so that no client reaches a half-started
     // daemon; a failure after this point unmounts (Mounts' handles unmount
     // on drop) and removes the socket (SocketFile).
@@ -233,8 +234,14 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
         tasks.spawn(tasks::run_pulls(r.clone(), shutdown.clone()));
     }
-    tasks.close();
+    if metrics_on {
+        daemon.observers.push(Arc::new(crate::metrics::RequestMetrics::new()));
+    }
     let daemon = Arc::new(daemon);
+    if metrics_on {
+        tasks.spawn(crate::metrics::run_state(daemon.clone(), shutdown.clone()));
+    }
+    tasks.close();
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, daemon.clone()));

@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn the_chain_continues_across_reopen_and_the_file_is_private() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         AuditLog::open(dir.path()).unwrap().record(&entry("wrap"));
         let log = AuditLog::open(dir.path()).unwrap();
         log.record(&entry("unwrap"));
@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn concurrent_writers_keep_a_valid_chain() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let log = Arc::new(AuditLog::open(dir.path()).unwrap());
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -336,7 +336,7 @@ mod tests {
 
     #[test]
     fn a_tampered_log_gets_one_chain_break_line_and_a_new_chain() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
         (0..3).for_each(|_| log.record(&entry("wrap")));
         drop(log);
@@ -356,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_completed_before_the_break_line() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::private_dir().unwrap();
         let log = AuditLog::open(dir.path()).unwrap();
         (0..2).for_each(|_| log.record(&entry("wrap")));
         drop(log);

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod config;
 pub mod keys;
 pub mod logging;
+pub mod metrics;
 pub mod mounts;
 pub mod notify;
 pub mod observe;

@@ -233,6 +233,14 @@ impl Mounts {
         self.live.lock().iter().map(|l| l.info.clone()).collect()
     }
 
+    /// The counters of every live mount, by target, for the metrics.
+    pub fn stats(&self) -> Vec<(String, kms_fuse::FsStatsSnapshot)> {
+        let live = self.live.lock();
+        live.iter()
+            .filter_map(|l| Some((l.info.target.clone(), l.handle.as_ref()?.stats().snapshot())))
+            .collect()
+    }
+
     /// The backing dir and key source of the mount at `target`, after
     /// checking that `caller` may `access` its key.
     fn find(

@@ -134,6 +134,11 @@ impl Observers {
         self.0.push(o);
     }
 
+    /// Whether nobody listens (then the server skips building observations).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Reports one answered request to every observer.
     pub fn observe(&self, o: &Observation<'_>) {
         for obs in &self.0 {

@@ -25,6 +25,7 @@ pub async fn run(keys: Arc<KeyService>, audit: Arc<AuditLog>, shutdown: Cancella
         let failed = match tokio::task::spawn_blocking(move || k.run_due(now)).await {
             Ok(report) => {
                 audit.record_due(&report);
+                crate::metrics::automatic_rotations(report.rotated.len());
                 !report.failed.is_empty()
             }
             Err(e) => {

@@ -263,20 +263,23 @@ impl Session {
         if !self.greeted {
             return self.on_hello(daemon, id, body).await;
         }
-        let subject = Subject::of(&body);
+        let subject = (!daemon.observers.is_empty()).then(|| Subject::of(&body));
         let started = Instant::now();
         let response = self.answer(daemon, id, body).await?;
-        daemon.observers.observe(&Observation {
-            subject: &subject,
-            caller: &self.caller,
-            response: &response,
-            elapsed: started.elapsed(),
-        });
+        if let Some(subject) = &subject {
+            daemon.observers.observe(&Observation {
+                subject,
+                caller: &self.caller,
+                response: &response,
+                elapsed: started.elapsed(),
+            });
+        }
         self.send(id, response).await?;
         Ok(Next::Continue)
     }
 
-    /// The answer to one request after the handshake.
+    /// Runs a request after the handshake; `fs rewrap` sends its progress
+    /// frames itself.
     async fn answer(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Response, CodecError> {
         if let Request::FsRewrap { mount } = body {
             return self.rewrap(daemon, id, mount).await;
@@ -294,7 +297,7 @@ impl Session {
     }
 
     /// `fs rewrap`, with `Progress` frames (at most five a second) before
-    /// the final reply, which is returned.
+    /// the final reply.
     async fn rewrap(&mut self, daemon: &Arc<Daemon>, id: u64, mount: String) -> Result<Response, CodecError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (d, c) = (daemon.clone(), self.caller.clone());

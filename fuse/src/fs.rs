@@ -31,6 +31,7 @@ use crate::file::EncryptedFile;
 use crate::format;
 use crate::inode::{InodeTable, Node, ROOT};
 use crate::keys::KeySource;
+use crate::stats::{FsOp, FsStats};
 use crate::xattr;
 
 /// Who is asking (from the FUSE request header).
@@ -73,6 +74,7 @@ pub struct EncryptedFs {
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir: AtomicU64,
     logged: Mutex<HashSet<PathBuf>>,
+    stats: Arc<FsStats>,
 }
 
 impl std::fmt::Debug for EncryptedFs {
@@ -155,12 +157,20 @@ impl EncryptedFs {
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
             logged: Mutex::new(HashSet::new()),
+            stats: Arc::default(),
         })
     }
 
-    /// Logs `e` (tampering once per backing path) and returns its errno.
+    /// The counters of this filesystem (shared: they outlive it).
+    pub fn stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
+    }
+
+    /// Logs `e` (tampering once per backing path, but counted every time)
+    /// and returns its errno.
     pub fn report(&self, op: &str, e: &Error) -> fuser::Errno {
         if let Some(path) = e.tamper_path() {
+            self.stats.tamper_detected();
             if self.logged.lock().insert(path.clone()) {
                 tracing::warn!(path = %path.display(), error = %describe(e), "{op}: refusing to serve tampered or undecryptable file");
             }
@@ -214,6 +224,7 @@ impl EncryptedFs {
     /// # Errors
     /// Backing errors (`ENOENT` ...).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
+        self.stats.op(FsOp::Lookup);
         let parent = self.nodes.get(parent)?;
         self.lookup_in(&parent, name)
     }
@@ -235,6 +246,7 @@ impl EncryptedFs {
     /// # Errors
     /// Unknown inode or backing errors.
     pub fn getattr(&self, ino: u64) -> Result<FileAttr> {
+        self.stats.op(FsOp::Getattr);
         let node = self.nodes.get(ino)?;
         Ok(self.attr(ino, &stat_node(&node)?))
     }
@@ -315,6 +327,7 @@ impl EncryptedFs {
     /// # Errors
     /// Backing errors.
     pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<FileAttr> {
+        self.stats.op(FsOp::Mkdir);
         let parent = self.nodes.get(parent)?;
         nix::sys::stat::mkdirat(parent.fd(), name, Mode::from_bits_truncate(0o700))?;
         self.adopt(caller, &parent, name, Some(mode))
@@ -356,6 +369,7 @@ impl EncryptedFs {
     /// # Errors
     /// Backing errors.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.stats.op(FsOp::Unlink);
         let parent = self.nodes.get(parent)?;
         nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::NoRemoveDir)?;
         Ok(())
@@ -366,6 +380,7 @@ impl EncryptedFs {
     /// # Errors
     /// Backing errors.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.stats.op(FsOp::Rmdir);
         let parent = self.nodes.get(parent)?;
         nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::RemoveDir)?;
         Ok(())
@@ -376,6 +391,7 @@ impl EncryptedFs {
     /// # Errors
     /// `EINVAL` for other flags (whiteouts), backing errors.
     pub fn rename(&self, from: (u64, &OsStr), to: (u64, &OsStr), flags: u32) -> Result<()> {
+        self.stats.op(FsOp::Rename);
         let allowed = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
         let flags = RenameFlags::from_bits(flags)
             .filter(|f| allowed.contains(*f))
@@ -404,6 +420,7 @@ impl EncryptedFs {
     /// Backing errors or the key source refusing a new DEK (the half-made
     /// backing file is removed).
     pub fn create(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<(FileAttr, u64)> {
+        self.stats.op(FsOp::Create);
         let parent = self.nodes.get(parent)?;
         let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
         let fd = openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))?;
@@ -441,6 +458,7 @@ impl EncryptedFs {
     /// # Errors
     /// Not a regular file, a damaged header, or no DEK.
     pub fn open(&self, ino: u64) -> Result<u64> {
+        self.stats.op(FsOp::Open);
         self.acquire(ino)?;
         Ok(ino)
     }
@@ -450,6 +468,7 @@ impl EncryptedFs {
     fn acquire(&self, ino: u64) -> Result<Arc<EncryptedFile>> {
         if let Some(entry) = self.open.lock().get_mut(&ino) {
             entry.handles += 1;
+            self.stats.dek_cache(true);
             return Ok(entry.file.clone());
         }
         let node = self.nodes.get(ino)?;
@@ -460,6 +479,7 @@ impl EncryptedFs {
         let file = OpenOptions::new().read(true).write(true).open(&path);
         let file = file.or_else(|_| File::open(&path))?;
         let fresh = EncryptedFile::open(file, node.backing_path(), self.keys.as_ref())?;
+        self.stats.dek_cache(false);
         let mut open = self.open.lock();
         let entry = open.entry(ino).or_insert_with(|| OpenEntry {
             file: Arc::new(fresh),
@@ -491,7 +511,10 @@ impl EncryptedFs {
     /// # Errors
     /// `EIO` on tampering, backing errors.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        self.opened(ino)?.read(offset, size)
+        self.stats.op(FsOp::Read);
+        let data = self.opened(ino)?.read(offset, size)?;
+        self.stats.read(data.len());
+        Ok(data)
     }
 
     /// Writes plaintext; returns the bytes written (all of them).
@@ -499,7 +522,9 @@ impl EncryptedFs {
     /// # Errors
     /// As [`EncryptedFs::read`].
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.stats.op(FsOp::Write);
         self.opened(ino)?.write(offset, data)?;
+        self.stats.written(data.len());
         Ok(data.len() as u32)
     }
 
@@ -508,6 +533,7 @@ impl EncryptedFs {
     /// # Errors
     /// Backing `fsync` errors.
     pub fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
+        self.stats.op(FsOp::Fsync);
         self.opened(ino)?.sync(datasync)
     }
 
@@ -516,6 +542,7 @@ impl EncryptedFs {
     /// # Errors
     /// Backing errors.
     pub fn opendir(&self, ino: u64) -> Result<u64> {
+        self.stats.op(FsOp::Readdir);
         let node = self.nodes.get(ino)?;
         let parent_ino = if ino == ROOT { ROOT } else { ino };
         let mut entries = vec![
@@ -697,5 +724,23 @@ mod tests {
         assert_eq!(fs.report("read", &e), fuser::Errno::EIO);
         assert_eq!(fs.report("read", &e), fuser::Errno::EIO);
         assert_eq!(fs.logged.lock().len(), 1);
+        assert_eq!(fs.stats().snapshot().tamper_detections, 2);
+    }
+
+    #[test]
+    fn first_open_misses_the_dek_cache_later_opens_hit() {
+        let (_dir, fs) = fs();
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600).unwrap();
+        fs.write(fh, 0, b"hello").unwrap();
+        fs.release(fh);
+        let ino = attr.ino.0;
+        let (a, b) = (fs.open(ino).unwrap(), fs.open(ino).unwrap());
+        assert_eq!(fs.read(a, 0, 64).unwrap(), b"hello");
+        fs.release(a);
+        fs.release(b);
+        let s = fs.stats().snapshot();
+        assert_eq!((s.dek_cache_misses, s.dek_cache_hits), (1, 1));
+        assert_eq!((s.bytes_written, s.bytes_read), (5, 5));
+        assert!(s.ops.contains(&("open", 2)) && s.ops.contains(&("create", 1)) && s.ops.contains(&("read", 1)));
     }
 }

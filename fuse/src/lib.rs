@@ -6,6 +6,7 @@
 //! - [`fs`]: the filesystem operations; [`adapter`]: their FUSE binding.
 //! - [`mount`]: mount, unmount, stale-mount recovery.
 //! - [`admin`]: `fs versions` and `fs rewrap` over a backing directory.
+//! - [`stats`]: counters of a mounted filesystem, for the daemon's metrics.
 
 pub mod adapter;
 pub mod admin;
@@ -16,8 +17,10 @@ pub mod fs;
 pub mod inode;
 pub mod keys;
 pub mod mount;
+pub mod stats;
 mod xattr;
 
 pub use error::Error;
 pub use keys::{Dek, FileId, KeyError, KeySource, MemoryKeySource};
 pub use mount::{mount, recover_stale_mount, MountHandle, MountOptions};
+pub use stats::{FsOp, FsStats, FsStatsSnapshot};

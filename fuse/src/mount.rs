@@ -16,6 +16,7 @@ use crate::adapter::FuseAdapter;
 use crate::error::{Error, Result};
 use crate::fs::EncryptedFs;
 use crate::keys::KeySource;
+use crate::stats::FsStats;
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -46,6 +47,7 @@ impl Default for MountOptions {
 pub struct MountHandle {
     session: Option<BackgroundSession>,
     target: PathBuf,
+    stats: Arc<FsStats>,
 }
 
 fn mount_error(target: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -82,12 +84,14 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
 pub fn mount(source: &Path, target: &Path, keys: Arc<dyn KeySource>, opts: &MountOptions) -> Result<MountHandle> {
     raise_fd_limit();
     let fs = EncryptedFs::new(source, keys)?;
+    let stats = fs.stats();
     let adapter = FuseAdapter::new(fs, opts.ttl);
     let session = fuser::spawn_mount(adapter, target, &fuser_config(opts)).map_err(mount_error(target))?;
     tracing::info!(source = %source.display(), target = %target.display(), "mounted");
     Ok(MountHandle {
         session: Some(session),
         target: target.to_path_buf(),
+        stats,
     })
 }
 
@@ -95,6 +99,11 @@ impl MountHandle {
     /// Where this is mounted.
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// The filesystem's counters.
+    pub fn stats(&self) -> &FsStats {
+        &self.stats
     }
 
     /// Unmounts and waits for the serving threads to finish.

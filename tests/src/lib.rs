@@ -79,6 +79,47 @@ impl Default for DaemonOptions {
     }
 }
 
+impl DaemonOptions {
+    /// Default options with the Prometheus endpoint on `addr` (through the
+    /// environment: the generated config turns metrics off).
+    pub fn with_metrics(addr: std::net::SocketAddr) -> Self {
+        Self {
+            env: vec![("KMSD_METRICS__LISTEN".into(), addr.to_string())],
+            ..Self::default()
+        }
+    }
+}
+
+/// A local TCP address nothing listens on right now.
+pub fn free_tcp_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `GET /metrics` over plain HTTP/1.0: the status code and the body.
+///
+/// # Errors
+/// Nothing listens at `addr`, or the answer is not HTTP.
+pub fn scrape(addr: std::net::SocketAddr) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer");
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+    Ok((code, body.to_string()))
+}
+
+/// The value of the series `series` (name and labels, exactly as
+/// rendered) in a scrape body.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A running `kmsd` with its own folder.
 #[derive(Debug)]
 pub struct TestDaemon {
@@ -324,7 +365,12 @@ impl TestDaemon {
     /// named `fs` (created on a first start, then mounted on a restart, as
     /// an operator would).
     pub fn start_with_mount() -> Self {
-        let mut d = Self::start();
+        Self::start_with_mount_opts(DaemonOptions::default())
+    }
+
+    /// [`start_with_mount`](Self::start_with_mount) with `opts`.
+    pub fn start_with_mount_opts(opts: DaemonOptions) -> Self {
+        let mut d = Self::start_with(opts);
         d.client()
             .create_key(kms_client::proto::CreateKey {
                 name: Some("fs".into()),

@@ -57,8 +57,7 @@ impl From<ReplicateError> for ErrorReply {
     }
 }
 
-/// Counters for the metrics exporter. Hook: when metrics are wired, export
-/// these as `kmsd_replication_pushes_total{outcome="ok|refused|failed"}`,
+/// Outcome counters, exported by [`crate::metrics`] as `kmsd_replication_pushes_total{outcome="ok|refused|failed"}`,
 /// `kmsd_replication_pulls_total{outcome="ok|failed"}` and
 /// `kmsd_replication_frames_rejected_total`, and the replica lag as
 /// `kmsd_replica_lag_versions{key,zone}` from [`replica_lag`].

@@ -2,7 +2,8 @@
 //! a bare echo server with the same framing measured in the same run.
 //!
 //! Run: `cargo run --release -p kms-tests --bin kms-bench [-- --secs N]`.
-//! Prints one table; the last column is kmsd / baseline.
+//! Prints one table; the last column is kmsd / baseline. kmsd runs with
+//! its Prometheus endpoint on, so the figures include recording metrics.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use kms_client::client::Client;
 use kms_client::proto::codec::Decoded;
 use kms_client::proto::{Context, CreateKey, Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
-use kms_tests::TestDaemon;
+use kms_tests::{free_tcp_addr, DaemonOptions, TestDaemon};
 use tokio::net::UnixListener;
 use tokio_util::codec::Framed;
 
@@ -272,7 +273,8 @@ fn main() {
         return;
     }
     let secs = secs_arg();
-    let daemon = TestDaemon::start();
+    // Metrics on, as in production: recording must not cost throughput.
+    let daemon = TestDaemon::start_with(DaemonOptions::with_metrics(free_tcp_addr()));
     let dir = tempfile::tempdir().expect("tempdir");
     let echo_path = dir.path().join("echo.sock");
     let _echo = EchoProcess::start(&echo_path);

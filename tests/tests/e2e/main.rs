@@ -7,6 +7,7 @@ mod crash;
 mod disk;
 mod fs;
 mod lifecycle;
+mod metrics;
 mod protocol;
 mod reload;
 mod schedule;

@@ -186,7 +186,9 @@ fn silent_and_half_sent_clients_block_no_one() {
         c.status().unwrap();
     }
     // Accepting 50 connections may lag behind on a loaded machine: poll.
-    let all = kms_tests::wait_for(Duration::from_secs(10), || (c.status().ok()?.connections >= 50).then_some(()));
+    let all = kms_tests::wait_for(Duration::from_secs(10), || {
+        (c.status().ok()?.connections >= 50).then_some(())
+    });
     assert!(all.is_some(), "the daemon holds the 50 idle connections");
     drop(idle);
 }

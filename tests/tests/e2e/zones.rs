@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kms_client::proto::{Context, CreateKey, ErrorCode, KeyInfo, KeyRole, ReplicationFrame, Request, RotationEntry};
 use kms_client::ClientError;
-use kms_tests::{stderr, wait_for, write_root_key, DaemonOptions, TestDaemon};
+use kms_tests::{free_tcp_addr, metric, scrape, stderr, wait_for, write_root_key, DaemonOptions, TestDaemon};
 
 /// How long replication may take to converge in these tests.
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -273,4 +273,32 @@ fn sigkill_between_persisting_and_pushing_converges() {
     assert_eq!(history.len(), 2, "the rotation was persisted before the kill");
     await_history(&b, "app", &history);
     await_history(&c, "app", &history);
+}
+
+#[test]
+fn the_primary_exports_push_counts_and_replica_lag() {
+    let site = Site::new();
+    let addr = free_tcp_addr();
+    let mut opts = site.options("a", &["a", "b"], &site.peer_key);
+    opts.env.push(("KMSD_METRICS__LISTEN".into(), addr.to_string()));
+    let a = TestDaemon::start_with(opts);
+    let _b = site.start("b", &["a", "b"]);
+    let key = create(&a, "app");
+    replicate(&a, "app", "b");
+    a.client().rotate_key("app").unwrap();
+    let lag = format!(r#"kmsd_replica_lag_versions{{key="{}",zone="b"}}"#, key.id);
+    let pushes = r#"kmsd_replication_pushes_total{outcome="ok"}"#;
+    let body = wait_for(CONVERGE, || {
+        let (_, body) = scrape(addr).ok()?;
+        let caught_up = metric(&body, &lag)? == 0.0 && metric(&body, pushes)? >= 1.0;
+        caught_up.then_some(body)
+    });
+    let body = body.unwrap_or_else(|| scrape(addr).map(|r| r.1).unwrap_or_default());
+    assert_eq!(metric(&body, &lag), Some(0.0), "{body}");
+    assert!(metric(&body, pushes) >= Some(1.0), "the rotation was pushed: {body}");
+    assert_eq!(
+        metric(&body, r#"kmsd_replication_pushes_total{outcome="failed"}"#),
+        Some(0.0)
+    );
+    assert_eq!(metric(&body, "kmsd_replication_frames_rejected_total"), Some(0.0));
 }
