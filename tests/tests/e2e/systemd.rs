@@ -123,9 +123,10 @@ fn notify_socket_gets_ready_status_watchdog_reloading_stopping_in_order() {
     assert!(status.success(), "{status}");
 }
 
-/// The Debian mirror for the nspawn test (`KMSD_TEST_DEBIAN_MIRROR`).
-fn debian_mirror() -> String {
-    std::env::var("KMSD_TEST_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into())
+/// The Debian mirror for the nspawn test: `KMS_TEST_DEBIAN_MIRROR`, else
+/// debootstrap's own default.
+fn debian_mirror() -> Option<String> {
+    std::env::var("KMS_TEST_DEBIAN_MIRROR").ok()
 }
 
 /// Skips the test with `reason`, or fails it when `CI` is set.
@@ -167,7 +168,7 @@ impl Container {
                 "bookworm",
             ])
             .arg(&root)
-            .arg(debian_mirror())
+            .args(debian_mirror())
             .output()
             .unwrap();
         if !out.status.success() {
