@@ -207,7 +207,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
     let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
-    let metrics_on = crate::metrics::install(cfg.metrics_addr()?)?;
+    let metrics = crate::metrics::install(cfg.metrics_addr()?)?;
     // Mount before binding, so that no client reaches a half-started
     // daemon; a failure after this point unmounts (Mounts' handles unmount
     // on drop) and removes the socket (SocketFile).
@@ -234,17 +234,13 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
         tasks.spawn(tasks::run_pulls(r.clone(), shutdown.clone()));
     }
-    if metrics_on {
-        daemon.observers.push(Arc::new(crate::metrics::RequestMetrics::new()));
-    }
+    daemon.observers.push(Arc::new(crate::metrics::RequestMetrics::new()));
     let daemon = Arc::new(daemon);
-    if metrics_on {
-        tasks.spawn(crate::metrics::run_state(daemon.clone(), shutdown.clone()));
-    }
+    tasks.spawn(crate::metrics::run_state(daemon.clone(), shutdown.clone()));
     tasks.close();
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, daemon.clone()));
+    tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, daemon.clone(), metrics));
     let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
     let where_ = listener
         .path
@@ -298,12 +294,18 @@ async fn reload_on_sighup(
     mut current: Config,
     reload: Reloader,
     daemon: Arc<Daemon>,
+    metrics: Arc<crate::metrics::Endpoint>,
 ) {
     let keys = &daemon.keys;
     while hup.recv().await.is_some() {
         notify::reloading();
-        match (reload.load)().and_then(|new| Ok((new.admins()?, new))) {
-            Ok((admins, new)) => {
+        // The metrics address is applied first: if it cannot be bound, the
+        // whole new configuration is refused and nothing changes.
+        let applied = (reload.load)()
+            .and_then(|new| Ok((new.admins()?, new)))
+            .and_then(|(admins, new)| Ok((metrics.listen(new.metrics_addr()?)?, admins, new)));
+        match applied {
+            Ok(((), admins, new)) => {
                 keys.set_admins(admins);
                 reload.log.set(&new.log_level);
                 warn_restart_only(&current, &new);
@@ -369,7 +371,6 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("max_frame", old.max_frame != new.max_frame),
         ("mount", old.mounts != new.mounts),
         ("peer", old.peers != new.peers),
-        ("metrics.listen", old.metrics != new.metrics),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, gauge, Counter, Histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusRecorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio_util::sync::CancellationToken;
 
 use kms_client::proto::{ErrorCode, KeyInfo, KeyState, Response};
@@ -86,7 +86,7 @@ pub enum MetricsError {
     Listen {
         addr: SocketAddr,
         #[source]
-        source: BuildError,
+        source: std::io::Error,
     },
     #[error("a metrics recorder is already installed in this process")]
     AlreadyInstalled,
@@ -103,38 +103,124 @@ const UPKEEP: Duration = Duration::from_secs(1);
 const GAUGE_IDLE: Duration = Duration::from_secs(30);
 
 /// The exporter configuration: our buckets, an HTTP listener on `addr`.
-fn builder(addr: SocketAddr, gauge_idle: Duration) -> PrometheusBuilder {
+fn builder(gauge_idle: Duration) -> PrometheusBuilder {
     PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .upkeep_timeout(UPKEEP)
         .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(gauge_idle))
         .set_buckets_for_metric(Matcher::Full("kmsd_request_duration_seconds".into()), &DURATION_BUCKETS)
         .expect("DURATION_BUCKETS is not empty")
 }
 
-/// Serves metrics on `addr` (nothing when `None`) and installs the global
-/// recorder. Must run inside the Tokio runtime, which serves the endpoint.
-/// Returns whether metrics are on.
+/// The metrics endpoint: the process-wide recorder, and the address it is
+/// served on, which a configuration reload may change or turn off.
+#[derive(Debug)]
+pub struct Endpoint {
+    handle: PrometheusHandle,
+    serving: parking_lot::Mutex<Option<(SocketAddr, tokio::task::AbortHandle)>>,
+}
+
+/// Installs the global recorder (always: recording is cheap, and a reload
+/// may turn the endpoint on) and serves it on `addr` (nothing when `None`).
+/// Must run inside the Tokio runtime.
 ///
 /// # Errors
 /// The address cannot be bound (busy, not local); a recorder is already
 /// installed.
-pub fn install(addr: Option<SocketAddr>) -> Result<bool, MetricsError> {
-    let Some(addr) = addr else {
-        return Ok(false);
-    };
-    let (recorder, exporter) = builder(addr, GAUGE_IDLE)
-        .build()
-        .map_err(|source| MetricsError::Listen { addr, source })?;
+pub fn install(addr: Option<SocketAddr>) -> Result<Arc<Endpoint>, MetricsError> {
+    let recorder = builder(GAUGE_IDLE).build_recorder();
+    let handle = recorder.handle();
+    let endpoint = Arc::new(Endpoint {
+        handle,
+        serving: parking_lot::Mutex::new(None),
+    });
+    endpoint.listen(addr)?;
     set_recorder(recorder)?;
+    describe();
+    let upkeep = endpoint.handle.clone();
     tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(error = ?e, "metrics endpoint stopped");
+        loop {
+            tokio::time::sleep(UPKEEP).await;
+            upkeep.run_upkeep();
         }
     });
-    describe();
-    tracing::info!(%addr, "serving Prometheus metrics");
-    Ok(true)
+    Ok(endpoint)
+}
+
+impl Endpoint {
+    /// Serves on `addr`, or stops serving for `None`. The new address is
+    /// bound before the old one is let go, so a failure changes nothing.
+    ///
+    /// # Errors
+    /// `Listen` when `addr` cannot be bound.
+    pub fn listen(&self, addr: Option<SocketAddr>) -> Result<(), MetricsError> {
+        let mut serving = self.serving.lock();
+        if serving.as_ref().map(|(a, _)| *a) == addr {
+            return Ok(());
+        }
+        let next = match addr {
+            Some(addr) => {
+                let bind = || {
+                    let l = std::net::TcpListener::bind(addr)?;
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                };
+                let listener = bind().map_err(|source| MetricsError::Listen { addr, source })?;
+                tracing::info!(%addr, "serving Prometheus metrics");
+                Some((addr, tokio::spawn(serve(listener, self.handle.clone())).abort_handle()))
+            }
+            None => None,
+        };
+        if let Some((old, task)) = serving.take() {
+            task.abort();
+            tracing::info!(addr = %old, "no longer serving metrics there");
+        }
+        *serving = next;
+        Ok(())
+    }
+
+    /// The address metrics are served on, if any.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.serving.lock().as_ref().map(|(a, _)| *a)
+    }
+}
+
+/// Answers `GET /metrics` with the rendered text, one request per
+/// connection, each bounded in size and time.
+async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let wanted = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET / ");
+    let (status, body) = if wanted {
+        ("200 OK", handle.render())
+    } else {
+        ("404 Not Found", "not found\n".into())
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 fn set_recorder(recorder: PrometheusRecorder) -> Result<(), MetricsError> {
@@ -403,7 +489,7 @@ mod tests {
     }
 
     fn local_idle(gauge_idle: Duration) -> (PrometheusRecorder, PrometheusHandle) {
-        let recorder = builder("127.0.0.1:0".parse().unwrap(), gauge_idle).build_recorder();
+        let recorder = builder(gauge_idle).build_recorder();
         let handle = recorder.handle();
         (recorder, handle)
     }
@@ -573,11 +659,6 @@ mod tests {
         assert!(!body.contains(r#"key="deleted""#), "{body}");
         assert!(body.contains("kmsd_build_info{"), "{body}");
         assert!(has(&body, r#"kmsd_keys{state="disabled"} 1"#), "{body}");
-    }
-
-    #[test]
-    fn off_without_an_address() {
-        assert!(!install(None).unwrap());
     }
 
     #[tokio::test]

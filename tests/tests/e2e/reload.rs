@@ -54,3 +54,51 @@ fn sighup_applies_admins_and_refuses_a_bad_file() {
     hup(&d);
     assert!(wait_for(Duration::from_secs(10), || root_can_describe(&d).then_some(())).is_some());
 }
+
+#[test]
+fn sighup_moves_turns_on_and_off_the_metrics_endpoint() {
+    let d = TestDaemon::start();
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    assert!(
+        original.contains("listen = \"\""),
+        "the harness starts with metrics off"
+    );
+    let set = |listen: &str| {
+        std::fs::write(
+            &d.config,
+            original.replace("listen = \"\"", &format!("listen = \"{listen}\"")),
+        )
+        .unwrap();
+        hup(&d);
+    };
+    let serves =
+        |addr| kms_tests::scrape(addr).is_ok_and(|(code, body)| code == 200 && body.contains("kmsd_build_info"));
+    let (a, b) = (kms_tests::free_tcp_addr(), kms_tests::free_tcp_addr());
+    set(&a.to_string());
+    assert!(
+        wait_for(Duration::from_secs(10), || serves(a).then_some(())).is_some(),
+        "turned on at {a}"
+    );
+    set(&b.to_string());
+    assert!(
+        wait_for(Duration::from_secs(10), || (serves(b) && !serves(a)).then_some(())).is_some(),
+        "moved to {b}"
+    );
+    // A busy address refuses the whole reload; B keeps serving.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    set(&busy.local_addr().unwrap().to_string());
+    let refused = wait_for(Duration::from_secs(10), || {
+        d.logs()
+            .contains("reload refused")
+            .then_some(())
+            .filter(|()| d.logs().contains("metrics.listen"))
+    });
+    assert!(refused.is_some(), "{}", d.logs());
+    assert!(serves(b), "the running endpoint stays");
+    set("");
+    assert!(
+        wait_for(Duration::from_secs(10), || (!serves(b)).then_some(())).is_some(),
+        "turned off"
+    );
+    d.client().status().unwrap();
+}
