@@ -207,6 +207,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
     let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
+    audit.set_data_operations(cfg.audit.data_operations);
     let metrics = crate::metrics::install(cfg.metrics_addr()?)?;
     // Mount before binding, so that no client reaches a half-started
     // daemon; a failure after this point unmounts (Mounts' handles unmount
@@ -240,7 +241,14 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     tasks.close();
     spawn_signal_handler(shutdown.clone())?;
     let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    tokio::spawn(reload_on_sighup(hup, cfg.clone(), reload, daemon.clone(), metrics));
+    tokio::spawn(reload_on_sighup(
+        hup,
+        cfg.clone(),
+        reload,
+        daemon.clone(),
+        metrics,
+        audit.clone(),
+    ));
     let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
     let where_ = listener
         .path
@@ -295,6 +303,7 @@ async fn reload_on_sighup(
     reload: Reloader,
     daemon: Arc<Daemon>,
     metrics: Arc<crate::metrics::Endpoint>,
+    audit: Arc<AuditLog>,
 ) {
     let keys = &daemon.keys;
     while hup.recv().await.is_some() {
@@ -307,6 +316,7 @@ async fn reload_on_sighup(
         match applied {
             Ok(((), admins, new)) => {
                 keys.set_admins(admins);
+                audit.set_data_operations(new.audit.data_operations);
                 reload.log.set(&new.log_level);
                 warn_restart_only(&current, &new);
                 tracing::info!(admins = ?new.access.admins, log_level = %new.log_level, "configuration reloaded");

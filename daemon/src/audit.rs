@@ -4,9 +4,14 @@
 //! defined once, in [`kms_client::audit`], which `kmsctl audit verify`
 //! shares.
 //!
-//! What is recorded: every answered request except `hello`, `status` and
-//! `key-list`, failures included (permission-denied and decrypt-failed
-//! matter most), and the scheduler's automatic rotations and deletions
+//! What is recorded: every answered key-management request (create,
+//! describe, rotate, enable, disable, rotation settings, deletion,
+//! replication, fs rewrap/versions ...), every failed request of any kind
+//! (permission-denied and decrypt-failed matter most), successful data
+//! operations (encrypt, decrypt, wrap, unwrap, generate, re-encrypt) only
+//! with `[audit] data_operations = true` -- at hundreds of thousands per
+//! second they would halve throughput and fill the disk; metrics count
+//! them -- and the scheduler's automatic rotations and deletions
 //! (uid 0 and kmsd's own pid, ops `auto-rotate`, `auto-delete`,
 //! `auto-failed`). Only time, uid, pid, operation, key, version and
 //! outcome: never material, plaintext or blobs.
@@ -44,6 +49,21 @@ pub const FILE_NAME: &str = "audit.log";
 /// Requests that are not key operations and so are not audited.
 const NOT_AUDITED: &[&str] = &["hello", "status", "key-list"];
 
+/// Data operations: high-volume uses of a key. Their failures are always
+/// recorded; their successes only with `[audit] data_operations = true`
+/// (metrics count them either way).
+const DATA_OPERATIONS: &[&str] = &[
+    "encrypt",
+    "decrypt",
+    "wrap",
+    "unwrap",
+    "generate-data-key",
+    "re-encrypt",
+    "wrap-batch",
+    "unwrap-batch",
+    "generate-data-key-batch",
+];
+
 /// Why the audit log could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("audit log {path}: {op}")]
@@ -78,6 +98,8 @@ pub struct AuditLog {
     pid: i32,
     tx: Option<mpsc::SyncSender<Msg>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Record successful data operations too (`[audit] data_operations`).
+    data_operations: std::sync::atomic::AtomicBool,
 }
 
 /// The file and where its chain stands; owned by the writer thread.
@@ -125,6 +147,12 @@ impl Writer {
 }
 
 impl AuditLog {
+    /// Whether successful data operations are recorded too (config load
+    /// and reload).
+    pub fn set_data_operations(&self, on: bool) {
+        self.data_operations.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Opens (or creates) `STATE/audit.log`, verifies it, continues its
     /// chain (a broken chain gets a chain-break line, see the module doc)
     /// and starts the writer thread.
@@ -150,6 +178,7 @@ impl AuditLog {
             pid: std::process::id().try_into().unwrap_or(i32::MAX),
             tx: None,
             thread: None,
+            data_operations: std::sync::atomic::AtomicBool::new(false),
         };
         let mut writer = Writer {
             file,
@@ -250,6 +279,10 @@ impl AuditLog {
 impl Observer for AuditLog {
     fn observe(&self, o: &Observation<'_>) {
         if NOT_AUDITED.contains(&o.subject.op) {
+            return;
+        }
+        let quiet_success = o.outcome() == "ok" && DATA_OPERATIONS.contains(&o.subject.op);
+        if quiet_success && !self.data_operations.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let (key, version) = o.key_and_version();

@@ -55,6 +55,7 @@ pub struct Config {
     pub mounts: Vec<MountConfig>,
     #[serde(rename = "peer")]
     pub peers: Vec<PeerConfig>,
+    pub audit: AuditConfig,
     /// Peering key file; `$CREDENTIALS_DIRECTORY/peer-key` wins when present.
     pub peer_key: Option<PathBuf>,
 }
@@ -73,6 +74,7 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             mounts: Vec::new(),
             peers: Vec::new(),
+            audit: AuditConfig::default(),
             peer_key: None,
         }
     }
@@ -122,6 +124,15 @@ impl Default for MetricsConfig {
             listen: "127.0.0.1:9464".to_string(),
         }
     }
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Also record successful data operations (encrypt, decrypt, wrap,
+    /// unwrap, generate, re-encrypt). Their failures are always recorded.
+    pub data_operations: bool,
 }
 
 /// `[[mount]]`

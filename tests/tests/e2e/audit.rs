@@ -46,7 +46,10 @@ fn rewrite(from: &Path, to: &Path, edit: impl FnOnce(&mut Vec<String>)) {
 
 #[test]
 fn key_operations_are_recorded_chained_and_checked() {
-    let mut d = TestDaemon::start();
+    let mut d = TestDaemon::start_with(kms_tests::DaemonOptions {
+        env: vec![("KMSD_AUDIT__DATA_OPERATIONS".into(), "true".into())],
+        ..Default::default()
+    });
     let mut c = d.client();
     let me = i64::from(std::process::id());
     let ctx: Context = [("app".to_string(), "db".to_string())].into();
@@ -218,4 +221,29 @@ fn automatic_rotations_and_deletions_are_recorded_as_kmsd() {
     );
     let out = verify(&d, &audit_file(&d));
     assert!(out.status.success(), "{}", stdout(&out));
+}
+
+#[test]
+fn successful_data_operations_are_recorded_only_when_asked() {
+    let mut d = TestDaemon::start();
+    let mut c = d.client();
+    c.create_key(CreateKey {
+        name: Some("quiet".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let blob = c.wrap("quiet", &[1; 32], &Context::new()).unwrap();
+    c.unwrap(&blob, &Context::new()).unwrap();
+    let other: Context = [("a".to_string(), "b".to_string())].into();
+    assert!(c.unwrap(&blob, &other).is_err());
+    drop(c);
+    assert!(d.terminate().success());
+    let all = lines(&audit_file(&d));
+    line(&all, "key-create", "ok");
+    line(&all, "unwrap", "decrypt-failed");
+    assert!(
+        !all.iter()
+            .any(|l| (l["op"] == "wrap" || l["op"] == "unwrap") && l["outcome"] == "ok"),
+        "successful data operations are not recorded by default: {all:#?}"
+    );
 }
