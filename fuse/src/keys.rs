@@ -149,6 +149,20 @@ impl MemoryKeySource {
         source
     }
 
+    /// A key whose versions 1, 2, ... have exactly `materials`, for
+    /// fixtures that must read the same in every run.
+    ///
+    /// # Panics
+    /// `materials` is empty.
+    pub fn from_versions(key_id: Uuid, materials: &[[u8; 32]]) -> Self {
+        assert!(!materials.is_empty(), "a key has at least one version");
+        Self {
+            key_id,
+            versions: RwLock::new(materials.iter().map(|m| Zeroizing::new(*m)).collect()),
+            available: AtomicBool::new(true),
+        }
+    }
+
     /// Adds a new random version and makes it active; returns its number.
     pub fn rotate(&self) -> u32 {
         let mut material = Zeroizing::new([0u8; 32]);
