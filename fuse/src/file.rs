@@ -183,16 +183,22 @@ impl EncryptedFile {
                 out.resize(out.len() + BLOCK_SIZE, 0);
                 continue;
             }
-            let kept = inner.then(|| block.to_vec());
             match open_block_in_place(&self.key, &self.file_id, index, !inner, block) {
                 Ok(plain) => out.extend_from_slice(plain),
-                Err(e) => match kept.and_then(|b| open_stale_final(&self.key, &self.file_id, index, &b)) {
-                    Some(plain) => out.extend_from_slice(&plain),
-                    None => return Err(self.tampered(e)),
-                },
+                Err(e) if inner => out.extend_from_slice(&self.stale_final(index).ok_or_else(|| self.tampered(e))?),
+                Err(e) => return Err(self.tampered(e)),
             }
         }
         Ok(out)
+    }
+
+    /// Inner block `index` read again from disk (the failed open left the
+    /// buffer unspecified) and opened as an older final block; only on the
+    /// error path, so the common read path copies nothing.
+    fn stale_final(&self, index: u64) -> Option<Vec<u8>> {
+        let mut slot = vec![0u8; self.layout.disk_block_size()];
+        let n = read_up_to(&self.file, &mut slot, self.layout.block_offset(index)).ok()?;
+        open_stale_final(&self.key, &self.file_id, index, &slot[..n])
     }
 
     /// The plaintext of one block of a file of `size` bytes.
