@@ -340,18 +340,23 @@ fn a_node_swapped_in_after_creation_is_never_given_away() {
         let (mut rounds, mut refused, mut swapped) = (0, 0, 0);
         while rounds < 300 && start.elapsed() < Duration::from_secs(20) {
             rounds += 1;
-            let stop = Arc::new(AtomicBool::new(false));
+            let (stop, ready) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
             let swapper = {
-                let (stop, dir) = (stop.clone(), dir.to_path_buf());
+                let (stop, ready, dir) = (stop.clone(), ready.clone(), dir.to_path_buf());
                 std::thread::spawn(move || {
                     let dir = File::open(dir).unwrap();
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         n += u64::from(renameat2(&dir, "new", &dir, "bait", RenameFlags::RENAME_EXCHANGE).is_ok());
+                        ready.store(true, Ordering::Relaxed);
                     }
                     n
                 })
             };
+            // Start creating only once the swapper is running.
+            while !ready.load(Ordering::Relaxed) {
+                std::thread::yield_now();
+            }
             let name = OsStr::new("new");
             let result = match op {
                 Op::Create => fs.create(USER, ROOT, name, 0o644).map(|(a, fh)| {
