@@ -3,42 +3,50 @@
 //! ```text
 //! header (HEADER_LEN = 512 bytes)
 //!   0..8     magic "KMSFUSE\0"
-//!   8..10    u16 BE format version = 1
+//!   8..10    u16 BE format version (1 or 2; this crate writes 2)
 //!   10..26   file id (16 random bytes)
 //!   26..32   zero
 //!   32..272  slot 0 \  each: u64 BE sequence | u16 BE blob length |
 //!   272..512 slot 1 /        blob (zero padded) | u32 BE CRC-32 of the rest
-//! blocks, from HEADER_LEN, each DISK_BLOCK_SIZE except the last:
-//!   nonce (12) || AES-256-GCM(plaintext, up to 4096 bytes) || tag (16)
+//! blocks, from HEADER_LEN, each `Layout::disk_block_size` except the last:
+//!   v2: nonce (24) || XAES-256-GCM(plaintext, up to 4096 bytes) || tag (16)
+//!   v1: nonce (12) || AES-256-GCM(plaintext, up to 4096 bytes) || tag (16)
 //!   AAD = file id || u64 BE block index || u8 last-block flag
 //! ```
 //!
 //! Every file has at least one block: the empty file is one sealed block
 //! with no plaintext. The last block carries the last-block flag, so cutting
 //! a file at a block boundary (down to the bare header included) is
-//! detected. Holes are never sparse on disk: they are sealed zero blocks.
-//! See `fuse/FORMAT.md` for the reasoning.
+//! detected. A non-final block whose bytes are all zero is a hole and reads
+//! as zeros, so extending a file writes nothing for the gap. See
+//! `fuse/FORMAT.md` for the reasoning.
 
+use aes::cipher::BlockEncrypt;
+use aes::Aes256;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::RngCore;
+use zeroize::Zeroizing;
 
 use crate::keys::{Dek, FileId};
 
 /// Plaintext bytes per block.
 pub const BLOCK_SIZE: usize = 4096;
-/// Random nonce stored in front of each block.
-pub const NONCE_LEN: usize = 12;
 /// GCM tag stored after each block's ciphertext.
 pub const TAG_LEN: usize = 16;
-/// Bytes a block adds to its plaintext on disk.
-pub const BLOCK_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
-/// On-disk size of a full block.
-pub const DISK_BLOCK_SIZE: usize = BLOCK_SIZE + BLOCK_OVERHEAD;
+/// Random nonce stored in front of each block (current layout).
+pub const NONCE_LEN: usize = Layout::V2.nonce_len();
+/// Bytes a block adds to its plaintext on disk (current layout).
+pub const BLOCK_OVERHEAD: usize = Layout::V2.overhead();
+/// On-disk size of a full block (current layout).
+pub const DISK_BLOCK_SIZE: usize = Layout::V2.disk_block_size();
 /// First bytes of every encrypted file.
 pub const MAGIC: [u8; 8] = *b"KMSFUSE\0";
-/// The only format version this crate writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version of files made before sparse holes and extended
+/// nonces; still read and written.
+pub const FORMAT_V1: u16 = 1;
+/// The format version this crate gives new files.
+pub const FORMAT_VERSION: u16 = 2;
 /// Magic, version, file id and padding in front of the slots.
 pub const PREFIX_LEN: usize = 32;
 /// One header slot holding a sequence number and a wrapped DEK.
@@ -69,6 +77,94 @@ pub enum FormatError {
     BlockAuth(u64),
 }
 
+/// Block geometry and cipher of one format version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// 12-byte random nonces, AES-256-GCM under the DEK.
+    V1,
+    /// 24-byte random nonces, XAES-256-GCM under the DEK.
+    V2,
+}
+
+impl Layout {
+    /// The layout of a format version.
+    ///
+    /// # Errors
+    /// An unknown version.
+    pub fn of_version(version: u16) -> Result<Self, FormatError> {
+        match version {
+            FORMAT_V1 => Ok(Self::V1),
+            FORMAT_VERSION => Ok(Self::V2),
+            v => Err(FormatError::UnsupportedVersion(v)),
+        }
+    }
+
+    /// The format version number of this layout.
+    pub const fn version(self) -> u16 {
+        match self {
+            Self::V1 => FORMAT_V1,
+            Self::V2 => FORMAT_VERSION,
+        }
+    }
+
+    /// Nonce bytes in front of each block.
+    pub const fn nonce_len(self) -> usize {
+        match self {
+            Self::V1 => 12,
+            Self::V2 => 24,
+        }
+    }
+
+    /// Bytes a block adds to its plaintext on disk.
+    pub const fn overhead(self) -> usize {
+        self.nonce_len() + TAG_LEN
+    }
+
+    /// On-disk size of a full block.
+    pub const fn disk_block_size(self) -> usize {
+        BLOCK_SIZE + self.overhead()
+    }
+
+    /// Byte offset of block `index` in the backing file.
+    pub fn block_offset(self, index: u64) -> u64 {
+        HEADER_LEN as u64 + index * self.disk_block_size() as u64
+    }
+
+    /// Backing length of a file of `size` plaintext bytes.
+    pub fn disk_len(self, size: u64) -> u64 {
+        let blocks = last_index(size) + 1;
+        HEADER_LEN as u64 + blocks * self.overhead() as u64 + size
+    }
+
+    /// Largest plaintext size whose backing length fits a file offset
+    /// (`i64`). The backing filesystem usually allows much less (ext4:
+    /// 16 TiB) and then answers `EFBIG` itself.
+    pub fn max_size(self) -> u64 {
+        let blocks = (i64::MAX as u64 - HEADER_LEN as u64) / self.disk_block_size() as u64;
+        blocks * BLOCK_SIZE as u64
+    }
+
+    /// Plaintext size of a backing file of `len` bytes.
+    ///
+    /// # Errors
+    /// No length of plaintext gives `len` (shorter than header and one
+    /// empty block, or a last block shorter than its overhead).
+    pub fn plain_len(self, len: u64) -> Result<u64, FormatError> {
+        let overhead = self.overhead() as u64;
+        let disk_block = self.disk_block_size() as u64;
+        if len < HEADER_LEN as u64 + overhead {
+            return Err(FormatError::BadLength(len));
+        }
+        let payload = len - HEADER_LEN as u64;
+        let blocks = payload.div_ceil(disk_block);
+        let last_disk = payload - (blocks - 1) * disk_block;
+        if last_disk < overhead {
+            return Err(FormatError::BadLength(len));
+        }
+        Ok(payload - blocks * overhead)
+    }
+}
+
 /// One header slot: a wrapped DEK and the sequence number that orders it
 /// against the other slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,21 +176,32 @@ pub struct Slot {
 /// A decoded file header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    pub version: u16,
     pub file_id: FileId,
     pub slots: [Option<Slot>; 2],
 }
 
 impl Header {
-    /// The header of a new file: `blob` in slot 0 with sequence 1.
+    /// The header of a new file (current format version): `blob` in slot 0
+    /// with sequence 1.
     ///
     /// # Errors
     /// The blob does not fit a slot.
     pub fn new(file_id: FileId, blob: Vec<u8>) -> Result<Self, FormatError> {
         check_blob_len(&blob)?;
         Ok(Self {
+            version: FORMAT_VERSION,
             file_id,
             slots: [Some(Slot { seq: 1, blob }), None],
         })
+    }
+
+    /// The block layout of this file.
+    ///
+    /// # Errors
+    /// An unknown version (never for a decoded header).
+    pub fn layout(&self) -> Result<Layout, FormatError> {
+        Layout::of_version(self.version)
     }
 
     /// The `HEADER_LEN` bytes of this header; empty slots are zeros, which
@@ -102,7 +209,7 @@ impl Header {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![0u8; HEADER_LEN];
         out[..8].copy_from_slice(&MAGIC);
-        out[8..10].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+        out[8..10].copy_from_slice(&self.version.to_be_bytes());
         out[10..26].copy_from_slice(&self.file_id);
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(slot) = slot {
@@ -119,15 +226,9 @@ impl Header {
     /// # Errors
     /// Too short, wrong magic or version, or no valid slot.
     pub fn decode(bytes: &[u8]) -> Result<Self, FormatError> {
+        let version = peek_version(bytes)?;
         if bytes.len() < HEADER_LEN {
             return Err(FormatError::HeaderTooShort(bytes.len()));
-        }
-        if bytes[..8] != MAGIC {
-            return Err(FormatError::BadMagic);
-        }
-        let version = u16::from_be_bytes([bytes[8], bytes[9]]);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion(version));
         }
         let file_id = bytes[10..26].try_into().expect("16 bytes");
         let slot = |i: usize| {
@@ -135,6 +236,7 @@ impl Header {
             decode_slot(&bytes[start..start + SLOT_LEN])
         };
         let header = Self {
+            version,
             file_id,
             slots: [slot(0), slot(1)],
         };
@@ -167,6 +269,23 @@ impl Header {
         let seq = slot.seq + 1;
         Ok((1 - current, Slot { seq, blob }))
     }
+}
+
+/// The format version of a file from its first 10 bytes (magic and
+/// version), so that a size can be computed without reading the rest.
+///
+/// # Errors
+/// Too short, wrong magic, or an unknown version.
+pub fn peek_version(bytes: &[u8]) -> Result<u16, FormatError> {
+    if bytes.len() < 10 {
+        return Err(FormatError::HeaderTooShort(bytes.len()));
+    }
+    if bytes[..8] != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let version = u16::from_be_bytes([bytes[8], bytes[9]]);
+    Layout::of_version(version)?;
+    Ok(version)
 }
 
 fn check_blob_len(blob: &[u8]) -> Result<(), FormatError> {
@@ -223,19 +342,102 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// A DEK's cipher, expanded once per open file rather than per block.
-pub struct BlockKey(Aes256Gcm);
+/// XAES-256-GCM (C2SP): AES-256-GCM under a key derived from the DEK and
+/// the first 12 bytes of a 24-byte nonce, with the other 12 as the GCM
+/// nonce. Random 24-byte nonces can be used for about 2^80 messages under
+/// one DEK, where plain GCM's random 12-byte nonces allow 2^32.
+///
+/// The derivation is NIST SP 800-108r1 counter-mode KDF with CMAC-AES-256,
+/// which for these fixed 16-byte inputs is two AES block encryptions with
+/// the CMAC subkey K1 folded in. RustCrypto ships XAES only in the
+/// pre-release aes-gcm 0.11; this is the same construction over the aes 0.8
+/// our aes-gcm 0.10 uses, checked against the C2SP test vectors below.
+struct Xaes {
+    aes: Aes256,
+    k1: [u8; 16],
+}
+
+impl Xaes {
+    fn new(dek: &Dek) -> Self {
+        let aes = Aes256::new(dek.expose().into());
+        let mut l = aes::Block::default();
+        aes.encrypt_block(&mut l);
+        let mut k1 = [0u8; 16];
+        let l = u128::from_be_bytes(l.into());
+        let shifted = (l << 1) ^ if l >> 127 == 1 { 0x87 } else { 0 };
+        k1.copy_from_slice(&shifted.to_be_bytes());
+        Self { aes, k1 }
+    }
+
+    /// The AES-256-GCM instance for a nonce's first 12 bytes.
+    fn derive(&self, prefix: &[u8]) -> Aes256Gcm {
+        let mut key = Zeroizing::new([0u8; 32]);
+        for (i, half) in key.chunks_mut(16).enumerate() {
+            let mut m = aes::Block::default();
+            m[1] = i as u8 + 1;
+            m[2] = b'X';
+            m[4..].copy_from_slice(prefix);
+            for (b, k) in m.iter_mut().zip(self.k1) {
+                *b ^= k;
+            }
+            self.aes.encrypt_block(&mut m);
+            half.copy_from_slice(&m);
+        }
+        Aes256Gcm::new(key.as_ref().into())
+    }
+}
+
+impl Drop for Xaes {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.k1);
+    }
+}
+
+enum Cipher {
+    Gcm(Aes256Gcm),
+    Xaes(Xaes),
+}
+
+/// A DEK's cipher for one file's layout, expanded once per open file rather
+/// than per block. Key schedules are zeroized on drop.
+pub struct BlockKey {
+    layout: Layout,
+    cipher: Cipher,
+}
 
 impl std::fmt::Debug for BlockKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BlockKey([redacted])")
+        write!(f, "BlockKey({:?}, [redacted])", self.layout)
     }
 }
 
 impl BlockKey {
-    /// Expands `dek` for block sealing.
+    /// Expands `dek` for sealing blocks of the current layout.
     pub fn new(dek: &Dek) -> Self {
-        Self(Aes256Gcm::new(dek.expose().into()))
+        Self::for_layout(dek, Layout::V2)
+    }
+
+    /// Expands `dek` for sealing blocks of `layout`.
+    pub fn for_layout(dek: &Dek, layout: Layout) -> Self {
+        let cipher = match layout {
+            Layout::V1 => Cipher::Gcm(Aes256Gcm::new(dek.expose().into())),
+            Layout::V2 => Cipher::Xaes(Xaes::new(dek)),
+        };
+        Self { layout, cipher }
+    }
+
+    /// The layout this key seals.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Runs `f` with the GCM instance and 12-byte GCM nonce for a stored
+    /// nonce.
+    fn with_gcm<R>(&self, nonce: &[u8], f: impl FnOnce(&Aes256Gcm, &[u8]) -> R) -> R {
+        match &self.cipher {
+            Cipher::Gcm(g) => f(g, nonce),
+            Cipher::Xaes(x) => f(&x.derive(&nonce[..12]), &nonce[12..]),
+        }
     }
 }
 
@@ -250,15 +452,17 @@ fn block_aad(file_id: &FileId, index: u64, last: bool) -> [u8; 25] {
 /// Seals one block (at most `BLOCK_SIZE` bytes) under a fresh random nonce.
 pub fn seal_block(key: &BlockKey, file_id: &FileId, index: u64, last: bool, plaintext: &[u8]) -> Vec<u8> {
     assert!(plaintext.len() <= BLOCK_SIZE, "block larger than BLOCK_SIZE");
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let mut out = Vec::with_capacity(plaintext.len() + BLOCK_OVERHEAD);
-    out.extend_from_slice(&nonce);
+    let nonce_len = key.layout.nonce_len();
+    let mut out = Vec::with_capacity(plaintext.len() + key.layout.overhead());
+    out.resize(nonce_len, 0);
+    rand::rngs::OsRng.fill_bytes(&mut out);
     out.extend_from_slice(plaintext);
     let aad = block_aad(file_id, index, last);
+    let (nonce, body) = out.split_at_mut(nonce_len);
     let tag = key
-        .0
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[NONCE_LEN..])
+        .with_gcm(nonce, |gcm, n| {
+            gcm.encrypt_in_place_detached(Nonce::from_slice(n), &aad, body)
+        })
         .expect("GCM encrypts any block-sized message");
     out.extend_from_slice(&tag);
     out
@@ -276,14 +480,15 @@ pub fn open_block(
     disk: &[u8],
 ) -> Result<Vec<u8>, FormatError> {
     let mut buf = disk.to_vec();
+    let nonce_len = key.layout.nonce_len();
     let len = open_block_in_place(key, file_id, index, last, &mut buf)?.len();
-    buf.copy_within(NONCE_LEN..NONCE_LEN + len, 0);
+    buf.copy_within(nonce_len..nonce_len + len, 0);
     buf.truncate(len);
     Ok(buf)
 }
 
 /// Like [`open_block`], but decrypts inside `disk` (no allocation) and
-/// returns the plaintext, which sits at `disk[NONCE_LEN..]`. On failure the
+/// returns the plaintext, which sits at `disk[nonce_len..]`. On failure the
 /// buffer's ciphertext is left unspecified.
 ///
 /// # Errors
@@ -295,16 +500,51 @@ pub fn open_block_in_place<'a>(
     last: bool,
     disk: &'a mut [u8],
 ) -> Result<&'a [u8], FormatError> {
-    if disk.len() < BLOCK_OVERHEAD || disk.len() > DISK_BLOCK_SIZE {
+    let layout = key.layout;
+    if disk.len() < layout.overhead() || disk.len() > layout.disk_block_size() {
         return Err(FormatError::BlockTooShort(index));
     }
-    let (nonce, rest) = disk.split_at_mut(NONCE_LEN);
+    let (nonce, rest) = disk.split_at_mut(layout.nonce_len());
     let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
     let aad = block_aad(file_id, index, last);
-    key.0
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), &aad, ct, Tag::from_slice(tag))
-        .map_err(|_| FormatError::BlockAuth(index))?;
+    key.with_gcm(nonce, |gcm, n| {
+        gcm.decrypt_in_place_detached(Nonce::from_slice(n), &aad, ct, Tag::from_slice(tag))
+    })
+    .map_err(|_| FormatError::BlockAuth(index))?;
     Ok(ct)
+}
+
+/// Whether the bytes of a full non-final block are a hole (all zero: never
+/// written, or sparse on disk). Sealed blocks are never all zero: their tag
+/// would have to be 16 zero bytes.
+pub fn is_hole(disk: &[u8]) -> bool {
+    disk.iter().all(|&b| b == 0)
+}
+
+/// How many trailing-zero lengths [`open_stale_final`] tries: a sealed
+/// record ends in that many zero bytes with probability 256^-n.
+const STALE_FINAL_TRIES: usize = 24;
+
+/// Opens a non-final block that is still an older *final* block of the same
+/// file and index, zero-padded on disk: what a kill leaves when a file grew
+/// (the new blocks were written, the old final block not yet re-sealed) or
+/// shrank (the new final block was written, the cut not yet made). Returns
+/// its plaintext padded with zeros to `BLOCK_SIZE`.
+///
+/// Only blocks sealed by this file's DEK for this index pass, so this
+/// accepts nothing an attacker could not already do by restoring an older
+/// copy of one block (see FORMAT.md, tamper table).
+pub fn open_stale_final(key: &BlockKey, file_id: &FileId, index: u64, disk: &[u8]) -> Option<Vec<u8>> {
+    let overhead = key.layout.overhead();
+    let end = disk.iter().rposition(|&b| b != 0)? + 1;
+    let shortest = end.max(overhead);
+    for record in shortest..(shortest + STALE_FINAL_TRIES).min(disk.len() + 1) {
+        if let Ok(mut plain) = open_block(key, file_id, index, true, &disk[..record]) {
+            plain.resize(BLOCK_SIZE, 0);
+            return Some(plain);
+        }
+    }
+    None
 }
 
 /// Index of the last block of a file of `size` plaintext bytes.
@@ -317,36 +557,6 @@ pub fn last_index(size: u64) -> u64 {
 pub fn block_len(size: u64, index: u64) -> usize {
     let start = index * BLOCK_SIZE as u64;
     size.saturating_sub(start).min(BLOCK_SIZE as u64) as usize
-}
-
-/// Byte offset of block `index` in the backing file.
-pub fn block_offset(index: u64) -> u64 {
-    HEADER_LEN as u64 + index * DISK_BLOCK_SIZE as u64
-}
-
-/// Backing length of a file of `size` plaintext bytes.
-pub fn disk_len(size: u64) -> u64 {
-    let blocks = last_index(size) + 1;
-    HEADER_LEN as u64 + blocks * BLOCK_OVERHEAD as u64 + size
-}
-
-/// Plaintext size of a backing file of `len` bytes.
-///
-/// # Errors
-/// No length of plaintext gives `len` (shorter than header and one empty
-/// block, or a last block shorter than its overhead).
-pub fn plain_len(len: u64) -> Result<u64, FormatError> {
-    let min = (HEADER_LEN + BLOCK_OVERHEAD) as u64;
-    if len < min {
-        return Err(FormatError::BadLength(len));
-    }
-    let payload = len - HEADER_LEN as u64;
-    let blocks = payload.div_ceil(DISK_BLOCK_SIZE as u64);
-    let last_disk = payload - (blocks - 1) * DISK_BLOCK_SIZE as u64;
-    if last_disk < BLOCK_OVERHEAD as u64 {
-        return Err(FormatError::BadLength(len));
-    }
-    Ok(payload - blocks * BLOCK_OVERHEAD as u64)
 }
 
 #[cfg(test)]
@@ -374,11 +584,11 @@ mod tests {
 
     /// Opens a file's blocks, deriving the size from their length.
     fn open_file(key: &BlockKey, id: &FileId, disk: &[u8]) -> Result<Vec<u8>, FormatError> {
-        let size = plain_len((HEADER_LEN + disk.len()) as u64)?;
+        let size = Layout::V2.plain_len((HEADER_LEN + disk.len()) as u64)?;
         let last = last_index(size);
         let mut out = Vec::new();
         for i in 0..=last {
-            let start = (block_offset(i) as usize) - HEADER_LEN;
+            let start = (Layout::V2.block_offset(i) as usize) - HEADER_LEN;
             let len = block_len(size, i) + BLOCK_OVERHEAD;
             out.extend(open_block(key, id, i, i == last, &disk[start..start + len])?);
         }
@@ -395,7 +605,7 @@ mod tests {
         for len in [0, 1, 4095, 4096, 4097, 8192, (1 << 20) + 1] {
             let data = sample(len);
             let disk = seal_file(&key, &ID, &data);
-            assert_eq!(disk.len() as u64 + HEADER_LEN as u64, disk_len(len as u64));
+            assert_eq!(disk.len() as u64 + HEADER_LEN as u64, Layout::V2.disk_len(len as u64));
             assert_eq!(open_file(&key, &ID, &disk).unwrap(), data, "len {len}");
         }
     }
@@ -403,7 +613,7 @@ mod tests {
     #[test]
     fn size_math_is_inverse() {
         for size in (0..20_000u64).chain([1 << 20, (1 << 20) + 1, 1 << 33]) {
-            assert_eq!(plain_len(disk_len(size)), Ok(size), "size {size}");
+            assert_eq!(Layout::V2.plain_len(Layout::V2.disk_len(size)), Ok(size), "size {size}");
         }
     }
 
@@ -411,7 +621,7 @@ mod tests {
     fn impossible_lengths_are_refused() {
         let h = HEADER_LEN as u64;
         for len in [0, h, h + 27, h + DISK_BLOCK_SIZE as u64 + 27] {
-            assert!(plain_len(len).is_err(), "len {len}");
+            assert!(Layout::V2.plain_len(len).is_err(), "len {len}");
         }
     }
 
@@ -459,7 +669,7 @@ mod tests {
     }
 
     #[test]
-    fn zeroed_block_is_detected() {
+    fn zeroed_block_does_not_authenticate() {
         let key = key();
         let mut disk = seal_file(&key, &ID, &vec![0u8; 2 * BLOCK_SIZE + 5]);
         disk[..DISK_BLOCK_SIZE].fill(0);
@@ -511,6 +721,90 @@ mod tests {
             Header::new(ID, vec![0; MAX_BLOB_LEN + 1]),
             Err(FormatError::BlobTooLong(MAX_BLOB_LEN + 1))
         );
+    }
+
+    #[test]
+    fn xaes_matches_the_c2sp_test_vectors() {
+        let cases: [([u8; 32], &[u8], &str); 2] = [
+            ([1; 32], b"", "ce546ef63c9cc60765923609b33a9a1974e96e52daf2fcf7075e2271"),
+            (
+                [3; 32],
+                b"c2sp.org/XAES-256-GCM",
+                "986ec1832593df5443a179437fd083bf3fdb41abd740a21f71eb769d",
+            ),
+        ];
+        for (key, aad, expect) in cases {
+            let x = Xaes::new(&Dek::from_bytes(key));
+            let nonce = b"ABCDEFGHIJKLMNOPQRSTUVWX";
+            let mut buf = b"XAES-256-GCM".to_vec();
+            let gcm = x.derive(&nonce[..12]);
+            let tag = gcm
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce[12..]), aad, &mut buf)
+                .unwrap();
+            buf.extend_from_slice(&tag);
+            let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, expect);
+        }
+    }
+
+    #[test]
+    fn v1_layout_round_trips_and_differs_from_v2() {
+        let dek = Dek::from_bytes([5u8; 32]);
+        let v1 = BlockKey::for_layout(&dek, Layout::V1);
+        let v2 = BlockKey::for_layout(&dek, Layout::V2);
+        let a = seal_block(&v1, &ID, 3, false, b"abc");
+        let b = seal_block(&v2, &ID, 3, false, b"abc");
+        assert_eq!((a.len(), b.len()), (3 + 28, 3 + 40));
+        assert_eq!(open_block(&v1, &ID, 3, false, &a).unwrap(), b"abc");
+        assert_eq!(open_block(&v2, &ID, 3, false, &b).unwrap(), b"abc");
+        assert!(open_block(&v1, &ID, 3, false, &b).is_err());
+        for size in [0u64, 1, 4096, 4097, 1 << 30] {
+            assert_eq!(Layout::V1.plain_len(Layout::V1.disk_len(size)), Ok(size));
+        }
+        assert_eq!(Layout::of_version(1), Ok(Layout::V1));
+        assert_eq!(Layout::of_version(3), Err(FormatError::UnsupportedVersion(3)));
+    }
+
+    #[test]
+    fn holes_are_all_zero_and_sealed_blocks_never_are() {
+        let key = key();
+        assert!(is_hole(&[0u8; DISK_BLOCK_SIZE]));
+        let sealed = seal_block(&key, &ID, 0, false, &[0u8; BLOCK_SIZE]);
+        assert!(!is_hole(&sealed));
+    }
+
+    #[test]
+    fn an_older_final_block_in_an_inner_position_reads_padded() {
+        let key = key();
+        for len in [0usize, 1, 100, 4095, 4096] {
+            let data = sample(len);
+            let mut slot = seal_block(&key, &ID, 4, true, &data);
+            slot.resize(DISK_BLOCK_SIZE, 0);
+            let plain = open_stale_final(&key, &ID, 4, &slot).unwrap();
+            assert_eq!(&plain[..len], &data[..], "len {len}");
+            assert!(plain[len..].iter().all(|&b| b == 0) && plain.len() == BLOCK_SIZE);
+            assert!(open_stale_final(&key, &ID, 5, &slot).is_none(), "other index");
+            let inner = seal_block(&key, &ID, 4, false, &data);
+            let mut inner_slot = inner.clone();
+            inner_slot.resize(DISK_BLOCK_SIZE, 0);
+            assert!(
+                open_stale_final(&key, &ID, 4, &inner_slot).is_none(),
+                "inner block is not final"
+            );
+        }
+        // Bytes after the record that are not zero are not a padded record.
+        let mut slot = seal_block(&key, &ID, 4, true, b"short");
+        slot.resize(DISK_BLOCK_SIZE, 0xAA);
+        assert!(open_stale_final(&key, &ID, 4, &slot).is_none());
+    }
+
+    #[test]
+    fn max_size_fits_a_file_offset() {
+        for layout in [Layout::V1, Layout::V2] {
+            let max = layout.max_size();
+            assert!(layout.disk_len(max) <= i64::MAX as u64);
+            assert!(max > 999_999_999_999_999);
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::file::EncryptedFile;
-use crate::format;
+use crate::format::{self, Layout};
 use crate::inode::{InodeTable, Node, ROOT};
 use crate::keys::KeySource;
 use crate::stats::{FsOp, FsStats};
@@ -75,7 +75,13 @@ pub struct EncryptedFs {
     next_dir: AtomicU64,
     logged: Mutex<HashSet<PathBuf>>,
     stats: Arc<FsStats>,
+    /// Format layout of regular files by FUSE inode (never reused), so
+    /// that `stat` of a closed file reads its header's version only once.
+    layouts: Mutex<HashMap<u64, Layout>>,
 }
+
+/// Entries of the layout cache before it is cleared (bounds its memory).
+const LAYOUT_CACHE_MAX: usize = 65_536;
 
 impl std::fmt::Debug for EncryptedFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,6 +172,7 @@ impl EncryptedFs {
             next_dir: AtomicU64::new(1),
             logged: Mutex::new(HashSet::new()),
             stats: Arc::default(),
+            layouts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -217,14 +224,39 @@ impl EncryptedFs {
     }
 
     /// The plaintext size: the open file's (exact while writes are in
-    /// flight) or derived from the backing length (0 if that is invalid;
-    /// reads will then fail with EIO).
+    /// flight) or derived from the backing length and the file's format
+    /// version (0 if either is invalid; reads will then fail with EIO).
     fn plain_size(&self, ino: u64, backing_len: u64) -> u64 {
         let open = self.open.lock().get(&ino).map(|e| e.file.clone());
-        match open {
-            Some(file) => file.size(),
-            None => format::plain_len(backing_len).unwrap_or(0),
+        if let Some(file) = open {
+            return file.size();
         }
+        self.layout_of(ino)
+            .and_then(|layout| layout.plain_len(backing_len).ok())
+            .unwrap_or(0)
+    }
+
+    /// The format layout of regular file `ino`, from its header's first
+    /// bytes on first use.
+    fn layout_of(&self, ino: u64) -> Option<Layout> {
+        if let Some(layout) = self.layouts.lock().get(&ino) {
+            return Some(*layout);
+        }
+        let node = self.nodes.get(ino).ok()?;
+        // The magic link names the node's own inode; no atime update where
+        // we may avoid it (O_NOATIME needs ownership or CAP_FOWNER).
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+        let path = node.proc_path();
+        let fd = nix::fcntl::open(&path, flags | OFlag::O_NOATIME, Mode::empty())
+            .or_else(|_| nix::fcntl::open(&path, flags, Mode::empty()))
+            .ok()?;
+        let layout = crate::file::backing_layout(&File::from(fd))?;
+        let mut layouts = self.layouts.lock();
+        if layouts.len() >= LAYOUT_CACHE_MAX {
+            layouts.clear();
+        }
+        layouts.insert(ino, layout);
+        Some(layout)
     }
 
     /// Looks `name` up in `parent` and takes a kernel reference to it.

@@ -458,3 +458,87 @@ fn modes_decide_access_for_other_users() {
         Err(e) => eprintln!("setpriv unavailable ({e}); access check skipped"),
     }
 }
+
+#[test]
+fn extension_is_sparse_and_a_one_byte_write_rewrites_one_block() {
+    let Some(fx) = fixture() else { return };
+    let p = fx.path("sparse");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(64 << 20).unwrap();
+    f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+    f.sync_all().unwrap();
+    let backing = fx.backing.join("sparse");
+    let meta = fs::metadata(&backing).unwrap();
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "64 MiB extension is sparse: {} blocks",
+        meta.blocks()
+    );
+    let before = fs::read(&backing).unwrap();
+    f.write_all_at(b"x", 0).unwrap();
+    f.sync_all().unwrap();
+    let after = fs::read(&backing).unwrap();
+    assert_eq!(before.len(), after.len());
+    let changed: Vec<usize> = (0..before.len()).filter(|&i| before[i] != after[i]).collect();
+    let block0 = HEADER_LEN..HEADER_LEN + DISK_BLOCK_SIZE;
+    assert!(
+        !changed.is_empty() && changed.iter().all(|i| block0.contains(i)),
+        "only block 0 changes"
+    );
+    let mut head = [0u8; 3];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"x\0\0");
+    let mut tail = [0u8; 4];
+    f.read_exact_at(&mut tail, (64 << 20) - 4).unwrap();
+    assert_eq!(&tail, b"tail");
+
+    // Any user with write access may ask for an absurd size: it is a
+    // sparse file or EFBIG at once, and the file is unharmed.
+    let huge = 999_999_999_999_999u64;
+    match f.set_len(huge) {
+        Ok(()) => assert_eq!(fs::metadata(&p).unwrap().len(), huge),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}"),
+    }
+    f.set_len(999_999_999_999).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), 999_999_999_999);
+    assert!(fs::metadata(&backing).unwrap().blocks() * 512 < 1 << 20);
+    f.read_exact_at(&mut tail, (64 << 20) - 4).unwrap();
+    assert_eq!(&tail, b"tail");
+}
+
+#[test]
+fn files_of_format_version_1_stat_read_and_write_through_the_mount() {
+    if fixture().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
+    for name in ["small", "multi", "holey"] {
+        fs::copy(fixtures.join(name), backing.join(name)).unwrap();
+    }
+    let id = uuid::Uuid::from_u128(0x6b6d_7364_0000_4000_8000_0000_0000_0001);
+    let keys = Arc::new(MemoryKeySource::from_versions(id, &[[0x11; 32], [0x22; 32]]));
+    let handle = mount(&backing, &mnt, keys, &opts()).unwrap();
+    assert_eq!(fs::metadata(mnt.join("small")).unwrap().len(), 8);
+    assert_eq!(fs::metadata(mnt.join("multi")).unwrap().len(), 10_000);
+    assert_eq!(fs::metadata(mnt.join("holey")).unwrap().len(), 20_012);
+    assert_eq!(fs::read(mnt.join("small")).unwrap(), b"hello v1");
+    write_at(&mnt.join("small"), 100_000, b"grown").unwrap();
+    handle.unmount().unwrap();
+    let keys = Arc::new(MemoryKeySource::from_versions(id, &[[0x11; 32], [0x22; 32]]));
+    let handle = mount(&backing, &mnt, keys, &opts()).unwrap();
+    let data = fs::read(mnt.join("small")).unwrap();
+    assert_eq!(
+        (data.len(), &data[..8], &data[100_000..]),
+        (100_005, &b"hello v1"[..], &b"grown"[..])
+    );
+    handle.unmount().unwrap();
+}
