@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
-use nix::fcntl::{openat, AtFlags, OFlag, RenameFlags, AT_FDCWD};
+use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, RenameFlags, ResolveFlag, AT_FDCWD};
 use nix::sys::stat::{fchmodat, fstat, fstatat, mknodat, utimensat, FchmodatFlags};
 use nix::sys::stat::{FileStat, Mode, SFlag, UtimensatFlags};
 use nix::sys::statvfs::{fstatvfs, Statvfs};
@@ -89,6 +89,14 @@ impl std::fmt::Debug for EncryptedFs {
             .field("open_files", &self.open.lock().len())
             .finish_non_exhaustive()
     }
+}
+
+/// What mkdir, mknod or symlink made, for [`EncryptedFs::open_made`].
+#[derive(Debug, Clone, Copy)]
+enum Made<'a> {
+    Dir,
+    Node(SFlag),
+    Symlink(&'a Path),
 }
 
 fn o_path() -> OFlag {
@@ -328,11 +336,12 @@ impl EncryptedFs {
         Ok(nix::fcntl::readlinkat(node.fd(), "")?.into_vec())
     }
 
-    /// Gives a node just created by root to the caller and sets its exact
-    /// mode (the kernel already applied the caller's umask; ours must not
-    /// count), then takes the kernel's reference to it.
-    fn adopt(&self, caller: Caller, parent: &Node, name: &OsStr, mode: Option<u32>) -> Result<FileAttr> {
-        let fd = openat(parent.fd(), name, o_path(), Mode::empty())?;
+    /// Gives the node behind `fd`, which root just created, to the caller
+    /// and sets its exact mode (the kernel already applied the caller's
+    /// umask; ours must not count), then takes the kernel's reference to
+    /// it. Everything goes through `fd`: a name looked up again could have
+    /// been swapped by anyone who can write into the backing directory.
+    fn adopt(&self, caller: Caller, parent: &Node, fd: OwnedFd, mode: Option<u32>) -> Result<FileAttr> {
         let parent_st = stat_node(parent)?;
         let setgid_parent = parent_st.st_mode & libc::S_ISGID != 0;
         if caller.uid != 0 || caller.gid != 0 {
@@ -345,6 +354,7 @@ impl EncryptedFs {
             if kind_of(st.st_mode) == FileType::Directory && setgid_parent {
                 mode |= libc::S_ISGID;
             }
+            // Names the inode behind `fd`, not a path in the backing dir.
             let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
             let mode = Mode::from_bits_truncate(mode & 0o7777);
             fchmodat(AT_FDCWD, &path, mode, FchmodatFlags::FollowSymlink)?;
@@ -352,6 +362,47 @@ impl EncryptedFs {
         let st = stat_fd(&fd)?;
         let ino = self.nodes.remember(fd, &st);
         Ok(self.attr(ino, &st))
+    }
+
+    /// Opens `name`, which mkdir, mknod or symlink just made in `parent`,
+    /// as `O_PATH` without following it, and checks on that descriptor that
+    /// it is what was made: its type, owned by our euid, permissions within
+    /// those it was made with, and for a directory empty, otherwise one
+    /// link (and for a symlink, its target). These cannot create and open
+    /// in one step, so the name could have been swapped in between; then
+    /// this logs and fails with `EIO`, and nothing is changed.
+    fn open_made(&self, parent: &Node, name: &OsStr, made: Made<'_>) -> Result<OwnedFd> {
+        let resolve = ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS
+            | ResolveFlag::RESOLVE_NO_XDEV;
+        let fd = match openat2(parent.fd(), name, OpenHow::new().flags(o_path()).resolve(resolve)) {
+            Err(nix::Error::ENOSYS) => openat(parent.fd(), name, o_path(), Mode::empty())?,
+            fd => fd?,
+        };
+        let st = stat_fd(&fd)?;
+        let (kind, perm) = match made {
+            Made::Dir => (SFlag::S_IFDIR, 0o700 | libc::S_ISGID),
+            Made::Node(kind) => (kind, 0o600),
+            Made::Symlink(_) => (SFlag::S_IFLNK, 0o777),
+        };
+        let ours = st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
+            && st.st_uid == nix::unistd::geteuid().as_raw()
+            && st.st_mode & 0o7777 & !perm == 0
+            && match made {
+                Made::Dir => {
+                    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                    std::fs::read_dir(path)?.next().is_none()
+                }
+                Made::Node(_) => st.st_nlink == 1,
+                Made::Symlink(target) => st.st_nlink == 1 && nix::fcntl::readlinkat(&fd, "")? == target.as_os_str(),
+            };
+        if !ours {
+            let path = parent.backing_path().join(name);
+            tracing::warn!(path = %path.display(), "a node just created was replaced before it was given to its owner; left as it is");
+            return Err(Error::Sys(nix::Error::EIO));
+        }
+        Ok(fd)
     }
 
     /// Creates a directory.
@@ -362,7 +413,8 @@ impl EncryptedFs {
         self.stats.op(FsOp::Mkdir);
         let parent = self.nodes.get(parent)?;
         nix::sys::stat::mkdirat(parent.fd(), name, Mode::from_bits_truncate(0o700))?;
-        self.adopt(caller, &parent, name, Some(mode))
+        let fd = self.open_made(&parent, name, Made::Dir)?;
+        self.adopt(caller, &parent, fd, Some(mode))
     }
 
     /// Creates a fifo, socket or (empty, encrypted) regular file. Device
@@ -382,7 +434,8 @@ impl EncryptedFs {
         }
         let parent = self.nodes.get(parent)?;
         mknodat(parent.fd(), name, kind, Mode::from_bits_truncate(0o600), 0)?;
-        self.adopt(caller, &parent, name, Some(mode))
+        let fd = self.open_made(&parent, name, Made::Node(kind))?;
+        self.adopt(caller, &parent, fd, Some(mode))
     }
 
     /// Creates a symlink.
@@ -392,7 +445,8 @@ impl EncryptedFs {
     pub fn symlink(&self, caller: Caller, parent: u64, name: &OsStr, target: &Path) -> Result<FileAttr> {
         let parent = self.nodes.get(parent)?;
         nix::unistd::symlinkat(target, parent.fd(), name)?;
-        self.adopt(caller, &parent, name, None)
+        let fd = self.open_made(&parent, name, Made::Symlink(target))?;
+        self.adopt(caller, &parent, fd, None)
     }
 
     /// Removes a non-directory. An open file stays readable through its
@@ -456,9 +510,15 @@ impl EncryptedFs {
         let parent = self.nodes.get(parent)?;
         let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
         let fd = openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))?;
+        let made = stat_fd(&fd)?;
         let result = self.init_created(caller, &parent, name, File::from(fd), mode);
         if result.is_err() {
-            let _ = nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::NoRemoveDir);
+            // Only while the name still holds the file made above (this
+            // narrows, but cannot close, the window for a swap).
+            let still = openat(parent.fd(), name, o_path(), Mode::empty()).and_then(|fd| fstat(&fd));
+            if still.is_ok_and(|st| (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino)) {
+                let _ = nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::NoRemoveDir);
+            }
         }
         result
     }
@@ -472,8 +532,16 @@ impl EncryptedFs {
         mode: u32,
     ) -> Result<(FileAttr, u64)> {
         let path = parent.backing_path().join(name);
+        // The file itself, by its descriptor (`/proc/self/fd/N` names the
+        // inode): O_PATH for the inode table.
+        let proc = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let fd = openat(AT_FDCWD, &proc, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())?;
+        let (made, held) = (fstat(&file)?, stat_fd(&fd)?);
+        if (made.st_dev, made.st_ino) != (held.st_dev, held.st_ino) {
+            return Err(Error::Sys(nix::Error::EIO));
+        }
         let encrypted = EncryptedFile::create(file, path, self.keys.as_ref())?;
-        let attr = self.adopt(caller, parent, name, Some(mode))?;
+        let attr = self.adopt(caller, parent, fd, Some(mode))?;
         let ino = attr.ino.0;
         let mut open = self.open.lock();
         let entry = open.entry(ino).or_insert_with(|| OpenEntry {
