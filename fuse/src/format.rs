@@ -832,5 +832,63 @@ mod tests {
             let key = BlockKey::new(&Dek::from_bytes([3; 32]));
             proptest::prop_assert!(open_block(&key, &[1; 16], index, last, &data).is_err());
         }
+
+        /// A valid header with some bytes changed (magic and version kept,
+        /// so the slots and their CRCs are really parsed) decodes to a
+        /// header whose current slot is one of the two written, or fails
+        /// with `NoValidSlot`; a change inside one slot never makes the
+        /// other slot's blob unreadable.
+        #[test]
+        fn mutated_valid_headers_fall_back_slot_by_slot(
+            version in proptest::sample::select(vec![FORMAT_V1, FORMAT_VERSION]),
+            edits in proptest::collection::vec((10usize..HEADER_LEN, proptest::num::u8::ANY), 0..6),
+            second in proptest::bool::ANY,
+        ) {
+            let mut header = Header::new(ID, vec![1; 81]).unwrap();
+            header.version = version;
+            if second {
+                let (i, slot) = header.next_slot(vec![2; 60]).unwrap();
+                header.slots[i] = Some(slot);
+            }
+            let mut bytes = header.encode();
+            for (at, value) in &edits {
+                bytes[*at] ^= value | 1;
+            }
+            let touched = |i: usize| {
+                let r = slot_offset(i) as usize..slot_offset(i) as usize + SLOT_LEN;
+                edits.iter().any(|(at, _)| r.contains(at))
+            };
+            match Header::decode(&bytes) {
+                Ok(h) => {
+                    proptest::prop_assert_eq!(h.version, version);
+                    let blob = &h.current().unwrap().1.blob;
+                    proptest::prop_assert!(blob == &vec![1; 81] || blob == &vec![2; 60]);
+                }
+                Err(e) => {
+                    proptest::prop_assert_eq!(e, FormatError::NoValidSlot);
+                    proptest::prop_assert!(touched(0) && (touched(1) || !second));
+                }
+            }
+        }
+
+        /// Blocks sealed for one (index, flag) with a flipped bit anywhere,
+        /// or opened at another index or flag, never authenticate.
+        #[test]
+        fn sealed_blocks_with_any_change_fail(
+            len in 0usize..=BLOCK_SIZE,
+            flip in proptest::num::usize::ANY,
+            index in 0u64..1000,
+            last in proptest::bool::ANY,
+        ) {
+            let key = key();
+            let plain = sample(len);
+            let mut disk = seal_block(&key, &ID, index, last, &plain);
+            proptest::prop_assert_eq!(open_block(&key, &ID, index, last, &disk).unwrap(), plain);
+            proptest::prop_assert!(open_block(&key, &ID, index + 1, last, &disk).is_err());
+            proptest::prop_assert!(open_block(&key, &ID, index, !last, &disk).is_err());
+            let at = flip % disk.len();
+            disk[at] ^= 1 << (flip % 8);
+            proptest::prop_assert!(open_block(&key, &ID, index, last, &disk).is_err());
+        }
     }
 }
