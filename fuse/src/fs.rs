@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result};
 use crate::file::EncryptedFile;
 use crate::format::{self, Layout};
-use crate::inode::{InodeTable, Node, ROOT};
+use crate::inode::{InodeTable, Node, DEFAULT_FD_CACHE, ROOT};
 use crate::keys::KeySource;
 use crate::stats::{FsOp, FsStats};
 use crate::xattr;
@@ -64,6 +64,9 @@ pub struct DirEntry {
 struct OpenEntry {
     file: Arc<EncryptedFile>,
     handles: u64,
+    /// Keeps the inode's `O_PATH` descriptor open while the file is: an
+    /// unlinked open file cannot be reopened by handle.
+    _node: Arc<Node>,
 }
 
 /// The encrypted filesystem over one backing directory.
@@ -162,11 +165,20 @@ impl EncryptedFs {
     /// # Errors
     /// `source` cannot be opened as a directory.
     pub fn new(source: &Path, keys: Arc<dyn KeySource>) -> Result<Self> {
+        Self::with_fd_cache(source, keys, DEFAULT_FD_CACHE)
+    }
+
+    /// [`EncryptedFs::new`] caching at most `fd_cache` inode descriptors
+    /// (see [`crate::inode`]).
+    ///
+    /// # Errors
+    /// `source` cannot be opened as a directory.
+    pub fn with_fd_cache(source: &Path, keys: Arc<dyn KeySource>, fd_cache: usize) -> Result<Self> {
         let root = openat(AT_FDCWD, source, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())?;
         let st = stat_fd(&root)?;
         Ok(Self {
             keys,
-            nodes: InodeTable::new(root, &st),
+            nodes: InodeTable::new(root, &st, fd_cache),
             open: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
@@ -543,10 +555,12 @@ impl EncryptedFs {
         let encrypted = EncryptedFile::create(file, path, self.keys.as_ref())?;
         let attr = self.adopt(caller, parent, fd, Some(mode))?;
         let ino = attr.ino.0;
+        let node = self.nodes.get(ino).inspect_err(|_| self.nodes.forget(ino, 1))?;
         let mut open = self.open.lock();
         let entry = open.entry(ino).or_insert_with(|| OpenEntry {
             file: Arc::new(encrypted),
             handles: 0,
+            _node: node,
         });
         entry.handles += 1;
         Ok((attr, ino))
@@ -584,6 +598,7 @@ impl EncryptedFs {
         let entry = open.entry(ino).or_insert_with(|| OpenEntry {
             file: Arc::new(fresh),
             handles: 0,
+            _node: node,
         });
         entry.handles += 1;
         Ok(entry.file.clone())
@@ -791,6 +806,33 @@ mod tests {
         assert_eq!(fs.getattr(attr.ino.0).unwrap().nlink, 0);
         fs.release(fh);
         assert!(fs.lookup(ROOT, OsStr::new("a")).is_err());
+    }
+
+    #[test]
+    fn unlinked_open_file_outlives_the_descriptor_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(MemoryKeySource::default());
+        let fs = EncryptedFs::with_fd_cache(dir.path(), keys, 1).unwrap();
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600).unwrap();
+        fs.write(fh, 0, b"still here").unwrap();
+        fs.unlink(ROOT, OsStr::new("a")).unwrap();
+        for name in ["b", "c", "d"] {
+            let (_, other) = fs.create(ROOT_CALLER, ROOT, OsStr::new(name), 0o600).unwrap();
+            fs.release(other);
+        }
+        let set = SetAttr {
+            mode: Some(0o640),
+            ..SetAttr::default()
+        };
+        let after = fs.setattr(attr.ino.0, &set).unwrap();
+        assert_eq!((after.nlink, after.perm, after.size), (0, 0o640, 10));
+        assert_eq!(fs.read(fh, 0, 64).unwrap(), b"still here");
+        fs.release(fh);
+        if fs.nodes.uses_handles() {
+            // Closed and evicted: the deleted inode is gone.
+            fs.lookup(ROOT, OsStr::new("b")).unwrap();
+            assert!(fs.getattr(attr.ino.0).is_err());
+        }
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Name shown in the mount table.
     pub fs_name: String,
+    /// How many `O_PATH` descriptors of backing inodes stay open at most
+    /// (least recently used first out; others are reopened by file handle).
+    /// See [`crate::inode`] for the full bound and when it does not hold.
+    pub fd_cache: usize,
 }
 
 impl Default for MountOptions {
@@ -38,6 +42,7 @@ impl Default for MountOptions {
             ttl: Duration::from_secs(1),
             allow_other: true,
             fs_name: "kms-fuse".to_string(),
+            fd_cache: crate::inode::DEFAULT_FD_CACHE,
         }
     }
 }
@@ -83,7 +88,7 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
 /// `source` is not a directory, or the kernel refuses the mount.
 pub fn mount(source: &Path, target: &Path, keys: Arc<dyn KeySource>, opts: &MountOptions) -> Result<MountHandle> {
     raise_fd_limit();
-    let fs = EncryptedFs::new(source, keys)?;
+    let fs = EncryptedFs::with_fd_cache(source, keys, opts.fd_cache)?;
     let stats = fs.stats();
     let adapter = FuseAdapter::new(fs, opts.ttl);
     let session = fuser::spawn_mount(adapter, target, &fuser_config(opts)).map_err(mount_error(target))?;
@@ -160,8 +165,13 @@ fn is_dead_fuse_mount(target: &Path) -> bool {
     stat_dead || matches!(nix::sys::statfs::statfs(target), Err(nix::Error::ENOTCONN))
 }
 
-/// Each inode the kernel knows holds an `O_PATH` descriptor, so allow as
-/// many as the hard limit permits.
+/// Allows as many descriptors as the hard limit permits. The mount's own
+/// use is bounded by [`MountOptions::fd_cache`] plus what users hold open
+/// (see [`crate::inode`]), but the default soft limit (1024) is no more than
+/// the default cache, and files held open through the mount, two
+/// descriptors each, are bounded only by the users' limits. Where file
+/// handles are unusable every known inode holds a descriptor, as they all
+/// did before the cache.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -34,6 +34,9 @@ impl Fixture {
 fn opts() -> MountOptions {
     MountOptions {
         threads: 4,
+        // Tiny, so that every test also exercises eviction and reopening
+        // inodes by file handle.
+        fd_cache: 2,
         ..MountOptions::default()
     }
 }

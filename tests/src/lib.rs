@@ -66,6 +66,8 @@ pub struct DaemonOptions {
     /// Socket path; default `kmsd.sock` in the daemon's own folder. Set it
     /// when other daemons must know the path before this one starts.
     pub socket: Option<PathBuf>,
+    /// `RLIMIT_NOFILE` (soft and hard) of the daemon; default inherited.
+    pub nofile: Option<u64>,
 }
 
 impl Default for DaemonOptions {
@@ -75,6 +77,7 @@ impl Default for DaemonOptions {
             extra_config: String::new(),
             env: Vec::new(),
             socket: None,
+            nofile: None,
         }
     }
 }
@@ -199,6 +202,25 @@ impl TestDaemon {
             .open(&self.log)
             .unwrap();
         cmd.stdout(Stdio::null()).stderr(log);
+        if let Some(n) = self.opts.nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: the closure runs in the child between fork and exec
+            // and only calls setrlimit, which is async-signal-safe, with a
+            // valid rlimit it owns a copy of.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd
     }
 

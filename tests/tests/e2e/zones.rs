@@ -48,6 +48,7 @@ impl Site {
                 ("KMSD_ACCESS__PEERS".into(), format!("uid:{}", nix::unistd::getuid())),
             ],
             socket: Some(self.socket(zone)),
+            ..DaemonOptions::default()
         }
     }
 
