@@ -139,10 +139,10 @@ impl Filesystem for FuseAdapter {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.mknod(caller(req), parent.0, name, mode);
+        let r = self.fs.mknod(caller(req), parent.0, name, mode, rdev);
         self.entry("mknod", r, reply);
     }
 
