@@ -138,6 +138,21 @@ fn dev_from_fuse(rdev: u32) -> libc::dev_t {
     libc::makedev(major, minor)
 }
 
+/// Sets a symlink's own times: `utimensat` on its `O_PATH` descriptor with
+/// an empty path (`/proc/self/fd/N` would follow the link). Kernels whose
+/// `utimensat` refuses `AT_EMPTY_PATH` answer `EINVAL`.
+fn set_link_times(node: &Node, atime: &TimeSpec, mtime: &TimeSpec) -> Result<()> {
+    let times = [*atime.as_ref(), *mtime.as_ref()];
+    let flags = libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW;
+    // SAFETY: the descriptor is open for the call, the path is a valid C
+    // string and `times` holds the two timespecs utimensat reads.
+    let ret = unsafe { libc::utimensat(node.fd().as_raw_fd(), c"".as_ptr(), times.as_ptr(), flags) };
+    if ret != 0 {
+        return Err(Error::Sys(nix::Error::last()));
+    }
+    Ok(())
+}
+
 /// The chain of causes of an error, for logs.
 pub fn describe(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -278,9 +293,13 @@ impl EncryptedFs {
         if let Some(size) = set.size {
             self.truncate(ino, &node, size)?;
         }
-        if (set.atime.is_some() || set.mtime.is_some()) && !node.is_symlink() {
+        if set.atime.is_some() || set.mtime.is_some() {
             let (a, m) = (timespec(set.atime), timespec(set.mtime));
-            utimensat(AT_FDCWD, &node.proc_path(), &a, &m, UtimensatFlags::FollowSymlink)?;
+            if node.is_symlink() {
+                set_link_times(&node, &a, &m)?;
+            } else {
+                utimensat(AT_FDCWD, &node.proc_path(), &a, &m, UtimensatFlags::FollowSymlink)?;
+            }
         }
         self.getattr(ino)
     }

@@ -15,7 +15,8 @@ use std::time::Duration;
 use kms_fuse::{mount, MemoryKeySource, MountHandle, MountOptions};
 use nix::errno::Errno;
 use nix::fcntl::AT_FDCWD;
-use nix::sys::stat::{self, Mode, SFlag};
+use nix::sys::stat::{self, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Uid};
 
@@ -143,6 +144,25 @@ fn root_mknod_of_char_and_block_devices_keeps_rdev() {
     // The mount is nodev: the node is inert.
     let open = OpenOptions::new().read(true).open(&c);
     assert_eq!(open.unwrap_err().raw_os_error(), Some(libc::EACCES));
+}
+
+#[test]
+fn utimensat_nofollow_sets_the_symlinks_own_times() {
+    let Some(fx) = fixture() else { return };
+    let (target, link) = (fx.path("target"), fx.path("link"));
+    fs::write(&target, b"x").unwrap();
+    std::os::unix::fs::symlink("target", &link).unwrap();
+    let before = fs::metadata(&target).unwrap();
+    let (atime, mtime) = (TimeSpec::new(1_000_000_000, 5), TimeSpec::new(1_100_000_000, 7));
+    stat::utimensat(AT_FDCWD, &link, &atime, &mtime, UtimensatFlags::NoFollowSymlink).unwrap();
+    let own = fs::symlink_metadata(&link).unwrap();
+    assert_eq!((own.mtime(), own.mtime_nsec()), (1_100_000_000, 7));
+    assert_eq!((own.atime(), own.atime_nsec()), (1_000_000_000, 5));
+    let after = fs::metadata(&target).unwrap();
+    assert_eq!(
+        (after.mtime(), after.mtime_nsec()),
+        (before.mtime(), before.mtime_nsec())
+    );
 }
 
 #[test]
