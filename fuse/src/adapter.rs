@@ -67,6 +67,10 @@ impl FuseAdapter {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // FUSE_HANDLE_KILLPRIV(_V2) are left off on purpose: the kernel then
+        // clears set-id bits itself, as the caller (who may lack CAP_FSETID,
+        // unlike the daemon), by sending a mode setattr before a write,
+        // truncate or chown, exactly when ext4 would clear them.
         // Best effort: older kernels simply do not get these.
         for flag in [
             InitFlags::FUSE_DO_READDIRPLUS,
@@ -139,10 +143,10 @@ impl Filesystem for FuseAdapter {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.mknod(caller(req), parent.0, name, mode);
+        let r = self.fs.mknod(caller(req), parent.0, name, mode, rdev);
         self.entry("mknod", r, reply);
     }
 

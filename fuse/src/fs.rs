@@ -147,6 +147,29 @@ fn timespec(t: Option<TimeOrNow>) -> TimeSpec {
     }
 }
 
+/// A `dev_t` from the kernel's 32-bit FUSE encoding (`new_encode_dev`:
+/// minor low 8 bits, major next 12, minor's high bits above).
+fn dev_from_fuse(rdev: u32) -> libc::dev_t {
+    let major = (rdev >> 8) & 0xfff;
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+    libc::makedev(major, minor)
+}
+
+/// Sets a symlink's own times: `utimensat` on its `O_PATH` descriptor with
+/// an empty path (`/proc/self/fd/N` would follow the link). Kernels whose
+/// `utimensat` refuses `AT_EMPTY_PATH` answer `EINVAL`.
+fn set_link_times(node: &Node, atime: &TimeSpec, mtime: &TimeSpec) -> Result<()> {
+    let times = [*atime.as_ref(), *mtime.as_ref()];
+    let flags = libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW;
+    // SAFETY: the descriptor is open for the call, the path is a valid C
+    // string and `times` holds the two timespecs utimensat reads.
+    let ret = unsafe { libc::utimensat(node.fd().as_raw_fd(), c"".as_ptr(), times.as_ptr(), flags) };
+    if ret != 0 {
+        return Err(Error::Sys(nix::Error::last()));
+    }
+    Ok(())
+}
+
 /// The chain of causes of an error, for logs.
 pub fn describe(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -322,9 +345,13 @@ impl EncryptedFs {
         if let Some(size) = set.size {
             self.truncate(ino, &node, size)?;
         }
-        if (set.atime.is_some() || set.mtime.is_some()) && !node.is_symlink() {
+        if set.atime.is_some() || set.mtime.is_some() {
             let (a, m) = (timespec(set.atime), timespec(set.mtime));
-            utimensat(AT_FDCWD, &node.proc_path(), &a, &m, UtimensatFlags::FollowSymlink)?;
+            if node.is_symlink() {
+                set_link_times(&node, &a, &m)?;
+            } else {
+                utimensat(AT_FDCWD, &node.proc_path(), &a, &m, UtimensatFlags::FollowSymlink)?;
+            }
         }
         self.getattr(ino)
     }
@@ -429,23 +456,30 @@ impl EncryptedFs {
         self.adopt(caller, &parent, fd, Some(mode))
     }
 
-    /// Creates a fifo, socket or (empty, encrypted) regular file. Device
-    /// nodes are refused: the backing directory is not `nodev`.
+    /// Creates a fifo, socket, device node or (empty, encrypted) regular
+    /// file. `rdev` is the device number in the kernel's FUSE encoding.
+    ///
+    /// Devices are made as on ext4: the kernel sends the request only for
+    /// callers with `CAP_MKNOD`, and the mount is `nodev`, so the node is
+    /// inert there. (The backing directory is not `nodev`; it is the
+    /// daemon's and only root should reach it.)
     ///
     /// # Errors
-    /// `EPERM` for devices, backing or key errors.
-    pub fn mknod(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<FileAttr> {
+    /// Backing or key errors (`EPERM` if the daemon lacks `CAP_MKNOD`).
+    pub fn mknod(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> Result<FileAttr> {
         let kind = SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits());
         if kind == SFlag::S_IFREG {
             let (attr, fh) = self.create(caller, parent, name, mode)?;
             self.release(fh);
             return Ok(attr);
         }
-        if kind != SFlag::S_IFIFO && kind != SFlag::S_IFSOCK {
-            return Err(Error::Sys(nix::Error::EPERM));
-        }
+        let dev = match kind {
+            SFlag::S_IFIFO | SFlag::S_IFSOCK => 0,
+            SFlag::S_IFCHR | SFlag::S_IFBLK => dev_from_fuse(rdev),
+            _ => return Err(Error::Sys(nix::Error::EINVAL)),
+        };
         let parent = self.nodes.get(parent)?;
-        mknodat(parent.fd(), name, kind, Mode::from_bits_truncate(0o600), 0)?;
+        mknodat(parent.fd(), name, kind, Mode::from_bits_truncate(0o600), dev)?;
         let fd = self.open_made(&parent, name, Made::Node(kind))?;
         self.adopt(caller, &parent, fd, Some(mode))
     }

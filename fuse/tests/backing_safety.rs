@@ -262,15 +262,17 @@ fn created_nodes_belong_to_a_non_root_caller_with_exact_modes() {
     assert_eq!((attr.uid, attr.gid, attr.perm), (1234, 1234, 0o750));
     assert_eq!(owner_and_mode(&p("d")), (1234, 1234, 0o750));
 
-    let attr = fs.mknod(USER, ROOT, OsStr::new("p"), libc::S_IFIFO | 0o620).unwrap();
+    let attr = fs.mknod(USER, ROOT, OsStr::new("p"), libc::S_IFIFO | 0o620, 0).unwrap();
     assert_eq!((attr.uid, attr.gid, attr.perm), (1234, 1234, 0o620));
     assert!(p("p").symlink_metadata().unwrap().file_type().is_fifo());
 
-    let attr = fs.mknod(USER, ROOT, OsStr::new("s"), libc::S_IFSOCK | 0o640).unwrap();
+    let attr = fs
+        .mknod(USER, ROOT, OsStr::new("s"), libc::S_IFSOCK | 0o640, 0)
+        .unwrap();
     assert_eq!(owner_and_mode(&p("s")), (1234, 1234, 0o640));
     assert_eq!(attr.uid, 1234);
 
-    let attr = fs.mknod(USER, ROOT, OsStr::new("r"), libc::S_IFREG | 0o604).unwrap();
+    let attr = fs.mknod(USER, ROOT, OsStr::new("r"), libc::S_IFREG | 0o604, 0).unwrap();
     assert_eq!(owner_and_mode(&p("r")), (1234, 1234, 0o604));
     assert_eq!(attr.perm, 0o604);
 
@@ -364,7 +366,7 @@ fn a_node_swapped_in_after_creation_is_never_given_away() {
                     a
                 }),
                 Op::Mkdir => fs.mkdir(USER, ROOT, name, 0o755),
-                Op::Mknod => fs.mknod(USER, ROOT, name, libc::S_IFIFO | 0o644),
+                Op::Mknod => fs.mknod(USER, ROOT, name, libc::S_IFIFO | 0o644, 0),
                 Op::Symlink => fs.symlink(USER, ROOT, name, Path::new("target")),
             };
             stop.store(true, Ordering::Relaxed);
