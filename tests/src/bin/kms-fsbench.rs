@@ -272,6 +272,8 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
         r.set("random_read", n as f64 / t);
     }
     fairness(&mut r, dir, &big, bytes, a);
+    // Each timed row starts with no other row's dirty data left to write.
+    nix::unistd::sync();
     {
         let f = OpenOptions::new().write(true).open(&big).expect("open for write");
         let mut ms = Vec::new();
@@ -284,6 +286,7 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
         r.bound("1-byte write + fsync at offset 0", n, a.latency_tries, t);
         r.set("write_latency", percentiles(ms).0);
     }
+    nix::unistd::sync();
     {
         let f = OpenOptions::new().write(true).open(&big).expect("open for write");
         let mut rng = Rng::new();
@@ -324,7 +327,9 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
     });
     r.set("ls", files as f64 / t);
     fs::remove_dir_all(&tree).expect("remove tree");
+    nix::unistd::sync();
     sqlite(&mut r, dir, a);
+    nix::unistd::sync();
     sparse(&mut r, dir, a);
     for n in &mut r.notes {
         *n = format!("{label}, {n}");
@@ -696,7 +701,8 @@ fn num(v: f64) -> String {
         x if x >= 100.0 => format!("{v:.0}"),
         x if x >= 10.0 => format!("{v:.1}"),
         x if x >= 1.0 => format!("{v:.2}"),
-        _ => format!("{v:.3}"),
+        x if x >= 0.01 || x == 0.0 => format!("{v:.3}"),
+        _ => format!("{v:.2e}"),
     }
 }
 
