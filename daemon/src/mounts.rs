@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kms_client::blob::BlobHeader;
-use kms_client::proto::{ErrorCode, ErrorReply, FsRewrapInfo, FsVersionsInfo, MountInfo};
-use kms_fuse::keys::file_context;
-use kms_fuse::{Dek, FileId, KeyError, KeySource, MountHandle, MountOptions};
+use kms_client::proto::{Context, ErrorCode, ErrorReply, FsRewrapInfo, FsVersionsInfo, MountInfo};
+use kms_fuse::{Dek, KeyError, KeySource, MountHandle, MountOptions};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
@@ -55,32 +54,31 @@ impl KeySource for ServiceKeys {
         self.key_id
     }
 
-    fn new_dek(&self, file_id: &FileId) -> Result<(Dek, Vec<u8>), KeyError> {
+    fn new_dek(&self, ctx: &Context) -> Result<(Dek, Vec<u8>), KeyError> {
         let (dek, blob) = self
             .keys
-            .generate_data_key(&Caller::internal(), &self.key_id.to_string(), &file_context(file_id))
+            .generate_data_key(&Caller::internal(), &self.key_id.to_string(), ctx)
             .map_err(key_error)?;
         Ok((dek_from(&dek)?, blob))
     }
 
-    fn unwrap_dek(&self, file_id: &FileId, blob: &[u8]) -> Result<Dek, KeyError> {
+    fn unwrap_dek(&self, ctx: &Context, blob: &[u8]) -> Result<Dek, KeyError> {
         let dek = self
             .keys
-            .unwrap_for_key(&Caller::internal(), self.key_id, blob, &file_context(file_id))
+            .unwrap_for_key(&Caller::internal(), self.key_id, blob, ctx)
             .map_err(key_error)?;
         dek_from(&dek)
     }
 
-    fn rewrap(&self, file_id: &FileId, blob: &[u8]) -> Result<Vec<u8>, KeyError> {
+    fn rewrap(&self, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, KeyError> {
         let header = BlobHeader::parse(blob).map_err(|e| KeyError::DecryptFailed(e.to_string()))?;
         if header.key_id != self.key_id {
             return Err(KeyError::DecryptFailed(
                 "the header's key is not this filesystem's key".into(),
             ));
         }
-        let ctx = file_context(file_id);
         self.keys
-            .re_encrypt(&Caller::internal(), blob, &ctx, None, None)
+            .re_encrypt(&Caller::internal(), blob, ctx, None, None)
             .map_err(key_error)
     }
 

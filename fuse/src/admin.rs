@@ -33,7 +33,7 @@ use nix::sys::stat::{fstat, FileStat, Mode, SFlag};
 
 use crate::error::{Error, Result};
 use crate::format::{encode_slot, slot_offset, Header, HEADER_LEN};
-use crate::keys::{KeyError, KeySource};
+use crate::keys::{file_context, KeyError, KeySource};
 
 /// Directories nested deeper than this below the root are not walked
 /// (each level holds one descriptor while it is listed); each one skipped
@@ -330,9 +330,10 @@ pub fn rewrap_file(file: &File, path: &Path, keys: &dyn KeySource, active: u32) 
     if blob.key_id == keys.key_id() && blob.version == active {
         return Ok(Rewrapped::AlreadyCurrent);
     }
-    let new_blob = keys.rewrap(&header.file_id, &slot.blob).map_err(key_err)?;
-    let before = keys.unwrap_dek(&header.file_id, &slot.blob).map_err(key_err)?;
-    let after = keys.unwrap_dek(&header.file_id, &new_blob).map_err(key_err)?;
+    let ctx = file_context(&header.file_id, header.version);
+    let new_blob = keys.rewrap(&ctx, &slot.blob).map_err(key_err)?;
+    let before = keys.unwrap_dek(&ctx, &slot.blob).map_err(key_err)?;
+    let after = keys.unwrap_dek(&ctx, &new_blob).map_err(key_err)?;
     if before != after {
         let why = "re-wrapped blob holds a different key".to_string();
         return Err(key_err(KeyError::DecryptFailed(why)));

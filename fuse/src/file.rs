@@ -34,9 +34,9 @@ use rand::RngCore;
 use crate::error::{Error, Result};
 use crate::format::{
     block_len, is_hole, last_index, open_block_in_place, open_stale_final, peek_version, seal_block, BlockKey,
-    FormatError, Header, Layout, BLOCK_SIZE, HEADER_LEN,
+    FormatError, Header, Layout, BLOCK_SIZE, FORMAT_VERSION, HEADER_LEN,
 };
-use crate::keys::{Dek, FileId, KeySource};
+use crate::keys::{file_context, Dek, FileId, KeySource};
 
 /// Blocks sealed and written per `pwrite` when a write spans many blocks.
 const CHUNK_BLOCKS: u64 = 64;
@@ -64,7 +64,8 @@ impl EncryptedFile {
     pub fn create(file: File, path: PathBuf, keys: &dyn KeySource) -> Result<Self> {
         let mut file_id = FileId::default();
         rand::rngs::OsRng.fill_bytes(&mut file_id);
-        let (dek, blob) = keys.new_dek(&file_id).map_err(|source| Error::Key {
+        let ctx = file_context(&file_id, FORMAT_VERSION);
+        let (dek, blob) = keys.new_dek(&ctx).map_err(|source| Error::Key {
             path: path.clone(),
             source,
         })?;
@@ -97,7 +98,7 @@ impl EncryptedFile {
         let size = layout.plain_len(file.metadata()?.len()).map_err(tampered)?;
         let (_, slot) = header.current().map_err(tampered)?;
         let dek = keys
-            .unwrap_dek(&header.file_id, &slot.blob)
+            .unwrap_dek(&file_context(&header.file_id, header.version), &slot.blob)
             .map_err(|source| Error::Key {
                 path: path.clone(),
                 source,
@@ -950,6 +951,17 @@ mod tests {
         a.file.write_all_at(&header_b, 0).unwrap();
         let reopened = reopen(&a, &keys).unwrap();
         assert!(matches!(reopened.read(0, 8), Err(Error::Tampered { .. })));
+    }
+
+    #[test]
+    fn a_changed_format_version_no_longer_unwraps() {
+        let keys = MemoryKeySource::default();
+        let (_d, f) = fresh(&keys);
+        let mut bytes = backing(&f);
+        assert_eq!(bytes[9], 2);
+        bytes[9] = 1; // downgrade to the 12-byte-nonce layout
+        std::fs::write(&f.path, &bytes).unwrap();
+        assert!(matches!(reopen(&f, &keys), Err(Error::Key { .. })));
     }
 
     #[test]

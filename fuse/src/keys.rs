@@ -82,24 +82,24 @@ pub trait KeySource: Send + Sync + 'static {
     /// The key whose versions wrap this filesystem's DEKs.
     fn key_id(&self) -> Uuid;
 
-    /// A fresh DEK for `file_id` and its blob wrapped by the active version.
+    /// A fresh DEK and its blob wrapped by the active version under the
+    /// encryption context `ctx` (a [`file_context`]).
     ///
     /// # Errors
     /// The key is unavailable or access is denied.
-    fn new_dek(&self, file_id: &FileId) -> Result<(Dek, Vec<u8>), KeyError>;
+    fn new_dek(&self, ctx: &Context) -> Result<(Dek, Vec<u8>), KeyError>;
 
-    /// Unwraps a header's blob for `file_id`.
+    /// Unwraps a header's blob under the encryption context `ctx`.
     ///
     /// # Errors
-    /// The blob does not open under the file id's context, or the key is
-    /// unavailable.
-    fn unwrap_dek(&self, file_id: &FileId, blob: &[u8]) -> Result<Dek, KeyError>;
+    /// The blob does not open under `ctx`, or the key is unavailable.
+    fn unwrap_dek(&self, ctx: &Context, blob: &[u8]) -> Result<Dek, KeyError>;
 
-    /// Re-wraps `blob` (same DEK) under the active version.
+    /// Re-wraps `blob` (same DEK, same context) under the active version.
     ///
     /// # Errors
     /// As [`KeySource::unwrap_dek`].
-    fn rewrap(&self, file_id: &FileId, blob: &[u8]) -> Result<Vec<u8>, KeyError>;
+    fn rewrap(&self, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, KeyError>;
 
     /// The version new wraps use.
     ///
@@ -108,10 +108,21 @@ pub trait KeySource: Send + Sync + 'static {
     fn active_version(&self) -> Result<u32, KeyError>;
 }
 
-/// The encryption context that binds a blob to one file.
-pub fn file_context(file_id: &FileId) -> Context {
+/// The encryption-context key under which the format version of a file
+/// (from version 2 on) is bound into its wrapped DEK.
+pub const FORMAT_CONTEXT_KEY: &str = "kms-fuse.format";
+
+/// The encryption context that binds a blob to one file and its format
+/// version: `{file-id}` for version 1 (as written by earlier releases),
+/// `{file-id, format}` from version 2 on, so that a header whose version
+/// byte was changed no longer unwraps.
+pub fn file_context(file_id: &FileId, format_version: u16) -> Context {
     let hex: String = file_id.iter().map(|b| format!("{b:02x}")).collect();
-    [(FILE_ID_CONTEXT_KEY.to_string(), hex)].into()
+    let mut ctx: Context = [(FILE_ID_CONTEXT_KEY.to_string(), hex)].into();
+    if format_version >= 2 {
+        ctx.insert(FORMAT_CONTEXT_KEY.to_string(), format_version.to_string());
+    }
+    ctx
 }
 
 /// A [`KeySource`] with versioned master keys held in memory. Blobs use the
@@ -192,7 +203,7 @@ impl MemoryKeySource {
         Some(Aes256Gcm::new(material.as_ref().into()))
     }
 
-    fn wrap(&self, file_id: &FileId, dek: &Dek) -> Result<Vec<u8>, KeyError> {
+    fn wrap(&self, ctx: &Context, dek: &Dek) -> Result<Vec<u8>, KeyError> {
         let version = self.active_version()?;
         let cipher = self.cipher(version).expect("active version exists");
         let mut nonce = [0u8; blob::NONCE_LEN];
@@ -203,7 +214,7 @@ impl MemoryKeySource {
             nonce,
         }
         .to_bytes();
-        let aad = blob::aad(&header, &file_context(file_id));
+        let aad = blob::aad(&header, ctx);
         let payload = Payload {
             msg: dek.expose(),
             aad: &aad,
@@ -214,14 +225,14 @@ impl MemoryKeySource {
         Ok([header.as_slice(), &ct].concat())
     }
 
-    fn open(&self, file_id: &FileId, blob_bytes: &[u8]) -> Result<Dek, KeyError> {
+    fn open(&self, ctx: &Context, blob_bytes: &[u8]) -> Result<Dek, KeyError> {
         let fail = |why: &str| KeyError::DecryptFailed(why.to_string());
         let header = BlobHeader::parse(blob_bytes).map_err(|e| fail(&e.to_string()))?;
         if header.key_id != self.key_id {
             return Err(fail("blob belongs to another key"));
         }
         let cipher = self.cipher(header.version).ok_or_else(|| fail("unknown key version"))?;
-        let aad = blob::aad(&header.to_bytes(), &file_context(file_id));
+        let aad = blob::aad(&header.to_bytes(), ctx);
         let payload = Payload {
             msg: &blob_bytes[blob::HEADER_LEN..],
             aad: &aad,
@@ -241,22 +252,22 @@ impl KeySource for MemoryKeySource {
         self.key_id
     }
 
-    fn new_dek(&self, file_id: &FileId) -> Result<(Dek, Vec<u8>), KeyError> {
+    fn new_dek(&self, ctx: &Context) -> Result<(Dek, Vec<u8>), KeyError> {
         self.check_available()?;
         let dek = Dek::generate();
-        let blob = self.wrap(file_id, &dek)?;
+        let blob = self.wrap(ctx, &dek)?;
         Ok((dek, blob))
     }
 
-    fn unwrap_dek(&self, file_id: &FileId, blob: &[u8]) -> Result<Dek, KeyError> {
+    fn unwrap_dek(&self, ctx: &Context, blob: &[u8]) -> Result<Dek, KeyError> {
         self.check_available()?;
-        self.open(file_id, blob)
+        self.open(ctx, blob)
     }
 
-    fn rewrap(&self, file_id: &FileId, blob: &[u8]) -> Result<Vec<u8>, KeyError> {
+    fn rewrap(&self, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.check_available()?;
-        let dek = self.open(file_id, blob)?;
-        self.wrap(file_id, &dek)
+        let dek = self.open(ctx, blob)?;
+        self.wrap(ctx, &dek)
     }
 
     fn active_version(&self) -> Result<u32, KeyError> {
@@ -279,16 +290,16 @@ mod tests {
     fn wrap_unwrap_round_trip_and_version() {
         let keys = MemoryKeySource::default();
         let id = [1u8; 16];
-        let (dek, blob) = keys.new_dek(&id).unwrap();
+        let (dek, blob) = keys.new_dek(&file_context(&id, 2)).unwrap();
         assert_eq!(BlobHeader::parse(&blob).unwrap().version, 1);
-        assert_eq!(keys.unwrap_dek(&id, &blob).unwrap(), dek);
+        assert_eq!(keys.unwrap_dek(&file_context(&id, 2), &blob).unwrap(), dek);
     }
 
     #[test]
     fn blob_is_bound_to_its_file_id() {
         let keys = MemoryKeySource::default();
-        let (_, blob) = keys.new_dek(&[1u8; 16]).unwrap();
-        let err = keys.unwrap_dek(&[2u8; 16], &blob).unwrap_err();
+        let (_, blob) = keys.new_dek(&file_context(&[1u8; 16], 2)).unwrap();
+        let err = keys.unwrap_dek(&file_context(&[2u8; 16], 2), &blob).unwrap_err();
         assert!(matches!(err, KeyError::DecryptFailed(_)));
     }
 
@@ -296,30 +307,33 @@ mod tests {
     fn rotation_keeps_old_blobs_and_rewrap_moves_them() {
         let keys = MemoryKeySource::default();
         let id = [3u8; 16];
-        let (dek, old) = keys.new_dek(&id).unwrap();
+        let (dek, old) = keys.new_dek(&file_context(&id, 2)).unwrap();
         assert_eq!(keys.rotate(), 2);
-        assert_eq!(keys.unwrap_dek(&id, &old).unwrap(), dek);
-        let new = keys.rewrap(&id, &old).unwrap();
+        assert_eq!(keys.unwrap_dek(&file_context(&id, 2), &old).unwrap(), dek);
+        let new = keys.rewrap(&file_context(&id, 2), &old).unwrap();
         assert_eq!(BlobHeader::parse(&new).unwrap().version, 2);
-        assert_eq!(keys.unwrap_dek(&id, &new).unwrap(), dek);
+        assert_eq!(keys.unwrap_dek(&file_context(&id, 2), &new).unwrap(), dek);
     }
 
     #[test]
     fn flipped_bit_and_foreign_key_fail() {
         let keys = MemoryKeySource::default();
         let id = [4u8; 16];
-        let (_, mut blob) = keys.new_dek(&id).unwrap();
+        let (_, mut blob) = keys.new_dek(&file_context(&id, 2)).unwrap();
         let other = MemoryKeySource::default();
-        assert!(other.unwrap_dek(&id, &blob).is_err());
+        assert!(other.unwrap_dek(&file_context(&id, 2), &blob).is_err());
         let last = blob.len() - 1;
         blob[last] ^= 1;
-        assert!(keys.unwrap_dek(&id, &blob).is_err());
+        assert!(keys.unwrap_dek(&file_context(&id, 2), &blob).is_err());
     }
 
     #[test]
     fn unavailable_source_refuses() {
         let keys = MemoryKeySource::default();
         keys.set_available(false);
-        assert!(matches!(keys.new_dek(&[0; 16]), Err(KeyError::Unavailable(_))));
+        assert!(matches!(
+            keys.new_dek(&file_context(&[0; 16], 2)),
+            Err(KeyError::Unavailable(_))
+        ));
     }
 }
