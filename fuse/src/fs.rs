@@ -686,6 +686,24 @@ impl EncryptedFs {
         self.opened(ino)?.sync(datasync)
     }
 
+    /// Flushes a directory's entries (creates, renames, unlinks in it) to
+    /// stable storage: `fsync` of the backing directory.
+    ///
+    /// # Errors
+    /// Not a directory, or the backing `fsync` fails.
+    pub fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<()> {
+        self.stats.op(FsOp::Fsync);
+        let node = self.nodes.get(ino)?;
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let dir = File::from(openat(node.fd(), ".", flags, Mode::empty())?);
+        if datasync {
+            dir.sync_data()?;
+        } else {
+            dir.sync_all()?;
+        }
+        Ok(())
+    }
+
     /// Snapshots a directory's entries; returns the handle.
     ///
     /// # Errors
@@ -828,6 +846,17 @@ mod tests {
         fs.release(fh);
         let backing = std::fs::read(dir.path().join("a")).unwrap();
         assert!(!backing.windows(5).any(|w| w == b"hello"));
+    }
+
+    #[test]
+    fn fsyncdir_syncs_directories_and_refuses_files() {
+        let (_dir, fs) = fs();
+        let attr = fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("d"), 0o755).unwrap();
+        fs.fsyncdir(ROOT, false).unwrap();
+        fs.fsyncdir(attr.ino.0, true).unwrap();
+        let (file, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
+        fs.release(fh);
+        assert_eq!(fs.fsyncdir(file.ino.0, false).unwrap_err().errno(), libc::ENOTDIR);
     }
 
     #[test]
