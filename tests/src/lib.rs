@@ -2,7 +2,7 @@
 //! socket with its own state directory and root key, runs `kmsctl` as a
 //! subprocess, and cleans up on drop.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -253,9 +253,12 @@ impl TestDaemon {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }
 
-    /// A blocking client connected as this process.
+    /// A blocking client connected as this process, whose replies must
+    /// come within [`CALL_DEADLINE`] (a read past it is an error).
     pub fn client(&self) -> BlockingClient {
-        BlockingClient::connect(&self.socket).expect("connect to kmsd")
+        let client = BlockingClient::connect(&self.socket).expect("connect to kmsd");
+        client.set_read_timeout(Some(CALL_DEADLINE)).expect("set read timeout");
+        client
     }
 
     /// Runs `kmsctl --socket SOCKET ARGS...` with `stdin`.
@@ -317,7 +320,13 @@ impl Drop for TestDaemon {
     }
 }
 
-/// Runs `kmsctl --socket SOCKET ARGS...` with `stdin`.
+/// How long one `kmsctl` run or one client reply may take in a test before
+/// the test fails (a daemon that accepts and never answers must not hang
+/// the suite).
+pub const CALL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs `kmsctl --socket SOCKET ARGS...` with `stdin`; kills it and fails
+/// the test if it runs past [`CALL_DEADLINE`].
 pub fn kmsctl_at(socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(bin("kmsctl"))
         .arg("--socket")
@@ -334,9 +343,27 @@ pub fn kmsctl_at(socket: &Path, args: &[&str], stdin: &[u8]) -> Output {
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
     });
-    let out = child.wait_with_output().unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let status = wait_for(CALL_DEADLINE, || child.try_wait().unwrap());
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("kmsctl {args:?} did not finish within {CALL_DEADLINE:?}");
+    };
     writer.join().unwrap();
-    out
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.

@@ -230,5 +230,53 @@ mod tests {
             let mut codec = server_codec(256);
             while let Ok(Some(_)) = codec.decode(&mut buf) {}
         }
+
+        /// Frames with a valid length prefix around arbitrary bodies (so
+        /// the body decoder really runs): each is one `Frame` or one
+        /// `Malformed`, never a stream error or a panic, and the buffer is
+        /// consumed exactly.
+        #[test]
+        fn valid_prefixes_around_arbitrary_bodies_decode_one_by_one(
+            bodies in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 1..8),
+        ) {
+            let mut buf = BytesMut::new();
+            for body in &bodies {
+                buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                buf.extend_from_slice(body);
+            }
+            let mut codec = server_codec(256);
+            for body in &bodies {
+                match codec.decode(&mut buf) {
+                    Ok(Some(Decoded::Malformed { id, .. })) => {
+                        proptest::prop_assert_eq!(id, decode_frame_id(body).unwrap_or(0));
+                    }
+                    Ok(Some(Decoded::Frame(_))) => {}
+                    other => proptest::prop_assert!(false, "{other:?}"),
+                }
+            }
+            proptest::prop_assert!(buf.is_empty());
+        }
+
+        /// Real requests with one body byte changed still come out as one
+        /// frame or one malformed body, with the length prefix intact.
+        #[test]
+        fn mutated_valid_frames_stay_framed(at in proptest::num::usize::ANY, value in proptest::num::u8::ANY) {
+            let mut full = BytesMut::new();
+            let req = Frame {
+                id: 77,
+                body: Request::Encrypt {
+                    key: "key".into(),
+                    plaintext: b"data".to_vec(),
+                    context: [("a".to_string(), "b".to_string())].into(),
+                },
+            };
+            client_codec(1024).encode(req, &mut full).unwrap();
+            let at = 4 + at % (full.len() - 4);
+            full[at] = value;
+            let mut codec = server_codec(1024);
+            let got = codec.decode(&mut full);
+            proptest::prop_assert!(matches!(got, Ok(Some(_))), "{got:?}");
+            proptest::prop_assert!(full.is_empty());
+        }
     }
 }

@@ -93,7 +93,11 @@ fn client_worker(socket: std::path::PathBuf, keys: Vec<String>, acked: Shared, s
         match result {
             Ok(()) => acked.lock().unwrap().ops += 1,
             Err(e) if e.code() == Some(ErrorCode::LimitExceeded) => {}
-            Err(_) => return, // the daemon died: this cycle is over
+            // The daemon died: this cycle is over.
+            Err(e) if e.is_connection_error() => return,
+            // Any answer but success (decrypt-failed on an acknowledged
+            // blob above all) is a bug, not the end of a cycle.
+            Err(e) => panic!("kmsd refused an operation on acknowledged state: {e}"),
         }
     }
 }
@@ -239,7 +243,14 @@ fn crash_loop_loses_nothing_acknowledged() {
             );
             workers.push(std::thread::spawn(move || file_worker(p, a, st, r)));
         }
-        std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
+        // Kill only once this cycle has acknowledged something, so every
+        // cycle checks something.
+        let before = acked.lock().unwrap().ops;
+        let busy = kms_tests::wait_for(Duration::from_secs(30), || {
+            (acked.lock().unwrap().ops > before).then_some(())
+        });
+        assert!(busy.is_some(), "cycle {cycle}: no operation acknowledged in 30 s");
+        std::thread::sleep(Duration::from_millis(rng.below(400)));
         d.kill9();
         stop.store(true, Ordering::Relaxed);
         for w in workers {
@@ -249,6 +260,10 @@ fn crash_loop_loses_nothing_acknowledged() {
         verify(&d, &acked.lock().unwrap());
     }
     let a = acked.lock().unwrap();
+    assert!(
+        !a.blobs.is_empty() && !a.durable.is_empty(),
+        "the loop acknowledged no blob or no fsynced write"
+    );
     println!(
         "crash loop: {cycles} cycles, {} acknowledged operations, {} blobs and {} files verified, 0 lost",
         a.ops,

@@ -30,14 +30,18 @@ impl Tmpfs {
         Self(dir)
     }
 
-    /// Writes a file until the filesystem is full; returns its path.
+    /// Writes a file until the filesystem is full (these are at most a few
+    /// MiB; a filesystem that takes 1 GiB without filling fails the test);
+    /// returns its path.
     fn fill(&self) -> PathBuf {
         let path = self.0.join("filler");
         let mut f = fs::File::create(&path).unwrap();
         let chunk = vec![0xa5u8; 64 * 1024];
-        while f.write_all(&chunk).is_ok() {}
+        let full = (0..MAX_CHUNKS).any(|_| f.write_all(&chunk).is_err());
+        assert!(full, "{} did not fill up within 1 GiB", self.0.display());
         let small = [0u8; 512];
-        while f.write_all(&small).is_ok() {}
+        let full = (0..MAX_CHUNKS * 128).any(|_| f.write_all(&small).is_err());
+        assert!(full, "{} took another 1 GiB in small writes", self.0.display());
         path
     }
 }
@@ -47,6 +51,10 @@ impl Drop for Tmpfs {
         let _ = umount2(&self.0, MntFlags::MNT_DETACH);
     }
 }
+
+/// Writes of 64 KiB that fill 1 GiB: far more than any filesystem these
+/// tests make can take, so a loop that reaches it has a bug.
+const MAX_CHUNKS: usize = 16 * 1024;
 
 fn root_or_skip() -> bool {
     let root = nix::unistd::geteuid().is_root();
@@ -126,12 +134,9 @@ fn a_full_backing_dir_gives_enospc_and_keeps_earlier_data() {
 
     let mut f = fs::File::create(mnt.join("big")).unwrap();
     let chunk = vec![1u8; 64 * 1024];
-    let err = loop {
-        match f.write_all(&chunk).and_then(|()| f.sync_all()) {
-            Ok(()) => continue,
-            Err(e) => break e,
-        }
-    };
+    let err = (0..MAX_CHUNKS)
+        .find_map(|_| f.write_all(&chunk).and_then(|()| f.sync_all()).err())
+        .expect("a 1 MiB backing filesystem took 1 GiB through the mount");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     drop(f);
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");

@@ -160,10 +160,16 @@ fn report_and_check(samples: &[(f64, u64, usize, u64)], secs: u64, errors: u64) 
         println!("soak:   t={:5.1}s rss={} KiB fds={} ops={}", s.0, s.1, s.2, s.3);
     }
     assert_eq!(errors, 0, "no operation may fail under load");
-    assert!(
-        ops_per_sec > 1000.0,
-        "stalled clients must not hold up the others ({ops_per_sec:.0} ops/s)"
-    );
+    // Stalled clients must not hold up the others: after warm-up, every
+    // sampling interval saw operations complete (progress, not a rate).
+    for pair in steady.windows(2) {
+        assert!(
+            pair[1].3 > pair[0].3,
+            "no operation completed between t={:.1}s and t={:.1}s",
+            pair[0].0,
+            pair[1].0
+        );
+    }
     assert!(
         rss_max <= rss0 + rss0 / 4 + 4096,
         "RSS grew from {rss0} to {rss_max} KiB after warm-up"

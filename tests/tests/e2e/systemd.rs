@@ -161,8 +161,11 @@ impl Container {
             .tempdir_in("/var/tmp")
             .unwrap();
         let root = dir.path().join("root");
-        let out = Command::new("debootstrap")
+        // A stuck mirror must not hang the suite: 10 minutes at most.
+        let out = Command::new("timeout")
             .args([
+                "600",
+                "debootstrap",
                 "--variant=minbase",
                 "--include=systemd,systemd-sysv,dbus,fuse3",
                 "bookworm",
