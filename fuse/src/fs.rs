@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::DirEntryExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -81,6 +81,44 @@ pub struct EncryptedFs {
     /// Format layout of regular files by FUSE inode (never reused), so
     /// that `stat` of a closed file reads its header's version only once.
     layouts: Mutex<HashMap<u64, Layout>>,
+    /// The backing root carries [`V2_ONLY_XATTR`]: every file is format
+    /// version 2, so sizes need no header read (see FORMAT.md, "Size").
+    only_v2: AtomicBool,
+    /// The backing root, for updating that attribute.
+    source: PathBuf,
+}
+
+/// Extended attribute of a backing root that has only ever held format
+/// version 2 files (value `"2"`). A `trusted.` name: only `CAP_SYS_ADMIN`
+/// can set it, and the mount never passes `trusted.` names through.
+pub const V2_ONLY_XATTR: &str = "trusted.kmsd.format";
+
+/// Whether `dir` carries [`V2_ONLY_XATTR`] = "2"; if it has no attribute
+/// and is empty, tries to set it (a fresh backing directory can only ever
+/// get version 2 files from this release).
+fn v2_only_marker(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let name = std::ffi::CString::new(V2_ONLY_XATTR).expect("no NUL");
+    let mut value = [0u8; 8];
+    // SAFETY: NUL-terminated path and name; `value` is writable for its length.
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+    if n >= 0 {
+        return &value[..n as usize] == b"2";
+    }
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+    // SAFETY: NUL-terminated path and name; the value is a 1-byte slice.
+    empty
+        && unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                b"2".as_ptr().cast(),
+                1,
+                libc::XATTR_CREATE,
+            )
+        } == 0
 }
 
 /// Entries of the layout cache before it is cleared (bounds its memory).
@@ -199,6 +237,7 @@ impl EncryptedFs {
     pub fn with_fd_cache(source: &Path, keys: Arc<dyn KeySource>, fd_cache: usize) -> Result<Self> {
         let root = openat(AT_FDCWD, source, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())?;
         let st = stat_fd(&root)?;
+        let only_v2 = v2_only_marker(source);
         Ok(Self {
             keys,
             nodes: InodeTable::new(root, &st, fd_cache),
@@ -208,7 +247,24 @@ impl EncryptedFs {
             logged: Mutex::new(HashSet::new()),
             stats: Arc::default(),
             layouts: Mutex::new(HashMap::new()),
+            only_v2: AtomicBool::new(only_v2),
+            source: source.to_path_buf(),
         })
+    }
+
+    /// A version 1 file turned up in a backing directory marked as holding
+    /// only version 2 files: stop trusting the mark, and remove it.
+    fn distrust_v2_mark(&self, file: &EncryptedFile) {
+        if !self.only_v2.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(path = %file.path().display(), "a format version 1 file in a backing directory marked as version 2 only; sizes now come from file headers");
+        let path = std::ffi::CString::new(self.source.as_os_str().as_encoded_bytes());
+        let name = std::ffi::CString::new(V2_ONLY_XATTR).expect("no NUL");
+        if let Ok(path) = path {
+            // SAFETY: NUL-terminated path and name.
+            unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) };
+        }
     }
 
     /// The counters of this filesystem (shared: they outlive it).
@@ -274,6 +330,9 @@ impl EncryptedFs {
     /// The format layout of regular file `ino`, from its header's first
     /// bytes on first use.
     fn layout_of(&self, ino: u64) -> Option<Layout> {
+        if self.only_v2.load(Ordering::Relaxed) {
+            return Some(Layout::V2);
+        }
         if let Some(layout) = self.layouts.lock().get(&ino) {
             return Some(*layout);
         }
@@ -627,6 +686,9 @@ impl EncryptedFs {
         let file = OpenOptions::new().read(true).write(true).open(&path);
         let file = file.or_else(|_| File::open(&path))?;
         let fresh = EncryptedFile::open(file, node.backing_path(), self.keys.as_ref())?;
+        if fresh.layout() != Layout::V2 {
+            self.distrust_v2_mark(&fresh);
+        }
         self.stats.dek_cache(false);
         let mut open = self.open.lock();
         let entry = open.entry(ino).or_insert_with(|| OpenEntry {
@@ -846,6 +908,59 @@ mod tests {
         fs.release(fh);
         let backing = std::fs::read(dir.path().join("a")).unwrap();
         assert!(!backing.windows(5).any(|w| w == b"hello"));
+    }
+
+    fn marked(dir: &Path) -> bool {
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        let name = std::ffi::CString::new(V2_ONLY_XATTR).unwrap();
+        // SAFETY: NUL-terminated path and name, no buffer (size query).
+        unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) == 1 }
+    }
+
+    fn fixture_keys() -> Arc<MemoryKeySource> {
+        let id = uuid::Uuid::from_u128(0x6b6d_7364_0000_4000_8000_0000_0000_0001);
+        Arc::new(MemoryKeySource::from_versions(id, &[[0x11; 32], [0x22; 32]]))
+    }
+
+    fn copy_v1_fixture(dir: &Path, name: &str) {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/v1")
+            .join(name);
+        std::fs::copy(from, dir.join(name)).unwrap();
+    }
+
+    #[test]
+    fn an_empty_backing_dir_is_marked_version_2_only_and_a_full_one_is_not() {
+        let (dir, _fs) = fs();
+        assert!(marked(dir.path()), "fresh backing dir gets the mark");
+        let full = tempfile::tempdir().unwrap();
+        copy_v1_fixture(full.path(), "multi");
+        let fs = EncryptedFs::new(full.path(), fixture_keys()).unwrap();
+        assert!(!marked(full.path()));
+        let attr = fs.lookup(ROOT, OsStr::new("multi")).unwrap();
+        assert_eq!(attr.size, 10_000, "size from the header's version");
+    }
+
+    #[test]
+    fn a_version_1_file_in_a_marked_dir_removes_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = EncryptedFs::new(dir.path(), fixture_keys()).unwrap();
+        assert!(marked(dir.path()));
+        copy_v1_fixture(dir.path(), "multi");
+        let ino = fs.lookup(ROOT, OsStr::new("multi")).unwrap().ino.0;
+        let fh = fs.open(ino).unwrap();
+        assert_eq!(
+            fs.read(fh, 0, 20_000).unwrap().len(),
+            10_000,
+            "contents always read right"
+        );
+        fs.release(fh);
+        assert!(!marked(dir.path()), "the mark is gone");
+        assert_eq!(fs.getattr(ino).unwrap().size, 10_000, "sizes come from headers again");
+        assert!(!EncryptedFs::new(dir.path(), fixture_keys())
+            .unwrap()
+            .only_v2
+            .load(Ordering::Relaxed));
     }
 
     #[test]
