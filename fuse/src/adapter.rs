@@ -71,11 +71,15 @@ impl Filesystem for FuseAdapter {
         // clears set-id bits itself, as the caller (who may lack CAP_FSETID,
         // unlike the daemon), by sending a mode setattr before a write,
         // truncate or chown, exactly when ext4 would clear them.
-        // Best effort: older kernels simply do not get these.
+        // The writeback cache lets write(2) return from the page cache (the
+        // kernel sends the data at writeback, fsync or close), which is
+        // what makes small random writes cost about what they cost on the
+        // backing disk. Best effort: older kernels simply do not get these.
         for flag in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_WRITEBACK_CACHE,
         ] {
             let _ = config.add_capabilities(flag);
         }
