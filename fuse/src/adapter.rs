@@ -20,6 +20,7 @@ use crate::fs::{Caller, EncryptedFs, SetAttr};
 pub struct FuseAdapter {
     fs: EncryptedFs,
     ttl: Duration,
+    background: u16,
 }
 
 const GENERATION: Generation = Generation(0);
@@ -33,8 +34,14 @@ fn caller(req: &Request) -> Caller {
 
 impl FuseAdapter {
     /// Serves `fs`, letting the kernel cache attributes and entries for `ttl`.
-    pub fn new(fs: EncryptedFs, ttl: Duration) -> Self {
-        Self { fs, ttl }
+    ///
+    /// At most half of the `threads` serving requests take the kernel's
+    /// background requests (writeback, readahead): the others stay free
+    /// for requests a process waits on, such as another user's small read
+    /// while someone streams writes.
+    pub fn new(fs: EncryptedFs, ttl: Duration, threads: usize) -> Self {
+        let background = u16::try_from(threads / 2).unwrap_or(u16::MAX).max(1);
+        Self { fs, ttl, background }
     }
 
     fn err(&self, op: &str, e: &crate::error::Error) -> Errno {
@@ -83,6 +90,7 @@ impl Filesystem for FuseAdapter {
         ] {
             let _ = config.add_capabilities(flag);
         }
+        let _ = config.set_max_background(self.background);
         Ok(())
     }
 

@@ -90,7 +90,7 @@ pub fn mount(source: &Path, target: &Path, keys: Arc<dyn KeySource>, opts: &Moun
     raise_fd_limit();
     let fs = EncryptedFs::with_fd_cache(source, keys, opts.fd_cache)?;
     let stats = fs.stats();
-    let adapter = FuseAdapter::new(fs, opts.ttl);
+    let adapter = FuseAdapter::new(fs, opts.ttl, opts.threads.max(1));
     let session = fuser::spawn_mount(adapter, target, &fuser_config(opts)).map_err(mount_error(target))?;
     tracing::info!(source = %source.display(), target = %target.display(), "mounted");
     Ok(MountHandle {
