@@ -38,7 +38,7 @@ pub struct MountOptions {
 impl Default for MountOptions {
     fn default() -> Self {
         Self {
-            threads: 4,
+            threads: 8,
             ttl: Duration::from_secs(1),
             allow_other: true,
             fs_name: "kms-fuse".to_string(),
@@ -196,7 +196,7 @@ mod tests {
         let c = fuser_config(&MountOptions::default());
         assert!(c.mount_options.contains(&MountOption::DefaultPermissions));
         assert_eq!(c.acl, SessionACL::All);
-        assert_eq!(c.n_threads, Some(4));
+        assert_eq!(c.n_threads, Some(8));
         assert!(c.clone_fd);
     }
 
