@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `kmsd` and `kmsctl` binaries on temporary
 //! sockets. One module per area.
 
+mod acl;
 mod audit;
 mod cli;
 mod crash;
