@@ -2,6 +2,7 @@
 //! sockets. One module per area.
 
 mod audit;
+mod claims;
 mod cli;
 mod crash;
 mod disk;
