@@ -112,11 +112,19 @@ struct Writer {
 
 impl Writer {
     /// Seals and appends `lines` with one write; the chain advances only
-    /// when the write succeeds.
+    /// when the write succeeds. A write that fails part-way (disk full: a
+    /// short write, then ENOSPC) is cut off again, so the next line does not
+    /// land on a torn one and the file stays checkable.
     fn append(&mut self, lines: &[String]) -> std::io::Result<String> {
         let mut next = self.chain.clone();
         let text: String = lines.iter().map(|fields| next.seal(fields)).collect();
-        (&self.file).write_all(text.as_bytes())?;
+        let before = self.file.metadata()?.len();
+        if let Err(e) = (&self.file).write_all(text.as_bytes()) {
+            if let Err(t) = self.file.set_len(before) {
+                tracing::error!(path = %self.path.display(), error = %t, "cannot cut a partly written audit line off");
+            }
+            return Err(e);
+        }
         self.chain = next;
         Ok(text)
     }

@@ -12,10 +12,10 @@ use kms_tests::{fuse_available, DaemonOptions, TestDaemon};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted on drop.
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(pub(crate) PathBuf);
 
 impl Tmpfs {
-    fn new(parent: &Path, name: &str, size: &str) -> Self {
+    pub(crate) fn new(parent: &Path, name: &str, size: &str) -> Self {
         let dir = parent.join(name);
         fs::create_dir_all(&dir).unwrap();
         let opts = format!("size={size},mode=0700");
@@ -33,7 +33,7 @@ impl Tmpfs {
     /// Writes a file until the filesystem is full (these are at most a few
     /// MiB; a filesystem that takes 1 GiB without filling fails the test);
     /// returns its path.
-    fn fill(&self) -> PathBuf {
+    pub(crate) fn fill(&self) -> PathBuf {
         let path = self.0.join("filler");
         let mut f = fs::File::create(&path).unwrap();
         let chunk = vec![0xa5u8; 64 * 1024];
@@ -56,7 +56,7 @@ impl Drop for Tmpfs {
 /// tests make can take, so a loop that reaches it has a bug.
 const MAX_CHUNKS: usize = 16 * 1024;
 
-fn root_or_skip() -> bool {
+pub(crate) fn root_or_skip() -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
         assert!(

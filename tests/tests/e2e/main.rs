@@ -3,6 +3,7 @@
 
 mod acl;
 mod audit;
+mod claims;
 mod cli;
 mod crash;
 mod disk;

@@ -22,7 +22,7 @@ fn create(d: &TestDaemon, name: &str) -> String {
 
 /// Scrapes until every line of `want` is in the body (the state series
 /// are refreshed in the background); the last body otherwise.
-fn scrape_until(addr: SocketAddr, want: &[String]) -> String {
+pub(crate) fn scrape_until(addr: SocketAddr, want: &[String]) -> String {
     let mut last = String::new();
     let found = wait_for(Duration::from_secs(15), || {
         let (code, body) = scrape(addr).ok()?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kms_client::proto::{CreateKey, ErrorCode, KeyState, Origin};
 use kms_tests::{wait_for, TestDaemon};
 
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+pub(crate) const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 /// Restarts `d` with its clock `days` ahead of the real one.
 pub(crate) fn restart_days_ahead(d: &mut TestDaemon, days: u32) {

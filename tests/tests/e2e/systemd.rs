@@ -51,14 +51,14 @@ fn units_pass_systemd_analyze_verify() {
 }
 
 /// What kmsd told a fake service manager, one datagram per entry.
-struct NotifyListener {
+pub(crate) struct NotifyListener {
     socket: UnixDatagram,
-    path: PathBuf,
-    got: Vec<String>,
+    pub(crate) path: PathBuf,
+    pub(crate) got: Vec<String>,
 }
 
 impl NotifyListener {
-    fn bind(dir: &Path) -> Self {
+    pub(crate) fn bind(dir: &Path) -> Self {
         let path = dir.join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
@@ -70,7 +70,7 @@ impl NotifyListener {
     }
 
     /// Reads datagrams until one satisfies `want` (10 s at most); returns it.
-    fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+    pub(crate) fn until(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
@@ -83,9 +83,23 @@ impl NotifyListener {
         }
         panic!("no {what} within 10 s; got {:#?}", self.got);
     }
+
+    /// Every datagram that arrives within `window` (each is also kept in
+    /// `got`).
+    pub(crate) fn during(&mut self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut buf = [0u8; 4096];
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            let Ok(n) = self.socket.recv(&mut buf) else { continue };
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.got.extend(out.iter().cloned());
+        out
+    }
 }
 
-fn has(msg: &str, line: &str) -> bool {
+pub(crate) fn has(msg: &str, line: &str) -> bool {
     msg.lines().any(|l| l == line)
 }
 

@@ -11,28 +11,28 @@ use kms_client::ClientError;
 use kms_tests::{free_tcp_addr, metric, scrape, stderr, wait_for, write_root_key, DaemonOptions, TestDaemon};
 
 /// How long replication may take to converge in these tests.
-const CONVERGE: Duration = Duration::from_secs(20);
+pub(crate) const CONVERGE: Duration = Duration::from_secs(20);
 
 /// A shared folder for the sockets and the peering key of one test.
-struct Site {
-    dir: tempfile::TempDir,
-    peer_key: PathBuf,
+pub(crate) struct Site {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) peer_key: PathBuf,
 }
 
 impl Site {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::Builder::new().prefix("kmsd-zones-").tempdir().unwrap();
         let peer_key = dir.path().join("peer-key");
         write_root_key(&peer_key);
         Self { dir, peer_key }
     }
 
-    fn socket(&self, zone: &str) -> PathBuf {
+    pub(crate) fn socket(&self, zone: &str) -> PathBuf {
         self.dir.path().join(format!("{zone}.sock"))
     }
 
     /// Options for `zone`, peered with every other zone of `all`.
-    fn options(&self, zone: &str, all: &[&str], peer_key: &Path) -> DaemonOptions {
+    pub(crate) fn options(&self, zone: &str, all: &[&str], peer_key: &Path) -> DaemonOptions {
         let mut extra = "[replication]\npull_interval_secs = 1\nretry_max_secs = 1\n".to_string();
         for other in all.iter().filter(|z| **z != zone) {
             extra.push_str(&format!(
@@ -52,7 +52,7 @@ impl Site {
         }
     }
 
-    fn start(&self, zone: &str, all: &[&str]) -> TestDaemon {
+    pub(crate) fn start(&self, zone: &str, all: &[&str]) -> TestDaemon {
         TestDaemon::start_with(self.options(zone, all, &self.peer_key))
     }
 }
@@ -63,7 +63,7 @@ fn start_abc(site: &Site) -> [TestDaemon; 3] {
     ABC.map(|z| site.start(z, &ABC))
 }
 
-fn create(d: &TestDaemon, name: &str) -> KeyInfo {
+pub(crate) fn create(d: &TestDaemon, name: &str) -> KeyInfo {
     d.client()
         .create_key(CreateKey {
             name: Some(name.into()),
@@ -72,7 +72,7 @@ fn create(d: &TestDaemon, name: &str) -> KeyInfo {
         .unwrap()
 }
 
-fn replicate(d: &TestDaemon, key: &str, zone: &str) {
+pub(crate) fn replicate(d: &TestDaemon, key: &str, zone: &str) {
     let out = d.kmsctl(&["key", "replicate", key, "--zone", zone], b"");
     assert!(
         out.status.success(),
@@ -82,12 +82,12 @@ fn replicate(d: &TestDaemon, key: &str, zone: &str) {
     );
 }
 
-fn rotations(d: &TestDaemon, key: &str) -> Vec<RotationEntry> {
+pub(crate) fn rotations(d: &TestDaemon, key: &str) -> Vec<RotationEntry> {
     d.client().list_rotations(key).unwrap()
 }
 
 /// Waits until `d` holds exactly the rotation history `want`.
-fn await_history(d: &TestDaemon, key: &str, want: &[RotationEntry]) {
+pub(crate) fn await_history(d: &TestDaemon, key: &str, want: &[RotationEntry]) {
     let got = wait_for(CONVERGE, || {
         let r = d.client().list_rotations(key).ok()?;
         (r == want).then_some(r)
@@ -102,7 +102,7 @@ fn await_history(d: &TestDaemon, key: &str, want: &[RotationEntry]) {
     );
 }
 
-fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+pub(crate) fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
     r.unwrap_err().code().expect("a server error")
 }
 
