@@ -36,7 +36,7 @@ impl FuseAdapter {
     /// Serves `fs`, letting the kernel cache attributes and entries for `ttl`.
     ///
     /// All but two of the `threads` serving requests may take the kernel's
-    /// background requests (writeback, readahead): two always stay free for
+    /// background requests (readahead, asynchronous I/O): two always stay free for
     /// requests a process waits on, such as another user's small read while
     /// someone streams writes. (Half of four threads starved sequential
     /// readahead: 0.26x gocryptfs.)
@@ -79,15 +79,14 @@ impl Filesystem for FuseAdapter {
         // clears set-id bits itself, as the caller (who may lack CAP_FSETID,
         // unlike the daemon), by sending a mode setattr before a write,
         // truncate or chown, exactly when ext4 would clear them.
-        // The writeback cache lets write(2) return from the page cache (the
-        // kernel sends the data at writeback, fsync or close), which is
-        // what makes small random writes cost about what they cost on the
-        // backing disk. Best effort: older kernels simply do not get these.
+        // No writeback cache: with it, write(2) returns from the page cache
+        // and a full backing disk shows only at fsync or close, where ext4
+        // answers ENOSPC at the write itself (disk.rs tests that). Best
+        // effort: older kernels simply do not get these.
         for flag in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_WRITEBACK_CACHE,
         ] {
             let _ = config.add_capabilities(flag);
         }
