@@ -75,10 +75,13 @@ impl FuseAdapter {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // FUSE_HANDLE_KILLPRIV(_V2) are left off on purpose: the kernel then
-        // clears set-id bits itself, as the caller (who may lack CAP_FSETID,
-        // unlike the daemon), by sending a mode setattr before a write,
-        // truncate or chown, exactly when ext4 would clear them.
+        // FUSE_HANDLE_KILLPRIV_V2: without it the kernel asks for
+        // security.capability before every write(2) (a second round trip
+        // per write) and sends a mode setattr to clear set-id bits. With
+        // it, writes carry FUSE_WRITE_KILL_SUIDGID when the caller lacks
+        // CAP_FSETID, and `fs` clears the bits on such writes, on size
+        // changes by non-root callers and on every chown (as ext4 does;
+        // tests in fuse/tests/posix.rs and pjdfstest).
         // No writeback cache: with it, write(2) returns from the page cache
         // and a full backing disk shows only at fsync or close, where ext4
         // answers ENOSPC at the write itself (disk.rs tests that). Best
@@ -87,6 +90,7 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             let _ = config.add_capabilities(flag);
         }
@@ -111,7 +115,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -127,6 +131,8 @@ impl Filesystem for FuseAdapter {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // fuser does not pass FATTR_KILL_SUIDGID; a size change by anyone
+        // but root is taken as one by a caller without CAP_FSETID.
         let set = SetAttr {
             mode,
             uid,
@@ -134,6 +140,7 @@ impl Filesystem for FuseAdapter {
             size,
             atime,
             mtime,
+            kill_suidgid: size.is_some() && req.uid() != 0,
         };
         match self.fs.setattr(ino.0, &set) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
@@ -229,12 +236,13 @@ impl Filesystem for FuseAdapter {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.fs.write(ino.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.err("write", &e)),
         }

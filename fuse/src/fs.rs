@@ -50,6 +50,9 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<TimeOrNow>,
     pub mtime: Option<TimeOrNow>,
+    /// A size change by a caller without `CAP_FSETID`: clear the set-id
+    /// bits as the kernel would (the mount handles killpriv itself).
+    pub kill_suidgid: bool,
 }
 
 /// One directory entry of an open directory snapshot.
@@ -151,6 +154,25 @@ fn stat_fd(fd: &OwnedFd) -> Result<FileStat> {
 fn stat_node(node: &Node) -> Result<FileStat> {
     let flags = AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW;
     Ok(fstatat(node.fd(), "", flags)?)
+}
+
+/// Clears S_ISUID, and S_ISGID when the group may execute, as the kernel
+/// does when a caller without `CAP_FSETID` writes or truncates a file, or
+/// anyone changes its owner. The mount asks the kernel to leave this to it
+/// (`FUSE_HANDLE_KILLPRIV_V2`), which saves a `getxattr` round trip per
+/// write.
+fn kill_suidgid(node: &Node) -> Result<()> {
+    let mode = stat_node(node)?.st_mode;
+    let mut kill = libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        kill |= libc::S_ISGID;
+    }
+    if mode & kill == 0 {
+        return Ok(());
+    }
+    let mode = Mode::from_bits_truncate((mode & !kill) & 0o7777);
+    fchmodat(AT_FDCWD, &node.proc_path(), mode, FchmodatFlags::FollowSymlink)?;
+    Ok(())
 }
 
 fn kind_of(mode: u32) -> FileType {
@@ -396,12 +418,20 @@ impl EncryptedFs {
             let flags = AtFlags::AT_EMPTY_PATH | AtFlags::AT_SYMLINK_NOFOLLOW;
             let (uid, gid) = (set.uid.map(Uid::from_raw), set.gid.map(Gid::from_raw));
             fchownat(node.fd(), "", uid, gid, flags)?;
+            // A change of owner or group drops the set-id bits of a file,
+            // for every caller, as on ext4.
+            if !node.is_symlink() && kind_of(stat_node(&node)?.st_mode) != FileType::Directory {
+                kill_suidgid(&node)?;
+            }
         }
         if let (Some(mode), false) = (set.mode, node.is_symlink()) {
             let mode = Mode::from_bits_truncate(mode & 0o7777);
             fchmodat(AT_FDCWD, &node.proc_path(), mode, FchmodatFlags::FollowSymlink)?;
         }
         if let Some(size) = set.size {
+            if set.kill_suidgid {
+                kill_suidgid(&node)?;
+            }
             self.truncate(ino, &node, size)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
@@ -732,8 +762,11 @@ impl EncryptedFs {
     ///
     /// # Errors
     /// As [`EncryptedFs::read`].
-    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8], kill_setid: bool) -> Result<u32> {
         self.stats.op(FsOp::Write);
+        if kill_setid {
+            kill_suidgid(&*self.nodes.get(ino)?)?;
+        }
         self.opened(ino)?.write(offset, data)?;
         self.stats.written(data.len());
         Ok(data.len() as u32)
@@ -899,7 +932,7 @@ mod tests {
         let (dir, fs) = fs();
         let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o640).unwrap();
         assert_eq!(attr.perm, 0o640);
-        assert_eq!(fs.write(fh, 5000, b"hello").unwrap(), 5);
+        assert_eq!(fs.write(fh, 5000, b"hello", false).unwrap(), 5);
         assert_eq!(fs.getattr(fh).unwrap().size, 5005);
         fs.release(fh);
         assert_eq!(fs.getattr(attr.ino.0).unwrap().size, 5005);
@@ -978,7 +1011,7 @@ mod tests {
     fn unlinked_open_file_stays_readable() {
         let (_dir, fs) = fs();
         let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600).unwrap();
-        fs.write(fh, 0, b"still here").unwrap();
+        fs.write(fh, 0, b"still here", false).unwrap();
         fs.unlink(ROOT, OsStr::new("a")).unwrap();
         assert_eq!(fs.read(fh, 0, 64).unwrap(), b"still here");
         assert_eq!(fs.getattr(attr.ino.0).unwrap().nlink, 0);
@@ -992,7 +1025,7 @@ mod tests {
         let keys = Arc::new(MemoryKeySource::default());
         let fs = EncryptedFs::with_fd_cache(dir.path(), keys, 1).unwrap();
         let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600).unwrap();
-        fs.write(fh, 0, b"still here").unwrap();
+        fs.write(fh, 0, b"still here", false).unwrap();
         fs.unlink(ROOT, OsStr::new("a")).unwrap();
         for name in ["b", "c", "d"] {
             let (_, other) = fs.create(ROOT_CALLER, ROOT, OsStr::new(name), 0o600).unwrap();
@@ -1017,7 +1050,7 @@ mod tests {
     fn readdir_lists_entries_and_setattr_truncates() {
         let (_dir, fs) = fs();
         let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
-        fs.write(fh, 0, &[7u8; 9000]).unwrap();
+        fs.write(fh, 0, &[7u8; 9000], false).unwrap();
         fs.release(fh);
         fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("d"), 0o755).unwrap();
         let set = SetAttr {
@@ -1051,7 +1084,7 @@ mod tests {
     fn first_open_misses_the_dek_cache_later_opens_hit() {
         let (_dir, fs) = fs();
         let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600).unwrap();
-        fs.write(fh, 0, b"hello").unwrap();
+        fs.write(fh, 0, b"hello", false).unwrap();
         fs.release(fh);
         let ino = attr.ino.0;
         let (a, b) = (fs.open(ino).unwrap(), fs.open(ino).unwrap());
