@@ -469,3 +469,43 @@ fn power_cut_keeps_what_the_mount_fsynced_and_fsyncdir_names() {
     );
     assert!(data.stats().fsyncdirs >= 3, "{:?}", data.stats());
 }
+
+#[test]
+fn power_cut_keeps_an_acknowledged_rewrap() {
+    let Some(mut data) = harness() else { return };
+    let mut d = TestDaemon::start_with_mount_opts(DaemonOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..DaemonOptions::default()
+    });
+    let mnt = d.mnt();
+    let target = mnt.to_str().unwrap().to_string();
+    let files: Vec<(PathBuf, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                mnt.join(format!("f{i}")),
+                format!("file {i} ").repeat(1000).into_bytes(),
+            )
+        })
+        .collect();
+    for (p, body) in &files {
+        write_synced(p, body);
+    }
+    fsync_dir(&mnt);
+    let mut c = d.client();
+    let v = c.rotate_key("fs").unwrap().expect("rotated").active_version;
+    let r = c.fs_rewrap(&target).unwrap();
+    assert_eq!((r.rewrapped, r.failed), (5, 0), "{r:?}");
+    assert_eq!(c.fs_versions(&target).unwrap().counts, vec![(v, 5)]);
+    drop(c);
+    kill_and_cut(&mut d, &mut [&mut data]);
+    d.restart();
+    let info = d.client().fs_versions(&target).unwrap();
+    assert_eq!(
+        info.counts,
+        vec![(v, 5)],
+        "a rewrap kmsd acknowledged was undone by the power cut"
+    );
+    for (p, body) in &files {
+        assert_eq!(&fs::read(p).unwrap(), body);
+    }
+}
