@@ -13,6 +13,8 @@ use kms_client::blocking::BlockingClient;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub mod lazyfs;
+
 /// Where the workspace's binaries are, built fresh once per test process.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -68,6 +70,12 @@ pub struct DaemonOptions {
     pub socket: Option<PathBuf>,
     /// `RLIMIT_NOFILE` (soft and hard) of the daemon; default inherited.
     pub nofile: Option<u64>,
+    /// The key store's folder; default `state` in the daemon's own folder.
+    /// The power-loss tests put it on a [`lazyfs::LazyFs`].
+    pub state_dir: Option<PathBuf>,
+    /// The backing folder of [`TestDaemon::start_with_mount`]; default
+    /// `data` in the daemon's own folder.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for DaemonOptions {
@@ -78,6 +86,8 @@ impl Default for DaemonOptions {
             env: Vec::new(),
             socket: None,
             nofile: None,
+            state_dir: None,
+            data_dir: None,
         }
     }
 }
@@ -169,7 +179,7 @@ impl TestDaemon {
              [access]\nadmins = [\"uid:0\"]\n[metrics]\nlisten = \"\"\n{extra}\n",
             zone = opts.zone,
             socket = socket,
-            state = dir.path().join("state"),
+            state = opts.state_dir.clone().unwrap_or_else(|| dir.path().join("state")),
             root = dir.path().join("root-key"),
             extra = opts.extra_config,
         );
@@ -429,7 +439,7 @@ impl TestDaemon {
         assert!(d.terminate().success());
         let mount = format!(
             "\n[[mount]]\nsource = {:?}\ntarget = {:?}\nkey = \"fs\"\n",
-            d.dir.path().join("data"),
+            d.data(),
             d.dir.path().join("mnt")
         );
         let mut cfg = std::fs::read_to_string(&d.config).unwrap();
@@ -446,7 +456,10 @@ impl TestDaemon {
 
     /// The backing dir of [`start_with_mount`](Self::start_with_mount).
     pub fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 }
 

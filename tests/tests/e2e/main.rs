@@ -10,6 +10,7 @@ mod disk;
 mod fs;
 mod lifecycle;
 mod metrics;
+mod power;
 mod protocol;
 mod reload;
 mod schedule;
