@@ -181,22 +181,25 @@ fn filesystem_operations_dek_cache_and_tampering_are_counted() {
     let mnt = d.mnt();
     let file = mnt.join("f");
     std::fs::write(&file, [5u8; 10_000]).unwrap();
-    {
-        // Two handles at once: the first unwraps the DEK, the second reuses it.
-        let (a, b) = (std::fs::File::open(&file).unwrap(), std::fs::File::open(&file).unwrap());
-        drop((a, b));
-    }
     let m = mnt.to_str().unwrap();
     let want = [format!(r#"kmsd_fs_operations_total{{mount="{m}",op="create"}} 1"#)];
-    let body = scrape_until(addr, &want);
+    scrape_until(addr, &want);
     let get = |body: &str, s: String| metric(body, &s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
-    assert!(
-        get(
-            &body,
-            format!(r#"kmsd_fs_dek_cache_total{{mount="{m}",result="miss"}}"#)
-        ) >= 1.0
+    let (miss, hit) = (
+        format!(r#"kmsd_fs_dek_cache_total{{mount="{m}",result="miss"}}"#),
+        format!(r#"kmsd_fs_dek_cache_total{{mount="{m}",result="hit"}}"#),
     );
-    assert!(get(&body, format!(r#"kmsd_fs_dek_cache_total{{mount="{m}",result="hit"}}"#)) >= 1.0);
+    // Two handles at once: the first unwraps the DEK unless the file is
+    // still open from before (FUSE sends release asynchronously, so the
+    // writer's handle may outlive its close for a moment), the second
+    // reuses it. Open pairs until both counters move.
+    let body = wait_for(Duration::from_secs(15), || {
+        let (a, b) = (std::fs::File::open(&file).unwrap(), std::fs::File::open(&file).unwrap());
+        drop((a, b));
+        let (_, body) = scrape(addr).ok()?;
+        (metric(&body, &miss)? >= 1.0 && metric(&body, &hit)? >= 1.0).then_some(body)
+    })
+    .expect("a DEK cache miss and a hit are counted");
     assert!(
         get(
             &body,
