@@ -16,4 +16,5 @@ mod reload;
 mod schedule;
 mod soak;
 mod systemd;
+mod workload;
 mod zones;

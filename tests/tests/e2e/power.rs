@@ -19,18 +19,18 @@
 //! `KMS_POWER_CYCLES` (default 3) sets the number of cycles and
 //! `KMS_POWER_SEED` replays a run; the seed is printed.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kms_client::blocking::BlockingClient;
-use kms_client::proto::{Context, CreateKey, ErrorCode};
+use kms_client::proto::CreateKey;
 use kms_tests::lazyfs::LazyFs;
 use kms_tests::{fuse_available, DaemonOptions, TestDaemon};
+
+use crate::workload::{start_workers, verify, Rng, Shared};
 
 fn harness() -> Option<LazyFs> {
     fuse_available().then(|| LazyFs::in_temp().expect("mount the power-loss harness"))
@@ -164,182 +164,6 @@ fn harness_undoes_a_truncate_without_fsync() {
     assert_eq!(fs::read(&p).unwrap(), b"012");
 }
 
-/// A small deterministic generator (xorshift64*), so a seed replays a run.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// Everything clients were told.
-#[derive(Default)]
-struct Acked {
-    /// (blob, dek) for every blob handed out.
-    blobs: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Highest version each key was reported at (created keys at 1).
-    versions: HashMap<String, u32>,
-    /// Durable length of each log file whose name is durable.
-    durable: HashMap<String, u64>,
-    ops: u64,
-}
-
-type Shared = Arc<Mutex<Acked>>;
-
-fn client_worker(socket: PathBuf, keys: Vec<String>, acked: Shared, stop: Arc<AtomicBool>, mut rng: Rng) {
-    let Ok(mut c) = BlockingClient::connect(&socket) else {
-        return;
-    };
-    let ctx = Context::new();
-    while !stop.load(Ordering::Relaxed) {
-        let key = &keys[rng.below(keys.len() as u64) as usize];
-        let result = match rng.below(10) {
-            9 => {
-                let name = format!("k{:016x}", rng.next());
-                c.create_key(CreateKey {
-                    name: Some(name.clone()),
-                    ..Default::default()
-                })
-                .map(|_| {
-                    acked.lock().unwrap().versions.insert(name, 1);
-                })
-            }
-            0 => c.rotate_key(key).map(|k| {
-                if let Some(k) = k {
-                    let mut a = acked.lock().unwrap();
-                    let v = a.versions.entry(key.clone()).or_default();
-                    *v = (*v).max(k.active_version);
-                }
-            }),
-            1..=5 => {
-                let dek = rng.next().to_le_bytes().repeat(4);
-                c.wrap(key, &dek, &ctx)
-                    .map(|blob| acked.lock().unwrap().blobs.push((blob, dek)))
-            }
-            _ => {
-                let pick = {
-                    let a = acked.lock().unwrap();
-                    (!a.blobs.is_empty()).then(|| a.blobs[rng.below(a.blobs.len() as u64) as usize].clone())
-                };
-                match pick {
-                    Some((blob, dek)) => c
-                        .unwrap(&blob, &ctx)
-                        .map(|p| assert_eq!(&p[..], &dek[..], "wrong plaintext")),
-                    None => Ok(()),
-                }
-            }
-        };
-        match result {
-            Ok(()) => acked.lock().unwrap().ops += 1,
-            Err(e) if e.code() == Some(ErrorCode::LimitExceeded) => {}
-            Err(e) if e.is_connection_error() => return,
-            Err(e) => panic!("kmsd refused an operation on acknowledged state: {e}"),
-        }
-    }
-}
-
-/// Appends fsynced records to `path` on the mount; a new file counts only
-/// once its directory has been fsynced too.
-fn file_worker(path: PathBuf, acked: Shared, stop: Arc<AtomicBool>, mut rng: Rng) {
-    let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    let known = acked.lock().unwrap().durable.get(&name).copied();
-    let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) else {
-        return;
-    };
-    // Drop a tail the cut may have left beyond the durable length (none
-    // with this harness, but a real disk may keep some).
-    let mut len = known.unwrap_or(0);
-    if f.set_len(len).is_err() || f.sync_all().is_err() {
-        return;
-    }
-    if known.is_none() {
-        if File::open(path.parent().unwrap()).and_then(|d| d.sync_all()).is_err() {
-            return;
-        }
-        acked.lock().unwrap().durable.insert(name.clone(), 0);
-    }
-    while !stop.load(Ordering::Relaxed) {
-        let rec = record(&name, len, rng.below(6000) as usize);
-        if f.write_all(&rec).is_err() || f.sync_all().is_err() {
-            return;
-        }
-        len += rec.len() as u64;
-        let mut a = acked.lock().unwrap();
-        a.durable.insert(name.clone(), len);
-        a.ops += 1;
-    }
-}
-
-/// A record whose bytes depend only on the file and its offset.
-fn record(name: &str, offset: u64, extra: usize) -> Vec<u8> {
-    let mut r = format!("{name}@{offset:012}:").into_bytes();
-    r.extend((0..extra + 1).map(|i| b'a' + ((offset as usize + i) % 26) as u8));
-    r.push(b'\n');
-    r
-}
-
-fn check_file(path: &Path, durable: u64) {
-    let data = fs::read(path).unwrap_or_else(|e| panic!("{}: {e} ({durable} bytes were fsynced)", path.display()));
-    assert!(
-        data.len() as u64 >= durable,
-        "{}: {} bytes, {durable} were fsynced",
-        path.display(),
-        data.len()
-    );
-    let name = path.file_name().unwrap().to_string_lossy().into_owned();
-    let mut at = 0usize;
-    while (at as u64) < durable {
-        let head = format!("{name}@{at:012}:");
-        assert!(
-            data[at..].starts_with(head.as_bytes()),
-            "{}: record at {at} damaged",
-            path.display()
-        );
-        let end = at + data[at..].iter().position(|&b| b == b'\n').expect("record end") + 1;
-        let body = &data[at + head.len()..end - 1];
-        assert!(
-            body.iter().enumerate().all(|(i, &b)| b == b'a' + ((at + i) % 26) as u8),
-            "record at {at} altered"
-        );
-        at = end;
-    }
-}
-
-fn verify(d: &TestDaemon, acked: &Acked) {
-    let mut c = d.client();
-    for (key, v) in &acked.versions {
-        let info = c
-            .describe_key(key)
-            .unwrap_or_else(|e| panic!("acknowledged key {key} is gone after the power cut: {e}"));
-        assert!(
-            info.active_version >= *v,
-            "{key}: version {v} was acknowledged, the store has {}",
-            info.active_version
-        );
-    }
-    for (blob, dek) in &acked.blobs {
-        let plain = c
-            .unwrap(blob, &Context::new())
-            .unwrap_or_else(|e| panic!("an acknowledged blob does not unwrap after the power cut: {e}"));
-        assert_eq!(&plain[..], &dek[..]);
-    }
-    for (name, &len) in &acked.durable {
-        check_file(&d.mnt().join(name), len);
-    }
-    let probe = d.mnt().join("probe");
-    fs::write(&probe, b"mount works").unwrap();
-    assert_eq!(fs::read(&probe).unwrap(), b"mount works");
-}
-
 /// SIGKILL kmsd, detach its dead mount, then cut the power of each harness.
 fn kill_and_cut(d: &mut TestDaemon, harnesses: &mut [&mut LazyFs]) {
     d.kill9();
@@ -401,29 +225,7 @@ fn power_cut_loses_nothing_acknowledged() {
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let mut workers = Vec::new();
-        for w in 0..2 {
-            let (s, k, a, st, r) = (
-                d.socket.clone(),
-                keys.clone(),
-                acked.clone(),
-                stop.clone(),
-                Rng(rng.next() | 1),
-            );
-            workers.push(std::thread::spawn(move || client_worker(s, k, a, st, r)));
-            let (p, a, st, r) = (
-                d.mnt().join(format!("log{w}")),
-                acked.clone(),
-                stop.clone(),
-                Rng(rng.next() | 1),
-            );
-            workers.push(std::thread::spawn(move || file_worker(p, a, st, r)));
-        }
-        let before = acked.lock().unwrap().ops;
-        let busy = kms_tests::wait_for(Duration::from_secs(30), || {
-            (acked.lock().unwrap().ops > before).then_some(())
-        });
-        assert!(busy.is_some(), "cycle {cycle}: no operation acknowledged in 30 s");
+        let workers = start_workers(&d, 2, &keys, &acked, &stop, &mut rng);
         std::thread::sleep(Duration::from_millis(rng.below(400)));
         stop.store(true, Ordering::Relaxed);
         kill_and_cut(&mut d, &mut [&mut state, &mut data]);
