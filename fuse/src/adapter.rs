@@ -25,6 +25,9 @@ pub struct FuseAdapter {
 
 const GENERATION: Generation = Generation(0);
 
+/// Largest write request the kernel may send (see `init`).
+pub const MAX_WRITE: u32 = 128 * 1024;
+
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
@@ -95,6 +98,13 @@ impl Filesystem for FuseAdapter {
             let _ = config.add_capabilities(flag);
         }
         let _ = config.set_max_background(self.background);
+        // Write requests of at most 128 KiB (32 blocks), as gocryptfs: a
+        // streaming writer's request then holds a core for a fraction of a
+        // millisecond, and another process's small read waits less for
+        // one. Measured (quick runs, p99 of a 4 KiB read beside a 1 MiB
+        // writer): 1 MiB requests 1.4 ms, 256 KiB 0.52 ms, 128 KiB 0.38 ms
+        // (gocryptfs 0.33 ms), for about 10 % less sequential write speed.
+        let _ = config.set_max_write(MAX_WRITE);
         Ok(())
     }
 
