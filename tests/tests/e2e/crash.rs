@@ -17,7 +17,7 @@ use std::time::Duration;
 use kms_client::proto::CreateKey;
 use kms_tests::{fuse_available, TestDaemon};
 
-use crate::workload::{start_workers, verify, Rng, Shared};
+use crate::workload::{seed_from, start_workers, verify, Rng, Shared};
 
 #[test]
 fn crash_loop_loses_nothing_acknowledged() {
@@ -28,16 +28,7 @@ fn crash_loop_loses_nothing_acknowledged() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let seed: u64 = std::env::var("KMS_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = seed_from("KMS_CRASH_SEED");
     println!("crash loop: {cycles} cycles, seed {seed} (replay with KMS_CRASH_SEED={seed})");
     let mut rng = Rng(seed);
     let mut d = TestDaemon::start_with_mount();

@@ -30,7 +30,7 @@ use kms_client::proto::CreateKey;
 use kms_tests::lazyfs::LazyFs;
 use kms_tests::{fuse_available, DaemonOptions, TestDaemon};
 
-use crate::workload::{start_workers, verify, Rng, Shared};
+use crate::workload::{seed_from, start_workers, verify, Rng, Shared};
 
 fn harness() -> Option<LazyFs> {
     fuse_available().then(|| LazyFs::in_temp().expect("mount the power-loss harness"))
@@ -175,19 +175,6 @@ fn kill_and_cut(d: &mut TestDaemon, harnesses: &mut [&mut LazyFs]) {
     }
 }
 
-fn seed() -> u64 {
-    std::env::var("KMS_POWER_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
-}
-
 #[test]
 fn power_cut_loses_nothing_acknowledged() {
     let (Some(mut state), Some(mut data)) = (harness(), harness()) else {
@@ -197,7 +184,7 @@ fn power_cut_loses_nothing_acknowledged() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let seed = seed();
+    let seed = seed_from("KMS_POWER_SEED");
     println!("power loop: {cycles} cycles, seed {seed} (replay with KMS_POWER_SEED={seed})");
     let started = Instant::now();
     let mut rng = Rng(seed);

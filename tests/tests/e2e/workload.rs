@@ -237,3 +237,15 @@ pub(crate) fn start_workers(
     assert!(busy.is_some(), "no operation acknowledged in 30 s");
     workers
 }
+
+/// The seed in environment variable `var` (to replay a run), or one from
+/// the clock.
+pub(crate) fn seed_from(var: &str) -> u64 {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1
+    })
+}
