@@ -1,4 +1,5 @@
-//! Async client: one Unix-socket connection shared by many tasks.
+//! Async client: one connection (a Unix socket, or any byte stream such as
+//! the TLS stream between zones) shared by many tasks.
 //!
 //! Requests are pipelined. A caller takes a fresh id, registers a channel
 //! for it in the pending map, and writes its frame under the writer lock; a
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::{SinkExt, StreamExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -31,8 +32,14 @@ use crate::proto::{
     RotationEntry, StatusInfo,
 };
 
-type Writer = FramedWrite<OwnedWriteHalf, FrameCodec<Request, Response>>;
-type Reader = FramedRead<OwnedReadHalf, FrameCodec<Request, Response>>;
+/// Any stream the client can speak the protocol over.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+type ReadPart = Box<dyn AsyncRead + Send + Unpin>;
+type WritePart = Box<dyn AsyncWrite + Send + Unpin>;
+type Writer = FramedWrite<WritePart, FrameCodec<Request, Response>>;
+type Reader = FramedRead<ReadPart, FrameCodec<Request, Response>>;
 
 /// What the reader delivers to a waiting call.
 #[derive(Debug)]
@@ -166,8 +173,7 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    fn start(stream: UnixStream, max_frame: usize) -> Self {
-        let (read_half, write_half) = stream.into_split();
+    fn start((read_half, write_half): (ReadPart, WritePart), max_frame: usize) -> Self {
         let shared = Arc::new(Shared::default());
         let reader = FramedRead::new(read_half, FrameCodec::new(max_frame));
         let task = tokio::spawn(read_loop(reader, Arc::clone(&shared)));
@@ -275,7 +281,23 @@ impl Client {
     /// # Errors
     /// As [`Client::connect`], minus `Connect`.
     pub async fn handshake(stream: UnixStream, options: &ClientOptions) -> Result<Self, ClientError> {
-        let conn = Connection::start(stream, options.max_frame);
+        // A Unix stream splits without a lock.
+        let (r, w) = stream.into_split();
+        Self::handshake_parts((Box::new(r), Box::new(w)), options).await
+    }
+
+    /// Like [`Client::handshake`], over any byte stream (the daemons of two
+    /// zones speak the protocol inside TLS).
+    ///
+    /// # Errors
+    /// As [`Client::handshake`].
+    pub async fn handshake_over(stream: impl Stream, options: &ClientOptions) -> Result<Self, ClientError> {
+        let (r, w) = tokio::io::split(stream);
+        Self::handshake_parts((Box::new(r), Box::new(w)), options).await
+    }
+
+    async fn handshake_parts(parts: (ReadPart, WritePart), options: &ClientOptions) -> Result<Self, ClientError> {
+        let conn = Connection::start(parts, options.max_frame);
         let reply = conn.call(ops::hello(&options.client_name), |_, _| {}).await;
         let server = ops::check_hello(reply)?;
         Ok(Self {

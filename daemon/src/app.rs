@@ -19,9 +19,10 @@ use crate::keys::{KeyService, RootKey, SystemClock};
 use crate::mounts::Mounts;
 use crate::notify;
 use crate::ops::Daemon;
-use crate::replication::seal::PeerKey;
-use crate::replication::transport::UnixTransport;
-use crate::replication::{tasks, Replicator, Settings};
+use crate::replication::listener::{self, Limits};
+use crate::replication::tls::{PeerTls, TlsFiles};
+use crate::replication::transport::{Route, ZoneTransport};
+use crate::replication::{tasks, Peer, Replicator, Settings};
 use crate::server::{self, Listener};
 
 /// Name of the key that encrypts the `--dev` filesystem.
@@ -111,47 +112,82 @@ pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
     }
 }
 
-/// The peering key file: the systemd credential `peer-key` if present,
-/// else `peer_key`.
+/// This zone's TLS files: each of the credentials `peer-cert`, `peer-key`,
+/// `peer-ca` if present, else `[peering] cert`, `key`, `ca`.
 ///
 /// # Errors
-/// When neither is available.
-pub fn peer_key_path(cfg: &Config) -> Result<PathBuf> {
-    if let Some(p) = credential("peer-key") {
-        return Ok(p);
-    }
-    match &cfg.peer_key {
-        Some(p) => Ok(p.clone()),
-        None => bail!(
-            "[[peer]] zones are configured but there is no peering key: set peer_key or pass the \
-             systemd credential peer-key (LoadCredential=peer-key:PATH)"
-        ),
-    }
+/// When one of the three is missing.
+pub fn peer_tls_files(cfg: &Config) -> Result<TlsFiles> {
+    let pick = |cred: &str, setting: &Option<PathBuf>, key: &str| match credential(cred).or_else(|| setting.clone()) {
+        Some(p) => Ok(p),
+        None => Err(anyhow::anyhow!(
+            "zones over TCP need this zone's certificate: set [peering] {key} or pass the systemd \
+             credential {cred} (LoadCredential={cred}:PATH)"
+        )),
+    };
+    let p = &cfg.peering;
+    Ok(TlsFiles {
+        cert: pick("peer-cert", &p.cert, "cert")?,
+        key: pick("peer-key", &p.key, "key")?,
+        ca: pick("peer-ca", &p.ca, "ca")?,
+    })
+}
+
+/// Replication for the configured peers: the replicator, and this zone's
+/// TLS identity when TCP peers or a listener are configured.
+#[derive(Debug)]
+pub struct Replication {
+    pub replicator: Arc<Replicator>,
+    pub tls: Option<Arc<PeerTls>>,
 }
 
 /// The replicator for the configured peers, or `None` without peers.
 ///
 /// # Errors
-/// Peers without a readable peering key; malformed `access.peers`.
-pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<Arc<Replicator>>> {
-    if cfg.peers.is_empty() {
+/// TCP peers or a listener without usable TLS credentials.
+pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<Replication>> {
+    if cfg.peers.is_empty() && cfg.peering.listen.is_empty() {
         return Ok(None);
     }
-    let path = peer_key_path(cfg)?;
-    let peer_key = PeerKey::load(&path).with_context(|| format!("cannot load peering key {}", path.display()))?;
-    let allowed = cfg.peer_uids()?;
-    if allowed.is_empty() {
-        tracing::warn!("no [access] peers: replication frames from other zones will be refused");
-    }
-    let sockets = cfg.peers.iter().map(|p| (p.zone.clone(), p.socket.clone())).collect();
-    let transport = Arc::new(UnixTransport::new(sockets, cfg.max_frame, PEER_TIMEOUT));
+    let tls = if cfg.uses_tls() {
+        let files = peer_tls_files(cfg)?;
+        let tls = PeerTls::load(&files, &cfg.zone).with_context(|| format!("zone {}'s TLS identity", cfg.zone))?;
+        Some(Arc::new(tls))
+    } else {
+        None
+    };
+    let routes = cfg
+        .peers
+        .iter()
+        .map(|p| {
+            let route = match (&p.address, &p.socket, p.uid) {
+                (Some(address), _, _) => Route::Tls {
+                    address: address.clone(),
+                },
+                (None, Some(socket), Some(uid)) => Route::Unix {
+                    socket: socket.clone(),
+                    uid,
+                },
+                _ => unreachable!("validated by Config::validate"),
+            };
+            (p.zone.clone(), route)
+        })
+        .collect();
+    let transport = Arc::new(ZoneTransport::new(routes, tls.clone(), cfg.max_frame, PEER_TIMEOUT));
     let settings = Settings {
         pull_interval: Duration::from_secs(cfg.replication.pull_interval_secs),
         retry_max: Duration::from_secs(cfg.replication.retry_max_secs),
     };
-    let zones = cfg.peers.iter().map(|p| p.zone.clone()).collect();
-    let r = Replicator::new(keys.clone(), zones, peer_key, allowed, transport, settings);
-    Ok(Some(Arc::new(r)))
+    let peers = cfg
+        .peers
+        .iter()
+        .map(|p| Peer {
+            zone: p.zone.clone(),
+            uid: p.uid,
+        })
+        .collect();
+    let replicator = Arc::new(Replicator::new(keys.clone(), peers, transport, settings));
+    Ok(Some(Replication { replicator, tls }))
 }
 
 /// Opens the key store named by the configuration.
@@ -230,10 +266,24 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
     let tasks = tokio_util::task::TaskTracker::new();
-    if let Some(r) = &replication {
+    if let Some(Replication { replicator: r, tls }) = &replication {
         daemon = daemon.with_replication(r.clone());
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
         tasks.spawn(tasks::run_pulls(r.clone(), shutdown.clone()));
+        if let (Some(tls), false) = (tls, cfg.peering.listen.is_empty()) {
+            let addr = &cfg.peering.listen;
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for peers on {addr}"))?;
+            tracing::info!(%addr, "accepting peer zones (mutual TLS)");
+            let limits = Limits {
+                max_connections: cfg.peering.max_connections,
+                handshake_timeout: Duration::from_secs(cfg.peering.handshake_timeout_secs),
+                idle_timeout: Duration::from_secs(cfg.peering.idle_timeout_secs),
+                max_frame: cfg.max_frame,
+            };
+            tasks.spawn(listener::run(tcp, tls.clone(), r.clone(), limits, shutdown.clone()));
+        }
     }
     daemon.observers.push(Arc::new(crate::metrics::RequestMetrics::new()));
     let daemon = Arc::new(daemon);
@@ -381,6 +431,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("max_frame", old.max_frame != new.max_frame),
         ("mount", old.mounts != new.mounts),
         ("peer", old.peers != new.peers),
+        ("peering", old.peering != new.peering),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(

@@ -56,7 +56,9 @@ pub struct Config {
     #[serde(rename = "peer")]
     pub peers: Vec<PeerConfig>,
     pub audit: AuditConfig,
-    /// Peering key file; `$CREDENTIALS_DIRECTORY/peer-key` wins when present.
+    pub peering: PeeringConfig,
+    /// Gone: the shared peering key of earlier releases. Still parsed, so
+    /// that an old configuration gets an error saying what replaced it.
     pub peer_key: Option<PathBuf>,
 }
 
@@ -75,6 +77,7 @@ impl Default for Config {
             mounts: Vec::new(),
             peers: Vec::new(),
             audit: AuditConfig::default(),
+            peering: PeeringConfig::default(),
             peer_key: None,
         }
     }
@@ -86,9 +89,42 @@ impl Default for Config {
 pub struct AccessConfig {
     /// Principals (`uid:N`, `gid:N`) who administer every key.
     pub admins: Vec<String>,
-    /// Principals (`uid:N`, `gid:N`) of other zones' daemons, the only
-    /// callers whose replication frames are considered.
+    /// Gone (see `[[peer]] uid`); parsed only to explain that.
     pub peers: Vec<String>,
+}
+
+/// `[peering]`: this zone's TLS identity and listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeeringConfig {
+    /// `IP:PORT` where other zones connect with mutual TLS; empty: none.
+    pub listen: String,
+    /// This zone's certificate chain (PEM); the credential `peer-cert` wins.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM); the credential `peer-key` wins.
+    pub key: Option<PathBuf>,
+    /// The CA that signs every zone's certificate; the credential `peer-ca` wins.
+    pub ca: Option<PathBuf>,
+    /// Most peer connections served at once.
+    pub max_connections: usize,
+    /// Seconds a peer has to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a peer connection may stay idle.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for PeeringConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            cert: None,
+            key: None,
+            ca: None,
+            max_connections: 64,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 300,
+        }
+    }
 }
 
 /// `[replication]`
@@ -147,12 +183,22 @@ pub struct MountConfig {
     pub key: String,
 }
 
+/// A zone name: 1 to 64 characters from A-Z a-z 0-9 and `-`.
+pub fn zone_name_ok(z: &str) -> bool {
+    !z.is_empty() && z.len() <= 64 && z.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
 /// `[[peer]]`
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub zone: String,
-    pub socket: PathBuf,
+    /// `HOST:PORT` of the zone's `[peering] listen` (mutual TLS).
+    pub address: Option<String>,
+    /// Or the zone's Unix socket on this host...
+    pub socket: Option<PathBuf>,
+    /// ...and the uid its daemon runs as, which is how it is recognised.
+    pub uid: Option<u32>,
 }
 
 impl Config {
@@ -182,7 +228,6 @@ impl Config {
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("access.admins")
-            .with_list_parse_key("access.peers")
             .try_parsing(true)
             .source(Some(env.into_iter().collect()));
         let cfg: Config = config::Config::builder()
@@ -199,9 +244,7 @@ impl Config {
     /// # Errors
     /// `Invalid` naming the key and the reason.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let zone_ok =
-            |z: &str| !z.is_empty() && z.len() <= 64 && z.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-        if !zone_ok(&self.zone) {
+        if !zone_name_ok(&self.zone) {
             return Err(invalid("zone", "use 1 to 64 characters from A-Z a-z 0-9 -"));
         }
         require_absolute("socket", &self.socket)?;
@@ -245,19 +288,71 @@ impl Config {
     }
 
     fn validate_peers(&self) -> Result<(), ConfigError> {
+        if self.peer_key.is_some() {
+            return Err(invalid(
+                "peer_key",
+                "the shared peering key is gone: each zone now has a TLS certificate \
+                 ([peering] cert, key, ca) or, on one host, is recognised by its uid ([[peer]] uid); \
+                 see the README's \"Multi-zone keys\"",
+            ));
+        }
+        if !self.access.peers.is_empty() {
+            return Err(invalid(
+                "access.peers",
+                "is gone: give each Unix-socket peer its daemon's uid in [[peer]] uid",
+            ));
+        }
+        let mut tls = false;
         for (i, p) in self.peers.iter().enumerate() {
+            let at = |k: &str| format!("peer[{i}].{k}");
+            if !zone_name_ok(&p.zone) {
+                return Err(invalid(&at("zone"), "use 1 to 64 characters from A-Z a-z 0-9 -"));
+            }
             if p.zone == self.zone {
-                return Err(invalid(&format!("peer[{i}].zone"), "is this daemon's own zone"));
+                return Err(invalid(&at("zone"), "is this daemon's own zone"));
             }
-            require_absolute(&format!("peer[{i}].socket"), &p.socket)?;
-        }
-        if let Some(p) = &self.peer_key {
-            require_absolute("peer_key", p)?;
-        }
-        for (i, p) in self.peers.iter().enumerate() {
             if self.peers[..i].iter().any(|o| o.zone == p.zone) {
-                return Err(invalid(&format!("peer[{i}].zone"), "listed twice"));
+                return Err(invalid(&at("zone"), "listed twice"));
             }
+            match (&p.address, &p.socket, p.uid) {
+                (Some(a), None, None) => {
+                    if a.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                        return Err(invalid(&at("address"), "use HOST:PORT"));
+                    }
+                    tls = true;
+                }
+                (None, Some(s), Some(_)) => require_absolute(&at("socket"), s)?,
+                (None, Some(_), None) => {
+                    return Err(invalid(&at("uid"), "a Unix-socket peer needs the uid its daemon runs as"))
+                }
+                _ => {
+                    return Err(invalid(
+                        &format!("peer[{i}]"),
+                        "give either address (mutual TLS) or socket and uid (same host)",
+                    ))
+                }
+            }
+        }
+        let p = &self.peering;
+        if !p.listen.is_empty() {
+            p.listen
+                .parse::<SocketAddr>()
+                .map_err(|e| invalid("peering.listen", format!("{e} (use IP:PORT)")))?;
+            tls = true;
+        }
+        for (k, v) in [("peering.cert", &p.cert), ("peering.key", &p.key), ("peering.ca", &p.ca)] {
+            if let Some(path) = v {
+                require_absolute(k, path)?;
+            }
+        }
+        if tls && p.max_connections == 0 {
+            return Err(invalid("peering.max_connections", "must be at least 1"));
+        }
+        if !(1..=600).contains(&p.handshake_timeout_secs) {
+            return Err(invalid("peering.handshake_timeout_secs", "must be within 1..=600"));
+        }
+        if !(1..=86_400).contains(&p.idle_timeout_secs) {
+            return Err(invalid("peering.idle_timeout_secs", "must be within 1..=86400"));
         }
         let r = &self.replication;
         if !(1..=86_400).contains(&r.pull_interval_secs) {
@@ -266,19 +361,13 @@ impl Config {
         if !(1..=3_600).contains(&r.retry_max_secs) {
             return Err(invalid("replication.retry_max_secs", "must be within 1..=3600"));
         }
-        self.peer_uids().map(|_| ())
+        Ok(())
     }
 
-    /// The principals allowed to send replication frames.
-    ///
-    /// # Errors
-    /// `Invalid` for a malformed principal.
-    pub fn peer_uids(&self) -> Result<Vec<Principal>, ConfigError> {
-        self.access
-            .peers
-            .iter()
-            .map(|s| s.trim().parse::<Principal>().map_err(|e| invalid("access.peers", e)))
-            .collect()
+    /// Whether any peer or the listener uses TLS (and so needs the
+    /// `[peering]` credentials).
+    pub fn uses_tls(&self) -> bool {
+        !self.peering.listen.is_empty() || self.peers.iter().any(|p| p.address.is_some())
     }
 
     /// The global admins.
@@ -350,10 +439,8 @@ mod tests {
             root_key = "/etc/kmsd/root-key"
             max_frame = 65536
             log_level = "kmsd=debug"
-            peer_key = "/etc/kmsd/peer-key"
             [access]
             admins = ["uid:0", "gid:27"]
-            peers = ["uid:990"]
             [replication]
             pull_interval_secs = 10
             retry_max_secs = 2
@@ -366,6 +453,15 @@ mod tests {
             [[peer]]
             zone = "zone-b"
             socket = "/run/kmsd-b/kmsd.sock"
+            uid = 990
+            [[peer]]
+            zone = "zone-c"
+            address = "kms-c.example.net:7443"
+            [peering]
+            listen = "0.0.0.0:7443"
+            cert = "/etc/kmsd/zone.pem"
+            key = "/etc/kmsd/zone.key"
+            ca = "/etc/kmsd/ca.pem"
             "#,
         )
         .unwrap();
@@ -373,7 +469,9 @@ mod tests {
         assert_eq!(cfg.metrics_addr().unwrap(), None);
         assert_eq!(cfg.mounts[0].key, "data");
         assert_eq!(cfg.peers[0].zone, "zone-b");
-        assert_eq!(cfg.peer_uids().unwrap(), vec![Principal::Uid(990)]);
+        assert_eq!(cfg.peers[0].uid, Some(990));
+        assert_eq!(cfg.peers[1].address.as_deref(), Some("kms-c.example.net:7443"));
+        assert!(cfg.uses_tls());
         assert_eq!(cfg.replication.pull_interval_secs, 10);
     }
 
@@ -422,12 +520,21 @@ mod tests {
             ("[metrics]\nlisten = \"nowhere\"", "metrics.listen"),
             ("[[mount]]\nsource=\"/a\"\ntarget=\"/a/b\"\nkey=\"k\"", "mount[0]"),
             ("[[mount]]\nsource=\"a\"\ntarget=\"/b\"\nkey=\"k\"", "mount[0].source"),
-            ("zone=\"z\"\n[[peer]]\nzone=\"z\"\nsocket=\"/s\"", "peer[0].zone"),
+            ("zone=\"z\"\n[[peer]]\nzone=\"z\"\nsocket=\"/s\"\nuid=1", "peer[0].zone"),
             (
-                "[[peer]]\nzone=\"y\"\nsocket=\"/s\"\n[[peer]]\nzone=\"y\"\nsocket=\"/t\"",
+                "[[peer]]\nzone=\"y\"\nsocket=\"/s\"\nuid=1\n[[peer]]\nzone=\"y\"\nsocket=\"/t\"\nuid=1",
                 "peer[1].zone",
             ),
-            ("[access]\npeers = [\"daemon\"]", "access.peers"),
+            ("[[peer]]\nzone=\"y\"\nsocket=\"/s\"", "peer[0].uid"),
+            ("[[peer]]\nzone=\"y\"\naddress=\"h:1\"\nsocket=\"/s\"\nuid=1", "peer[0]"),
+            ("[[peer]]\nzone=\"y\"", "peer[0]"),
+            ("[[peer]]\nzone=\"y\"\naddress=\"nohost\"", "peer[0].address"),
+            ("[[peer]]\nzone=\"y/x\"\naddress=\"h:1\"", "peer[0].zone"),
+            ("[peering]\nlisten = \"nowhere\"", "peering.listen"),
+            ("[peering]\ncert = \"zone.pem\"", "peering.cert"),
+            ("[peering]\nhandshake_timeout_secs = 0", "peering.handshake_timeout_secs"),
+            ("[access]\npeers = [\"uid:990\"]", "access.peers"),
+            ("peer_key = \"/etc/kmsd/peer-key\"", "peer_key"),
             (
                 "[replication]\npull_interval_secs = 0",
                 "replication.pull_interval_secs",

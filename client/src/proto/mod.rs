@@ -156,8 +156,8 @@ pub enum Request {
     FsRewrap {
         mount: String,
     },
-    /// Daemon to daemon: a sealed replication message (multi-zone keys).
-    /// Accepted only from configured peer uids; see [`ReplicationFrame`].
+    /// Daemon to daemon: a replication message (multi-zone keys), accepted
+    /// only from a configured peer zone's uid; see [`ReplicationFrame`].
     Replication(ReplicationFrame),
 }
 
@@ -236,7 +236,7 @@ pub enum Response {
         total: u64,
     },
     Error(ErrorReply),
-    /// Daemon to daemon: the sealed answer to a [`Request::Replication`].
+    /// Daemon to daemon: the answer to a [`Request::Replication`].
     Replication(ReplicationFrame),
 }
 
@@ -266,17 +266,16 @@ impl Response {
     }
 }
 
-/// A message between the daemons of two zones. `sealed` is AES-256-GCM
-/// under the shared peering key with `nonce`, and with both zone names
-/// bound as additional data, so that a frame meant for one pair of zones
-/// does not verify for another. What it seals is the daemon's business;
-/// key material never travels outside `sealed`.
+/// A message between the daemons of two zones. It travels only inside an
+/// authenticated channel (mutual TLS, or a Unix socket whose peer uid names
+/// the zone), and `from_zone` must be the zone that channel authenticated.
+/// `message` is the daemon's business (it may hold key material) and is
+/// never printed.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationFrame {
     pub from_zone: String,
     pub to_zone: String,
-    pub nonce: [u8; 12],
-    pub sealed: Vec<u8>,
+    pub message: Vec<u8>,
 }
 
 impl fmt::Debug for ReplicationFrame {
@@ -284,8 +283,8 @@ impl fmt::Debug for ReplicationFrame {
         f.debug_struct("ReplicationFrame")
             .field("from_zone", &self.from_zone)
             .field("to_zone", &self.to_zone)
-            .field("sealed_len", &self.sealed.len())
-            .finish_non_exhaustive()
+            .field("message_len", &self.message.len())
+            .finish()
     }
 }
 

@@ -2,13 +2,17 @@
 //! frames other zones send us, and (in [`tasks`]) the background pushes
 //! from primaries and pulls by replicas.
 //!
-//! Invariants: key material leaves the daemon only sealed under the
-//! peering key ([`seal`]); every change is persisted through the key
-//! service before it is acknowledged; no lock is held across a network
-//! call; a replica only ever takes versions in order from its primary.
+//! Invariants: a frame's sending zone is the one its channel authenticated
+//! (mutual TLS, or the uid of a Unix-socket peer), never what it claims;
+//! key material leaves the daemon only inside such a channel; every change
+//! is persisted through the key service before it is acknowledged; no lock
+//! is held across a network call; a replica only ever takes versions in
+//! order from its primary.
 
-pub mod seal;
+pub mod listener;
+pub mod message;
 pub mod tasks;
+pub mod tls;
 pub mod transport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,13 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use kms_client::proto::{ErrorCode, ErrorReply, KeyInfo, Principal, ReplicationFrame, Request, Response};
+use kms_client::proto::{ErrorCode, ErrorReply, KeyInfo, ReplicationFrame, Request, Response};
 use uuid::Uuid;
 
 use crate::keys::error::error_chain;
 use crate::keys::replica::KeyExport;
 use crate::keys::{self, Caller, KeyService};
-use seal::{Message, PeerKey};
+use message::Message;
 use transport::{PeerError, PeerTransport};
 
 /// Why `key replicate` failed.
@@ -100,13 +104,20 @@ pub struct Settings {
     pub retry_max: Duration,
 }
 
+/// A configured peer zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub zone: String,
+    /// The uid its daemon runs as, for a peer on this host's Unix sockets;
+    /// a frame arriving on our socket from this uid comes from `zone`.
+    pub uid: Option<u32>,
+}
+
 /// The replication state of one daemon.
 #[derive(Debug)]
 pub struct Replicator {
     keys: Arc<KeyService>,
-    peers: Vec<String>,
-    peer_key: PeerKey,
-    allowed: Vec<Principal>,
+    peers: Vec<Peer>,
     transport: Arc<dyn PeerTransport>,
     settings: Settings,
     /// Outcome counters (see [`ReplicationStats`]).
@@ -118,21 +129,12 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// Replication for `keys` with the peers `peers` (zones) reached through
-    /// `transport`, accepting frames only from `allowed` callers.
-    pub fn new(
-        keys: Arc<KeyService>,
-        peers: Vec<String>,
-        peer_key: PeerKey,
-        allowed: Vec<Principal>,
-        transport: Arc<dyn PeerTransport>,
-        settings: Settings,
-    ) -> Self {
+    /// Replication for `keys` with the zones `peers` reached through
+    /// `transport`.
+    pub fn new(keys: Arc<KeyService>, peers: Vec<Peer>, transport: Arc<dyn PeerTransport>, settings: Settings) -> Self {
         Self {
             keys,
             peers,
-            peer_key,
-            allowed,
             transport,
             settings,
             stats: ReplicationStats::default(),
@@ -148,12 +150,23 @@ impl Replicator {
         }
     }
 
-    fn zone(&self) -> &str {
+    /// This daemon's zone.
+    pub fn zone(&self) -> &str {
         self.keys.zone()
     }
 
-    /// Answers `ReplicateKey` and `Replication` requests; a panic becomes an
-    /// `internal` error for this request only.
+    fn is_peer(&self, zone: &str) -> bool {
+        self.peers.iter().any(|p| p.zone == zone)
+    }
+
+    /// The zone whose daemon runs as `uid` (a Unix-socket peer).
+    fn zone_of_uid(&self, uid: u32) -> Option<&str> {
+        self.peers.iter().find(|p| p.uid == Some(uid)).map(|p| p.zone.as_str())
+    }
+
+    /// Answers `ReplicateKey` and `Replication` requests from local callers
+    /// on the Unix socket; a panic becomes an `internal` error for this
+    /// request only.
     pub async fn handle(&self, caller: &Caller, req: Request) -> Response {
         let fut = async {
             match req {
@@ -161,7 +174,18 @@ impl Replicator {
                     Ok(info) => Response::Key(info),
                     Err(e) => Response::Error(e.into()),
                 },
-                Request::Replication(frame) => self.on_frame(caller, frame).await,
+                Request::Replication(frame) => match self.zone_of_uid(caller.uid) {
+                    Some(zone) => self.on_frame(zone, frame).await,
+                    None => {
+                        let (uid, pid, claimed) = (caller.uid, caller.pid, &frame.from_zone);
+                        self.stats.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(uid, pid, claimed_zone = %claimed, "replication frame from a uid that is no peer zone's ([[peer]] uid); refused");
+                        error(
+                            ErrorCode::PermissionDenied,
+                            format!("uid {uid} is not the uid of a configured peer zone ([[peer]] uid)"),
+                        )
+                    }
+                },
                 other => error(
                     ErrorCode::Internal,
                     format!("{} is not a replication request", other.op_name()),
@@ -175,6 +199,24 @@ impl Replicator {
                 tracing::error!(uid = caller.uid, "replication handler panicked; answered internal");
                 error(ErrorCode::Internal, "internal error during replication")
             })
+    }
+
+    /// Answers a request from the daemon of `zone`, as authenticated by
+    /// mutual TLS: only replication frames are served there.
+    pub async fn handle_peer(&self, zone: &str, req: Request) -> Response {
+        match req {
+            Request::Replication(frame) => std::panic::AssertUnwindSafe(self.on_frame(zone, frame))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!(zone, "replication handler panicked; answered internal");
+                    error(ErrorCode::Internal, "internal error during replication")
+                }),
+            other => error(
+                ErrorCode::PermissionDenied,
+                format!("the peering port serves replication frames only, not {}", other.op_name()),
+            ),
+        }
     }
 
     /// `key replicate KEY --zone ZONE`: persists the new replica as pending,
@@ -215,10 +257,11 @@ impl Replicator {
                 "zone {zone} is this daemon's own zone; replicate to another zone"
             )));
         }
-        if !self.peers.iter().any(|p| p == zone) {
+        if !self.is_peer(zone) {
+            let known: Vec<&str> = self.peers.iter().map(|p| p.zone.as_str()).collect();
             return Err(ReplicateError::Zone(format!(
                 "unknown zone {zone}; configured peers: {}",
-                self.peers.join(", ")
+                known.join(", ")
             )));
         }
         Ok(())
@@ -235,13 +278,13 @@ impl Replicator {
             .unwrap_or_else(|_| Err(keys::Error::Internal("replication task failed".to_string())))
     }
 
-    /// Sends one message to `zone` and opens its sealed answer.
+    /// Sends one message to `zone` and reads its answer.
     async fn exchange(&self, zone: &str, msg: &Message) -> Result<Message, PeerError> {
-        let bad = |source| PeerError::BadSeal {
+        let bad = |source| PeerError::BadMessage {
             zone: zone.to_string(),
             source,
         };
-        let frame = seal::seal(&self.peer_key, self.zone(), zone, msg).map_err(bad)?;
+        let frame = message::frame(self.zone(), zone, msg).map_err(bad)?;
         let answer = self.transport.send(zone, frame).await?;
         if answer.from_zone != zone || answer.to_zone != self.zone() {
             return Err(PeerError::Unexpected {
@@ -249,7 +292,9 @@ impl Replicator {
                 kind: "frame for other zones",
             });
         }
-        seal::open(&self.peer_key, &answer).map_err(bad)
+        let read = message::read(&answer).map_err(bad);
+        message::wipe(answer);
+        read
     }
 
     /// Pushes `export` to its replica in `zone`; returns the version the
@@ -315,11 +360,12 @@ impl Replicator {
         Ok(self.blocking(move |s| s.accept_replica(&export, &z)).await?)
     }
 
-    /// One frame from another zone: who sent it, does it verify, then the
-    /// message itself.
-    async fn on_frame(&self, caller: &Caller, frame: ReplicationFrame) -> Response {
-        let from = frame.from_zone.clone();
-        let msg = match self.admit(caller, &frame) {
+    /// One frame from the daemon of zone `from` (authenticated by the
+    /// channel): do its zones match, then the message itself.
+    async fn on_frame(&self, from: &str, frame: ReplicationFrame) -> Response {
+        let msg = self.admit(from, &frame);
+        message::wipe(frame);
+        let msg = match msg {
             Ok(msg) => msg,
             Err(reply) => {
                 self.stats.frames_rejected.fetch_add(1, Ordering::Relaxed);
@@ -327,51 +373,54 @@ impl Replicator {
             }
         };
         let answer = match msg {
-            Message::Push(export) => self.on_push(export, &from).await,
-            Message::Pull { key } => self.on_pull(key, &from).await,
+            Message::Push(export) => self.on_push(export, from).await,
+            Message::Pull { key } => self.on_pull(key, from).await,
             Message::Ack { .. } | Message::Export(_) => Err(ErrorReply::new(
                 ErrorCode::InvalidArgument,
                 "acknowledgements and exports are answers, not requests",
             )),
         };
-        match answer.and_then(|m| self.seal_to(&from, &m)) {
+        match answer.and_then(|m| self.frame_to(from, &m)) {
             Ok(frame) => Response::Replication(frame),
             Err(reply) => {
-                tracing::warn!(claimed_zone = %from, error = %reply, "replication request refused");
+                tracing::warn!(zone = %from, error = %reply, "replication request refused");
                 Response::Error(reply)
             }
         }
     }
 
-    /// Checks the caller's uid, the zones and the seal.
-    fn admit(&self, caller: &Caller, frame: &ReplicationFrame) -> Result<Message, ErrorReply> {
-        let (uid, pid, from) = (caller.uid, caller.pid, &frame.from_zone);
-        if !caller.matches(&self.allowed) {
-            tracing::warn!(uid, pid, claimed_zone = %from, "replication frame from a uid not in access.peers; refused");
+    /// Checks that the frame claims the authenticated zone and is for us.
+    fn admit(&self, from: &str, frame: &ReplicationFrame) -> Result<Message, ErrorReply> {
+        let claimed = &frame.from_zone;
+        if !self.is_peer(from) {
+            tracing::warn!(zone = %from, "replication frame from a zone that is not a configured peer; refused");
             return Err(ErrorReply::new(
                 ErrorCode::PermissionDenied,
-                format!("uid {uid} is not a configured peer (access.peers)"),
+                format!("zone {from} is not a configured peer of zone {}", self.zone()),
             ));
         }
-        if frame.to_zone != self.zone() || !self.peers.iter().any(|p| p == from) {
-            tracing::warn!(uid, pid, claimed_zone = %from, to_zone = %frame.to_zone, "replication frame for unknown zones; refused");
+        if claimed != from {
+            tracing::warn!(zone = %from, claimed_zone = %claimed, "replication frame claims another zone than its sender's; refused");
             return Err(ErrorReply::new(
-                ErrorCode::InvalidArgument,
-                format!("this is zone {}; zone {from} is not a configured peer", self.zone()),
+                ErrorCode::PermissionDenied,
+                format!("the frame claims zone {claimed} but comes from zone {from}"),
             ));
         }
-        seal::open(&self.peer_key, frame).map_err(|e| {
-            tracing::warn!(uid, pid, claimed_zone = %from, error = %error_chain(&e), "replication frame does not verify (wrong peering key?); refused");
-            ErrorReply::new(
+        if frame.to_zone != self.zone() {
+            tracing::warn!(zone = %from, to_zone = %frame.to_zone, "replication frame for another zone; refused");
+            return Err(ErrorReply::new(
                 ErrorCode::PermissionDenied,
-                format!("replication frame claiming zone {from} does not verify under this zone's peering key"),
-            )
+                format!("this is zone {}, not zone {}", self.zone(), frame.to_zone),
+            ));
+        }
+        message::read(frame).map_err(|e| {
+            tracing::warn!(zone = %from, error = %error_chain(&e), "replication frame does not decode; refused");
+            ErrorReply::new(ErrorCode::InvalidArgument, error_chain(&e))
         })
     }
 
-    fn seal_to(&self, zone: &str, msg: &Message) -> Result<ReplicationFrame, ErrorReply> {
-        seal::seal(&self.peer_key, self.zone(), zone, msg)
-            .map_err(|e| ErrorReply::new(ErrorCode::Internal, error_chain(&e)))
+    fn frame_to(&self, zone: &str, msg: &Message) -> Result<ReplicationFrame, ErrorReply> {
+        message::frame(self.zone(), zone, msg).map_err(|e| ErrorReply::new(ErrorCode::Internal, error_chain(&e)))
     }
 
     async fn on_push(&self, export: KeyExport, from: &str) -> Result<Message, ErrorReply> {
@@ -409,12 +458,21 @@ mod tests {
     use super::*;
     use crate::keys::{ManualClock, RootKey};
 
-    const PEER_UID: u32 = 990;
+    /// The uid zone `name`'s daemon runs as in these tests.
+    fn uid_of(name: &str) -> u32 {
+        990 + u32::from(name.as_bytes()[0] - b'a')
+    }
 
-    /// Delivers frames in memory to the other zone's replicator, as uid
-    /// `PEER_UID`: the replication logic without sockets.
-    #[derive(Debug, Default)]
-    struct Loopback(OnceLock<HashMap<String, Weak<Replicator>>>);
+    type Zones = Arc<OnceLock<HashMap<String, Weak<Replicator>>>>;
+
+    /// Delivers frames in memory to the other zone's replicator as if they
+    /// came through its Unix socket from the sender's uid: the replication
+    /// logic without sockets.
+    #[derive(Debug)]
+    struct Loopback {
+        from_uid: u32,
+        zones: Zones,
+    }
 
     impl PeerTransport for Loopback {
         fn send<'a>(
@@ -423,9 +481,9 @@ mod tests {
             frame: ReplicationFrame,
         ) -> BoxFuture<'a, Result<ReplicationFrame, PeerError>> {
             Box::pin(async move {
-                let peer = self.0.get().and_then(|m| m.get(zone)).and_then(Weak::upgrade);
+                let peer = self.zones.get().and_then(|m| m.get(zone)).and_then(Weak::upgrade);
                 let peer = peer.ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
-                let caller = Caller::process(PEER_UID, PEER_UID, None);
+                let caller = Caller::process(self.from_uid, self.from_uid, None);
                 match peer.handle(&caller, Request::Replication(frame)).await {
                     Response::Replication(f) => Ok(f),
                     Response::Error(reply) => Err(PeerError::Refused {
@@ -446,7 +504,7 @@ mod tests {
         r: Arc<Replicator>,
     }
 
-    fn zone(name: &str, peer: &str, key: u8, transport: Arc<Loopback>) -> Zone {
+    fn zone(name: &str, all: &[&str], zones: &Zones) -> Zone {
         let dir = crate::testutil::private_dir().unwrap();
         let clock = Arc::new(ManualClock::at(1_750_000_000));
         let keys = KeyService::open(dir.path(), RootKey::from_bytes(&[1; 32]), name, clock).unwrap();
@@ -454,48 +512,69 @@ mod tests {
             pull_interval: Duration::from_secs(1),
             retry_max: Duration::from_secs(1),
         };
-        let r = Replicator::new(
-            Arc::new(keys),
-            vec![peer.to_string()],
-            PeerKey::from_bytes(&[key; 32]),
-            vec![Principal::Uid(PEER_UID)],
-            transport,
-            settings,
-        );
+        let peers = all
+            .iter()
+            .filter(|z| **z != name)
+            .map(|z| Peer {
+                zone: z.to_string(),
+                uid: Some(uid_of(z)),
+            })
+            .collect();
+        let transport = Arc::new(Loopback {
+            from_uid: uid_of(name),
+            zones: zones.clone(),
+        });
+        let r = Replicator::new(Arc::new(keys), peers, transport, settings);
         Zone {
             _dir: dir,
             r: Arc::new(r),
         }
     }
 
-    fn pair(key_a: u8, key_b: u8) -> (Zone, Zone) {
-        let t = Arc::new(Loopback::default());
-        let a = zone("a", "b", key_a, t.clone());
-        let b = zone("b", "a", key_b, t.clone());
-        let map = HashMap::from([
-            ("a".to_string(), Arc::downgrade(&a.r)),
-            ("b".to_string(), Arc::downgrade(&b.r)),
-        ]);
-        t.0.set(map).unwrap();
-        (a, b)
+    fn site(names: &[&str]) -> Vec<Zone> {
+        let zones = Zones::default();
+        let all: Vec<Zone> = names.iter().map(|n| zone(n, names, &zones)).collect();
+        let map = names
+            .iter()
+            .zip(&all)
+            .map(|(n, z)| (n.to_string(), Arc::downgrade(&z.r)))
+            .collect();
+        zones.set(map).unwrap();
+        all
     }
 
     fn owner() -> Caller {
         Caller::process(1000, 1000, None)
     }
 
-    fn create(z: &Zone) {
+    fn create(z: &Zone) -> Uuid {
         let req = CreateKey {
             name: Some("app".into()),
             ..Default::default()
         };
-        z.r.keys.create_key(&owner(), &req).unwrap();
+        z.r.keys.create_key(&owner(), &req).unwrap().id
+    }
+
+    /// What `from` (a zone's uid) gets for `msg` sent to zone `to`, which
+    /// the frame claims comes from `claim`.
+    async fn send_as(to: &Zone, from: &str, claim: &str, msg: &Message) -> Response {
+        let frame = message::frame(claim, to.r.zone(), msg).unwrap();
+        let caller = Caller::process(uid_of(from), uid_of(from), None);
+        to.r.handle(&caller, Request::Replication(frame)).await
+    }
+
+    fn code(r: Response) -> ErrorCode {
+        match r {
+            Response::Error(e) => e.code,
+            other => panic!("expected an error, got {other:?}"),
+        }
     }
 
     #[tokio::test]
     async fn replicate_push_and_pull_through_the_transport_trait() {
-        let (a, b) = pair(3, 3);
-        create(&a);
+        let z = site(&["a", "b"]);
+        let (a, b) = (&z[0], &z[1]);
+        create(a);
         let info = a.r.replicate(&owner(), "app", "b").await.unwrap();
         assert_eq!(info.role, KeyRole::Primary);
         assert_eq!(info.replicas[0].confirmed_version, Some(1));
@@ -515,21 +594,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wrong_peering_key_and_unknown_uid_are_refused() {
-        let (a, b) = pair(3, 4);
-        create(&a);
-        let err = a.r.replicate(&owner(), "app", "b").await.unwrap_err();
-        assert_eq!(ErrorReply::from(err).code, ErrorCode::PermissionDenied);
-        assert_eq!(b.r.stats.frames_rejected.load(Ordering::Relaxed), 1);
-        assert_eq!(a.r.stats.pushes_refused.load(Ordering::Relaxed), 1);
-        let k = a.r.keys.describe(&owner(), "app").unwrap();
-        assert_eq!(k.role, KeyRole::SingleZone);
-
-        let frame = seal::seal(&a.r.peer_key, "a", "b", &Message::Pull { key: k.id }).unwrap();
+    async fn a_frame_speaks_only_for_the_zone_that_sent_it() {
+        let z = site(&["a", "b", "c"]);
+        let (a, b, c) = (&z[0], &z[1], &z[2]);
+        let id = create(a);
+        a.r.replicate(&owner(), "app", "b").await.unwrap();
+        // c's daemon claims to be b: refused before anything is read.
+        let pull = Message::Pull { key: id };
+        assert_eq!(code(send_as(a, "c", "b", &pull).await), ErrorCode::PermissionDenied);
+        // As itself, c gets nothing: the key has no replica in c.
+        assert_eq!(code(send_as(a, "c", "c", &pull).await), ErrorCode::NotFound);
+        // b, which holds a replica, gets the export.
+        assert!(matches!(send_as(a, "b", "b", &pull).await, Response::Replication(_)));
+        // A uid that is no zone's, and a frame for another zone.
         let stranger = Caller::process(4242, 4242, None);
-        match b.r.handle(&stranger, Request::Replication(frame)).await {
-            Response::Error(e) => assert_eq!(e.code, ErrorCode::PermissionDenied),
-            other => panic!("{other:?}"),
-        }
+        let frame = message::frame("b", "a", &pull).unwrap();
+        assert_eq!(
+            code(a.r.handle(&stranger, Request::Replication(frame)).await),
+            ErrorCode::PermissionDenied
+        );
+        let frame = message::frame("b", "c", &pull).unwrap();
+        let as_b = Caller::process(uid_of("b"), uid_of("b"), None);
+        assert_eq!(code(a.r.handle(&as_b, Request::Replication(frame)).await), ErrorCode::PermissionDenied);
+        assert_eq!(a.r.stats.frames_rejected.load(Ordering::Relaxed), 3);
+        // Over TLS the authenticated zone is passed in; the same rules hold.
+        let frame = message::frame("b", "a", &pull).unwrap();
+        assert_eq!(code(a.r.handle_peer("c", Request::Replication(frame)).await), ErrorCode::PermissionDenied);
+        assert_eq!(code(a.r.handle_peer("b", Request::Status).await), ErrorCode::PermissionDenied);
+        // c pushing a's key to b (which holds the replica) is refused: only
+        // the primary's zone may push it.
+        let export = a.r.keys.export_for_replica(id, "b").unwrap();
+        assert_eq!(
+            code(send_as(b, "c", "c", &Message::Push(export.clone())).await),
+            ErrorCode::InvalidArgument
+        );
+        let mut forged = export;
+        forged.primary_zone = "c".into();
+        assert_eq!(code(send_as(b, "c", "c", &Message::Push(forged)).await), ErrorCode::InvalidArgument);
+        assert_eq!(b.r.keys.rotations(&owner(), "app").unwrap().len(), 1);
+        let _ = c;
     }
 }

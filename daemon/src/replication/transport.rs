@@ -1,16 +1,22 @@
-//! How replication frames reach another zone's daemon. [`PeerTransport`] is
-//! the seam: today [`UnixTransport`] speaks the ordinary kmsd protocol to
-//! the peer's Unix socket (same host, or a socket forwarded from another
-//! host); a TCP/TLS transport can implement the same trait later without
-//! touching the replication logic.
+//! How replication frames reach another zone's daemon, over a channel that
+//! proves which zone answers. [`PeerTransport`] is the seam (tests deliver
+//! frames in memory); [`ZoneTransport`] speaks the ordinary kmsd protocol
+//! either inside mutual TLS to the zone's `address` (the server's
+//! certificate must name the zone, see [`super::tls`]) or to the zone's
+//! Unix socket on this host, whose listening process must run as the
+//! zone's configured uid.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kms_client::proto::{ErrorReply, ReplicationFrame, Request, Response};
 use kms_client::{Client, ClientError, ClientOptions};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::tls::PeerTls;
 
 /// Why a frame did not get a verified answer from a peer.
 #[derive(Debug, thiserror::Error)]
@@ -23,50 +29,71 @@ pub enum PeerError {
         #[source]
         source: ClientError,
     },
+    #[error("cannot connect to zone {zone} at {at}")]
+    Connect {
+        zone: String,
+        at: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon at zone {zone}'s socket runs as uid {found}, not the configured uid {expected}")]
+    WrongUid { zone: String, found: u32, expected: u32 },
     #[error("zone {zone} did not answer within {secs} s")]
     Timeout { zone: String, secs: u64 },
     #[error("zone {zone} refused: {reply}")]
     Refused { zone: String, reply: ErrorReply },
     #[error("zone {zone} answered with an unexpected {kind}")]
     Unexpected { zone: String, kind: &'static str },
-    #[error("the answer from zone {zone} does not verify")]
-    BadSeal {
+    #[error("the answer from zone {zone} does not decode")]
+    BadMessage {
         zone: String,
         #[source]
-        source: super::seal::SealError,
+        source: super::message::MessageError,
     },
 }
 
 /// Sends one replication frame to the daemon of `zone` and returns its
 /// sealed answer. Implementations own connection handling and timeouts.
 pub trait PeerTransport: Send + Sync + std::fmt::Debug {
-    /// Sends `frame` to `zone`.
+    /// Sends `frame` to `zone`; the answer comes from that zone's daemon,
+    /// as authenticated by the channel.
     ///
     /// # Errors
-    /// [`PeerError`] other than `BadSeal` (verification is the caller's).
+    /// [`PeerError`] other than `BadMessage` (decoding is the caller's).
     fn send<'a>(&'a self, zone: &'a str, frame: ReplicationFrame)
         -> BoxFuture<'a, Result<ReplicationFrame, PeerError>>;
 }
 
-/// Peers reached through their Unix sockets, one cached connection each.
+/// How one zone is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Mutual TLS to `HOST:PORT`.
+    Tls { address: String },
+    /// The zone's Unix socket on this host; its daemon runs as `uid`.
+    Unix { socket: PathBuf, uid: u32 },
+}
+
+/// Every configured zone, one cached connection each.
 #[derive(Debug)]
-pub struct UnixTransport {
-    sockets: HashMap<String, PathBuf>,
+pub struct ZoneTransport {
+    routes: HashMap<String, Route>,
+    tls: Option<Arc<PeerTls>>,
     options: ClientOptions,
     timeout: Duration,
     clients: tokio::sync::Mutex<HashMap<String, Client>>,
 }
 
-impl UnixTransport {
-    /// A transport for `sockets` (zone -> socket path). Every connect and
-    /// call gives up after `timeout`.
-    pub fn new(sockets: HashMap<String, PathBuf>, max_frame: usize, timeout: Duration) -> Self {
+impl ZoneTransport {
+    /// A transport for `routes` (zone -> route); `tls` is required by `Tls`
+    /// routes. Every connect and call gives up after `timeout`.
+    pub fn new(routes: HashMap<String, Route>, tls: Option<Arc<PeerTls>>, max_frame: usize, timeout: Duration) -> Self {
         let options = ClientOptions {
             max_frame,
             client_name: format!("kmsd-replication/{}", env!("CARGO_PKG_VERSION")),
         };
         Self {
-            sockets,
+            routes,
+            tls,
             options,
             timeout,
             clients: tokio::sync::Mutex::new(HashMap::new()),
@@ -78,20 +105,54 @@ impl UnixTransport {
         if let Some(c) = clients.get(zone).filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let path = self
-            .sockets
+        let route = self
+            .routes
             .get(zone)
             .ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
-        let connect = Client::connect_with(path, &self.options);
-        let client = tokio::time::timeout(self.timeout, connect)
+        let client = tokio::time::timeout(self.timeout, self.connect(zone, route))
             .await
-            .map_err(|_| self.timed_out(zone))?
-            .map_err(|source| PeerError::Unreachable {
-                zone: zone.to_string(),
-                source,
-            })?;
+            .map_err(|_| self.timed_out(zone))??;
         clients.insert(zone.to_string(), client.clone());
         Ok(client)
+    }
+
+    async fn connect(&self, zone: &str, route: &Route) -> Result<Client, PeerError> {
+        let unreachable = |source| PeerError::Unreachable {
+            zone: zone.to_string(),
+            source,
+        };
+        match route {
+            Route::Unix { socket, uid } => {
+                let connect = |source| PeerError::Connect {
+                    zone: zone.to_string(),
+                    at: socket.display().to_string(),
+                    source,
+                };
+                let stream = UnixStream::connect(socket).await.map_err(connect)?;
+                let found = stream.peer_cred().map_err(connect)?.uid();
+                if found != *uid {
+                    return Err(PeerError::WrongUid {
+                        zone: zone.to_string(),
+                        found,
+                        expected: *uid,
+                    });
+                }
+                Client::handshake(stream, &self.options).await.map_err(unreachable)
+            }
+            Route::Tls { address } => {
+                let connect = |source| PeerError::Connect {
+                    zone: zone.to_string(),
+                    at: address.clone(),
+                    source,
+                };
+                let tls = self.tls.as_ref().ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
+                let connector = tls.connector(zone).map_err(|e| connect(std::io::Error::other(e)))?;
+                let tcp = TcpStream::connect(address.as_str()).await.map_err(connect)?;
+                let _ = tcp.set_nodelay(true);
+                let stream = connector.connect(PeerTls::server_name(), tcp).await.map_err(connect)?;
+                Client::handshake_over(stream, &self.options).await.map_err(unreachable)
+            }
+        }
     }
 
     fn timed_out(&self, zone: &str) -> PeerError {
@@ -128,7 +189,7 @@ fn read_answer(zone: &str, r: Result<Response, ClientError>) -> Result<Replicati
     }
 }
 
-impl PeerTransport for UnixTransport {
+impl PeerTransport for ZoneTransport {
     fn send<'a>(
         &'a self,
         zone: &'a str,
