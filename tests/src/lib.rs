@@ -14,6 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 pub mod lazyfs;
+pub mod pki;
 
 /// Where the workspace's binaries are, built fresh once per test process.
 pub fn bin_dir() -> &'static Path {
@@ -76,6 +77,9 @@ pub struct DaemonOptions {
     /// The backing folder of [`TestDaemon::start_with_mount`]; default
     /// `data` in the daemon's own folder.
     pub data_dir: Option<PathBuf>,
+    /// Run the daemon as this uid (and gid) instead of the test's own;
+    /// its folder is handed to that uid. For zones told apart by uid.
+    pub run_as: Option<u32>,
 }
 
 impl Default for DaemonOptions {
@@ -88,6 +92,7 @@ impl Default for DaemonOptions {
             nofile: None,
             state_dir: None,
             data_dir: None,
+            run_as: None,
         }
     }
 }
@@ -157,6 +162,21 @@ pub fn write_root_key(path: &Path) {
     f.write_all(&key).unwrap();
 }
 
+/// Gives `dir` and everything under it to `uid` (group `uid` too).
+fn chown_tree(dir: &Path, uid: u32) {
+    let id = Some(nix::unistd::Uid::from_raw(uid));
+    let gid = Some(nix::unistd::Gid::from_raw(uid));
+    nix::unistd::chown(dir, id, gid).unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            chown_tree(&p, uid);
+        } else {
+            nix::unistd::fchownat(nix::fcntl::AT_FDCWD, &p, id, gid, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+        }
+    }
+}
+
 fn getrandom(buf: &mut [u8]) {
     use std::io::Read;
     std::fs::File::open("/dev/urandom").unwrap().read_exact(buf).unwrap();
@@ -170,6 +190,15 @@ impl TestDaemon {
 
     /// Starts a daemon with `opts` and waits until it answers.
     pub fn start_with(opts: DaemonOptions) -> Self {
+        match Self::try_start_with(opts) {
+            Ok(d) => d,
+            Err(logs) => panic!("{logs}"),
+        }
+    }
+
+    /// Like [`TestDaemon::start_with`], for a daemon that may refuse to
+    /// start: `Err` holds why and its log.
+    pub fn try_start_with(opts: DaemonOptions) -> Result<Self, String> {
         let dir = tempfile::Builder::new().prefix("kmsd-test-").tempdir().unwrap();
         let socket = opts.socket.clone().unwrap_or_else(|| dir.path().join("kmsd.sock"));
         let config = dir.path().join("kmsd.toml");
@@ -185,6 +214,10 @@ impl TestDaemon {
         );
         std::fs::write(&config, toml).unwrap();
         let log = dir.path().join("kmsd.log");
+        if let Some(uid) = opts.run_as {
+            std::fs::File::create(&log).unwrap();
+            chown_tree(dir.path(), uid);
+        }
         let mut d = Self {
             dir,
             socket,
@@ -194,8 +227,8 @@ impl TestDaemon {
             child: None,
         };
         d.spawn();
-        d.wait_ready();
-        d
+        d.try_wait_ready()?;
+        Ok(d)
     }
 
     /// The daemon command as the tests run it (config, env, log file).
@@ -212,6 +245,10 @@ impl TestDaemon {
             .open(&self.log)
             .unwrap();
         cmd.stdout(Stdio::null()).stderr(log);
+        if let Some(uid) = self.opts.run_as {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
         if let Some(n) = self.opts.nofile {
             use std::os::unix::process::CommandExt;
             let lim = libc::rlimit {
@@ -240,17 +277,23 @@ impl TestDaemon {
 
     /// Waits until the socket answers a handshake (10 s at most).
     pub fn wait_ready(&mut self) {
+        if let Err(why) = self.try_wait_ready() {
+            panic!("{why}");
+        }
+    }
+
+    fn try_wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if BlockingClient::connect(&self.socket).is_ok() {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("kmsd exited with {status} during start-up:\n{}", self.logs());
+                return Err(format!("kmsd exited with {status} during start-up:\n{}", self.logs()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("kmsd did not become ready within 10 s:\n{}", self.logs());
+        Err(format!("kmsd did not become ready within 10 s:\n{}", self.logs()))
     }
 
     /// The daemon's log so far.

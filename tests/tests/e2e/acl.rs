@@ -1,7 +1,7 @@
 //! Access control, exhaustively (issue 17, item 4): every operation of the
 //! protocol, run for real against one daemon as the key's owner, as another
 //! plain user, as a global admin (`[access] admins`, not in the key's
-//! policy) and as a peer daemon's uid (`[access] peers`), each answer
+//! policy) and as a peer zone's daemon uid (`[[peer]] uid`), each answer
 //! compared with the rules of README "Access", and the table printed
 //! (`-- --nocapture`).
 //!
@@ -11,7 +11,8 @@
 //!   names them;
 //! - anyone who can open the socket may use the default key and create keys;
 //! - refusals are `permission-denied`;
-//! - only callers in `access.peers` have replication frames considered.
+//! - only a peer zone's uid (`[[peer]] uid`) has replication frames
+//!   considered, and only frames that claim that zone.
 //!
 //! A peer's uid is a plain user for everything but replication frames.
 //! Where the README is silent, the expectation is what the code does, and
@@ -37,12 +38,13 @@ use kms_client::proto::{
     DEFAULT_KEY_NAME,
 };
 use kms_client::{BlockingClient, ClientError};
-use kms_tests::{fuse_available, write_root_key, DaemonOptions, TestDaemon, CALL_DEADLINE};
-use kmsd::replication::seal::{self, Message, PeerKey};
+use kms_tests::{fuse_available, DaemonOptions, TestDaemon, CALL_DEADLINE};
+use kmsd::replication::message::{self, Message};
 use uuid::Uuid;
 
 /// The uids playing the four callers. None of them is root, the daemon's
-/// own uid, so root's rights (uid 0 is a peer of zone b) never leak in.
+/// own uid, so root's rights (uid 0 is zone a's daemon, a peer of zone b)
+/// never leak in. Zone b's daemon runs as `PEER`.
 const OWNER: u32 = 2001;
 const OTHER: u32 = 2002;
 const ADMIN: u32 = 2003;
@@ -176,7 +178,6 @@ struct Fx {
     a: TestDaemon,
     _b: TestDaemon,
     _site: tempfile::TempDir,
-    peer_key: PeerKey,
     default_id: Uuid,
     /// The owner's key for rows that only read or use it (never changed).
     shared: KeyInfo,
@@ -195,40 +196,32 @@ struct Fx {
 
 impl Fx {
     fn start() -> Self {
+        use std::os::unix::fs::PermissionsExt;
         let site = tempfile::Builder::new().prefix("kmsd-acl-").tempdir().unwrap();
-        let peer_key_file = site.path().join("peer-key");
-        write_root_key(&peer_key_file);
-        let key: [u8; 32] = std::fs::read(&peer_key_file).unwrap().try_into().unwrap();
+        // Zone b's daemon (uid PEER) makes its socket here too.
+        std::fs::set_permissions(site.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
         let sock = |z: &str| site.path().join(format!("{z}.sock"));
-        let opts = |zone: &str, other: &str, env: &[(&str, String)]| {
-            let mut all = vec![("KMSD_PEER_KEY".to_string(), peer_key_file.display().to_string())];
-            all.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-            DaemonOptions {
-                zone: zone.into(),
-                // Zone b pulls only at start (before it holds anything), so
-                // no background frame from b reaches a during the table.
-                extra_config: format!(
-                    "[replication]\npull_interval_secs = 3600\nretry_max_secs = 1\n\
-                     [[peer]]\nzone = {other:?}\nsocket = {:?}\n",
-                    sock(other)
-                ),
-                env: all,
-                socket: Some(sock(zone)),
-                ..DaemonOptions::default()
-            }
+        let opts = |zone: &str, other: &str, other_uid: u32, env: &[(&str, String)]| DaemonOptions {
+            zone: zone.into(),
+            // Zone b pulls only at start (before it holds anything), so
+            // no background frame from b reaches a during the table.
+            extra_config: format!(
+                "[replication]\npull_interval_secs = 3600\nretry_max_secs = 1\n\
+                 [[peer]]\nzone = {other:?}\nsocket = {:?}\nuid = {other_uid}\n",
+                sock(other)
+            ),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            socket: Some(sock(zone)),
+            ..DaemonOptions::default()
         };
-        // Zone a: admins and peers are exactly ADMIN and PEER (the
-        // environment replaces the harness's `admins = ["uid:0"]`).
-        let mut a = TestDaemon::start_with(opts(
-            "a",
-            "b",
-            &[
-                ("KMSD_ACCESS__ADMINS", format!("uid:{ADMIN}")),
-                ("KMSD_ACCESS__PEERS", format!("uid:{PEER}")),
-            ],
-        ));
+        // Zone a: admins are exactly ADMIN (the environment replaces the
+        // harness's `admins = ["uid:0"]`); zone b's daemon is uid PEER.
+        let mut a = TestDaemon::start_with(opts("a", "b", PEER, &[("KMSD_ACCESS__ADMINS", format!("uid:{ADMIN}"))]));
         // Zone b takes pushes from a's daemon, which runs as root.
-        let b = TestDaemon::start_with(opts("b", "a", &[("KMSD_ACCESS__PEERS", "uid:0".into())]));
+        let b = TestDaemon::start_with(DaemonOptions {
+            run_as: Some(PEER),
+            ..opts("b", "a", 0, &[])
+        });
 
         let mut mount = None;
         let mut files = 0;
@@ -265,7 +258,6 @@ impl Fx {
             a,
             _b: b,
             _site: site,
-            peer_key: PeerKey::from_bytes(&key),
             default_id,
             shared,
             replicated,
@@ -317,9 +309,9 @@ impl Fx {
         got
     }
 
-    /// A sealed replication frame from zone b asking a for `key`.
+    /// A replication frame from zone b asking a for `key`.
     fn pull_frame(&self, key: Uuid) -> ReplicationFrame {
-        seal::seal(&self.peer_key, "b", "a", &Message::Pull { key }).unwrap()
+        message::frame("b", "a", &Message::Pull { key }).unwrap()
     }
 
     /// Counts per version under the mount, as the owner sees them.
@@ -854,16 +846,16 @@ fn rows() -> Vec<Row> {
         },
         Row {
             op: "replication",
-            case: "sealed pull from zone b",
+            case: "pull from zone b",
             want: [DENIED, DENIED, DENIED, OK],
-            rule: "only access.peers have replication frames considered",
+            rule: "only a peer zone's uid has replication frames considered",
             run: |fx, who| {
                 let frame = fx.pull_frame(fx.replicated.id);
                 judge(fx.client(who).call(Request::Replication(frame)), |r| match r {
-                    Response::Replication(answer) => match seal::open(&fx.peer_key, &answer) {
-                        Ok(Message::Export(e)) if e.id == fx.replicated.id => Ok(()),
+                    Response::Replication(answer) => match message::read(&answer) {
+                        Ok(Message::Export(e)) if e.id == fx.replicated.id && answer.to_zone == "b" => Ok(()),
                         Ok(m) => Err(format!("answered {m:?}")),
-                        Err(e) => Err(format!("answer does not open: {e}")),
+                        Err(e) => Err(format!("answer does not decode: {e}")),
                     },
                     other => Err(format!("answered {}", other.kind_name())),
                 })
@@ -871,12 +863,12 @@ fn rows() -> Vec<Row> {
         },
         Row {
             op: "replication",
-            case: "forged seal",
+            case: "frame claiming zone c",
             want: [DENIED, DENIED, DENIED, DENIED],
-            rule: "the peer's uid alone is not enough: the frame must verify",
+            rule: "a frame speaks only for the zone of the uid that sent it",
             run: |fx, who| {
                 let mut frame = fx.pull_frame(fx.replicated.id);
-                frame.sealed[0] ^= 1;
+                frame.from_zone = "c".into();
                 judge(fx.client(who).call(Request::Replication(frame)), |r| {
                     Err(format!("answered {}", r.kind_name()))
                 })

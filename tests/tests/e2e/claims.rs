@@ -203,7 +203,7 @@ fn replication_and_filesystem_series_appear_only_with_peers_and_mounts() {
     // A peer zone that is not even running: the series are there, at 0.
     let site = Site::new();
     let addr = free_tcp_addr();
-    let mut opts = site.options("a", &["a", "b"], &site.peer_key);
+    let mut opts = site.options("a", &["a", "b"]);
     opts.env.push(("KMSD_METRICS__LISTEN".into(), addr.to_string()));
     let peered = TestDaemon::start_with(opts);
     let want = [

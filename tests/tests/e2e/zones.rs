@@ -1,59 +1,90 @@
 //! Multi-zone keys across real daemons: three `kmsd` processes (zones a, b
-//! and c) on one machine, peered through their Unix sockets with a shared
-//! peering key. Replication, cross-zone unwrap, propagation of rotations,
-//! catching up after downtime or a crash, and the refusals.
+//! and c) on one machine, peered over TCP on 127.0.0.1 with mutual TLS
+//! (certificates made here with rcgen). Replication, cross-zone unwrap,
+//! propagation of rotations, catching up after downtime or a crash, and
+//! the refusals: a certificate for another zone or from another CA, a
+//! frame claiming another zone, a replayed frame, a Unix-socket caller
+//! that is no zone's uid.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kms_client::proto::{Context, CreateKey, ErrorCode, KeyInfo, KeyRole, ReplicationFrame, Request, RotationEntry};
 use kms_client::ClientError;
-use kms_tests::{free_tcp_addr, metric, scrape, stderr, wait_for, write_root_key, DaemonOptions, TestDaemon};
+use kms_tests::pki::{TestCa, ZoneCert};
+use kms_tests::{free_tcp_addr, metric, scrape, stderr, wait_for, DaemonOptions, TestDaemon};
 
 /// How long replication may take to converge in these tests.
 pub(crate) const CONVERGE: Duration = Duration::from_secs(20);
 
-/// A shared folder for the sockets and the peering key of one test.
+/// One test's zones: a CA, each zone's certificate and peering address,
+/// and a folder for sockets.
 pub(crate) struct Site {
     pub(crate) dir: tempfile::TempDir,
-    pub(crate) peer_key: PathBuf,
+    pub(crate) ca: TestCa,
+    addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
 }
 
 impl Site {
     pub(crate) fn new() -> Self {
         let dir = tempfile::Builder::new().prefix("kmsd-zones-").tempdir().unwrap();
-        let peer_key = dir.path().join("peer-key");
-        write_root_key(&peer_key);
-        Self { dir, peer_key }
+        Self {
+            dir,
+            ca: TestCa::new(),
+            addrs: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 
     pub(crate) fn socket(&self, zone: &str) -> PathBuf {
         self.dir.path().join(format!("{zone}.sock"))
     }
 
-    /// Options for `zone`, peered with every other zone of `all`.
-    pub(crate) fn options(&self, zone: &str, all: &[&str], peer_key: &Path) -> DaemonOptions {
+    /// Zone `zone`'s peering address (fixed for the site's life).
+    pub(crate) fn addr(&self, zone: &str) -> SocketAddr {
+        *self.addrs.lock().unwrap().entry(zone.to_string()).or_insert_with(free_tcp_addr)
+    }
+
+    /// Zone `zone`'s certificate files (made once).
+    pub(crate) fn cert(&self, zone: &str) -> ZoneCert {
+        let c = ZoneCert {
+            cert: self.dir.path().join(format!("{zone}.pem")),
+            key: self.dir.path().join(format!("{zone}.key")),
+            ca: self.dir.path().join("ca.pem"),
+        };
+        if c.cert.exists() {
+            c
+        } else {
+            self.ca.issue(self.dir.path(), zone)
+        }
+    }
+
+    /// Options for `zone` with identity `cert`, peered over TCP with every
+    /// other zone of `all`.
+    pub(crate) fn options_as(&self, zone: &str, all: &[&str], cert: &ZoneCert) -> DaemonOptions {
         let mut extra = "[replication]\npull_interval_secs = 1\nretry_max_secs = 1\n".to_string();
+        extra.push_str(&cert.peering_toml(&self.addr(zone).to_string()));
         for other in all.iter().filter(|z| **z != zone) {
             extra.push_str(&format!(
-                "[[peer]]\nzone = {other:?}\nsocket = {:?}\n",
-                self.socket(other)
+                "[[peer]]\nzone = {other:?}\naddress = \"{}\"\n",
+                self.addr(other)
             ));
         }
         DaemonOptions {
             zone: zone.to_string(),
             extra_config: extra,
-            env: vec![
-                ("KMSD_PEER_KEY".into(), peer_key.display().to_string()),
-                ("KMSD_ACCESS__PEERS".into(), format!("uid:{}", nix::unistd::getuid())),
-            ],
             socket: Some(self.socket(zone)),
             ..DaemonOptions::default()
         }
     }
 
+    pub(crate) fn options(&self, zone: &str, all: &[&str]) -> DaemonOptions {
+        self.options_as(zone, all, &self.cert(zone))
+    }
+
     pub(crate) fn start(&self, zone: &str, all: &[&str]) -> TestDaemon {
-        TestDaemon::start_with(self.options(zone, all, &self.peer_key))
+        TestDaemon::start_with(self.options(zone, all))
     }
 }
 
@@ -221,41 +252,104 @@ fn a_replica_that_was_down_catches_up() {
     assert!(lagging.is_some(), "primary never saw c confirm version 3\n{}", a.logs());
 }
 
-#[test]
-fn a_peer_with_the_wrong_peering_key_is_refused_and_logged() {
-    let site = Site::new();
-    let a = site.start("a", &["a", "x"]);
-    let other_key = site.dir.path().join("other-peer-key");
-    write_root_key(&other_key);
-    let x = TestDaemon::start_with(site.options("x", &["a", "x"], &other_key));
-    create(&a, "app");
-
-    let err = a.client().replicate_key("app", "x").unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::PermissionDenied), "{err}");
-    let logged = wait_for(CONVERGE, || {
-        let l = x.logs();
-        (l.contains("does not verify") && l.contains("claimed_zone=a")).then_some(())
-    });
-    assert!(logged.is_some(), "x did not log the refusal:\n{}", x.logs());
-    let k = a.client().describe_key("app").unwrap();
-    assert_eq!((k.role, k.replicas.len()), (KeyRole::SingleZone, 0));
-
-    // A forged frame straight from a local process is refused as well.
-    let forged = ReplicationFrame {
-        from_zone: "x".into(),
-        to_zone: "a".into(),
-        nonce: [0; 12],
-        sealed: vec![0; 64],
+/// Sends `frame` to `zone` at `addr` over mutual TLS with the identity
+/// `cert` (which need not be `frame.from_zone`'s), as a hostile or
+/// misconfigured peer would: kmsd's own client side, from this process.
+fn send_as(cert: &ZoneCert, me: &str, zone: &str, addr: SocketAddr, frame: ReplicationFrame) -> Result<ReplicationFrame, String> {
+    use kmsd::replication::tls::{PeerTls, TlsFiles};
+    use kmsd::replication::transport::{PeerTransport, Route, ZoneTransport};
+    let files = TlsFiles {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        ca: cert.ca.clone(),
     };
+    let tls = PeerTls::load(&files, me).map_err(|e| e.to_string())?;
+    let routes = HashMap::from([(zone.to_string(), Route::Tls { address: addr.to_string() })]);
+    let t = ZoneTransport::new(routes, Some(std::sync::Arc::new(tls)), 1 << 20, Duration::from_secs(10));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(t.send(zone, frame)).map_err(|e| {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(c) = src {
+            s.push_str(&format!(": {c}"));
+            src = c.source();
+        }
+        s
+    })
+}
+
+fn pull_frame(from: &str, to: &str, key: uuid::Uuid) -> ReplicationFrame {
+    use kmsd::replication::message::{frame, Message};
+    frame(from, to, &Message::Pull { key }).unwrap()
+}
+
+fn await_log(d: &TestDaemon, needle: &str) {
+    let found = wait_for(CONVERGE, || d.logs().contains(needle).then_some(()));
+    assert!(found.is_some(), "zone {} did not log {needle:?}:\n{}", d.opts.zone, d.logs());
+}
+
+#[test]
+fn a_peer_is_who_its_certificate_says_and_nothing_else() {
+    let site = Site::new();
+    let [a, b, _c] = start_abc(&site);
+    let key = create(&a, "app");
+    replicate(&a, "app", "b");
+    let addr = site.addr("a");
+
+    // b, as itself, pulls the key it holds a replica of.
+    assert!(send_as(&site.cert("b"), "b", "a", addr, pull_frame("b", "a", key.id)).is_ok());
+
+    // c's genuine certificate, claiming to be b: refused and logged.
+    let e = send_as(&site.cert("c"), "c", "a", addr, pull_frame("b", "a", key.id)).unwrap_err();
+    assert!(e.contains("permission-denied") && e.contains("comes from zone c"), "{e}");
+    await_log(&a, "claims another zone");
+
+    // c as itself: the key has no replica in c, so it does not exist for c.
+    let e = send_as(&site.cert("c"), "c", "a", addr, pull_frame("c", "a", key.id)).unwrap_err();
+    assert!(e.contains("not-found"), "{e}");
+
+    // A certificate for b from another CA: the handshake fails (the dialler
+    // trusts our CA, so only a can refuse it).
+    let other = tempfile::tempdir().unwrap();
+    let mut forged = TestCa::new().issue(other.path(), "b");
+    forged.ca = site.cert("b").ca;
+    let e = send_as(&forged, "b", "a", addr, pull_frame("b", "a", key.id)).unwrap_err();
+    assert!(!e.contains("not-found"), "{e}");
+    await_log(&a, "peering TLS handshake failed");
+
+    // A valid certificate for a zone a does not know.
+    let z = site.ca.issue(site.dir.path(), "z");
+    let e = send_as(&z, "z", "a", addr, pull_frame("z", "a", key.id)).unwrap_err();
+    assert!(e.contains("not a configured peer"), "{e}");
+
+    // a server that is not the zone dialled: b's address answers for "a".
+    let e = send_as(&site.cert("c"), "c", "a", site.addr("b"), pull_frame("c", "a", key.id)).unwrap_err();
+    assert!(e.contains("certificate for zone b"), "{e}");
+
+    // Nothing of this reached b's replica.
+    assert_eq!(rotations(&b, "app").len(), 1);
+
+    // On the Unix socket, a local process whose uid is no peer zone's.
+    let forged = pull_frame("b", "a", key.id);
     let err = a.client().call(Request::Replication(forged)).unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::PermissionDenied), "{err}");
-    assert!(a.logs().contains("does not verify"));
+    await_log(&a, "no peer zone's");
+}
+
+#[test]
+fn a_daemon_refuses_a_certificate_that_is_not_its_zones() {
+    let site = Site::new();
+    let opts = site.options_as("a", &["a", "b"], &site.cert("b"));
+    let Err(logs) = TestDaemon::try_start_with(opts) else {
+        panic!("kmsd started with zone b's certificate as zone a");
+    };
+    assert!(logs.contains("is for zone b, but this daemon is zone a"), "{logs}");
 }
 
 #[test]
 fn sigkill_between_persisting_and_pushing_converges() {
     let site = Site::new();
-    let mut opts = site.options("a", &ABC, &site.peer_key);
+    let mut opts = site.options("a", &ABC);
     opts.env.push(("KMSDTEST_FAULT".into(), "kill-before-push".into()));
     let mut a = TestDaemon::start_with(opts);
     let [b, c] = ["b", "c"].map(|z| site.start(z, &ABC));
@@ -280,7 +374,7 @@ fn sigkill_between_persisting_and_pushing_converges() {
 fn the_primary_exports_push_counts_and_replica_lag() {
     let site = Site::new();
     let addr = free_tcp_addr();
-    let mut opts = site.options("a", &["a", "b"], &site.peer_key);
+    let mut opts = site.options("a", &["a", "b"]);
     opts.env.push(("KMSD_METRICS__LISTEN".into(), addr.to_string()));
     let a = TestDaemon::start_with(opts);
     let _b = site.start("b", &["a", "b"]);
@@ -302,4 +396,48 @@ fn the_primary_exports_push_counts_and_replica_lag() {
         Some(0.0)
     );
     assert_eq!(metric(&body, "kmsd_replication_frames_rejected_total"), Some(0.0));
+}
+
+/// Zones on one host over their Unix sockets: each is recognised by the
+/// uid its daemon runs as, in both directions.
+#[test]
+fn unix_socket_peers_are_told_apart_by_uid() {
+    use std::os::unix::fs::PermissionsExt;
+    const B_UID: u32 = 2101;
+    let site = Site::new();
+    std::fs::set_permissions(site.dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let unix = |zone: &str, other: &str, uid: u32| DaemonOptions {
+        zone: zone.into(),
+        extra_config: format!(
+            "[replication]\npull_interval_secs = 1\nretry_max_secs = 1\n[[peer]]\nzone = {other:?}\nsocket = {:?}\nuid = {uid}\n",
+            site.socket(other)
+        ),
+        socket: Some(site.socket(zone)),
+        ..DaemonOptions::default()
+    };
+    let a = TestDaemon::start_with(unix("a", "b", B_UID));
+    let b = TestDaemon::start_with(DaemonOptions {
+        run_as: Some(B_UID),
+        ..unix("b", "a", 0)
+    });
+    // b's daemon must reach a's socket (as membership of its group would).
+    std::fs::set_permissions(site.socket("a"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    create(&a, "app");
+    replicate(&a, "app", "b");
+    a.client().rotate_key("app").unwrap();
+    await_history(&b, "app", &rotations(&a, "app"));
+
+    // Zone c is configured with a uid its daemon does not run as: a
+    // refuses to talk to it, and says why.
+    let wrong = TestDaemon::start_with(DaemonOptions {
+        extra_config: format!(
+            "[[peer]]\nzone = \"c\"\nsocket = {:?}\nuid = 2102\n",
+            site.socket("b")
+        ),
+        ..DaemonOptions::default()
+    });
+    create(&wrong, "k");
+    let err = wrong.client().replicate_key("k", "c").unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(err.to_string().contains("runs as uid 2101, not the configured uid 2102"), "{err}");
 }
