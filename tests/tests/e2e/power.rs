@@ -10,7 +10,9 @@
 //! each with its state dir on its own harness (a primary rotating and
 //! creating multi-zone keys while it pushes to its replica; every version
 //! either zone acknowledged survives, and the replica catches up with
-//! identical material).
+//! identical material), and a power cut in the middle of an `fs rewrap`
+//! (every file reads as before, every file the rewrap reported done stays
+//! re-wrapped, and a second rewrap finishes the job).
 //!
 //! Each of these was removed by hand (not committed) and caught: the
 //! file fsync in the store's `write_atomic` (store.meta left empty: kmsd
@@ -18,9 +20,10 @@
 //! gone; in the replication loop "zone b acknowledged storing key
 //! z0de3d0166318f11c (version 1) and lost it in the power cut"),
 //! `EncryptedFile::sync` in kms-fuse (fsynced log records gone: EIO), the
-//! `fdatasync` of `admin::rewrap_file` (headers back at the old version),
-//! and the backing-directory fsync of kms-fuse's `fsyncdir` (fsynced files
-//! lose their names).
+//! `fdatasync` of `admin::rewrap_file` (headers back at the old version;
+//! in the mid-rewrap loop "the rewrap reported 1 files done before the
+//! power cut; after it only 0 are at version 2"), and the backing-directory
+//! fsync of kms-fuse's `fsyncdir` (fsynced files lose their names).
 //!
 //! Removed on one zone's path alone: the directory fsync of the replica's
 //! saves (`accept_replica`): "zone b acknowledged storing key
@@ -40,7 +43,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -800,5 +803,117 @@ fn power_cut_during_replication_loses_nothing_either_zone_acknowledged() {
         ac.replica.len(),
         ac.replica.values().map(|&v| u64::from(v)).sum::<u64>(),
         ac.blobs.len()
+    );
+}
+
+// ---- A power cut in the middle of a rewrap ----------------------------------
+
+/// 200 files under version 1 on a mount, then per cycle: rotate the mount's
+/// key, start `fs rewrap`, and cut the power at a random file while it
+/// runs. Every file must read as before (its header at either version),
+/// every file the rewrap reported done must stay at the new version, and a
+/// second rewrap must move exactly the rest.
+#[test]
+fn power_cut_during_a_rewrap_keeps_every_file() {
+    const FILES: u64 = 200;
+    let (Some(mut state), Some(mut data)) = (harness(), harness()) else {
+        return;
+    };
+    // The fs key allows 10 manual rotations, one per cycle.
+    let cycles = power_cycles().min(10);
+    let seed = seed_from("KMS_POWER_SEED");
+    println!("rewrap power loop: {cycles} cycles, seed {seed} (replay with KMS_POWER_SEED={seed})");
+    let started = Instant::now();
+    let mut rng = Rng(seed);
+    let mut d = TestDaemon::start_with_mount_opts(DaemonOptions {
+        state_dir: Some(state.path().to_path_buf()),
+        data_dir: Some(data.path().to_path_buf()),
+        ..DaemonOptions::default()
+    });
+    let mnt = d.mnt();
+    let target = mnt.to_str().unwrap().to_string();
+    let files: Vec<(PathBuf, Vec<u8>)> = (0..FILES)
+        .map(|i| {
+            let len = rng.below(9000) as usize;
+            let body = (0..len).map(|j| (i as usize * 7 + j) as u8).collect();
+            (mnt.join(format!("f{i:03}")), body)
+        })
+        .collect();
+    for (p, body) in &files {
+        write_synced(p, body);
+    }
+    fsync_dir(&mnt);
+    assert_eq!(d.client().fs_versions(&target).unwrap().counts, vec![(1, FILES)]);
+    let mut mid_run = 0;
+    for cycle in 0..cycles {
+        let v = d.client().rotate_key("fs").unwrap().expect("rotated").active_version;
+        // Cut once `at` headers have been written and the first progress
+        // frame has come (or when the rewrap ended first). Counting writes,
+        // not syncs, keeps the cut in the middle when a sync is missing.
+        let at = 1 + rng.below(FILES * 3 / 4);
+        let base = data.stats().writes;
+        let reported = Arc::new(AtomicU64::new(0));
+        let (socket, t, r) = (d.socket.clone(), target.clone(), reported.clone());
+        let call = std::thread::spawn(move || {
+            let mut c = connect(&socket).expect("connect to kmsd");
+            c.fs_rewrap_with_progress(&t, |done, _| {
+                r.fetch_max(done, Ordering::SeqCst);
+            })
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (data.stats().writes < base + at || reported.load(Ordering::SeqCst) == 0) && !call.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the rewrap made no progress in 60 s\n{}",
+                d.logs()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let written = data.stats().writes - base;
+        kill_and_cut(&mut d, &mut [&mut state, &mut data]);
+        let finished = match call.join().unwrap() {
+            Ok(_) => true,
+            Err(e) if e.is_connection_error() => false,
+            Err(e) => panic!("the rewrap failed before the cut: {e}"),
+        };
+        mid_run += u64::from(!finished);
+        // Files the rewrap reported done, by its progress frames, before
+        // the cut (the final answer reports all of them).
+        let reported = reported.load(Ordering::SeqCst);
+        d.restart();
+        let info = d.client().fs_versions(&target).unwrap();
+        let at_new = info.counts.iter().find(|c| c.0 == v).map_or(0, |c| c.1);
+        assert_eq!(info.unreadable, 0, "a header was torn by the cut: {info:?}");
+        assert_eq!(info.counts.iter().map(|c| c.1).sum::<u64>(), FILES, "{info:?}");
+        assert!(
+            at_new >= reported,
+            "the rewrap reported {reported} files done before the power cut; after it only {at_new} are at \
+             version {v}: {info:?}"
+        );
+        for (p, body) in &files {
+            let got = fs::read(p).unwrap_or_else(|e| panic!("{}: {e} after a cut rewrap", p.display()));
+            assert!(&got == body, "{}: content changed by a cut rewrap", p.display());
+        }
+        let r = d.client().fs_rewrap(&target).unwrap();
+        assert_eq!(
+            (r.rewrapped, r.already_current, r.failed),
+            (FILES - at_new, at_new, 0),
+            "the second rewrap"
+        );
+        assert_eq!(d.client().fs_versions(&target).unwrap().counts, vec![(v, FILES)]);
+        println!(
+            "rewrap power loop: cycle {cycle}: cut after {written} header writes{}, {reported} reported done, \
+             {at_new} of {FILES} at version {v} after the cut; the second rewrap moved the rest",
+            if finished { " (the rewrap had finished)" } else { "" }
+        );
+    }
+    for (p, body) in &files {
+        assert!(&fs::read(p).unwrap() == body, "{}", p.display());
+    }
+    assert!(cycles == 0 || mid_run > 0, "no cut came in the middle of a rewrap");
+    println!(
+        "rewrap power loop: {cycles} cycles in {:?}, {mid_run} cut mid-rewrap; data harness {:?}",
+        started.elapsed(),
+        data.stats()
     );
 }
