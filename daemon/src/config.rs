@@ -316,14 +316,20 @@ impl Config {
             }
             match (&p.address, &p.socket, p.uid) {
                 (Some(a), None, None) => {
-                    if a.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                    if a.rsplit_once(':')
+                        .and_then(|(_, port)| port.parse::<u16>().ok())
+                        .is_none()
+                    {
                         return Err(invalid(&at("address"), "use HOST:PORT"));
                     }
                     tls = true;
                 }
                 (None, Some(s), Some(_)) => require_absolute(&at("socket"), s)?,
                 (None, Some(_), None) => {
-                    return Err(invalid(&at("uid"), "a Unix-socket peer needs the uid its daemon runs as"))
+                    return Err(invalid(
+                        &at("uid"),
+                        "a Unix-socket peer needs the uid its daemon runs as",
+                    ))
                 }
                 _ => {
                     return Err(invalid(
@@ -340,7 +346,11 @@ impl Config {
                 .map_err(|e| invalid("peering.listen", format!("{e} (use IP:PORT)")))?;
             tls = true;
         }
-        for (k, v) in [("peering.cert", &p.cert), ("peering.key", &p.key), ("peering.ca", &p.ca)] {
+        for (k, v) in [
+            ("peering.cert", &p.cert),
+            ("peering.key", &p.key),
+            ("peering.ca", &p.ca),
+        ] {
             if let Some(path) = v {
                 require_absolute(k, path)?;
             }
@@ -532,7 +542,10 @@ mod tests {
             ("[[peer]]\nzone=\"y/x\"\naddress=\"h:1\"", "peer[0].zone"),
             ("[peering]\nlisten = \"nowhere\"", "peering.listen"),
             ("[peering]\ncert = \"zone.pem\"", "peering.cert"),
-            ("[peering]\nhandshake_timeout_secs = 0", "peering.handshake_timeout_secs"),
+            (
+                "[peering]\nhandshake_timeout_secs = 0",
+                "peering.handshake_timeout_secs",
+            ),
             ("[access]\npeers = [\"uid:990\"]", "access.peers"),
             ("peer_key = \"/etc/kmsd/peer-key\"", "peer_key"),
             (

@@ -172,7 +172,14 @@ fn chown_tree(dir: &Path, uid: u32) {
         if p.is_dir() && !p.is_symlink() {
             chown_tree(&p, uid);
         } else {
-            nix::unistd::fchownat(nix::fcntl::AT_FDCWD, &p, id, gid, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).unwrap();
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &p,
+                id,
+                gid,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
         }
     }
 }

@@ -626,8 +626,7 @@ mod tests {
         let frame = ReplicationFrame {
             from_zone: "a".into(),
             to_zone: "b".into(),
-            nonce: [0; 12],
-            sealed: vec![1, 2, 3],
+            message: vec![1, 2, 3],
         };
         let req = postcard::to_allocvec(&Request::Replication(frame.clone())).unwrap();
         assert_eq!(req[0], 25);

@@ -73,7 +73,12 @@ pub async fn run(
                     return;
                 }
             };
-            let zone = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(zone_of);
+            let zone = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(zone_of);
             let Some(zone) = zone else {
                 tracing::warn!(%addr, "peer certificate names no zone (SAN URI kmsd://zone/NAME); refused");
                 return;
@@ -133,7 +138,10 @@ async fn serve<S>(
             }
             Ok(Decoded::Malformed { id, reason }) => {
                 tracing::warn!(zone, %reason, "malformed frame from a peer");
-                (id, error(ErrorCode::Malformed, &format!("request does not decode: {reason}")))
+                (
+                    id,
+                    error(ErrorCode::Malformed, &format!("request does not decode: {reason}")),
+                )
             }
             Err(e) => {
                 tracing::warn!(zone, error = %e, "peer connection broken; closed");

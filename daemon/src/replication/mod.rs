@@ -214,7 +214,10 @@ impl Replicator {
                 }),
             other => error(
                 ErrorCode::PermissionDenied,
-                format!("the peering port serves replication frames only, not {}", other.op_name()),
+                format!(
+                    "the peering port serves replication frames only, not {}",
+                    other.op_name()
+                ),
             ),
         }
     }
@@ -615,12 +618,21 @@ mod tests {
         );
         let frame = message::frame("b", "c", &pull).unwrap();
         let as_b = Caller::process(uid_of("b"), uid_of("b"), None);
-        assert_eq!(code(a.r.handle(&as_b, Request::Replication(frame)).await), ErrorCode::PermissionDenied);
+        assert_eq!(
+            code(a.r.handle(&as_b, Request::Replication(frame)).await),
+            ErrorCode::PermissionDenied
+        );
         assert_eq!(a.r.stats.frames_rejected.load(Ordering::Relaxed), 3);
         // Over TLS the authenticated zone is passed in; the same rules hold.
         let frame = message::frame("b", "a", &pull).unwrap();
-        assert_eq!(code(a.r.handle_peer("c", Request::Replication(frame)).await), ErrorCode::PermissionDenied);
-        assert_eq!(code(a.r.handle_peer("b", Request::Status).await), ErrorCode::PermissionDenied);
+        assert_eq!(
+            code(a.r.handle_peer("c", Request::Replication(frame)).await),
+            ErrorCode::PermissionDenied
+        );
+        assert_eq!(
+            code(a.r.handle_peer("b", Request::Status).await),
+            ErrorCode::PermissionDenied
+        );
         // c pushing a's key to b (which holds the replica) is refused: only
         // the primary's zone may push it.
         let export = a.r.keys.export_for_replica(id, "b").unwrap();
@@ -630,7 +642,10 @@ mod tests {
         );
         let mut forged = export;
         forged.primary_zone = "c".into();
-        assert_eq!(code(send_as(b, "c", "c", &Message::Push(forged)).await), ErrorCode::InvalidArgument);
+        assert_eq!(
+            code(send_as(b, "c", "c", &Message::Push(forged)).await),
+            ErrorCode::InvalidArgument
+        );
         assert_eq!(b.r.keys.rotations(&owner(), "app").unwrap().len(), 1);
         let _ = c;
     }

@@ -145,7 +145,10 @@ impl ZoneTransport {
                     at: address.clone(),
                     source,
                 };
-                let tls = self.tls.as_ref().ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
+                let tls = self
+                    .tls
+                    .as_ref()
+                    .ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
                 let connector = tls.connector(zone).map_err(|e| connect(std::io::Error::other(e)))?;
                 let tcp = TcpStream::connect(address.as_str()).await.map_err(connect)?;
                 let _ = tcp.set_nodelay(true);

@@ -678,7 +678,7 @@ fn power_cut_during_replication_loses_nothing_either_zone_acknowledged() {
     let mut rng = Rng(seed);
     let site = Site::new();
     let start = |zone: &str, state: &LazyFs| {
-        let mut opts = site.options(zone, &["a", "b"], &site.peer_key);
+        let mut opts = site.options(zone, &["a", "b"]);
         opts.state_dir = Some(state.path().to_path_buf());
         TestDaemon::start_with(opts)
     };

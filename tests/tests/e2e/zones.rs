@@ -43,7 +43,12 @@ impl Site {
 
     /// Zone `zone`'s peering address (fixed for the site's life).
     pub(crate) fn addr(&self, zone: &str) -> SocketAddr {
-        *self.addrs.lock().unwrap().entry(zone.to_string()).or_insert_with(free_tcp_addr)
+        *self
+            .addrs
+            .lock()
+            .unwrap()
+            .entry(zone.to_string())
+            .or_insert_with(free_tcp_addr)
     }
 
     /// Zone `zone`'s certificate files (made once).
@@ -255,7 +260,13 @@ fn a_replica_that_was_down_catches_up() {
 /// Sends `frame` to `zone` at `addr` over mutual TLS with the identity
 /// `cert` (which need not be `frame.from_zone`'s), as a hostile or
 /// misconfigured peer would: kmsd's own client side, from this process.
-fn send_as(cert: &ZoneCert, me: &str, zone: &str, addr: SocketAddr, frame: ReplicationFrame) -> Result<ReplicationFrame, String> {
+fn send_as(
+    cert: &ZoneCert,
+    me: &str,
+    zone: &str,
+    addr: SocketAddr,
+    frame: ReplicationFrame,
+) -> Result<ReplicationFrame, String> {
     use kmsd::replication::tls::{PeerTls, TlsFiles};
     use kmsd::replication::transport::{PeerTransport, Route, ZoneTransport};
     let files = TlsFiles {
@@ -264,9 +275,17 @@ fn send_as(cert: &ZoneCert, me: &str, zone: &str, addr: SocketAddr, frame: Repli
         ca: cert.ca.clone(),
     };
     let tls = PeerTls::load(&files, me).map_err(|e| e.to_string())?;
-    let routes = HashMap::from([(zone.to_string(), Route::Tls { address: addr.to_string() })]);
+    let routes = HashMap::from([(
+        zone.to_string(),
+        Route::Tls {
+            address: addr.to_string(),
+        },
+    )]);
     let t = ZoneTransport::new(routes, Some(std::sync::Arc::new(tls)), 1 << 20, Duration::from_secs(10));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(t.send(zone, frame)).map_err(|e| {
         let mut s = e.to_string();
         let mut src = std::error::Error::source(&e);
@@ -285,7 +304,12 @@ fn pull_frame(from: &str, to: &str, key: uuid::Uuid) -> ReplicationFrame {
 
 fn await_log(d: &TestDaemon, needle: &str) {
     let found = wait_for(CONVERGE, || d.logs().contains(needle).then_some(()));
-    assert!(found.is_some(), "zone {} did not log {needle:?}:\n{}", d.opts.zone, d.logs());
+    assert!(
+        found.is_some(),
+        "zone {} did not log {needle:?}:\n{}",
+        d.opts.zone,
+        d.logs()
+    );
 }
 
 #[test]
@@ -301,7 +325,10 @@ fn a_peer_is_who_its_certificate_says_and_nothing_else() {
 
     // c's genuine certificate, claiming to be b: refused and logged.
     let e = send_as(&site.cert("c"), "c", "a", addr, pull_frame("b", "a", key.id)).unwrap_err();
-    assert!(e.contains("permission-denied") && e.contains("comes from zone c"), "{e}");
+    assert!(
+        e.contains("permission-denied") && e.contains("comes from zone c"),
+        "{e}"
+    );
     await_log(&a, "claims another zone");
 
     // c as itself: the key has no replica in c, so it does not exist for c.
@@ -406,7 +433,8 @@ fn unix_socket_peers_are_told_apart_by_uid() {
     const B_UID: u32 = 2101;
     let site = Site::new();
     std::fs::set_permissions(site.dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let unix = |zone: &str, other: &str, uid: u32| DaemonOptions {
+    let unix = |zone: &str, other: &str, uid: u32| {
+        DaemonOptions {
         zone: zone.into(),
         extra_config: format!(
             "[replication]\npull_interval_secs = 1\nretry_max_secs = 1\n[[peer]]\nzone = {other:?}\nsocket = {:?}\nuid = {uid}\n",
@@ -414,6 +442,7 @@ fn unix_socket_peers_are_told_apart_by_uid() {
         ),
         socket: Some(site.socket(zone)),
         ..DaemonOptions::default()
+    }
     };
     let a = TestDaemon::start_with(unix("a", "b", B_UID));
     let b = TestDaemon::start_with(DaemonOptions {
@@ -430,14 +459,15 @@ fn unix_socket_peers_are_told_apart_by_uid() {
     // Zone c is configured with a uid its daemon does not run as: a
     // refuses to talk to it, and says why.
     let wrong = TestDaemon::start_with(DaemonOptions {
-        extra_config: format!(
-            "[[peer]]\nzone = \"c\"\nsocket = {:?}\nuid = 2102\n",
-            site.socket("b")
-        ),
+        extra_config: format!("[[peer]]\nzone = \"c\"\nsocket = {:?}\nuid = 2102\n", site.socket("b")),
         ..DaemonOptions::default()
     });
     create(&wrong, "k");
     let err = wrong.client().replicate_key("k", "c").unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
-    assert!(err.to_string().contains("runs as uid 2101, not the configured uid 2102"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("runs as uid 2101, not the configured uid 2102"),
+        "{err}"
+    );
 }
