@@ -6,6 +6,7 @@
 pub mod app;
 pub mod audit;
 pub mod config;
+pub mod harden;
 pub mod keys;
 pub mod logging;
 pub mod metrics;

@@ -35,8 +35,11 @@ fn main() -> ExitCode {
 }
 
 fn start(args: &Args) -> anyhow::Result<()> {
+    // Before any key is read and before the runtime's threads exist.
+    let hardening = kmsd::harden::process();
     // Log the start-up at info until the config says otherwise.
     let log = logging::init("info");
+    kmsd::harden::log(&hardening);
     let (cfg, dev_dir) = load(args)?;
     log.set(&cfg.log_level);
     let again = args.clone();

@@ -134,26 +134,49 @@ pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, max_frame: usize, 
     tracker.wait().await;
 }
 
-/// The caller behind a stream, from `SO_PEERCRED` (and its supplementary
-/// groups from /proc when readable).
+/// The caller behind a stream: uid, gid and pid from `SO_PEERCRED` and
+/// the supplementary groups from `SO_PEERGROUPS`, both captured by the
+/// kernel when the peer connected (reading `/proc/PID` after accept would
+/// lend a reused pid's groups).
 fn caller_of(stream: &UnixStream) -> Option<Caller> {
     let cred = stream.peer_cred().ok()?;
     let mut caller = Caller::process(cred.uid(), cred.gid(), cred.pid());
-    if let Some(pid) = cred.pid() {
-        caller.groups = supplementary_groups(pid);
-    }
+    caller.groups = peer_groups(stream).ok()?;
     Some(caller)
 }
 
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
-        .unwrap_or_default()
+/// `getsockopt(SO_PEERGROUPS)`: the peer's supplementary groups at
+/// connect time.
+fn peer_groups(stream: &UnixStream) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    // NGROUPS_MAX is 65536; start small and grow to what the kernel asks.
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+            .map_err(|_| std::io::Error::other("too many groups"))?;
+        // SAFETY: `groups` is a live, writable buffer of exactly `len`
+        // bytes; the kernel writes at most `len` bytes and stores the size
+        // it needs (or used) in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || n <= groups.len() || n > 65_536 {
+            return Err(err);
+        }
+        groups.resize(n, 0);
+    }
 }
 
 type Conn = Framed<UnixStream, FrameCodec<Response, Request>>;

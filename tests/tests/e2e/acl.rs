@@ -23,8 +23,8 @@
 //! calls (per thread on Linux; glibc's wrappers would switch every thread of
 //! the test process), connects, and exits. The kernel records the connecting
 //! thread's credentials for `SO_PEERCRED`, so the connection is that uid's
-//! for its lifetime. (kmsd reads supplementary groups from the test
-//! process's /proc status, i.e. root's; no principal here is a gid.)
+//! for its lifetime, and its supplementary groups for `SO_PEERGROUPS`
+//! (root's, untouched here; no principal here is a gid).
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod disk;
 mod fs;
+mod hardening;
 mod lifecycle;
 mod metrics;
 mod power;
