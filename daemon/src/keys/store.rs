@@ -21,6 +21,8 @@ use zeroize::Zeroizing;
 
 use super::model::KeyRecord;
 
+pub mod schema;
+
 const KEY_MAGIC: &[u8; 8] = b"KMSDKEY1";
 const META_MAGIC: &[u8; 8] = b"KMSDMET1";
 const META_CHECK: &[u8] = b"kmsd root key check v1";
