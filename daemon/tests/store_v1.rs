@@ -1,7 +1,8 @@
 //! The key store written by the release whose store had no schema of its
 //! own ("schema 1": postcard of the record with the wire types in it),
-//! committed in `tests/fixtures/store-v1/`, opens with this code: every
-//! field of every key, every blob and every file written through a mount.
+//! committed in `tests/fixtures/store-v1/`, opens with this code (which
+//! migrates it to the current schema): every field of every key, every
+//! blob and every file written through a mount.
 //!
 //! `generate_store_v1_fixture` made the fixture (see the README there); it
 //! is ignored so that an ordinary test run never rewrites it.
@@ -485,10 +486,27 @@ fn check_blobs(svc: &KeyService, m: &Manifest) {
     }
 }
 
+/// The first 8 bytes of `store.meta` and of every key file.
+fn magics(state: &Path) -> (String, Vec<String>) {
+    let magic = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap()[..8]).into_owned();
+    let keys = fs::read_dir(state.join("keys"))
+        .unwrap()
+        .map(|e| magic(&e.unwrap().path()))
+        .collect();
+    (magic(&state.join("store.meta")), keys)
+}
+
 #[test]
 fn store_v1_fixture_opens_with_every_field_blob_and_file() {
     let (work, m) = fixture_copy();
+    let state = work.path().join("state");
+    assert_eq!(magics(&state), ("KMSDMET1".into(), vec!["KMSDKEY1".into(); 9]));
     let svc = open(work.path(), &m);
+    assert_eq!(
+        magics(&state),
+        ("KMSDMETA".into(), vec!["KMSDKEY2".into(); 9]),
+        "migrated to schema 2 at open"
+    );
     check_fields(&svc, &m);
     assert!(
         svc.next_due().unwrap() > m.now,
