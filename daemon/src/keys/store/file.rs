@@ -90,7 +90,7 @@ impl FileStore {
     ///
     /// # Errors
     /// As `open`; a simulated crash is an `Io` error.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "conformance"))]
     pub fn open_crashing(dir: &Path, root: RootKey, crash: CrashPoint) -> Result<Self, StoreError> {
         Self::open_inner(dir, root, Some(crash))
     }
@@ -124,7 +124,7 @@ impl FileStore {
     }
 
     /// Makes the next key write stop at `point`, as if the process died.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "conformance"))]
     pub fn crash_at(&self, point: CrashPoint) {
         *self.crash.lock() = Some(point);
     }

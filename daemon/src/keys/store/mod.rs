@@ -5,7 +5,15 @@
 //! file per key under the state directory); the records on disk are the
 //! store's own types ([`schema`]), never the wire types.
 //!
+//! Every implementation must pass the suite in `conformance` (built for
+//! tests and with the `conformance` feature); `memory` is a multi-writer
+//! store for tests.
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod file;
+#[cfg(any(test, feature = "conformance"))]
+pub mod memory;
 mod root;
 pub mod schema;
 

@@ -1,6 +1,6 @@
 //! The file store: its files, its checks at open, the migration of a
 //! schema-1 store (the committed fixture) with a crash at every step, and
-//! a crash at every step of a write.
+//! the conformance suite.
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -8,6 +8,7 @@ use kms_client::proto::KeyKind;
 
 use super::*;
 use crate::keys::model::RotationSchedule;
+use crate::keys::store::conformance::Harness;
 use crate::keys::store::schema::{v1, META_MAGIC};
 
 fn root(b: u8) -> RootKey {
@@ -371,6 +372,54 @@ fn a_corrupt_schema_1_record_stops_the_migration_before_anything_is_written() {
     assert!(!state.join(format!("keys.schema{CURRENT}")).exists());
 }
 
+// ---- conformance ------------------------------------------------------------
+
+/// The file store on a private temporary directory.
+struct FileHarness {
+    dir: tempfile::TempDir,
+}
+
+impl FileHarness {
+    fn new() -> Self {
+        Self {
+            dir: crate::testutil::private_dir().unwrap(),
+        }
+    }
+}
+
+impl Harness for FileHarness {
+    type Store = FileStore;
+    type Crash = CrashPoint;
+
+    fn open(&mut self) -> FileStore {
+        open(self.dir.path())
+    }
+
+    fn crash_points(&self) -> Vec<CrashPoint> {
+        vec![
+            CrashPoint::TornTemp,
+            CrashPoint::BeforeRename,
+            CrashPoint::BeforeDirSync,
+        ]
+    }
+
+    fn arm_crash(&self, store: &FileStore, point: CrashPoint) {
+        store.crash_at(point);
+    }
+
+    fn second_writer(&mut self, first: &FileStore) -> Option<FileStore> {
+        let second = FileStore::open(self.dir.path(), root(1));
+        assert!(
+            matches!(second, Err(StoreError::Locked { .. })),
+            "the lock keeps a second writer out of {}",
+            first.dir().display()
+        );
+        None
+    }
+}
+
+crate::key_store_conformance!(FileHarness::new());
+
 #[test]
 fn each_crash_point_of_a_write_leaves_what_rename_promises() {
     for (point, new_wins) in [
@@ -382,8 +431,7 @@ fn each_crash_point_of_a_write_leaves_what_rename_promises() {
         let store = open(dir.path());
         let old = record();
         let r = store.put(&old, None).unwrap();
-        let mut new = old.clone();
-        new.description = "new".into();
+        let new = crate::keys::store::conformance::changed(&old);
         store.crash_at(point);
         store.put(&new, Some(r)).unwrap_err();
         let tmp_left = fs::read_dir(dir.path().join("keys"))
