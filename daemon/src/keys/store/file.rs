@@ -172,7 +172,7 @@ impl FileStore {
             }
             _ => {}
         }
-        let magic = schema::key_magic(schema).ok_or(StoreError::NewerSchema {
+        let magic = schema::key_magic(schema).ok_or_else(|| StoreError::NewerSchema {
             path: path.into(),
             found: schema,
             supported: CURRENT,

@@ -87,8 +87,11 @@ impl FileStore {
             fs::rename(&from, &to).map_err(io_err("cannot move into place", &to))?;
             crash_point(crash, CrashPoint::MigrationMoved, &to)?;
         }
+        // `keys/` first: a cut before the staging directory's removal is
+        // durable may leave a file under both names, never under neither;
+        // the staging directory is then removed with what is left in it.
         sync_dir(&self.keys_dir)?;
-        fs::remove_dir(staging).map_err(io_err("cannot remove", staging))?;
+        fs::remove_dir_all(staging).map_err(io_err("cannot remove", staging))?;
         sync_dir(&self.dir)
     }
 

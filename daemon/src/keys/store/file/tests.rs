@@ -339,6 +339,36 @@ fn a_migration_cut_off_at_any_step_ends_at_the_same_store() {
     }
 }
 
+#[test]
+fn a_staged_file_left_under_both_names_by_a_power_cut_is_finished() {
+    // A cut after `keys/` was synced but before the staging directory's
+    // removal was durable can leave a moved file under both names.
+    let (_work, state, key) = fixture_copy();
+    let want = sorted(
+        FileStore::open(&state, RootKey::from_bytes(&key))
+            .unwrap()
+            .load()
+            .unwrap(),
+    );
+    let (_work, state, key) = fixture_copy();
+    FileStore::open_crashing(&state, RootKey::from_bytes(&key), CrashPoint::MigrationCommitted).unwrap_err();
+    let staging = state.join(format!("keys.schema{CURRENT}"));
+    for e in fs::read_dir(&staging).unwrap() {
+        let from = e.unwrap().path();
+        let to = state.join("keys").join(from.file_name().unwrap());
+        fs::rename(&from, &to).unwrap();
+        fs::hard_link(&to, &from).unwrap();
+    }
+    let got = sorted(
+        FileStore::open(&state, RootKey::from_bytes(&key))
+            .unwrap()
+            .load()
+            .unwrap(),
+    );
+    assert_eq!(got, want);
+    assert!(!staging.exists());
+}
+
 fn key_files(state: &Path) -> Vec<Vec<u8>> {
     let mut names: Vec<PathBuf> = fs::read_dir(state.join("keys"))
         .unwrap()
