@@ -6,7 +6,9 @@
 //! cycles of clients creating, rotating and wrapping with keys and appending
 //! fsynced records through the mount, SIGKILL at a random moment, power
 //! cut, restart, and check that every acknowledged key, version and blob and
-//! every fsynced byte and name is there.
+//! every fsynced byte and name is there. Last, the migration of a schema-1
+//! store (the committed fixture): the power goes once it is done, then at
+//! random moments of the start, and every key must be there after.
 //!
 //! Each of these was removed by hand (not committed) and caught: the
 //! file fsync in the store's `write_atomic` (store.meta left empty: kmsd
@@ -14,7 +16,11 @@
 //! gone), `EncryptedFile::sync` in kms-fuse (fsynced log records gone: EIO),
 //! the `fdatasync` of `admin::rewrap_file` (headers back at the old
 //! version), and the backing-directory fsync of kms-fuse's `fsyncdir`
-//! (fsynced files lose their names).
+//! (fsynced files lose their names), the fsync of `keys/` after the
+//! migration's moves (the store is left at schema 2 with schema-1 files:
+//! kmsd refuses to start) and that of the migration's staging directory
+//! (the same, when the power goes between the commit and the moves: caught
+//! with `KMS_POWER_CYCLES=40`).
 //!
 //! `KMS_POWER_CYCLES` (default 3) sets the number of cycles and
 //! `KMS_POWER_SEED` replays a run; the seed is printed.
@@ -30,6 +36,7 @@ use kms_client::proto::CreateKey;
 use kms_tests::lazyfs::LazyFs;
 use kms_tests::{fuse_available, DaemonOptions, TestDaemon};
 
+use crate::upgrade;
 use crate::workload::{seed_from, start_workers, verify, Rng, Shared};
 
 fn harness() -> Option<LazyFs> {
@@ -315,4 +322,71 @@ fn power_cut_keeps_an_acknowledged_rewrap() {
     for (p, body) in &files {
         assert_eq!(&fs::read(p).unwrap(), body);
     }
+}
+
+/// Empties the harness and puts the schema-1 fixture's state in it,
+/// durably.
+fn reset_to_store_v1(h: &LazyFs) {
+    for e in fs::read_dir(h.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    upgrade::copy_tree(&upgrade::fixture().join("state"), h.path(), 0o700, 0o600);
+}
+
+/// How far a migration had come when the power went: what `store.meta`
+/// says and whether the staging directory is there.
+fn migration_phase(state: &Path) -> &'static str {
+    let meta = fs::read(state.join("store.meta")).unwrap_or_default();
+    let staging = state.join("keys.schema2").exists();
+    match (meta.starts_with(b"KMSDMETA"), staging) {
+        (false, false) => "not started",
+        (false, true) => "staged, not committed",
+        (true, true) => "committed, not moved",
+        (true, false) => "done",
+    }
+}
+
+#[test]
+fn power_cut_during_or_after_a_store_migration_loses_no_key() {
+    let Some(mut state) = harness() else { return };
+    let m = upgrade::manifest();
+    let root_dir = tempfile::tempdir().unwrap();
+    let root = root_dir.path().join("root-key");
+    upgrade::copy_root_key(&root);
+    let cycles: u64 = std::env::var("KMS_POWER_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seed = seed_from("KMS_POWER_SEED");
+    println!("migration power loop: {cycles} cycles, seed {seed} (replay with KMS_POWER_SEED={seed})");
+    let mut rng = Rng(seed);
+
+    // Migrated and serving, then the power goes.
+    reset_to_store_v1(&state);
+    let mut d = TestDaemon::start_with(upgrade::options(&m, state.path(), &root));
+    d.kill9();
+    state.power_cut().unwrap();
+    d.restart();
+    upgrade::check_keys(&d, &m);
+
+    // The power goes at a random moment of the start, often mid-migration.
+    let mut phases = Vec::new();
+    for _ in 0..cycles {
+        d.kill9();
+        reset_to_store_v1(&state);
+        let mut child = d.command().spawn().expect("start kmsd");
+        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        let _ = child.kill();
+        child.wait().unwrap();
+        state.power_cut().unwrap();
+        phases.push(migration_phase(state.path()));
+        d.restart();
+        upgrade::check_keys(&d, &m);
+    }
+    println!("migration power loop: the power went at {phases:?}");
 }

@@ -15,12 +15,13 @@ use serde_json::{json, Value};
 
 use crate::schedule::LIBFAKETIME;
 
-fn fixture() -> PathBuf {
+pub(crate) fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemon/tests/fixtures/store-v1")
 }
 
-/// Copies a tree, giving directories `dir_mode` and files `file_mode`.
-fn copy_tree(from: &Path, to: &Path, dir_mode: u32, file_mode: u32) {
+/// Copies a tree durably (every file and directory fsynced), giving
+/// directories `dir_mode` and files `file_mode`.
+pub(crate) fn copy_tree(from: &Path, to: &Path, dir_mode: u32, file_mode: u32) {
     fs::create_dir_all(to).unwrap();
     fs::set_permissions(to, fs::Permissions::from_mode(dir_mode)).unwrap();
     for e in fs::read_dir(from).unwrap() {
@@ -31,8 +32,46 @@ fn copy_tree(from: &Path, to: &Path, dir_mode: u32, file_mode: u32) {
         } else {
             fs::copy(e.path(), &dst).unwrap();
             fs::set_permissions(&dst, fs::Permissions::from_mode(file_mode)).unwrap();
+            fs::File::open(&dst).unwrap().sync_all().unwrap();
         }
     }
+    fs::File::open(to).unwrap().sync_all().unwrap();
+}
+
+pub(crate) fn manifest() -> Value {
+    serde_json::from_slice(&fs::read(fixture().join("expected.json")).unwrap()).unwrap()
+}
+
+/// A daemon on `state` with the fixture's zone, the root key at `root` and
+/// the clock pinned at the fixture's "now".
+pub(crate) fn options(m: &Value, state: &Path, root: &Path) -> DaemonOptions {
+    assert!(Path::new(LIBFAKETIME).exists(), "install the Debian package faketime");
+    DaemonOptions {
+        zone: m["zone"].as_str().unwrap().into(),
+        state_dir: Some(state.to_path_buf()),
+        env: vec![
+            ("KMSD_ROOT_KEY".into(), root.display().to_string()),
+            ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+            ("FAKETIME".into(), format!("@{}", utc(m["now"].as_u64().unwrap()))),
+            ("TZ".into(), "UTC".into()),
+        ],
+        ..DaemonOptions::default()
+    }
+}
+
+/// The fixture's root key, copied to `path` with mode 0600.
+pub(crate) fn copy_root_key(path: &Path) {
+    fs::copy(fixture().join("root-key"), path).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Every key the daemon holds, field by field as in the fixture.
+pub(crate) fn check_keys(d: &TestDaemon, m: &Value) {
+    let mut keys = d.client().list_keys().unwrap();
+    keys.sort_by_key(|k| k.id.to_string());
+    let got: Vec<Value> = keys.iter().map(shown).collect();
+    let want: Vec<Value> = m["keys"].as_array().unwrap().iter().map(expected_key).collect();
+    assert_eq!(got, want);
 }
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -89,8 +128,7 @@ fn expected_key(k: &Value) -> Value {
 
 #[test]
 fn kmsd_serves_a_schema_1_store_with_its_keys_blobs_and_files() {
-    assert!(Path::new(LIBFAKETIME).exists(), "install the Debian package faketime");
-    let m: Value = serde_json::from_slice(&fs::read(fixture().join("expected.json")).unwrap()).unwrap();
+    let m = manifest();
     let work = tempfile::Builder::new().prefix("kmsd-upgrade-").tempdir().unwrap();
     let (state, data, root) = (
         work.path().join("state"),
@@ -99,20 +137,8 @@ fn kmsd_serves_a_schema_1_store_with_its_keys_blobs_and_files() {
     );
     copy_tree(&fixture().join("state"), &state, 0o700, 0o600);
     copy_tree(&fixture().join("data"), &data, 0o755, 0o644);
-    fs::copy(fixture().join("root-key"), &root).unwrap();
-    fs::set_permissions(&root, fs::Permissions::from_mode(0o600)).unwrap();
-    let now = m["now"].as_u64().unwrap();
-    let mut opts = DaemonOptions {
-        zone: m["zone"].as_str().unwrap().into(),
-        state_dir: Some(state.clone()),
-        env: vec![
-            ("KMSD_ROOT_KEY".into(), root.display().to_string()),
-            ("LD_PRELOAD".into(), LIBFAKETIME.into()),
-            ("FAKETIME".into(), format!("@{}", utc(now))),
-            ("TZ".into(), "UTC".into()),
-        ],
-        ..DaemonOptions::default()
-    };
+    copy_root_key(&root);
+    let mut opts = options(&m, &state, &root);
     let fuse = fuse_available();
     let mnt = work.path().join("mnt");
     if fuse {
@@ -123,12 +149,7 @@ fn kmsd_serves_a_schema_1_store_with_its_keys_blobs_and_files() {
     assert_eq!(&fs::read(state.join("store.meta")).unwrap()[..8], b"KMSDMETA");
 
     // Every field of every key, as `key describe` shows it.
-    let mut c = d.client();
-    let mut keys = c.list_keys().unwrap();
-    keys.sort_by_key(|k| k.id.to_string());
-    let got: Vec<Value> = keys.iter().map(shown).collect();
-    let want: Vec<Value> = m["keys"].as_array().unwrap().iter().map(expected_key).collect();
-    assert_eq!(got, want);
+    check_keys(&d, &m);
 
     // Every blob (the disabled and pending-deletion keys serve nothing).
     for b in m["blobs"].as_array().unwrap() {
