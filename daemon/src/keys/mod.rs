@@ -21,4 +21,4 @@ pub use clock::{Clock, ManualClock, SystemClock, DAY};
 pub use error::{Error, Result};
 pub use policy::Caller;
 pub use service::{DueReport, KeyEntry, KeyService};
-pub use store::{RootKey, StoreError};
+pub use store::{FileStore, KeyStore, RootKey, StoreError};

@@ -59,8 +59,10 @@ impl RotationSchedule {
     }
 }
 
-/// Everything kmsd keeps about a key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Everything kmsd keeps about a key. Not serialisable on purpose: the
+/// store writes its own schema types (`store::schema`), replication a
+/// `KeyExport`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub id: Uuid,
     pub name: Option<String>,

@@ -32,7 +32,7 @@ use super::model::{validate_description, validate_name, validate_period, KeyReco
 use super::policy::{allowed, Access, Caller};
 use super::replica::{self, KeyExport};
 use super::rotation;
-use super::store::{RootKey, Store, StoreError};
+use super::store::{FileStore, KeyStore, Revision, RootKey, StoreError};
 
 /// A generated data key: plaintext (zeroized on drop) and its blob.
 pub type DataKeyPair = (Zeroizing<Vec<u8>>, Vec<u8>);
@@ -40,17 +40,23 @@ pub type DataKeyPair = (Zeroizing<Vec<u8>>, Vec<u8>);
 /// Length of generated data keys.
 pub const DATA_KEY_LEN: usize = 32;
 
-/// One key as readers see it: the record and its initialised ciphers.
+/// One key as readers see it: the record, the store's revision of it, and
+/// its initialised ciphers.
 #[derive(Debug)]
 pub struct KeyEntry {
     pub record: KeyRecord,
+    revision: Revision,
     ciphers: VersionCiphers,
 }
 
 impl KeyEntry {
-    fn new(record: KeyRecord, previous: Option<&KeyEntry>) -> Self {
+    fn new(record: KeyRecord, revision: Revision, previous: Option<&KeyEntry>) -> Self {
         let ciphers = VersionCiphers::build(&record, previous.map(|p| &p.ciphers));
-        Self { record, ciphers }
+        Self {
+            record,
+            revision,
+            ciphers,
+        }
     }
 
     fn seal(&self, plaintext: &[u8], context: &Context) -> Vec<u8> {
@@ -94,7 +100,7 @@ pub struct DueReport {
 pub struct KeyService {
     zone: String,
     clock: Arc<dyn Clock>,
-    store: Store,
+    store: Arc<dyn KeyStore>,
     ring: ArcSwap<Keyring>,
     admins: ArcSwap<Vec<Principal>>,
     writer: Mutex<()>,
@@ -113,17 +119,27 @@ impl std::fmt::Debug for KeyService {
 }
 
 impl KeyService {
-    /// Opens the store in `state_dir`, loads every key and creates the
-    /// default organization key on first start.
+    /// Opens the file store in `state_dir` (migrating it if it is at an
+    /// older schema), loads every key and creates the default organization
+    /// key on first start.
     ///
     /// # Errors
     /// Any [`StoreError`]: wrong root key, corrupt file, locked, I/O.
     pub fn open(state_dir: &Path, root: RootKey, zone: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let (store, records) = Store::open(state_dir, root)?;
+        Self::with_store(Arc::new(FileStore::open(state_dir, root)?), zone, clock)
+    }
+
+    /// Loads every key from `store` and creates the default organization
+    /// key if it holds none.
+    ///
+    /// # Errors
+    /// Any [`StoreError`] of loading or of writing the default key.
+    pub fn with_store(store: Arc<dyn KeyStore>, zone: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let stored = store.load()?;
         let mut ring = Keyring::default();
-        let has_default = records.iter().any(KeyRecord::is_default);
-        for r in records {
-            ring.insert(KeyEntry::new(r, None));
+        let has_default = stored.iter().any(|s| s.record.is_default());
+        for s in stored {
+            ring.insert(KeyEntry::new(s.record, s.revision, None));
         }
         let svc = Self {
             zone: zone.to_string(),
@@ -151,8 +167,8 @@ impl KeyService {
             public_use: true,
             ..Policy::default()
         };
-        self.store.save(&rec)?;
-        self.insert(rec);
+        let revision = self.store.put(&rec, None)?;
+        self.insert(rec, revision);
         Ok(())
     }
 
@@ -224,9 +240,9 @@ impl KeyService {
         })
     }
 
-    fn insert(&self, rec: KeyRecord) {
+    fn insert(&self, rec: KeyRecord, revision: Revision) {
         let mut ring = Keyring::clone(&self.ring.load());
-        ring.insert(KeyEntry::new(rec, None));
+        ring.insert(KeyEntry::new(rec, revision, None));
         self.ring.store(Arc::new(ring));
         self.notify_changed();
     }
@@ -247,18 +263,24 @@ impl KeyService {
         let out = f(&mut rec, self.clock.now())?;
         let info = rec.info();
         if rec != current.record {
-            self.store.save(&rec).map_err(Error::Unavailable)?;
-            self.swap(rec, &current);
+            self.replace(rec, &current)?;
         }
         Ok((out, info))
     }
 
-    fn swap(&self, rec: KeyRecord, previous: &KeyEntry) {
+    /// Persists `rec` over `current` (compare-and-swap on the revision read
+    /// with it) and swaps it in. Callers hold the writer lock.
+    fn replace(&self, rec: KeyRecord, current: &KeyEntry) -> Result<()> {
+        let revision = self
+            .store
+            .put(&rec, Some(current.revision))
+            .map_err(Error::Unavailable)?;
         let ring = self.ring.load();
         if let Some(slot) = ring.by_id.get(&rec.id) {
-            slot.store(Arc::new(KeyEntry::new(rec, Some(previous))));
+            slot.store(Arc::new(KeyEntry::new(rec, revision, Some(current))));
         }
         self.notify_changed();
+        Ok(())
     }
 
     /// Holds the writer lock, as a rotation does across its fsync.
@@ -301,9 +323,9 @@ impl KeyService {
             rec.policy.users = vec![Principal::Uid(caller.uid)];
             rec.policy.admins = vec![Principal::Uid(caller.uid)];
         }
-        self.store.save(&rec).map_err(Error::Unavailable)?;
+        let revision = self.store.put(&rec, None).map_err(Error::Unavailable)?;
         let info = rec.info();
-        self.insert(rec);
+        self.insert(rec, revision);
         Ok(info)
     }
 
@@ -467,7 +489,7 @@ impl KeyService {
             return Ok(());
         };
         if lifecycle::deletion_due(&current.record, now) {
-            self.store.remove(id).map_err(Error::Unavailable)?;
+            self.store.delete(id, current.revision).map_err(Error::Unavailable)?;
             self.remove_from_ring(id);
             tracing::info!(key = %id, "key deleted after its waiting period");
             report.deleted.push(id);
@@ -475,8 +497,7 @@ impl KeyService {
         }
         let mut rec = current.record.clone();
         if let Some(v) = rotation::rotate_automatic(&mut rec, now) {
-            self.store.save(&rec).map_err(Error::Unavailable)?;
-            self.swap(rec, &current);
+            self.replace(rec, &current)?;
             tracing::info!(key = %id, version = v, "automatic rotation");
             report.rotated.push((id, v));
         }
@@ -576,8 +597,7 @@ impl KeyService {
         replica::apply(&mut rec, export)?;
         let active = rec.active().version;
         if rec != current.record {
-            self.store.save(&rec).map_err(Error::Unavailable)?;
-            self.swap(rec, current);
+            self.replace(rec, current)?;
         }
         Ok(active)
     }
@@ -593,9 +613,9 @@ impl KeyService {
         }
         let rec = replica::new_replica(export, &self.zone)?;
         let active = rec.active().version;
-        self.store.save(&rec).map_err(Error::Unavailable)?;
+        let revision = self.store.put(&rec, None).map_err(Error::Unavailable)?;
         tracing::info!(key = %rec.id, primary_zone = %export.primary_zone, version = active, "replica created");
-        self.insert(rec);
+        self.insert(rec, revision);
         Ok(active)
     }
 

@@ -709,3 +709,55 @@ fn a_name_taken_in_the_target_zone_refuses_the_replica() {
     assert_eq!(info.role, kms_client::proto::KeyRole::SingleZone);
     assert!(info.replicas.is_empty());
 }
+
+mod through_the_store_trait {
+    use super::*;
+    use crate::keys::store::memory::MemoryBackend;
+
+    fn service(backend: &MemoryBackend) -> KeyService {
+        let clock = Arc::new(ManualClock::at(T0));
+        KeyService::with_store(Arc::new(backend.store()), "zone-a", clock).unwrap()
+    }
+
+    #[test]
+    fn a_write_that_lost_a_race_to_another_writer_changes_nothing() {
+        let backend = MemoryBackend::new();
+        let svc = service(&backend);
+        let k = create(&svc, "k");
+        let other = backend.store();
+        let held = other
+            .load()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.record.id.to_string() == k)
+            .unwrap();
+        let mut theirs = held.record.clone();
+        theirs.description = "changed by another writer".into();
+        other.put(&theirs, Some(held.revision)).unwrap();
+
+        let err = svc.rotate(&alice(), &k).unwrap_err();
+        assert!(matches!(err, Error::Unavailable(StoreError::Conflict { .. })), "{err}");
+        assert_eq!(err.code(), ErrorCode::Unavailable);
+        assert_eq!(svc.describe(&alice(), &k).unwrap().active_version, 1);
+        let stored = other.load().unwrap();
+        let now = stored.iter().find(|s| s.record.id == theirs.id).unwrap();
+        assert_eq!(now.record, theirs, "the other writer's record stands");
+    }
+
+    #[test]
+    fn every_write_is_a_compare_and_swap_on_the_revision_read() {
+        let backend = MemoryBackend::new();
+        let svc = service(&backend);
+        let k = create(&svc, "k");
+        for _ in 0..3 {
+            svc.rotate(&alice(), &k).unwrap();
+        }
+        svc.disable_key(&alice(), &k).unwrap();
+        svc.schedule_deletion(&alice(), &k, Some(7)).unwrap();
+        assert_eq!(svc.run_due(T0 + 7 * DAY).deleted.len(), 1);
+        let left: Vec<_> = backend.store().load().unwrap();
+        assert_eq!(left.len(), 1, "only the default key is left");
+        drop(svc);
+        assert_eq!(service(&backend).key_count(), 1, "the default key is not made twice");
+    }
+}

@@ -17,5 +17,6 @@ mod reload;
 mod schedule;
 mod soak;
 mod systemd;
+mod upgrade;
 mod workload;
 mod zones;

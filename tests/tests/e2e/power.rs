@@ -12,7 +12,10 @@
 //! either zone acknowledged survives, and the replica catches up with
 //! identical material), and a power cut in the middle of an `fs rewrap`
 //! (every file reads as before, every file the rewrap reported done stays
-//! re-wrapped, and a second rewrap finishes the job).
+//! re-wrapped, and a second rewrap finishes the job). Last, the migration
+//! of a schema-1 store (the committed fixture): the power goes once it is
+//! done, then at random moments of the start, and every key must be there
+//! after.
 //!
 //! Each of these was removed by hand (not committed) and caught: the
 //! file fsync in the store's `write_atomic` (store.meta left empty: kmsd
@@ -23,7 +26,12 @@
 //! `fdatasync` of `admin::rewrap_file` (headers back at the old version;
 //! in the mid-rewrap loop "the rewrap reported 1 files done before the
 //! power cut; after it only 0 are at version 2"), and the backing-directory
-//! fsync of kms-fuse's `fsyncdir` (fsynced files lose their names).
+//! fsync of kms-fuse's `fsyncdir` (fsynced files lose their names), the
+//! fsync of `keys/` after the
+//! migration's moves (the store is left at schema 2 with schema-1 files:
+//! kmsd refuses to start) and that of the migration's staging directory
+//! (the same, when the power goes between the commit and the moves: caught
+//! with `KMS_POWER_CYCLES=40`).
 //!
 //! Removed on one zone's path alone: the directory fsync of the replica's
 //! saves (`accept_replica`): "zone b acknowledged storing key
@@ -56,6 +64,7 @@ use kms_tests::{fuse_available, wait_for, DaemonOptions, TestDaemon, CALL_DEADLI
 use nix::sys::signal::{kill, Signal};
 use uuid::Uuid;
 
+use crate::upgrade;
 use crate::workload::{seed_from, start_workers, verify, Rng, Shared};
 use crate::zones::{Site, CONVERGE};
 
@@ -916,4 +925,71 @@ fn power_cut_during_a_rewrap_keeps_every_file() {
         started.elapsed(),
         data.stats()
     );
+}
+
+/// Empties the harness and puts the schema-1 fixture's state in it,
+/// durably.
+fn reset_to_store_v1(h: &LazyFs) {
+    for e in fs::read_dir(h.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    upgrade::copy_tree(&upgrade::fixture().join("state"), h.path(), 0o700, 0o600);
+}
+
+/// How far a migration had come when the power went: what `store.meta`
+/// says and whether the staging directory is there.
+fn migration_phase(state: &Path) -> &'static str {
+    let meta = fs::read(state.join("store.meta")).unwrap_or_default();
+    let staging = state.join("keys.schema2").exists();
+    match (meta.starts_with(b"KMSDMETA"), staging) {
+        (false, false) => "not started",
+        (false, true) => "staged, not committed",
+        (true, true) => "committed, not moved",
+        (true, false) => "done",
+    }
+}
+
+#[test]
+fn power_cut_during_or_after_a_store_migration_loses_no_key() {
+    let Some(mut state) = harness() else { return };
+    let m = upgrade::manifest();
+    let root_dir = tempfile::tempdir().unwrap();
+    let root = root_dir.path().join("root-key");
+    upgrade::copy_root_key(&root);
+    let cycles: u64 = std::env::var("KMS_POWER_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seed = seed_from("KMS_POWER_SEED");
+    println!("migration power loop: {cycles} cycles, seed {seed} (replay with KMS_POWER_SEED={seed})");
+    let mut rng = Rng(seed);
+
+    // Migrated and serving, then the power goes.
+    reset_to_store_v1(&state);
+    let mut d = TestDaemon::start_with(upgrade::options(&m, state.path(), &root));
+    d.kill9();
+    state.power_cut().unwrap();
+    d.restart();
+    upgrade::check_keys(&d, &m);
+
+    // The power goes at a random moment of the start, often mid-migration.
+    let mut phases = Vec::new();
+    for _ in 0..cycles {
+        d.kill9();
+        reset_to_store_v1(&state);
+        let mut child = d.command().spawn().expect("start kmsd");
+        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        let _ = child.kill();
+        child.wait().unwrap();
+        state.power_cut().unwrap();
+        phases.push(migration_phase(state.path()));
+        d.restart();
+        upgrade::check_keys(&d, &m);
+    }
+    println!("migration power loop: the power went at {phases:?}");
 }
