@@ -27,6 +27,16 @@ pub enum Error {
     LimitExceeded { key: String, limit: u32 },
     #[error("{0}")]
     InvalidArgument(String),
+    /// An export older than what this zone holds: a replayed frame, or an
+    /// answer that crossed a newer one.
+    #[error("stale export of key {key}: epoch {got_epoch} serial {got_serial}, but this zone holds epoch {held_epoch} serial {held_serial}")]
+    Stale {
+        key: String,
+        got_epoch: u32,
+        got_serial: u64,
+        held_epoch: u32,
+        held_serial: u64,
+    },
     #[error("cannot decrypt: {0}")]
     DecryptFailed(&'static str),
     #[error("key store unavailable: {0}")]
@@ -46,7 +56,7 @@ impl Error {
             Error::NotPrimary { .. } => ErrorCode::NotPrimary,
             Error::RotationEnabled { .. } => ErrorCode::RotationEnabled,
             Error::LimitExceeded { .. } => ErrorCode::LimitExceeded,
-            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Stale { .. } => ErrorCode::InvalidArgument,
             Error::DecryptFailed(_) => ErrorCode::DecryptFailed,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,

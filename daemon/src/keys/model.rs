@@ -79,6 +79,19 @@ pub struct KeyRecord {
     pub versions: Vec<KeyVersion>,
     /// Replicas of a primary key, with their last confirmed version.
     pub replicas: Vec<ReplicaInfo>,
+    /// On a primary (or single-zone key): grows with every change stored,
+    /// and travels in exports. On a replica: the serial of the last export
+    /// applied, so an older export (a replayed frame) is refused.
+    pub serial: u64,
+    /// Promotion epoch: 0 for the first primary, one more for each
+    /// `key promote`. Exports carry it; a zone never takes an export of a
+    /// lower epoch than the one it holds.
+    pub epoch: u32,
+    /// `Some(time)` for a tombstone: a replica deleted in this zone. Its
+    /// versions (and so its material) are gone and it is never served;
+    /// it only makes the zone refuse the primary's pushes until the
+    /// primary unreplicates the key from this zone.
+    pub deleted_at: Option<UnixTime>,
 }
 
 impl KeyRecord {
@@ -104,6 +117,9 @@ impl KeyRecord {
             manual_rotations: 0,
             versions: vec![first],
             replicas: Vec::new(),
+            serial: 0,
+            epoch: 0,
+            deleted_at: None,
         }
     }
 

@@ -32,6 +32,10 @@ pub struct KeyExport {
     pub versions: Vec<KeyVersion>,
     /// Every zone holding a replica (for `key describe` on the replicas).
     pub replica_zones: Vec<String>,
+    /// The primary's promotion epoch and change serial when exported: a
+    /// replica takes only exports newer than the last it applied.
+    pub epoch: u32,
+    pub serial: u64,
 }
 
 impl KeyExport {
@@ -55,6 +59,8 @@ pub fn export(key: &KeyRecord) -> KeyExport {
         manual_rotations: key.manual_rotations,
         versions: key.versions.clone(),
         replica_zones: key.replicas.iter().map(|r| r.zone.clone()).collect(),
+        epoch: key.epoch,
+        serial: key.serial,
     }
 }
 
@@ -183,6 +189,9 @@ pub fn new_replica(export: &KeyExport, zone: &str) -> Result<KeyRecord> {
         manual_rotations: export.manual_rotations,
         versions: export.versions.clone(),
         replicas: replica_list(export),
+        serial: export.serial,
+        epoch: export.epoch,
+        deleted_at: None,
     })
 }
 
@@ -200,13 +209,14 @@ fn replica_list(export: &KeyExport) -> Vec<ReplicaInfo> {
 /// Applies a later export from the primary to an existing replica: checks
 /// that every version the replica holds is identical in the export, then
 /// appends the versions that follow, and takes the primary's schedule and
-/// description. Applying the same export twice changes nothing; an older
-/// export (one that crossed a newer one) changes nothing either.
+/// description. Applying the same export twice changes nothing.
 ///
 /// # Errors
-/// `InvalidArgument` when `key` is not a replica of the export's primary,
-/// the versions are not 1..=n, or a version differs from the one held
-/// (a conflict that must not be papered over).
+/// `Stale` for an export older (by epoch, then serial) than the last one
+/// applied: a replayed frame must not revert a description, a schedule or
+/// a replica list. `InvalidArgument` when `key` is not a replica of the
+/// export's primary, the versions are not 1..=n, or a version differs from
+/// the one held (a conflict that must not be papered over).
 pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<()> {
     let primary_ok = matches!(&key.role, KeyRole::Replica { primary_zone } if *primary_zone == export.primary_zone);
     if !primary_ok || key.id != export.id {
@@ -217,6 +227,15 @@ pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<()> {
         )));
     }
     check_contiguous(export)?;
+    if (export.epoch, export.serial) < (key.epoch, key.serial) {
+        return Err(Error::Stale {
+            key: key.label(),
+            got_epoch: export.epoch,
+            got_serial: export.serial,
+            held_epoch: key.epoch,
+            held_serial: key.serial,
+        });
+    }
     for held in &key.versions {
         if export.version_matches(held) == Some(false) {
             return Err(Error::InvalidArgument(format!(
@@ -228,9 +247,15 @@ pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<()> {
     }
     let have = key.versions.len();
     if export.versions.len() < have {
-        return Ok(());
+        return Err(Error::InvalidArgument(format!(
+            "the export of key {} holds {} versions, fewer than the {have} held here",
+            key.label(),
+            export.versions.len()
+        )));
     }
     key.versions.extend(export.versions.iter().skip(have).cloned());
+    key.epoch = export.epoch;
+    key.serial = export.serial;
     key.description.clone_from(&export.description);
     key.rotation = export.rotation.clone();
     key.manual_rotations = export.manual_rotations;
@@ -293,19 +318,30 @@ mod tests {
         let mut p = primary();
         add_replica(&mut p, "b").unwrap();
         let mut r = replica_of(&p);
+        // (The service bumps the serial on every change it stores.)
         rotation::rotate_manual(&mut p, 10).unwrap();
+        p.serial = 1;
+        let older = export(&p);
         rotation::rotate_manual(&mut p, 20).unwrap();
+        p.serial = 2;
         let e = export(&p);
         apply(&mut r, &e).unwrap();
         assert_eq!(r.versions, p.versions);
+        assert_eq!(r.serial, 2);
         let before = r.clone();
         apply(&mut r, &e).unwrap();
         assert_eq!(r, before);
-        // An older export changes nothing either.
-        let mut old = e.clone();
-        old.versions.truncate(1);
-        apply(&mut r, &old).unwrap();
-        assert_eq!(r.versions, p.versions);
+        // An older export (a replay, or a crossed answer) is refused and
+        // changes nothing.
+        assert!(matches!(apply(&mut r, &older), Err(Error::Stale { .. })));
+        assert_eq!(r, before);
+        // The same versions with an older description: refused as well.
+        p.description = "new".into();
+        p.serial = 3;
+        apply(&mut r, &export(&p)).unwrap();
+        assert_eq!(r.description, "new");
+        assert!(matches!(apply(&mut r, &e), Err(Error::Stale { .. })));
+        assert_eq!(r.description, "new");
     }
 
     #[test]

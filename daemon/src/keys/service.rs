@@ -269,8 +269,13 @@ impl KeyService {
     }
 
     /// Persists `rec` over `current` (compare-and-swap on the revision read
-    /// with it) and swaps it in. Callers hold the writer lock.
-    fn replace(&self, rec: KeyRecord, current: &KeyEntry) -> Result<()> {
+    /// with it) and swaps it in. Callers hold the writer lock. A key this
+    /// zone is primary for gets the next serial (see `KeyRecord::serial`);
+    /// a replica keeps the one of the export it applied.
+    fn replace(&self, mut rec: KeyRecord, current: &KeyEntry) -> Result<()> {
+        if !matches!(rec.role, kms_client::proto::KeyRole::Replica { .. }) {
+            rec.serial = current.record.serial + 1;
+        }
         let revision = self
             .store
             .put(&rec, Some(current.revision))

@@ -471,3 +471,41 @@ fn unix_socket_peers_are_told_apart_by_uid() {
         "{err}"
     );
 }
+
+/// A genuine old frame sent again, by a holder of the primary's
+/// certificate, cannot revert a replica: exports carry the primary's
+/// serial and a replica refuses one older than it holds.
+#[test]
+fn a_replayed_push_is_refused_and_changes_nothing() {
+    use kmsd::replication::message::{self, Message};
+    let site = Site::new();
+    let [a, b, _c] = start_abc(&site);
+    let key = create(&a, "app");
+    replicate(&a, "app", "b");
+    // Capture the export as it is now, as zone b would receive it.
+    let answer = send_as(&site.cert("b"), "b", "a", site.addr("a"), pull_frame("b", "a", key.id)).unwrap();
+    let Message::Export(old) = message::read(&answer).unwrap() else {
+        panic!("no export")
+    };
+    // The primary changes the schedule and rotates; b follows.
+    a.client().disable_rotation("app").unwrap();
+    a.client().rotate_key("app").unwrap();
+    let history = rotations(&a, "app");
+    await_history(&b, "app", &history);
+    let caught_up = wait_for(CONVERGE, || {
+        let k = b.client().describe_key("app").ok()?;
+        (!k.rotation.enabled).then_some(k)
+    });
+    let before = caught_up.expect("b took the new schedule");
+    // Replaying the old export as zone a, with a's own certificate.
+    let replay = message::frame("a", "b", &Message::Push(old)).unwrap();
+    let e = send_as(&site.cert("a"), "a", "b", site.addr("b"), replay).unwrap_err();
+    assert!(e.contains("stale export"), "{e}");
+    await_log(&b, "stale export");
+    assert_eq!(
+        b.client().describe_key("app").unwrap(),
+        before,
+        "the replay changed the replica"
+    );
+    assert_eq!(rotations(&b, "app"), history);
+}

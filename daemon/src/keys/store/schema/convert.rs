@@ -82,6 +82,11 @@ impl From<v1::KeyRecord> for KeyRecord {
                     },
                 )
                 .collect(),
+            // Schema 1 had no serials, epochs or tombstones: every key
+            // starts at serial 0 of epoch 0, alive.
+            serial: 0,
+            epoch: 0,
+            deleted_at: None,
         }
     }
 }
@@ -129,6 +134,9 @@ impl From<v2::KeyRecord> for KeyRecord {
             manual_rotations,
             versions,
             replicas,
+            serial,
+            epoch,
+            deleted_at,
         } = r;
         let v2::Policy {
             users,
@@ -184,6 +192,9 @@ impl From<v2::KeyRecord> for KeyRecord {
                     },
                 )
                 .collect(),
+            serial,
+            epoch,
+            deleted_at,
         }
     }
 }
@@ -225,6 +236,9 @@ impl From<&KeyRecord> for v2::KeyRecord {
             manual_rotations,
             versions,
             replicas,
+            serial,
+            epoch,
+            deleted_at,
         } = r;
         let Policy {
             users,
@@ -282,6 +296,9 @@ impl From<&KeyRecord> for v2::KeyRecord {
                     },
                 )
                 .collect(),
+            serial: *serial,
+            epoch: *epoch,
+            deleted_at: *deleted_at,
         }
     }
 }

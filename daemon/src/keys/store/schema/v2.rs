@@ -37,6 +37,9 @@ pub struct KeyRecord {
     pub manual_rotations: u32,
     pub versions: Vec<KeyVersion>,
     pub replicas: Vec<ReplicaInfo>,
+    pub serial: u64,
+    pub epoch: u32,
+    pub deleted_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
