@@ -358,7 +358,7 @@ impl RequestMetrics {
             }
             (_, Response::Plaintext(p)) => self.decrypted.increment(p.len() as u64),
             (_, Response::Plaintexts(ps)) => {
-                let n: usize = ps.iter().filter_map(|p| p.as_ref().ok()).map(Vec::len).sum();
+                let n: usize = ps.iter().filter_map(|p| p.as_ref().ok()).map(|p| p.len()).sum();
                 self.decrypted.increment(n as u64);
             }
             ("key-rotate", Response::Key(_)) => self.manual_rotations.increment(1),
@@ -508,7 +508,7 @@ mod tests {
     fn wrap(dek_len: usize) -> Request {
         Request::Wrap {
             key: "app".into(),
-            dek: vec![0; dek_len],
+            dek: vec![0; dek_len].into(),
             context: Context::new(),
         }
     }
@@ -551,7 +551,7 @@ mod tests {
         for _ in 0..3 {
             observe(&m, &wrap(32), Response::Blob(vec![0; 80]));
         }
-        observe(&m, &unwrap_req(), Response::Plaintext(vec![0; 32]));
+        observe(&m, &unwrap_req(), Response::Plaintext(vec![0; 32].into()));
         let failed = Response::Error(ErrorReply::new(ErrorCode::DecryptFailed, "x"));
         observe(&m, &unwrap_req(), failed);
         observe(&m, &Request::RotateKey { key: "app".into() }, Response::Done);
@@ -593,11 +593,14 @@ mod tests {
         let m = metrics::with_local_recorder(&recorder, RequestMetrics::new);
         let req = Request::WrapBatch {
             key: "app".into(),
-            deks: vec![vec![0; 32], vec![0; 16]],
+            deks: vec![vec![0; 32].into(), vec![0; 16].into()],
             context: Context::new(),
         };
         observe(&m, &req, Response::Blobs(vec![vec![0; 80], vec![0; 64]]));
-        let items = vec![Ok(vec![0; 32]), Err(ErrorReply::new(ErrorCode::DecryptFailed, "x"))];
+        let items = vec![
+            Ok(vec![0; 32].into()),
+            Err(ErrorReply::new(ErrorCode::DecryptFailed, "x")),
+        ];
         let req = Request::UnwrapBatch {
             blobs: vec![],
             context: Context::new(),

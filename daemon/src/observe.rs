@@ -53,7 +53,7 @@ impl Subject {
             Request::WrapBatch { key, deks, .. } => {
                 s.key = Some(key.clone());
                 s.items = deks.len();
-                s.plaintext_in = deks.iter().map(Vec::len).sum();
+                s.plaintext_in = deks.iter().map(|d| d.len()).sum();
             }
             Request::GenerateDataKeyBatch { key, count, .. } => (s.key, s.items) = (Some(key.clone()), *count as usize),
             Request::Decrypt { blob, .. } | Request::Unwrap { blob, .. } | Request::ReEncrypt { blob, .. } => {
@@ -156,7 +156,7 @@ mod tests {
     fn subject_reads_keys_and_blob_versions() {
         let wrap = Request::Wrap {
             key: "app".into(),
-            dek: vec![0; 32],
+            dek: vec![0; 32].into(),
             context: Context::new(),
         };
         let s = Subject::of(&wrap);

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, StatusInfo, PROTOCOL_VERSION};
+use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, Secret, StatusInfo, PROTOCOL_VERSION};
+use zeroize::Zeroizing;
 
 use crate::keys::{self, Caller, KeyService};
 use crate::mounts::Mounts;
@@ -127,10 +128,12 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             context,
         } => reply(k.encrypt(caller, &key, &plaintext, &context), Response::Blob),
         Request::Decrypt { blob, context } => {
-            reply(k.decrypt(caller, &blob, &context), |p| Response::Plaintext(take(p)))
+            reply(k.decrypt(caller, &blob, &context), |p| Response::Plaintext(p.into()))
         }
         Request::Wrap { key, dek, context } => reply(k.wrap(caller, &key, &dek, &context), Response::Blob),
-        Request::Unwrap { blob, context } => reply(k.unwrap(caller, &blob, &context), |p| Response::Plaintext(take(p))),
+        Request::Unwrap { blob, context } => {
+            reply(k.unwrap(caller, &blob, &context), |p| Response::Plaintext(p.into()))
+        }
         Request::GenerateDataKey {
             key,
             context,
@@ -148,10 +151,14 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Response::Blob,
         ),
         Request::WrapBatch { key, deks, context } => {
-            reply(k.wrap_batch(caller, &key, &deks, &context), Response::Blobs)
+            reply(k.wrap_batch(caller, &key, &unwrapped(deks), &context), Response::Blobs)
         }
         Request::UnwrapBatch { blobs, context } => reply(k.unwrap_batch(caller, &blobs, &context), |rs| {
-            Response::Plaintexts(rs.into_iter().map(|r| r.map(take).map_err(ErrorReply::from)).collect())
+            Response::Plaintexts(
+                rs.into_iter()
+                    .map(|r| r.map(Secret::from).map_err(ErrorReply::from))
+                    .collect(),
+            )
         }),
         Request::GenerateDataKeyBatch {
             key,
@@ -185,13 +192,18 @@ pub fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64
 fn data_key((dek, blob): keys::service::DataKeyPair, with_plaintext: bool) -> DataKey {
     DataKey {
         blob,
-        plaintext: with_plaintext.then(|| take(dek)),
+        plaintext: with_plaintext.then(|| dek.into()),
     }
 }
 
-/// Moves a secret buffer into a response without copying it.
-fn take(mut secret: zeroize::Zeroizing<Vec<u8>>) -> Vec<u8> {
-    std::mem::take(&mut *secret)
+/// The DEKs of a batch as the key service takes them: moved, not copied,
+/// out of their secret wrappers into a list that is still wiped on drop.
+fn unwrapped(deks: Vec<Secret>) -> Zeroizing<Vec<Vec<u8>>> {
+    Zeroizing::new(
+        deks.into_iter()
+            .map(|d| std::mem::take(&mut *d.into_zeroizing()))
+            .collect(),
+    )
 }
 
 fn unavailable(msg: &str) -> Response {
