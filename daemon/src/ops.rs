@@ -45,13 +45,6 @@ impl Daemon {
         self
     }
 
-    /// The replicator, if this request is one it answers (asynchronously:
-    /// it talks to other zones).
-    pub fn replication_for(&self, req: &Request) -> Option<&Arc<Replicator>> {
-        let is_replication = matches!(req, Request::ReplicateKey { .. } | Request::Replication(_));
-        self.replication.as_ref().filter(|_| is_replication)
-    }
-
     /// The `Hello` reply.
     pub fn hello(&self) -> Response {
         Response::Hello {
@@ -78,24 +71,6 @@ pub fn server_version() -> String {
     format!("kmsd/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Does this request write to disk (and so belong off the async threads)?
-pub fn is_blocking(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::CreateKey(_)
-            | Request::EnableKey { .. }
-            | Request::DisableKey { .. }
-            | Request::ScheduleDeletion { .. }
-            | Request::CancelDeletion { .. }
-            | Request::ReplicateKey { .. }
-            | Request::RotateKey { .. }
-            | Request::EnableRotation { .. }
-            | Request::DisableRotation { .. }
-            | Request::FsVersions { .. }
-            | Request::FsRewrap { .. }
-    )
-}
-
 fn reply<T>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
     match r {
         Ok(v) => ok(v),
@@ -103,8 +78,10 @@ fn reply<T>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
     }
 }
 
-/// Handles one request after the handshake.
-pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
+/// Handles one request after the handshake, on whatever thread its
+/// [`Execution`](kms_client::proto::Execution) asks for; `progress(done,
+/// total)` hears how a long request (`fs rewrap`) advances.
+pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Response {
     let k = &*d.keys;
     match req {
         Request::Hello { .. } => d.hello(),
@@ -169,7 +146,8 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             k.generate_data_key_batch(caller, &key, count as usize, &context),
             |dks| Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect()),
         ),
-        // With peers configured these go to `Daemon::replication_for`.
+        // With peers configured the server hands these (`Execution::Peers`)
+        // to the replicator.
         Request::ReplicateKey { .. } | Request::Replication(_) => {
             unavailable("multi-zone replication is not configured here: no [[peer]] and peer key")
         }
@@ -177,12 +155,12 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Ok(v) => Response::FsVersions(v),
             Err(e) => Response::Error(e),
         },
-        Request::FsRewrap { mount } => rewrap(d, caller, &mount, |_, _| {}),
+        Request::FsRewrap { mount } => rewrap(d, caller, &mount, progress),
     }
 }
 
 /// Runs `fs rewrap`, reporting progress through `progress(done, total)`.
-pub fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64, u64)) -> Response {
+fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64, u64)) -> Response {
     match d.mounts.rewrap(&d.keys, caller, mount, progress) {
         Ok(r) => Response::FsRewrap(r),
         Err(e) => Response::Error(e),
@@ -212,9 +190,9 @@ fn unavailable(msg: &str) -> Response {
 
 /// Runs [`handle`], turning a panic into an `internal` error for this
 /// request only.
-pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request) -> Response {
-    let op = req.op_name();
-    guarded(op, caller, || handle(d, caller, req))
+pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Response {
+    let op = req.op().name();
+    guarded(op, caller, || handle(d, caller, req, progress))
 }
 
 /// Runs `f`; a panic inside it is logged and answered `internal`, and the

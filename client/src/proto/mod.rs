@@ -11,6 +11,7 @@
 //! variants they know.
 
 pub mod codec;
+pub mod op;
 mod secret;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use codec::{decode_frame_id, CodecError, FrameCodec};
+pub use op::{AuditClass, Execution, Op, OpInfo, Target};
 pub use secret::Secret;
 
 /// The protocol version spoken by this crate.
@@ -55,7 +57,8 @@ pub struct Frame<B> {
     pub body: B,
 }
 
-/// Every request a client can make.
+/// Every request a client can make. What kmsd needs to know about each
+/// (its [`Op`], name, execution, audit class, target) is in [`op`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Must be the first request on a connection.
@@ -161,40 +164,6 @@ pub enum Request {
     /// Daemon to daemon: a sealed replication message (multi-zone keys).
     /// Accepted only from configured peer uids; see [`ReplicationFrame`].
     Replication(ReplicationFrame),
-}
-
-impl Request {
-    /// A short stable name for logs and metrics.
-    pub fn op_name(&self) -> &'static str {
-        match self {
-            Request::Hello { .. } => "hello",
-            Request::Status => "status",
-            Request::CreateKey(_) => "key-create",
-            Request::DescribeKey { .. } => "key-describe",
-            Request::ListKeys => "key-list",
-            Request::EnableKey { .. } => "key-enable",
-            Request::DisableKey { .. } => "key-disable",
-            Request::ScheduleDeletion { .. } => "key-schedule-deletion",
-            Request::CancelDeletion { .. } => "key-cancel-deletion",
-            Request::ReplicateKey { .. } => "key-replicate",
-            Request::RotateKey { .. } => "key-rotate",
-            Request::ListRotations { .. } => "key-rotations",
-            Request::EnableRotation { .. } => "rotation-enable",
-            Request::DisableRotation { .. } => "rotation-disable",
-            Request::Encrypt { .. } => "encrypt",
-            Request::Decrypt { .. } => "decrypt",
-            Request::Wrap { .. } => "wrap",
-            Request::Unwrap { .. } => "unwrap",
-            Request::GenerateDataKey { .. } => "generate-data-key",
-            Request::ReEncrypt { .. } => "re-encrypt",
-            Request::WrapBatch { .. } => "wrap-batch",
-            Request::UnwrapBatch { .. } => "unwrap-batch",
-            Request::GenerateDataKeyBatch { .. } => "generate-data-key-batch",
-            Request::FsVersions { .. } => "fs-versions",
-            Request::FsRewrap { .. } => "fs-rewrap",
-            Request::Replication(_) => "replication",
-        }
-    }
 }
 
 /// Parameters of `key create`.

@@ -164,7 +164,7 @@ impl Replicator {
                 Request::Replication(frame) => self.on_frame(caller, frame).await,
                 other => error(
                     ErrorCode::Internal,
-                    format!("{} is not a replication request", other.op_name()),
+                    format!("{} is not a replication request", other.op()),
                 ),
             }
         };
