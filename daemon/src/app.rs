@@ -179,7 +179,7 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
             rotation: None,
         };
         if let Err(e) = keys.create_key(&me, &req) {
-            tracing::warn!(error = %e, "cannot create the dev key; no dev filesystem");
+            tracing::warn!(error = %crate::keys::error::error_chain(&e), "cannot create the dev key; no dev filesystem");
             return;
         }
     }

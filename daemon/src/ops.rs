@@ -232,4 +232,25 @@ mod tests {
         ));
         assert_eq!(guarded("status", &caller, || Response::Done), Response::Done);
     }
+
+    #[test]
+    fn a_store_failure_reaches_the_client_with_each_cause_once() {
+        use crate::keys::store::StoreError;
+        let e = keys::Error::Unavailable(StoreError::Io {
+            op: "cannot write",
+            path: "/var/lib/kmsd/keys/k.tmp".into(),
+            source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        });
+        crate::testutil::assert_states_cause_once(&e);
+        let reply = ErrorReply::from(e);
+        assert_eq!(reply.code, ErrorCode::Unavailable);
+        assert_eq!(
+            reply.message,
+            "key store unavailable: /var/lib/kmsd/keys/k.tmp: cannot write: No space left on device (os error 28)"
+        );
+        // What kmsctl prints: the code, then the message, each once.
+        let shown = kms_client::ClientError::Server(reply).to_string();
+        assert_eq!(shown.matches("No space left on device").count(), 1, "{shown}");
+        assert_eq!(shown.matches("cannot write").count(), 1, "{shown}");
+    }
 }
