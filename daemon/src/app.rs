@@ -7,22 +7,96 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use kms_client::proto::CreateKey;
 
-use crate::audit::AuditLog;
-use crate::config::{self, Config, MountConfig};
+use crate::audit::{AuditError, AuditLog};
+use crate::config::{self, Config, ConfigError, MountConfig};
+use crate::keys::error::error_chain;
+use crate::keys::store::StoreError;
 use crate::keys::{KeyService, RootKey, SystemClock};
-use crate::mounts::Mounts;
+use crate::metrics::MetricsError;
+use crate::mounts::{MountError, Mounts};
 use crate::notify;
 use crate::ops::Daemon;
 use crate::replication::seal::PeerKey;
 use crate::replication::transport::UnixTransport;
 use crate::replication::{tasks, Replicator, Settings};
-use crate::server::{self, Listener};
+use crate::server::{self, BindError, Listener};
+
+/// Why kmsd could not start, or why a configuration reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("path {} is not UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    #[error("configuration {}", path.display())]
+    Config {
+        path: PathBuf,
+        /// Boxed: the config crate's error is large.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error(transparent)]
+    Setting(#[from] ConfigError),
+    #[error(
+        "no root key: set root_key in the config or pass the systemd credential root-key \
+         (LoadCredential=root-key:PATH); for a local trial run kmsd --dev"
+    )]
+    NoRootKey,
+    #[error(
+        "[[peer]] zones are configured but there is no peering key: set peer_key or pass the \
+         systemd credential peer-key (LoadCredential=peer-key:PATH)"
+    )]
+    NoPeerKey,
+    /// The root key file cannot be read or created (the error names it).
+    #[error(transparent)]
+    RootKey(StoreError),
+    #[error("cannot load peering key {}", path.display())]
+    PeerKey {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot open key store {}", path.display())]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot handle {signal}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a start-up or shutdown task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StartError + 'a {
+    move |source| StartError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// Name of the key that encrypts the `--dev` filesystem.
 pub const DEV_KEY: &str = "dev";
@@ -52,22 +126,20 @@ listen = "127.0.0.1:9464"
 ///
 /// # Errors
 /// When the folder, config or root key cannot be created or read.
-pub fn dev_config(dir: &Path) -> Result<(Config, PathBuf)> {
+pub fn dev_config(dir: &Path) -> Result<(Config, PathBuf), StartError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create dev folder {}", dir.display()))?;
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        .map_err(io_error("cannot create dev folder", dir))?;
+    let dir = dir.canonicalize().map_err(io_error("cannot resolve", dir))?;
     let cfg_path = dir.join("kmsd.toml");
     if !cfg_path.exists() {
-        std::fs::write(&cfg_path, DEV_CONFIG).with_context(|| format!("cannot write {}", cfg_path.display()))?;
+        std::fs::write(&cfg_path, DEV_CONFIG).map_err(io_error("cannot write", &cfg_path))?;
     }
     let root_key = dir.join("root-key");
     if !root_key.exists() {
-        RootKey::create(&root_key)?;
+        RootKey::create(&root_key).map_err(StartError::RootKey)?;
         tracing::warn!(path = %root_key.display(), "created a new root key for --dev; keep it private, it opens every key");
     }
     let mut env = config::process_env();
@@ -82,10 +154,10 @@ pub fn dev_config(dir: &Path) -> Result<(Config, PathBuf)> {
     Ok((cfg, dir))
 }
 
-fn path_str(p: &Path) -> Result<String> {
+fn path_str(p: &Path) -> Result<String, StartError> {
     p.to_str()
         .map(str::to_string)
-        .with_context(|| format!("path {} is not UTF-8", p.display()))
+        .ok_or_else(|| StartError::NotUtf8(p.to_path_buf()))
 }
 
 /// `$CREDENTIALS_DIRECTORY/NAME`, when systemd passed that credential.
@@ -98,17 +170,11 @@ fn credential(name: &str) -> Option<PathBuf> {
 ///
 /// # Errors
 /// When neither is available.
-pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
+pub fn root_key_path(cfg: &Config) -> Result<PathBuf, StartError> {
     if let Some(p) = credential("root-key") {
         return Ok(p);
     }
-    match &cfg.root_key {
-        Some(p) => Ok(p.clone()),
-        None => bail!(
-            "no root key: set root_key in the config or pass the systemd credential root-key \
-             (LoadCredential=root-key:PATH); for a local trial run kmsd --dev"
-        ),
-    }
+    cfg.root_key.clone().ok_or(StartError::NoRootKey)
 }
 
 /// The peering key file: the systemd credential `peer-key` if present,
@@ -116,29 +182,23 @@ pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
 ///
 /// # Errors
 /// When neither is available.
-pub fn peer_key_path(cfg: &Config) -> Result<PathBuf> {
+pub fn peer_key_path(cfg: &Config) -> Result<PathBuf, StartError> {
     if let Some(p) = credential("peer-key") {
         return Ok(p);
     }
-    match &cfg.peer_key {
-        Some(p) => Ok(p.clone()),
-        None => bail!(
-            "[[peer]] zones are configured but there is no peering key: set peer_key or pass the \
-             systemd credential peer-key (LoadCredential=peer-key:PATH)"
-        ),
-    }
+    cfg.peer_key.clone().ok_or(StartError::NoPeerKey)
 }
 
 /// The replicator for the configured peers, or `None` without peers.
 ///
 /// # Errors
 /// Peers without a readable peering key; malformed `access.peers`.
-pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<Arc<Replicator>>> {
+pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<Arc<Replicator>>, StartError> {
     if cfg.peers.is_empty() {
         return Ok(None);
     }
     let path = peer_key_path(cfg)?;
-    let peer_key = PeerKey::load(&path).with_context(|| format!("cannot load peering key {}", path.display()))?;
+    let peer_key = PeerKey::load(&path).map_err(|source| StartError::PeerKey { path, source })?;
     let allowed = cfg.peer_uids()?;
     if allowed.is_empty() {
         tracing::warn!("no [access] peers: replication frames from other zones will be refused");
@@ -158,11 +218,15 @@ pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<A
 ///
 /// # Errors
 /// Missing or invalid root key, store errors (wrong key, corrupt, locked).
-pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>> {
+pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>, StartError> {
     let path = root_key_path(cfg)?;
-    let root = RootKey::load(&path)?;
-    let svc = KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock))
-        .with_context(|| format!("cannot open key store {}", cfg.state_dir.display()))?;
+    let root = RootKey::load(&path).map_err(StartError::RootKey)?;
+    let svc = KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock)).map_err(|source| {
+        StartError::Store {
+            path: cfg.state_dir.clone(),
+            source,
+        }
+    })?;
     svc.set_admins(cfg.admins()?);
     Ok(Arc::new(svc))
 }
@@ -179,7 +243,7 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
             rotation: None,
         };
         if let Err(e) = keys.create_key(&me, &req) {
-            tracing::warn!(error = %crate::keys::error::error_chain(&e), "cannot create the dev key; no dev filesystem");
+            tracing::warn!(error = %error_chain(&e), "cannot create the dev key; no dev filesystem");
             return;
         }
     }
@@ -192,7 +256,7 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
         Ok(()) => tracing::info!(target = %cfg.target.display(), "dev filesystem mounted: files written there are stored encrypted in {}", cfg.source.display()),
         Err(e) => tracing::warn!(
             "dev filesystem not mounted: {}; kmsd serves keys without it (FUSE needs /dev/fuse and root or fusermount3)",
-            crate::keys::error::error_chain(&e)
+            error_chain(&e)
         ),
     }
 }
@@ -202,7 +266,7 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 ///
 /// # Errors
 /// Start-up failures (store, socket, mounts, signals).
-pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
+pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<(), StartError> {
     let keys = open_keys(&cfg)?;
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
@@ -240,7 +304,10 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     tasks.spawn(crate::metrics::run_state(daemon.clone(), shutdown.clone()));
     tasks.close();
     spawn_signal_handler(shutdown.clone())?;
-    let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let hup = signal(SignalKind::hangup()).map_err(|source| StartError::Signal {
+        signal: "SIGHUP",
+        source,
+    })?;
     tokio::spawn(reload_on_sighup(
         hup,
         cfg.clone(),
@@ -284,7 +351,7 @@ impl Drop for SocketFile {
 /// and applies what can change at run time.
 pub struct Reloader {
     /// Reads and validates the configuration.
-    pub load: Box<dyn Fn() -> Result<Config> + Send + Sync>,
+    pub load: Box<dyn Fn() -> Result<Config, StartError> + Send + Sync>,
     /// Changes the log filter.
     pub log: crate::logging::LogHandle,
 }
@@ -322,7 +389,10 @@ async fn reload_on_sighup(
                 tracing::info!(admins = ?new.access.admins, log_level = %new.log_level, "configuration reloaded");
                 current = new;
             }
-            Err(e) => tracing::error!("configuration reload refused, the running configuration stays: {e:#}"),
+            Err(e) => tracing::error!(
+                "configuration reload refused, the running configuration stays: {}",
+                error_chain(&e)
+            ),
         }
         notify::ready(&status_line(&daemon));
     }
@@ -390,9 +460,15 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
 }
 
-fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), StartError> {
+    let handle = |signal_name, kind| {
+        signal(kind).map_err(|source| StartError::Signal {
+            signal: signal_name,
+            source,
+        })
+    };
+    let mut term = handle("SIGTERM", SignalKind::terminate())?;
+    let mut int = handle("SIGINT", SignalKind::interrupt())?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: draining"),
@@ -402,4 +478,54 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
         shutdown.cancel();
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::assert_states_cause_once;
+
+    #[test]
+    fn start_errors_state_each_cause_once() {
+        let denied = || std::io::Error::from_raw_os_error(nix::libc::EACCES);
+        let store = || StoreError::Io {
+            op: "cannot read",
+            path: "/s/keys".into(),
+            source: denied(),
+        };
+        let errors = [
+            StartError::Io {
+                what: "cannot create dev folder",
+                path: "/d".into(),
+                source: denied(),
+            },
+            StartError::Config {
+                path: "/etc/kmsd/kmsd.toml".into(),
+                source: Box::new(ConfigError::Load(::config::ConfigError::Message(
+                    "unknown field `zonee`".into(),
+                ))),
+            },
+            StartError::Store {
+                path: "/s".into(),
+                source: store(),
+            },
+            StartError::RootKey(store()),
+            StartError::Signal {
+                signal: "SIGHUP",
+                source: denied(),
+            },
+            StartError::NoRootKey,
+        ];
+        for e in &errors {
+            assert_states_cause_once(e);
+        }
+        assert_eq!(
+            error_chain(&errors[2]),
+            "cannot open key store /s: /s/keys: cannot read: Permission denied (os error 13)"
+        );
+        assert_eq!(
+            error_chain(&errors[1]),
+            "configuration /etc/kmsd/kmsd.toml: cannot read configuration: unknown field `zonee`"
+        );
+    }
 }
