@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use kms_client::proto::CreateKey;
 
@@ -261,8 +262,16 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; returns after draining and
-/// unmounting. `dev_dir` is the `--dev` folder, if any.
+/// Runs the daemon until SIGTERM or SIGINT; returns after draining,
+/// unmounting and awaiting every task it started. `dev_dir` is the `--dev`
+/// folder, if any.
+///
+/// Tasks: connections run on the server's tracker; the background work
+/// (scheduler, replication, metrics, SIGHUP and signal handling) on
+/// `tasks`, ended by `shutdown` (the metrics endpoint by
+/// [`Endpoint::close`](crate::metrics::Endpoint::close), after the drain,
+/// so that it serves until then); the systemd reporter on `watchdog`, ended
+/// last so that watchdog pings go on while kmsd drains and unmounts.
 ///
 /// # Errors
 /// Start-up failures (store, socket, mounts, signals).
@@ -272,7 +281,9 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     // After the store, whose lock keeps a second kmsd off this file.
     let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
     audit.set_data_operations(cfg.audit.data_operations);
-    let metrics = crate::metrics::install(cfg.metrics_addr()?)?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let metrics = crate::metrics::install(cfg.metrics_addr()?, &tasks)?;
     // Mount before binding, so that no client reaches a half-started
     // daemon; a failure after this point unmounts (Mounts' handles unmount
     // on drop) and removes the socket (SocketFile).
@@ -290,10 +301,8 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         None => Listener::bind(&cfg.socket)?,
     };
     let _socket_file = SocketFile(listener.path.clone());
-    let shutdown = CancellationToken::new();
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
-    let tasks = tokio_util::task::TaskTracker::new();
     if let Some(r) = &replication {
         daemon = daemon.with_replication(r.clone());
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
@@ -302,34 +311,37 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     daemon.observers.push(Arc::new(crate::metrics::RequestMetrics::new()));
     let daemon = Arc::new(daemon);
     tasks.spawn(crate::metrics::run_state(daemon.clone(), shutdown.clone()));
-    tasks.close();
-    spawn_signal_handler(shutdown.clone())?;
+    tasks.spawn(handle_signals(signals()?, shutdown.clone()));
     let hup = signal(SignalKind::hangup()).map_err(|source| StartError::Signal {
         signal: "SIGHUP",
         source,
     })?;
-    tokio::spawn(reload_on_sighup(
-        hup,
-        cfg.clone(),
+    let reloading = Reloading {
+        current: cfg.clone(),
         reload,
-        daemon.clone(),
-        metrics,
-        audit.clone(),
-    ));
-    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
+        daemon: daemon.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+    };
+    tasks.spawn(reloading.run(hup, shutdown.clone()));
+    tasks.spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
+    tasks.close();
     let where_ = listener
         .path
         .as_ref()
         .map_or("inherited socket".to_string(), |p| p.display().to_string());
     tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
     notify::ready(&status_line(&daemon));
-    let reporter = tokio::spawn(report_to_systemd(daemon.clone(), shutdown.clone()));
+    let (watchdog, stopped) = (TaskTracker::new(), CancellationToken::new());
+    watchdog.spawn(report_to_systemd(daemon.clone(), shutdown.clone(), stopped.clone()));
+    watchdog.close();
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
-    let _ = scheduler.await;
+    metrics.close();
     tasks.wait().await;
     tokio::task::spawn_blocking(move || audit.flush()).await?;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
-    reporter.abort();
+    stopped.cancel();
+    watchdog.wait().await;
     tracing::info!("kmsd stopped");
     Ok(())
 }
@@ -362,39 +374,51 @@ impl std::fmt::Debug for Reloader {
     }
 }
 
-/// On SIGHUP: re-read the configuration; apply admins and log level; keep
-/// the running configuration when the new one is invalid.
-async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    mut current: Config,
+/// What a configuration reload changes.
+struct Reloading {
+    current: Config,
     reload: Reloader,
     daemon: Arc<Daemon>,
     metrics: Arc<crate::metrics::Endpoint>,
     audit: Arc<AuditLog>,
-) {
-    let keys = &daemon.keys;
-    while hup.recv().await.is_some() {
-        notify::reloading();
+}
+
+impl Reloading {
+    /// On SIGHUP, until `shutdown`: re-read the configuration; apply
+    /// admins, log level, audit and metrics settings; keep the running
+    /// configuration when the new one is invalid.
+    async fn run(mut self, mut hup: tokio::signal::unix::Signal, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                got = hup.recv() => if got.is_none() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            notify::reloading();
+            self.once();
+            notify::ready(&status_line(&self.daemon));
+        }
+    }
+
+    fn once(&mut self) {
         // The metrics address is applied first: if it cannot be bound, the
         // whole new configuration is refused and nothing changes.
-        let applied = (reload.load)()
+        let applied = (self.reload.load)()
             .and_then(|new| Ok((new.admins()?, new)))
-            .and_then(|(admins, new)| Ok((metrics.listen(new.metrics_addr()?)?, admins, new)));
+            .and_then(|(admins, new)| Ok((self.metrics.listen(new.metrics_addr()?)?, admins, new)));
         match applied {
             Ok(((), admins, new)) => {
-                keys.set_admins(admins);
-                audit.set_data_operations(new.audit.data_operations);
-                reload.log.set(&new.log_level);
-                warn_restart_only(&current, &new);
+                self.daemon.keys.set_admins(admins);
+                self.audit.set_data_operations(new.audit.data_operations);
+                self.reload.log.set(&new.log_level);
+                warn_restart_only(&self.current, &new);
                 tracing::info!(admins = ?new.access.admins, log_level = %new.log_level, "configuration reloaded");
-                current = new;
+                self.current = new;
             }
             Err(e) => tracing::error!(
                 "configuration reload refused, the running configuration stays: {}",
                 error_chain(&e)
             ),
         }
-        notify::ready(&status_line(&daemon));
     }
 }
 
@@ -409,16 +433,17 @@ fn status_line(daemon: &Daemon) -> String {
 }
 
 /// `WATCHDOG=1` every [`notify::watchdog_interval`] (when systemd asked
-/// for it) until aborted, and a new STATUS= line whenever a count changed
+/// for it) until `stopped`, and a new STATUS= line whenever a count changed
 /// until `shutdown`. It runs on the main runtime, so a stuck runtime stops
 /// the pings and systemd's watchdog restarts the service. The pings go on
 /// while draining: systemd's watchdog stays armed while a service stops.
-async fn report_to_systemd(daemon: Arc<Daemon>, shutdown: CancellationToken) {
+async fn report_to_systemd(daemon: Arc<Daemon>, shutdown: CancellationToken, stopped: CancellationToken) {
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
     let mut status = tokio::time::interval(STATUS_EVERY);
     let mut last = status_line(&daemon);
     loop {
         tokio::select! {
+            _ = stopped.cancelled() => return,
             _ = tick(watchdog.as_mut()) => notify::watchdog(),
             _ = status.tick(), if !shutdown.is_cancelled() => {
                 let now = status_line(&daemon);
@@ -460,24 +485,29 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
 }
 
-fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), StartError> {
+/// The SIGTERM and SIGINT streams, set up before kmsd reports ready.
+fn signals() -> Result<[tokio::signal::unix::Signal; 2], StartError> {
     let handle = |signal_name, kind| {
         signal(kind).map_err(|source| StartError::Signal {
             signal: signal_name,
             source,
         })
     };
-    let mut term = handle("SIGTERM", SignalKind::terminate())?;
-    let mut int = handle("SIGINT", SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = int.recv() => tracing::info!("SIGINT: draining"),
-        }
-        notify::stopping();
-        shutdown.cancel();
-    });
-    Ok(())
+    Ok([
+        handle("SIGTERM", SignalKind::terminate())?,
+        handle("SIGINT", SignalKind::interrupt())?,
+    ])
+}
+
+/// Starts the drain (`shutdown`) on the first SIGTERM or SIGINT.
+async fn handle_signals([mut term, mut int]: [tokio::signal::unix::Signal; 2], shutdown: CancellationToken) {
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+        _ = shutdown.cancelled() => return,
+    }
+    notify::stopping();
+    shutdown.cancel();
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ use std::time::Duration;
 use metrics::{counter, gauge, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use kms_client::proto::{ErrorCode, KeyInfo, KeyState, Op, Response};
 
@@ -80,35 +81,45 @@ fn builder(gauge_idle: Duration) -> PrometheusBuilder {
 }
 
 /// The metrics endpoint: the process-wide recorder, and the address it is
-/// served on, which a configuration reload may change or turn off.
+/// served on, which a configuration reload may change or turn off. Its
+/// tasks (listener, connections, upkeep) run on the daemon's tracker and
+/// end at [`Endpoint::close`].
 #[derive(Debug)]
 pub struct Endpoint {
     handle: PrometheusHandle,
-    serving: parking_lot::Mutex<Option<(SocketAddr, tokio::task::AbortHandle)>>,
+    /// The address served and the token that stops serving it.
+    serving: parking_lot::Mutex<Option<(SocketAddr, CancellationToken)>>,
+    tasks: TaskTracker,
+    /// Cancelled by [`Endpoint::close`]; the parent of every `serving` token.
+    closed: CancellationToken,
 }
 
 /// Installs the global recorder (always: recording is cheap, and a reload
-/// may turn the endpoint on) and serves it on `addr` (nothing when `None`).
-/// Must run inside the Tokio runtime.
+/// may turn the endpoint on) and serves it on `addr` (nothing when `None`),
+/// with its tasks on `tasks`. Must run inside the Tokio runtime.
 ///
 /// # Errors
 /// The address cannot be bound (busy, not local); a recorder is already
 /// installed.
-pub fn install(addr: Option<SocketAddr>) -> Result<Arc<Endpoint>, MetricsError> {
+pub fn install(addr: Option<SocketAddr>, tasks: &TaskTracker) -> Result<Arc<Endpoint>, MetricsError> {
     let recorder = builder(GAUGE_IDLE).build_recorder();
     let handle = recorder.handle();
     let endpoint = Arc::new(Endpoint {
         handle,
         serving: parking_lot::Mutex::new(None),
+        tasks: tasks.clone(),
+        closed: CancellationToken::new(),
     });
     endpoint.listen(addr)?;
     set_recorder(recorder)?;
     describe();
-    let upkeep = endpoint.handle.clone();
-    tokio::spawn(async move {
+    let (upkeep, closed) = (endpoint.handle.clone(), endpoint.closed.clone());
+    tasks.spawn(async move {
         loop {
-            tokio::time::sleep(UPKEEP).await;
-            upkeep.run_upkeep();
+            tokio::select! {
+                _ = tokio::time::sleep(UPKEEP) => upkeep.run_upkeep(),
+                _ = closed.cancelled() => return,
+            }
         }
     });
     Ok(endpoint)
@@ -134,12 +145,19 @@ impl Endpoint {
                 };
                 let listener = bind().map_err(|source| MetricsError::Listen { addr, source })?;
                 tracing::info!(%addr, "serving Prometheus metrics");
-                Some((addr, tokio::spawn(serve(listener, self.handle.clone())).abort_handle()))
+                let stop = self.closed.child_token();
+                let server = Server {
+                    handle: self.handle.clone(),
+                    tasks: self.tasks.clone(),
+                    closed: self.closed.clone(),
+                };
+                self.tasks.spawn(server.serve(listener, stop.clone()));
+                Some((addr, stop))
             }
             None => None,
         };
-        if let Some((old, task)) = serving.take() {
-            task.abort();
+        if let Some((old, stop)) = serving.take() {
+            stop.cancel();
             tracing::info!(addr = %old, "no longer serving metrics there");
         }
         *serving = next;
@@ -150,20 +168,46 @@ impl Endpoint {
     pub fn addr(&self) -> Option<SocketAddr> {
         self.serving.lock().as_ref().map(|(a, _)| *a)
     }
+
+    /// Stops serving for good and ends the endpoint's tasks (at shutdown,
+    /// once the socket's clients are answered).
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
 }
 
-/// Answers `GET /metrics` with the rendered text, one request per
-/// connection, each bounded in size and time.
-async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await;
-        });
+/// What the task serving one address needs.
+struct Server {
+    handle: PrometheusHandle,
+    tasks: TaskTracker,
+    /// Ends the connections too (the endpoint is closed).
+    closed: CancellationToken,
+}
+
+impl Server {
+    /// Answers `GET /metrics` with the rendered text, one request per
+    /// connection, each bounded in size and time, until `stop` (another
+    /// address, or none). Connections already accepted are answered unless
+    /// the endpoint closes.
+    async fn serve(self, listener: tokio::net::TcpListener, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.cancelled() => return,
+            };
+            let Ok((stream, _)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let (handle, closed) = (self.handle.clone(), self.closed.clone());
+            self.tasks.spawn(async move {
+                let answered = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle));
+                tokio::select! {
+                    _ = answered => {}
+                    _ = closed.cancelled() => {}
+                }
+            });
+        }
     }
 }
 
@@ -621,10 +665,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn closing_the_endpoint_ends_every_task_it_started() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (_recorder, handle) = local();
+        let tasks = TaskTracker::new();
+        let endpoint = Endpoint {
+            handle,
+            serving: parking_lot::Mutex::new(None),
+            tasks: tasks.clone(),
+            closed: CancellationToken::new(),
+        };
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        endpoint.listen(Some(addr)).unwrap();
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        scrape.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        // A client that connects and says nothing holds a connection task.
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(tasks.len() >= 2, "listener and the silent connection: {}", tasks.len());
+        endpoint.close();
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .expect("every endpoint task ends at close");
+    }
+
+    #[tokio::test]
     async fn a_busy_address_is_an_error_naming_the_setting() {
         let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = busy.local_addr().unwrap();
-        let err = install(Some(addr)).unwrap_err();
+        let err = install(Some(addr), &TaskTracker::new()).unwrap_err();
         let text = format!("{err:#}");
         assert!(
             text.contains("metrics.listen") && text.contains(&addr.to_string()),
