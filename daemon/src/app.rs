@@ -276,6 +276,8 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 /// # Errors
 /// Start-up failures (store, socket, mounts, signals).
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<(), StartError> {
+    #[cfg(feature = "test-faults")]
+    tracing::warn!("built with the test-faults feature: KMSDTEST_FAULT is honoured; not for production");
     let keys = open_keys(&cfg)?;
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
