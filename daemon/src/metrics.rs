@@ -164,11 +164,6 @@ impl Endpoint {
         Ok(())
     }
 
-    /// The address metrics are served on, if any.
-    pub fn addr(&self) -> Option<SocketAddr> {
-        self.serving.lock().as_ref().map(|(a, _)| *a)
-    }
-
     /// Stops serving for good and ends the endpoint's tasks (at shutdown,
     /// once the socket's clients are answered).
     pub fn close(&self) {
