@@ -99,11 +99,6 @@ impl Chain {
         self.seq
     }
 
-    /// Hex hash of the last line (zeros before the first).
-    pub fn hash_hex(&self) -> String {
-        hex(&self.hash)
-    }
-
     /// A new chain whose first line is line `lines + 1` of the file: where
     /// a chain-break line goes.
     pub fn after_break(lines: u64) -> Self {

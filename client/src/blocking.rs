@@ -510,7 +510,7 @@ mod tests {
     fn echo(mut server: FakeServer) {
         while let Some(frame) = server.recv() {
             let body = match frame.body {
-                Request::Encrypt { plaintext, .. } => Response::Blob(plaintext),
+                Request::Encrypt { plaintext, .. } => Response::Blob(plaintext.to_vec()),
                 _ => Response::Error(ErrorReply::new(ErrorCode::InvalidArgument, "echo only")),
             };
             server.send(frame.id, body);

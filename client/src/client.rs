@@ -633,14 +633,14 @@ mod tests {
     fn encrypt_request(tag: &str) -> Request {
         Request::Encrypt {
             key: "k".into(),
-            plaintext: tag.as_bytes().to_vec(),
+            plaintext: tag.as_bytes().into(),
             context: Context::new(),
         }
     }
 
     fn echo(frame: Frame<Request>) -> (u64, Response) {
         match frame.body {
-            Request::Encrypt { plaintext, .. } => (frame.id, Response::Blob(plaintext)),
+            Request::Encrypt { plaintext, .. } => (frame.id, Response::Blob(plaintext.to_vec())),
             other => panic!("unexpected {other:?}"),
         }
     }

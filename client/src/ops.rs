@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use crate::error::ClientError;
 use crate::proto::{
     Context, CreateKey, DataKey, ErrorCode, ErrorReply, FsRewrapInfo, FsVersionsInfo, KeyInfo, Request, Response,
-    RotationEntry, StatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    RotationEntry, Secret, StatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Connection settings common to both clients.
@@ -66,7 +66,7 @@ impl From<DataKey> for GeneratedDataKey {
     fn from(dk: DataKey) -> Self {
         Self {
             blob: dk.blob,
-            plaintext: dk.plaintext.map(Zeroizing::new),
+            plaintext: dk.plaintext.map(Secret::into_zeroizing),
         }
     }
 }
@@ -119,11 +119,11 @@ parser!(key_list -> Vec<KeyInfo> { Response::Keys(v) => v });
 parser!(key_change -> Option<KeyInfo> { Response::Key(k) => Some(k), Response::Done => None });
 parser!(rotation_list -> Vec<RotationEntry> { Response::Rotations(v) => v });
 parser!(blob -> Vec<u8> { Response::Blob(b) => b });
-parser!(plaintext -> Zeroizing<Vec<u8>> { Response::Plaintext(p) => Zeroizing::new(p) });
+parser!(plaintext -> Zeroizing<Vec<u8>> { Response::Plaintext(p) => p.into_zeroizing() });
 parser!(data_key -> GeneratedDataKey { Response::DataKey(d) => d.into() });
 parser!(blob_list -> Vec<Vec<u8>> { Response::Blobs(v) => v });
 parser!(plaintext_list -> Vec<UnwrapItem> {
-    Response::Plaintexts(v) => v.into_iter().map(|r| r.map(Zeroizing::new)).collect()
+    Response::Plaintexts(v) => v.into_iter().map(|r| r.map(Secret::into_zeroizing)).collect()
 });
 parser!(data_key_list -> Vec<GeneratedDataKey> {
     Response::DataKeys(v) => v.into_iter().map(Into::into).collect()
@@ -232,7 +232,7 @@ pub(crate) fn disable_rotation(k: &str) -> Op<Option<KeyInfo>> {
 pub(crate) fn encrypt(k: &str, data: &[u8], context: &Context) -> Op<Vec<u8>> {
     let request = Request::Encrypt {
         key: key(k),
-        plaintext: data.to_vec(),
+        plaintext: data.into(),
         context: context.clone(),
     };
     Op::new(request, blob)
@@ -249,7 +249,7 @@ pub(crate) fn decrypt(blob_in: &[u8], context: &Context) -> Op<Zeroizing<Vec<u8>
 pub(crate) fn wrap(k: &str, dek: &[u8], context: &Context) -> Op<Vec<u8>> {
     let request = Request::Wrap {
         key: key(k),
-        dek: dek.to_vec(),
+        dek: dek.into(),
         context: context.clone(),
     };
     Op::new(request, blob)
@@ -290,7 +290,7 @@ pub(crate) fn re_encrypt(
 pub(crate) fn wrap_batch(k: &str, deks: &[impl AsRef<[u8]>], context: &Context) -> Op<Vec<Vec<u8>>> {
     let request = Request::WrapBatch {
         key: key(k),
-        deks: owned_items(deks),
+        deks: deks.iter().map(|d| Secret::from(d.as_ref())).collect(),
         context: context.clone(),
     };
     Op::new(request, blob_list)
@@ -368,7 +368,7 @@ mod tests {
     #[test]
     fn wrong_variant_is_unexpected_without_payload() {
         let op = describe_key("k");
-        let err = (op.parse)(Response::Plaintext(b"secret".to_vec())).unwrap_err();
+        let err = (op.parse)(Response::Plaintext(b"secret".to_vec().into())).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("Plaintext"), "{text}");
         assert!(!text.contains("secret"));
@@ -384,7 +384,7 @@ mod tests {
     fn batch_unwrap_keeps_per_item_errors() {
         let op = unwrap_batch(&[b"a".as_slice()], &Context::new());
         let reply = ErrorReply::new(ErrorCode::DecryptFailed, "bad");
-        let items = (op.parse)(Response::Plaintexts(vec![Ok(vec![1]), Err(reply)])).unwrap();
+        let items = (op.parse)(Response::Plaintexts(vec![Ok(vec![1].into()), Err(reply)])).unwrap();
         assert_eq!(items[0].as_ref().unwrap().as_slice(), &[1]);
         assert_eq!(items[1].as_ref().unwrap_err().code, ErrorCode::DecryptFailed);
     }
@@ -393,7 +393,7 @@ mod tests {
     fn data_key_debug_redacts_plaintext() {
         let dk = GeneratedDataKey::from(DataKey {
             blob: vec![1, 2],
-            plaintext: Some(vec![42; 32]),
+            plaintext: Some(vec![42; 32].into()),
         });
         let text = format!("{dk:?}");
         assert!(text.contains("[redacted]") && !text.contains("42"), "{text}");

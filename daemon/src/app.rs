@@ -7,23 +7,107 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use kms_client::proto::CreateKey;
 
-use crate::audit::AuditLog;
-use crate::config::{self, Config, MountConfig};
+use crate::audit::{AuditError, AuditLog};
+use crate::config::{self, Config, ConfigError, MountConfig};
+use crate::keys::error::error_chain;
+use crate::keys::store::StoreError;
 use crate::keys::{KeyService, RootKey, SystemClock};
-use crate::mounts::Mounts;
+use crate::metrics::MetricsError;
+use crate::mounts::{MountError, Mounts};
 use crate::notify;
 use crate::ops::Daemon;
 use crate::replication::listener::{self, Limits};
-use crate::replication::tls::{PeerTls, TlsFiles};
+use crate::replication::tls::{PeerTls, TlsError, TlsFiles};
 use crate::replication::transport::{Route, ZoneTransport};
 use crate::replication::{tasks, Peer, Replicator, Settings};
-use crate::server::{self, Listener};
+use crate::server::{self, BindError, Listener};
+
+/// Why kmsd could not start, or why a configuration reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("path {} is not UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    #[error("configuration {}", path.display())]
+    Config {
+        path: PathBuf,
+        /// Boxed: the config crate's error is large.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error(transparent)]
+    Setting(#[from] ConfigError),
+    #[error(
+        "no root key: set root_key in the config or pass the systemd credential root-key \
+         (LoadCredential=root-key:PATH); for a local trial run kmsd --dev"
+    )]
+    NoRootKey,
+    #[error(
+        "zones over TCP need this zone's certificate: set [peering] {setting} or pass the systemd \
+         credential {credential} (LoadCredential={credential}:PATH)"
+    )]
+    NoPeerTls {
+        setting: &'static str,
+        credential: &'static str,
+    },
+    /// The root key file cannot be read or created (the error names it).
+    #[error(transparent)]
+    RootKey(StoreError),
+    #[error("zone {zone}'s TLS identity")]
+    PeerTls {
+        zone: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("cannot listen for peers on {addr}")]
+    PeerListen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open key store {}", path.display())]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot handle {signal}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a start-up or shutdown task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StartError + 'a {
+    move |source| StartError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// Name of the key that encrypts the `--dev` filesystem.
 pub const DEV_KEY: &str = "dev";
@@ -53,22 +137,20 @@ listen = "127.0.0.1:9464"
 ///
 /// # Errors
 /// When the folder, config or root key cannot be created or read.
-pub fn dev_config(dir: &Path) -> Result<(Config, PathBuf)> {
+pub fn dev_config(dir: &Path) -> Result<(Config, PathBuf), StartError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create dev folder {}", dir.display()))?;
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+        .map_err(io_error("cannot create dev folder", dir))?;
+    let dir = dir.canonicalize().map_err(io_error("cannot resolve", dir))?;
     let cfg_path = dir.join("kmsd.toml");
     if !cfg_path.exists() {
-        std::fs::write(&cfg_path, DEV_CONFIG).with_context(|| format!("cannot write {}", cfg_path.display()))?;
+        std::fs::write(&cfg_path, DEV_CONFIG).map_err(io_error("cannot write", &cfg_path))?;
     }
     let root_key = dir.join("root-key");
     if !root_key.exists() {
-        RootKey::create(&root_key)?;
+        RootKey::create(&root_key).map_err(StartError::RootKey)?;
         tracing::warn!(path = %root_key.display(), "created a new root key for --dev; keep it private, it opens every key");
     }
     let mut env = config::process_env();
@@ -83,10 +165,10 @@ pub fn dev_config(dir: &Path) -> Result<(Config, PathBuf)> {
     Ok((cfg, dir))
 }
 
-fn path_str(p: &Path) -> Result<String> {
+fn path_str(p: &Path) -> Result<String, StartError> {
     p.to_str()
         .map(str::to_string)
-        .with_context(|| format!("path {} is not UTF-8", p.display()))
+        .ok_or_else(|| StartError::NotUtf8(p.to_path_buf()))
 }
 
 /// `$CREDENTIALS_DIRECTORY/NAME`, when systemd passed that credential.
@@ -99,17 +181,11 @@ fn credential(name: &str) -> Option<PathBuf> {
 ///
 /// # Errors
 /// When neither is available.
-pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
+pub fn root_key_path(cfg: &Config) -> Result<PathBuf, StartError> {
     if let Some(p) = credential("root-key") {
         return Ok(p);
     }
-    match &cfg.root_key {
-        Some(p) => Ok(p.clone()),
-        None => bail!(
-            "no root key: set root_key in the config or pass the systemd credential root-key \
-             (LoadCredential=root-key:PATH); for a local trial run kmsd --dev"
-        ),
-    }
+    cfg.root_key.clone().ok_or(StartError::NoRootKey)
 }
 
 /// This zone's TLS files: each of the credentials `peer-cert`, `peer-key`,
@@ -117,13 +193,11 @@ pub fn root_key_path(cfg: &Config) -> Result<PathBuf> {
 ///
 /// # Errors
 /// When one of the three is missing.
-pub fn peer_tls_files(cfg: &Config) -> Result<TlsFiles> {
-    let pick = |cred: &str, setting: &Option<PathBuf>, key: &str| match credential(cred).or_else(|| setting.clone()) {
-        Some(p) => Ok(p),
-        None => Err(anyhow::anyhow!(
-            "zones over TCP need this zone's certificate: set [peering] {key} or pass the systemd \
-             credential {cred} (LoadCredential={cred}:PATH)"
-        )),
+pub fn peer_tls_files(cfg: &Config) -> Result<TlsFiles, StartError> {
+    let pick = |credential: &'static str, path: &Option<PathBuf>, setting: &'static str| {
+        self::credential(credential)
+            .or_else(|| path.clone())
+            .ok_or(StartError::NoPeerTls { setting, credential })
     };
     let p = &cfg.peering;
     Ok(TlsFiles {
@@ -145,13 +219,16 @@ pub struct Replication {
 ///
 /// # Errors
 /// TCP peers or a listener without usable TLS credentials.
-pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<Replication>> {
+pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<Replication>, StartError> {
     if cfg.peers.is_empty() && cfg.peering.listen.is_empty() {
         return Ok(None);
     }
     let tls = if cfg.uses_tls() {
         let files = peer_tls_files(cfg)?;
-        let tls = PeerTls::load(&files, &cfg.zone).with_context(|| format!("zone {}'s TLS identity", cfg.zone))?;
+        let tls = PeerTls::load(&files, &cfg.zone).map_err(|source| StartError::PeerTls {
+            zone: cfg.zone.clone(),
+            source,
+        })?;
         Some(Arc::new(tls))
     } else {
         None
@@ -194,11 +271,15 @@ pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<R
 ///
 /// # Errors
 /// Missing or invalid root key, store errors (wrong key, corrupt, locked).
-pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>> {
+pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>, StartError> {
     let path = root_key_path(cfg)?;
-    let root = RootKey::load(&path)?;
-    let svc = KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock))
-        .with_context(|| format!("cannot open key store {}", cfg.state_dir.display()))?;
+    let root = RootKey::load(&path).map_err(StartError::RootKey)?;
+    let svc = KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock)).map_err(|source| {
+        StartError::Store {
+            path: cfg.state_dir.clone(),
+            source,
+        }
+    })?;
     svc.set_admins(cfg.admins()?);
     Ok(Arc::new(svc))
 }
@@ -215,7 +296,7 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
             rotation: None,
         };
         if let Err(e) = keys.create_key(&me, &req) {
-            tracing::warn!(error = %e, "cannot create the dev key; no dev filesystem");
+            tracing::warn!(error = %error_chain(&e), "cannot create the dev key; no dev filesystem");
             return;
         }
     }
@@ -228,23 +309,35 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
         Ok(()) => tracing::info!(target = %cfg.target.display(), "dev filesystem mounted: files written there are stored encrypted in {}", cfg.source.display()),
         Err(e) => tracing::warn!(
             "dev filesystem not mounted: {}; kmsd serves keys without it (FUSE needs /dev/fuse and root or fusermount3)",
-            crate::keys::error::error_chain(&e)
+            error_chain(&e)
         ),
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; returns after draining and
-/// unmounting. `dev_dir` is the `--dev` folder, if any.
+/// Runs the daemon until SIGTERM or SIGINT; returns after draining,
+/// unmounting and awaiting every task it started. `dev_dir` is the `--dev`
+/// folder, if any.
+///
+/// Tasks: connections run on the server's tracker; the background work
+/// (scheduler, replication, metrics, SIGHUP and signal handling) on
+/// `tasks`, ended by `shutdown` (the metrics endpoint by
+/// [`Endpoint::close`](crate::metrics::Endpoint::close), after the drain,
+/// so that it serves until then); the systemd reporter on `watchdog`, ended
+/// last so that watchdog pings go on while kmsd drains and unmounts.
 ///
 /// # Errors
 /// Start-up failures (store, socket, mounts, signals).
-pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
+pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<(), StartError> {
+    #[cfg(feature = "test-faults")]
+    tracing::warn!("built with the test-faults feature: KMSDTEST_FAULT is honoured; not for production");
     let keys = open_keys(&cfg)?;
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
     let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
     audit.set_data_operations(cfg.audit.data_operations);
-    let metrics = crate::metrics::install(cfg.metrics_addr()?)?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let metrics = crate::metrics::install(cfg.metrics_addr()?, &tasks)?;
     // Mount before binding, so that no client reaches a half-started
     // daemon; a failure after this point unmounts (Mounts' handles unmount
     // on drop) and removes the socket (SocketFile).
@@ -262,10 +355,8 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         None => Listener::bind(&cfg.socket)?,
     };
     let _socket_file = SocketFile(listener.path.clone());
-    let shutdown = CancellationToken::new();
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
-    let tasks = tokio_util::task::TaskTracker::new();
     if let Some(Replication { replicator: r, tls }) = &replication {
         daemon = daemon.with_replication(r.clone());
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
@@ -274,7 +365,10 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
             let addr = &cfg.peering.listen;
             let tcp = tokio::net::TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("cannot listen for peers on {addr}"))?;
+                .map_err(|source| StartError::PeerListen {
+                    addr: addr.clone(),
+                    source,
+                })?;
             tracing::info!(%addr, "accepting peer zones (mutual TLS)");
             let limits = Limits {
                 max_connections: cfg.peering.max_connections,
@@ -288,31 +382,37 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     daemon.observers.push(Arc::new(crate::metrics::RequestMetrics::new()));
     let daemon = Arc::new(daemon);
     tasks.spawn(crate::metrics::run_state(daemon.clone(), shutdown.clone()));
-    tasks.close();
-    spawn_signal_handler(shutdown.clone())?;
-    let hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    tokio::spawn(reload_on_sighup(
-        hup,
-        cfg.clone(),
+    tasks.spawn(handle_signals(signals()?, shutdown.clone()));
+    let hup = signal(SignalKind::hangup()).map_err(|source| StartError::Signal {
+        signal: "SIGHUP",
+        source,
+    })?;
+    let reloading = Reloading {
+        current: cfg.clone(),
         reload,
-        daemon.clone(),
-        metrics,
-        audit.clone(),
-    ));
-    let scheduler = tokio::spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
+        daemon: daemon.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+    };
+    tasks.spawn(reloading.run(hup, shutdown.clone()));
+    tasks.spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
+    tasks.close();
     let where_ = listener
         .path
         .as_ref()
         .map_or("inherited socket".to_string(), |p| p.display().to_string());
     tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
     notify::ready(&status_line(&daemon));
-    let reporter = tokio::spawn(report_to_systemd(daemon.clone(), shutdown.clone()));
+    let (watchdog, stopped) = (TaskTracker::new(), CancellationToken::new());
+    watchdog.spawn(report_to_systemd(daemon.clone(), shutdown.clone(), stopped.clone()));
+    watchdog.close();
     server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
-    let _ = scheduler.await;
+    metrics.close();
     tasks.wait().await;
     tokio::task::spawn_blocking(move || audit.flush()).await?;
     tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
-    reporter.abort();
+    stopped.cancel();
+    watchdog.wait().await;
     tracing::info!("kmsd stopped");
     Ok(())
 }
@@ -334,7 +434,7 @@ impl Drop for SocketFile {
 /// and applies what can change at run time.
 pub struct Reloader {
     /// Reads and validates the configuration.
-    pub load: Box<dyn Fn() -> Result<Config> + Send + Sync>,
+    pub load: Box<dyn Fn() -> Result<Config, StartError> + Send + Sync>,
     /// Changes the log filter.
     pub log: crate::logging::LogHandle,
 }
@@ -345,36 +445,51 @@ impl std::fmt::Debug for Reloader {
     }
 }
 
-/// On SIGHUP: re-read the configuration; apply admins and log level; keep
-/// the running configuration when the new one is invalid.
-async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    mut current: Config,
+/// What a configuration reload changes.
+struct Reloading {
+    current: Config,
     reload: Reloader,
     daemon: Arc<Daemon>,
     metrics: Arc<crate::metrics::Endpoint>,
     audit: Arc<AuditLog>,
-) {
-    let keys = &daemon.keys;
-    while hup.recv().await.is_some() {
-        notify::reloading();
+}
+
+impl Reloading {
+    /// On SIGHUP, until `shutdown`: re-read the configuration; apply
+    /// admins, log level, audit and metrics settings; keep the running
+    /// configuration when the new one is invalid.
+    async fn run(mut self, mut hup: tokio::signal::unix::Signal, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                got = hup.recv() => if got.is_none() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            notify::reloading();
+            self.once();
+            notify::ready(&status_line(&self.daemon));
+        }
+    }
+
+    fn once(&mut self) {
         // The metrics address is applied first: if it cannot be bound, the
         // whole new configuration is refused and nothing changes.
-        let applied = (reload.load)()
+        let applied = (self.reload.load)()
             .and_then(|new| Ok((new.admins()?, new)))
-            .and_then(|(admins, new)| Ok((metrics.listen(new.metrics_addr()?)?, admins, new)));
+            .and_then(|(admins, new)| Ok((self.metrics.listen(new.metrics_addr()?)?, admins, new)));
         match applied {
             Ok(((), admins, new)) => {
-                keys.set_admins(admins);
-                audit.set_data_operations(new.audit.data_operations);
-                reload.log.set(&new.log_level);
-                warn_restart_only(&current, &new);
+                self.daemon.keys.set_admins(admins);
+                self.audit.set_data_operations(new.audit.data_operations);
+                self.reload.log.set(&new.log_level);
+                warn_restart_only(&self.current, &new);
                 tracing::info!(admins = ?new.access.admins, log_level = %new.log_level, "configuration reloaded");
-                current = new;
+                self.current = new;
             }
-            Err(e) => tracing::error!("configuration reload refused, the running configuration stays: {e:#}"),
+            Err(e) => tracing::error!(
+                "configuration reload refused, the running configuration stays: {}",
+                error_chain(&e)
+            ),
         }
-        notify::ready(&status_line(&daemon));
     }
 }
 
@@ -389,16 +504,17 @@ fn status_line(daemon: &Daemon) -> String {
 }
 
 /// `WATCHDOG=1` every [`notify::watchdog_interval`] (when systemd asked
-/// for it) until aborted, and a new STATUS= line whenever a count changed
+/// for it) until `stopped`, and a new STATUS= line whenever a count changed
 /// until `shutdown`. It runs on the main runtime, so a stuck runtime stops
 /// the pings and systemd's watchdog restarts the service. The pings go on
 /// while draining: systemd's watchdog stays armed while a service stops.
-async fn report_to_systemd(daemon: Arc<Daemon>, shutdown: CancellationToken) {
+async fn report_to_systemd(daemon: Arc<Daemon>, shutdown: CancellationToken, stopped: CancellationToken) {
     let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
     let mut status = tokio::time::interval(STATUS_EVERY);
     let mut last = status_line(&daemon);
     loop {
         tokio::select! {
+            _ = stopped.cancelled() => return,
             _ = tick(watchdog.as_mut()) => notify::watchdog(),
             _ = status.tick(), if !shutdown.is_cancelled() => {
                 let now = status_line(&daemon);
@@ -441,16 +557,77 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
 }
 
-fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = int.recv() => tracing::info!("SIGINT: draining"),
+/// The SIGTERM and SIGINT streams, set up before kmsd reports ready.
+fn signals() -> Result<[tokio::signal::unix::Signal; 2], StartError> {
+    let handle = |signal_name, kind| {
+        signal(kind).map_err(|source| StartError::Signal {
+            signal: signal_name,
+            source,
+        })
+    };
+    Ok([
+        handle("SIGTERM", SignalKind::terminate())?,
+        handle("SIGINT", SignalKind::interrupt())?,
+    ])
+}
+
+/// Starts the drain (`shutdown`) on the first SIGTERM or SIGINT.
+async fn handle_signals([mut term, mut int]: [tokio::signal::unix::Signal; 2], shutdown: CancellationToken) {
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+        _ = shutdown.cancelled() => return,
+    }
+    notify::stopping();
+    shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::assert_states_cause_once;
+
+    #[test]
+    fn start_errors_state_each_cause_once() {
+        let denied = || std::io::Error::from_raw_os_error(nix::libc::EACCES);
+        let store = || StoreError::Io {
+            op: "cannot read",
+            path: "/s/keys".into(),
+            source: denied(),
+        };
+        let errors = [
+            StartError::Io {
+                what: "cannot create dev folder",
+                path: "/d".into(),
+                source: denied(),
+            },
+            StartError::Config {
+                path: "/etc/kmsd/kmsd.toml".into(),
+                source: Box::new(ConfigError::Load(::config::ConfigError::Message(
+                    "unknown field `zonee`".into(),
+                ))),
+            },
+            StartError::Store {
+                path: "/s".into(),
+                source: store(),
+            },
+            StartError::RootKey(store()),
+            StartError::Signal {
+                signal: "SIGHUP",
+                source: denied(),
+            },
+            StartError::NoRootKey,
+        ];
+        for e in &errors {
+            assert_states_cause_once(e);
         }
-        notify::stopping();
-        shutdown.cancel();
-    });
-    Ok(())
+        assert_eq!(
+            error_chain(&errors[2]),
+            "cannot open key store /s: /s/keys: cannot read: Permission denied (os error 13)"
+        );
+        assert_eq!(
+            error_chain(&errors[1]),
+            "configuration /etc/kmsd/kmsd.toml: cannot read configuration: unknown field `zonee`"
+        );
+    }
 }

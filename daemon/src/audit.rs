@@ -4,7 +4,9 @@
 //! defined once, in [`kms_client::audit`], which `kmsctl audit verify`
 //! shares.
 //!
-//! What is recorded: every answered key-management request (create,
+//! What is recorded follows each operation's audit class
+//! ([`kms_client::proto::AuditClass`], in its descriptor): every answered
+//! key-management request (create,
 //! describe, rotate, enable, disable, rotation settings, deletion,
 //! replication, fs rewrap/versions ...), every failed request of any kind
 //! (permission-denied and decrypt-failed matter most), successful data
@@ -39,30 +41,13 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use kms_client::audit::{self, Chain, Entry, CHAIN_BREAK_OP};
+use kms_client::proto::AuditClass;
 
 use crate::keys::service::DueReport;
 use crate::observe::{Observation, Observer};
 
 /// File name of the audit log in the state directory.
 pub const FILE_NAME: &str = "audit.log";
-
-/// Requests that are not key operations and so are not audited.
-const NOT_AUDITED: &[&str] = &["hello", "status", "key-list"];
-
-/// Data operations: high-volume uses of a key. Their failures are always
-/// recorded; their successes only with `[audit] data_operations = true`
-/// (metrics count them either way).
-const DATA_OPERATIONS: &[&str] = &[
-    "encrypt",
-    "decrypt",
-    "wrap",
-    "unwrap",
-    "generate-data-key",
-    "re-encrypt",
-    "wrap-batch",
-    "unwrap-batch",
-    "generate-data-key-batch",
-];
 
 /// Why the audit log could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -286,11 +271,12 @@ impl AuditLog {
 
 impl Observer for AuditLog {
     fn observe(&self, o: &Observation<'_>) {
-        if NOT_AUDITED.contains(&o.subject.op) {
-            return;
-        }
-        let quiet_success = o.outcome() == "ok" && DATA_OPERATIONS.contains(&o.subject.op);
-        if quiet_success && !self.data_operations.load(std::sync::atomic::Ordering::Relaxed) {
+        let recorded = match o.subject.op.info().audit {
+            AuditClass::Unaudited => false,
+            AuditClass::Management => true,
+            AuditClass::Data => o.outcome() != "ok" || self.data_operations.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        if !recorded {
             return;
         }
         let (key, version) = o.key_and_version();
@@ -298,7 +284,7 @@ impl Observer for AuditLog {
             time: audit::now_rfc3339(),
             uid: o.caller.uid,
             pid: o.caller.pid,
-            op: o.subject.op,
+            op: o.subject.op.name(),
             key: key.as_deref(),
             version,
             outcome: o.outcome(),

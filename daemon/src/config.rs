@@ -19,7 +19,7 @@ pub const MAX_FRAME_RANGE: std::ops::RangeInclusive<usize> = 4096..=(64 << 20);
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration: {0}")]
+    #[error("cannot read configuration")]
     Load(#[from] config::ConfigError),
     #[error("invalid setting `{key}`: {reason}")]
     Invalid { key: String, reason: String },
@@ -495,8 +495,11 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors() {
-        let err = parse("zonee = \"x\"").unwrap_err().to_string();
+        let err = parse("zonee = \"x\"").unwrap_err();
+        crate::testutil::assert_states_cause_once(&err);
+        let err = crate::keys::error::error_chain(&err);
         assert!(err.contains("zonee"), "{err}");
+        assert_eq!(err.matches("zonee").count(), 1, "{err}");
         assert!(parse("[access]\nadmin = []").is_err());
         assert!(parse("[[mount]]\nsource=\"/a\"\ntarget=\"/b\"\nkey=\"k\"\nextra=1").is_err());
         assert!(Config::parse("", env(&[("KMSD_NOPE", "1")])).is_err());

@@ -23,6 +23,20 @@ pub mod server;
 pub(crate) mod testutil {
     use std::os::unix::fs::PermissionsExt;
 
+    /// Asserts that no error in `e`'s chain repeats the text of its source,
+    /// so that rendering the chain (`error_chain`, `{:#}`) states each
+    /// cause once.
+    pub fn assert_states_cause_once(e: &(dyn std::error::Error + 'static)) {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(src) = err.source() {
+                let (text, cause) = (err.to_string(), src.to_string());
+                assert!(!text.contains(&cause), "{text:?} repeats its source {cause:?}");
+            }
+            cur = err.source();
+        }
+    }
+
     /// A temporary directory only its owner may enter (mode 0700), as the
     /// key store requires.
     pub fn private_dir() -> std::io::Result<tempfile::TempDir> {

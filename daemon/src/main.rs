@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use kmsd::app::{self, StartError};
 use kmsd::config::{self, Config};
-use kmsd::{app, logging};
+use kmsd::logging;
 
 /// kmsd: local key-management sidecar.
 #[derive(Debug, Clone, Parser)]
@@ -48,15 +49,17 @@ fn start(args: &Args) -> anyhow::Result<()> {
         log,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(app::run(cfg, dev_dir, reload))
+    Ok(runtime.block_on(app::run(cfg, dev_dir, reload))?)
 }
 
-fn load(args: &Args) -> anyhow::Result<(Config, Option<PathBuf>)> {
+fn load(args: &Args) -> Result<(Config, Option<PathBuf>), StartError> {
     if args.dev {
         let (cfg, dir) = app::dev_config(&args.dev_dir)?;
         return Ok((cfg, Some(dir)));
     }
-    let cfg = Config::load(&args.config, config::process_env())
-        .with_context(|| format!("configuration {}", args.config.display()))?;
+    let cfg = Config::load(&args.config, config::process_env()).map_err(|source| StartError::Config {
+        path: args.config.clone(),
+        source: Box::new(source),
+    })?;
     Ok((cfg, None))
 }

@@ -27,43 +27,13 @@ use std::time::Duration;
 use metrics::{counter, gauge, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use kms_client::proto::{ErrorCode, KeyInfo, KeyState, Response};
+use kms_client::proto::{ErrorCode, KeyInfo, KeyState, Op, Response};
 
 use crate::keys::Caller;
 use crate::observe::{Observation, Observer};
 use crate::ops::Daemon;
-
-/// Every `Request::op_name`, the busiest first: the index lookup is a
-/// linear scan, so wrap and unwrap are found in one or two compares.
-pub const OPS: [&str; 26] = [
-    "wrap",
-    "unwrap",
-    "encrypt",
-    "decrypt",
-    "generate-data-key",
-    "wrap-batch",
-    "unwrap-batch",
-    "generate-data-key-batch",
-    "re-encrypt",
-    "hello",
-    "status",
-    "key-create",
-    "key-describe",
-    "key-list",
-    "key-enable",
-    "key-disable",
-    "key-schedule-deletion",
-    "key-cancel-deletion",
-    "key-replicate",
-    "key-rotate",
-    "key-rotations",
-    "rotation-enable",
-    "rotation-disable",
-    "fs-versions",
-    "fs-rewrap",
-    "replication",
-];
 
 /// Outcomes: `ok`, then every error code in `ErrorCode::ALL` order.
 const OUTCOMES: usize = 1 + ErrorCode::ALL.len();
@@ -111,35 +81,45 @@ fn builder(gauge_idle: Duration) -> PrometheusBuilder {
 }
 
 /// The metrics endpoint: the process-wide recorder, and the address it is
-/// served on, which a configuration reload may change or turn off.
+/// served on, which a configuration reload may change or turn off. Its
+/// tasks (listener, connections, upkeep) run on the daemon's tracker and
+/// end at [`Endpoint::close`].
 #[derive(Debug)]
 pub struct Endpoint {
     handle: PrometheusHandle,
-    serving: parking_lot::Mutex<Option<(SocketAddr, tokio::task::AbortHandle)>>,
+    /// The address served and the token that stops serving it.
+    serving: parking_lot::Mutex<Option<(SocketAddr, CancellationToken)>>,
+    tasks: TaskTracker,
+    /// Cancelled by [`Endpoint::close`]; the parent of every `serving` token.
+    closed: CancellationToken,
 }
 
 /// Installs the global recorder (always: recording is cheap, and a reload
-/// may turn the endpoint on) and serves it on `addr` (nothing when `None`).
-/// Must run inside the Tokio runtime.
+/// may turn the endpoint on) and serves it on `addr` (nothing when `None`),
+/// with its tasks on `tasks`. Must run inside the Tokio runtime.
 ///
 /// # Errors
 /// The address cannot be bound (busy, not local); a recorder is already
 /// installed.
-pub fn install(addr: Option<SocketAddr>) -> Result<Arc<Endpoint>, MetricsError> {
+pub fn install(addr: Option<SocketAddr>, tasks: &TaskTracker) -> Result<Arc<Endpoint>, MetricsError> {
     let recorder = builder(GAUGE_IDLE).build_recorder();
     let handle = recorder.handle();
     let endpoint = Arc::new(Endpoint {
         handle,
         serving: parking_lot::Mutex::new(None),
+        tasks: tasks.clone(),
+        closed: CancellationToken::new(),
     });
     endpoint.listen(addr)?;
     set_recorder(recorder)?;
     describe();
-    let upkeep = endpoint.handle.clone();
-    tokio::spawn(async move {
+    let (upkeep, closed) = (endpoint.handle.clone(), endpoint.closed.clone());
+    tasks.spawn(async move {
         loop {
-            tokio::time::sleep(UPKEEP).await;
-            upkeep.run_upkeep();
+            tokio::select! {
+                _ = tokio::time::sleep(UPKEEP) => upkeep.run_upkeep(),
+                _ = closed.cancelled() => return,
+            }
         }
     });
     Ok(endpoint)
@@ -165,36 +145,64 @@ impl Endpoint {
                 };
                 let listener = bind().map_err(|source| MetricsError::Listen { addr, source })?;
                 tracing::info!(%addr, "serving Prometheus metrics");
-                Some((addr, tokio::spawn(serve(listener, self.handle.clone())).abort_handle()))
+                let stop = self.closed.child_token();
+                let server = Server {
+                    handle: self.handle.clone(),
+                    tasks: self.tasks.clone(),
+                    closed: self.closed.clone(),
+                };
+                self.tasks.spawn(server.serve(listener, stop.clone()));
+                Some((addr, stop))
             }
             None => None,
         };
-        if let Some((old, task)) = serving.take() {
-            task.abort();
+        if let Some((old, stop)) = serving.take() {
+            stop.cancel();
             tracing::info!(addr = %old, "no longer serving metrics there");
         }
         *serving = next;
         Ok(())
     }
 
-    /// The address metrics are served on, if any.
-    pub fn addr(&self) -> Option<SocketAddr> {
-        self.serving.lock().as_ref().map(|(a, _)| *a)
+    /// Stops serving for good and ends the endpoint's tasks (at shutdown,
+    /// once the socket's clients are answered).
+    pub fn close(&self) {
+        self.closed.cancel();
     }
 }
 
-/// Answers `GET /metrics` with the rendered text, one request per
-/// connection, each bounded in size and time.
-async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await;
-        });
+/// What the task serving one address needs.
+struct Server {
+    handle: PrometheusHandle,
+    tasks: TaskTracker,
+    /// Ends the connections too (the endpoint is closed).
+    closed: CancellationToken,
+}
+
+impl Server {
+    /// Answers `GET /metrics` with the rendered text, one request per
+    /// connection, each bounded in size and time, until `stop` (another
+    /// address, or none). Connections already accepted are answered unless
+    /// the endpoint closes.
+    async fn serve(self, listener: tokio::net::TcpListener, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.cancelled() => return,
+            };
+            let Ok((stream, _)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let (handle, closed) = (self.handle.clone(), self.closed.clone());
+            self.tasks.spawn(async move {
+                let answered = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle));
+                tokio::select! {
+                    _ = answered => {}
+                    _ = closed.cancelled() => {}
+                }
+            });
+        }
     }
 }
 
@@ -299,9 +307,9 @@ pub fn automatic_rotations(n: usize) {
 /// Request counters and durations, recorded without locks.
 #[derive(Debug)]
 pub struct RequestMetrics {
-    /// `OPS.len() * OUTCOMES` counters, row per operation.
+    /// `Op::ALL.len() * OUTCOMES` counters, a row per operation.
     requests: Vec<Counter>,
-    /// One histogram per operation.
+    /// One histogram per operation, in `Op::ALL` order.
     durations: Vec<Histogram>,
     encrypted: Counter,
     decrypted: Counter,
@@ -330,15 +338,15 @@ impl RequestMetrics {
     /// Registers every handle with the recorder installed now; call after
     /// [`install`].
     pub fn new() -> Self {
-        let mut requests = Vec::with_capacity(OPS.len() * OUTCOMES);
-        for op in OPS {
+        let mut requests = Vec::with_capacity(Op::ALL.len() * OUTCOMES);
+        for op in Op::ALL {
             for outcome in outcome_names() {
-                requests.push(counter!("kmsd_requests_total", "op" => op, "outcome" => outcome));
+                requests.push(counter!("kmsd_requests_total", "op" => op.name(), "outcome" => outcome));
             }
         }
-        let durations = OPS
+        let durations = Op::ALL
             .iter()
-            .map(|op| metrics::histogram!("kmsd_request_duration_seconds", "op" => *op))
+            .map(|op| metrics::histogram!("kmsd_request_duration_seconds", "op" => op.name()))
             .collect();
         Self {
             requests,
@@ -353,15 +361,15 @@ impl RequestMetrics {
     /// rotation.
     fn count_effects(&self, o: &Observation<'_>) {
         match (o.subject.op, o.response) {
-            ("encrypt" | "wrap" | "wrap-batch", Response::Blob(_) | Response::Blobs(_)) => {
+            (Op::Encrypt | Op::Wrap | Op::WrapBatch, Response::Blob(_) | Response::Blobs(_)) => {
                 self.encrypted.increment(o.subject.plaintext_in as u64);
             }
             (_, Response::Plaintext(p)) => self.decrypted.increment(p.len() as u64),
             (_, Response::Plaintexts(ps)) => {
-                let n: usize = ps.iter().filter_map(|p| p.as_ref().ok()).map(Vec::len).sum();
+                let n: usize = ps.iter().filter_map(|p| p.as_ref().ok()).map(|p| p.len()).sum();
                 self.decrypted.increment(n as u64);
             }
-            ("key-rotate", Response::Key(_)) => self.manual_rotations.increment(1),
+            (Op::RotateKey, Response::Key(_)) => self.manual_rotations.increment(1),
             _ => {}
         }
     }
@@ -369,19 +377,9 @@ impl RequestMetrics {
 
 impl Observer for RequestMetrics {
     fn observe(&self, o: &Observation<'_>) {
-        let secs = o.elapsed.as_secs_f64();
-        match OPS.iter().position(|op| *op == o.subject.op) {
-            Some(i) => {
-                self.requests[i * OUTCOMES + outcome_index(o.response)].increment(1);
-                self.durations[i].record(secs);
-            }
-            // An operation added to the protocol but not to OPS: still
-            // counted, on the slow path (the test below keeps OPS complete).
-            None => {
-                counter!("kmsd_requests_total", "op" => o.subject.op, "outcome" => o.outcome()).increment(1);
-                metrics::histogram!("kmsd_request_duration_seconds", "op" => o.subject.op).record(secs);
-            }
-        }
+        let i = o.subject.op.index();
+        self.requests[i * OUTCOMES + outcome_index(o.response)].increment(1);
+        self.durations[i].record(o.elapsed.as_secs_f64());
         self.count_effects(o);
     }
 }
@@ -508,7 +506,7 @@ mod tests {
     fn wrap(dek_len: usize) -> Request {
         Request::Wrap {
             key: "app".into(),
-            dek: vec![0; dek_len],
+            dek: vec![0; dek_len].into(),
             context: Context::new(),
         }
     }
@@ -551,7 +549,7 @@ mod tests {
         for _ in 0..3 {
             observe(&m, &wrap(32), Response::Blob(vec![0; 80]));
         }
-        observe(&m, &unwrap_req(), Response::Plaintext(vec![0; 32]));
+        observe(&m, &unwrap_req(), Response::Plaintext(vec![0; 32].into()));
         let failed = Response::Error(ErrorReply::new(ErrorCode::DecryptFailed, "x"));
         observe(&m, &unwrap_req(), failed);
         observe(&m, &Request::RotateKey { key: "app".into() }, Response::Done);
@@ -593,11 +591,14 @@ mod tests {
         let m = metrics::with_local_recorder(&recorder, RequestMetrics::new);
         let req = Request::WrapBatch {
             key: "app".into(),
-            deks: vec![vec![0; 32], vec![0; 16]],
+            deks: vec![vec![0; 32].into(), vec![0; 16].into()],
             context: Context::new(),
         };
         observe(&m, &req, Response::Blobs(vec![vec![0; 80], vec![0; 64]]));
-        let items = vec![Ok(vec![0; 32]), Err(ErrorReply::new(ErrorCode::DecryptFailed, "x"))];
+        let items = vec![
+            Ok(vec![0; 32].into()),
+            Err(ErrorReply::new(ErrorCode::DecryptFailed, "x")),
+        ];
         let req = Request::UnwrapBatch {
             blobs: vec![],
             context: Context::new(),
@@ -614,13 +615,10 @@ mod tests {
         let _m = metrics::with_local_recorder(&recorder, RequestMetrics::new);
         let body = handle.render();
         let series = body.lines().filter(|l| l.starts_with("kmsd_requests_total{")).count();
-        assert_eq!(series, OPS.len() * OUTCOMES);
-        let mut ops = OPS.to_vec();
-        ops.sort_unstable();
-        ops.dedup();
-        assert_eq!(ops.len(), OPS.len(), "duplicate in OPS");
-        for req in [Request::Status, Request::ListKeys, wrap(1), unwrap_req()] {
-            assert!(OPS.contains(&req.op_name()));
+        assert_eq!(series, Op::ALL.len() * OUTCOMES);
+        for op in Op::ALL {
+            let line = format!(r#"kmsd_requests_total{{op="{op}",outcome="ok"}} 0"#);
+            assert!(has(&body, &line), "missing {line}");
         }
     }
 
@@ -662,10 +660,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn closing_the_endpoint_ends_every_task_it_started() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (_recorder, handle) = local();
+        let tasks = TaskTracker::new();
+        let endpoint = Endpoint {
+            handle,
+            serving: parking_lot::Mutex::new(None),
+            tasks: tasks.clone(),
+            closed: CancellationToken::new(),
+        };
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        endpoint.listen(Some(addr)).unwrap();
+        let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+        scrape.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        scrape.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        // A client that connects and says nothing holds a connection task.
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(tasks.len() >= 2, "listener and the silent connection: {}", tasks.len());
+        endpoint.close();
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .expect("every endpoint task ends at close");
+    }
+
+    #[tokio::test]
     async fn a_busy_address_is_an_error_naming_the_setting() {
         let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = busy.local_addr().unwrap();
-        let err = install(Some(addr)).unwrap_err();
+        let err = install(Some(addr), &TaskTracker::new()).unwrap_err();
         let text = format!("{err:#}");
         assert!(
             text.contains("metrics.listen") && text.contains(&addr.to_string()),

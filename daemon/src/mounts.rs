@@ -32,10 +32,11 @@ impl ServiceKeys {
 }
 
 fn key_error(e: Error) -> KeyError {
+    let message = crate::keys::error::error_chain(&e);
     match e.code() {
-        ErrorCode::PermissionDenied => KeyError::Denied(e.to_string()),
-        ErrorCode::DecryptFailed => KeyError::DecryptFailed(e.to_string()),
-        _ => KeyError::Unavailable(e.to_string()),
+        ErrorCode::PermissionDenied => KeyError::Denied(message),
+        ErrorCode::DecryptFailed => KeyError::DecryptFailed(message),
+        _ => KeyError::Unavailable(message),
     }
 }
 

@@ -7,74 +7,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kms_client::blob::BlobHeader;
-use kms_client::proto::{Request, Response};
+use kms_client::proto::{Op, Request, Response};
 
 use crate::keys::Caller;
 
 /// What is known about a request before it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
-    /// Stable operation name (`Request::op_name`).
-    pub op: &'static str,
+    /// The operation (its descriptor says how it is audited).
+    pub op: Op,
     /// The key as the caller named it, or the key id a blob names.
     pub key: Option<String>,
     /// The key version a blob names (decrypt, unwrap, re-encrypt input).
     pub version: Option<u32>,
-    /// Number of items of a batch request, 1 otherwise.
-    pub items: usize,
     /// Plaintext bytes the request carries (encrypt, wrap).
     pub plaintext_in: usize,
 }
 
 impl Subject {
-    /// Reads the subject off a request, before it is consumed.
+    /// Reads the subject off a request, before it is consumed, as the
+    /// protocol's operation descriptors say ([`Request::op`],
+    /// [`Request::target`]).
     pub fn of(req: &Request) -> Self {
-        let mut s = Self {
-            op: req.op_name(),
-            key: None,
-            version: None,
-            items: 1,
-            plaintext_in: 0,
-        };
-        match req {
-            Request::DescribeKey { key }
-            | Request::EnableKey { key }
-            | Request::DisableKey { key }
-            | Request::ScheduleDeletion { key, .. }
-            | Request::CancelDeletion { key }
-            | Request::ReplicateKey { key, .. }
-            | Request::RotateKey { key }
-            | Request::ListRotations { key }
-            | Request::EnableRotation { key, .. }
-            | Request::DisableRotation { key }
-            | Request::GenerateDataKey { key, .. } => s.key = Some(key.clone()),
-            Request::Encrypt { key, plaintext, .. } => (s.key, s.plaintext_in) = (Some(key.clone()), plaintext.len()),
-            Request::Wrap { key, dek, .. } => (s.key, s.plaintext_in) = (Some(key.clone()), dek.len()),
-            Request::WrapBatch { key, deks, .. } => {
-                s.key = Some(key.clone());
-                s.items = deks.len();
-                s.plaintext_in = deks.iter().map(Vec::len).sum();
-            }
-            Request::GenerateDataKeyBatch { key, count, .. } => (s.key, s.items) = (Some(key.clone()), *count as usize),
-            Request::Decrypt { blob, .. } | Request::Unwrap { blob, .. } | Request::ReEncrypt { blob, .. } => {
-                s.set_blob(blob);
-            }
-            Request::UnwrapBatch { blobs, .. } => {
-                s.items = blobs.len();
-                if let Some(first) = blobs.first() {
-                    s.set_blob(first);
-                }
-            }
-            Request::CreateKey(c) => s.key.clone_from(&c.name),
-            _ => {}
-        }
-        s
-    }
-
-    fn set_blob(&mut self, blob: &[u8]) {
-        if let Ok(h) = BlobHeader::parse(blob) {
-            self.key = Some(h.key_id.to_string());
-            self.version = Some(h.version);
+        let (key, version) = req.target().key_and_version();
+        Self {
+            op: req.op(),
+            key,
+            version,
+            plaintext_in: req.plaintext_len(),
         }
     }
 }
@@ -156,11 +116,11 @@ mod tests {
     fn subject_reads_keys_and_blob_versions() {
         let wrap = Request::Wrap {
             key: "app".into(),
-            dek: vec![0; 32],
+            dek: vec![0; 32].into(),
             context: Context::new(),
         };
         let s = Subject::of(&wrap);
-        assert_eq!((s.op, s.key.as_deref(), s.plaintext_in), ("wrap", Some("app"), 32));
+        assert_eq!((s.op, s.key.as_deref(), s.plaintext_in), (Op::Wrap, Some("app"), 32));
         let mut blob = BlobHeader {
             key_id: uuid::Uuid::nil(),
             version: 7,

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, StatusInfo, PROTOCOL_VERSION};
+use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, Secret, StatusInfo, PROTOCOL_VERSION};
+use zeroize::Zeroizing;
 
 use crate::keys::{self, Caller, KeyService};
 use crate::mounts::Mounts;
@@ -44,13 +45,6 @@ impl Daemon {
         self
     }
 
-    /// The replicator, if this request is one it answers (asynchronously:
-    /// it talks to other zones).
-    pub fn replication_for(&self, req: &Request) -> Option<&Arc<Replicator>> {
-        let is_replication = matches!(req, Request::ReplicateKey { .. } | Request::Replication(_));
-        self.replication.as_ref().filter(|_| is_replication)
-    }
-
     /// The `Hello` reply.
     pub fn hello(&self) -> Response {
         Response::Hello {
@@ -77,24 +71,6 @@ pub fn server_version() -> String {
     format!("kmsd/{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Does this request write to disk (and so belong off the async threads)?
-pub fn is_blocking(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::CreateKey(_)
-            | Request::EnableKey { .. }
-            | Request::DisableKey { .. }
-            | Request::ScheduleDeletion { .. }
-            | Request::CancelDeletion { .. }
-            | Request::ReplicateKey { .. }
-            | Request::RotateKey { .. }
-            | Request::EnableRotation { .. }
-            | Request::DisableRotation { .. }
-            | Request::FsVersions { .. }
-            | Request::FsRewrap { .. }
-    )
-}
-
 fn reply<T>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
     match r {
         Ok(v) => ok(v),
@@ -102,8 +78,10 @@ fn reply<T>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
     }
 }
 
-/// Handles one request after the handshake.
-pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
+/// Handles one request after the handshake, on whatever thread its
+/// [`Execution`](kms_client::proto::Execution) asks for; `progress(done,
+/// total)` hears how a long request (`fs rewrap`) advances.
+pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Response {
     let k = &*d.keys;
     match req {
         Request::Hello { .. } => d.hello(),
@@ -127,10 +105,12 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             context,
         } => reply(k.encrypt(caller, &key, &plaintext, &context), Response::Blob),
         Request::Decrypt { blob, context } => {
-            reply(k.decrypt(caller, &blob, &context), |p| Response::Plaintext(take(p)))
+            reply(k.decrypt(caller, &blob, &context), |p| Response::Plaintext(p.into()))
         }
         Request::Wrap { key, dek, context } => reply(k.wrap(caller, &key, &dek, &context), Response::Blob),
-        Request::Unwrap { blob, context } => reply(k.unwrap(caller, &blob, &context), |p| Response::Plaintext(take(p))),
+        Request::Unwrap { blob, context } => {
+            reply(k.unwrap(caller, &blob, &context), |p| Response::Plaintext(p.into()))
+        }
         Request::GenerateDataKey {
             key,
             context,
@@ -148,10 +128,14 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Response::Blob,
         ),
         Request::WrapBatch { key, deks, context } => {
-            reply(k.wrap_batch(caller, &key, &deks, &context), Response::Blobs)
+            reply(k.wrap_batch(caller, &key, &unwrapped(deks), &context), Response::Blobs)
         }
         Request::UnwrapBatch { blobs, context } => reply(k.unwrap_batch(caller, &blobs, &context), |rs| {
-            Response::Plaintexts(rs.into_iter().map(|r| r.map(take).map_err(ErrorReply::from)).collect())
+            Response::Plaintexts(
+                rs.into_iter()
+                    .map(|r| r.map(Secret::from).map_err(ErrorReply::from))
+                    .collect(),
+            )
         }),
         Request::GenerateDataKeyBatch {
             key,
@@ -162,7 +146,8 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             k.generate_data_key_batch(caller, &key, count as usize, &context),
             |dks| Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect()),
         ),
-        // With peers configured these go to `Daemon::replication_for`.
+        // With peers configured the server hands these (`Execution::Peers`)
+        // to the replicator.
         Request::ReplicateKey { .. } | Request::Replication(_) => {
             unavailable("multi-zone replication is not configured here: no [[peer]] and peer key")
         }
@@ -170,12 +155,12 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request) -> Response {
             Ok(v) => Response::FsVersions(v),
             Err(e) => Response::Error(e),
         },
-        Request::FsRewrap { mount } => rewrap(d, caller, &mount, |_, _| {}),
+        Request::FsRewrap { mount } => rewrap(d, caller, &mount, progress),
     }
 }
 
 /// Runs `fs rewrap`, reporting progress through `progress(done, total)`.
-pub fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64, u64)) -> Response {
+fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64, u64)) -> Response {
     match d.mounts.rewrap(&d.keys, caller, mount, progress) {
         Ok(r) => Response::FsRewrap(r),
         Err(e) => Response::Error(e),
@@ -185,13 +170,18 @@ pub fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64
 fn data_key((dek, blob): keys::service::DataKeyPair, with_plaintext: bool) -> DataKey {
     DataKey {
         blob,
-        plaintext: with_plaintext.then(|| take(dek)),
+        plaintext: with_plaintext.then(|| dek.into()),
     }
 }
 
-/// Moves a secret buffer into a response without copying it.
-fn take(mut secret: zeroize::Zeroizing<Vec<u8>>) -> Vec<u8> {
-    std::mem::take(&mut *secret)
+/// The DEKs of a batch as the key service takes them: moved, not copied,
+/// out of their secret wrappers into a list that is still wiped on drop.
+fn unwrapped(deks: Vec<Secret>) -> Zeroizing<Vec<Vec<u8>>> {
+    Zeroizing::new(
+        deks.into_iter()
+            .map(|d| std::mem::take(&mut *d.into_zeroizing()))
+            .collect(),
+    )
 }
 
 fn unavailable(msg: &str) -> Response {
@@ -200,9 +190,9 @@ fn unavailable(msg: &str) -> Response {
 
 /// Runs [`handle`], turning a panic into an `internal` error for this
 /// request only.
-pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request) -> Response {
-    let op = req.op_name();
-    guarded(op, caller, || handle(d, caller, req))
+pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Response {
+    let op = req.op().name();
+    guarded(op, caller, || handle(d, caller, req, progress))
 }
 
 /// Runs `f`; a panic inside it is logged and answered `internal`, and the
@@ -241,5 +231,26 @@ mod tests {
             })
         ));
         assert_eq!(guarded("status", &caller, || Response::Done), Response::Done);
+    }
+
+    #[test]
+    fn a_store_failure_reaches_the_client_with_each_cause_once() {
+        use crate::keys::store::StoreError;
+        let e = keys::Error::Unavailable(StoreError::Io {
+            op: "cannot write",
+            path: "/var/lib/kmsd/keys/k.tmp".into(),
+            source: std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        });
+        crate::testutil::assert_states_cause_once(&e);
+        let reply = ErrorReply::from(e);
+        assert_eq!(reply.code, ErrorCode::Unavailable);
+        assert_eq!(
+            reply.message,
+            "key store unavailable: /var/lib/kmsd/keys/k.tmp: cannot write: No space left on device (os error 28)"
+        );
+        // What kmsctl prints: the code, then the message, each once.
+        let shown = kms_client::ClientError::Server(reply).to_string();
+        assert_eq!(shown.matches("No space left on device").count(), 1, "{shown}");
+        assert_eq!(shown.matches("cannot write").count(), 1, "{shown}");
     }
 }

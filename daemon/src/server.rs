@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use futures::{FutureExt, SinkExt, StreamExt};
 use kms_client::proto::codec::Decoded;
-use kms_client::proto::{CodecError, ErrorCode, ErrorReply, Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
+use kms_client::proto::{
+    CodecError, ErrorCode, ErrorReply, Execution, Frame, FrameCodec, Request, Response, PROTOCOL_VERSION,
+};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -301,32 +303,34 @@ impl Session {
         Ok(Next::Continue)
     }
 
-    /// Runs a request after the handshake; `fs rewrap` sends its progress
-    /// frames itself.
+    /// Runs a request after the handshake where its operation's
+    /// [`Execution`] says.
     async fn answer(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Response, CodecError> {
-        if let Request::FsRewrap { mount } = body {
-            return self.rewrap(daemon, id, mount).await;
-        }
-        Ok(if let Some(r) = daemon.replication_for(&body) {
-            r.handle(&self.caller, body).await
-        } else if ops::is_blocking(&body) {
-            let (d, c) = (daemon.clone(), self.caller.clone());
-            tokio::task::spawn_blocking(move || ops::handle_guarded(&d, &c, body))
-                .await
-                .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed"))
-        } else {
-            ops::handle_guarded(daemon, &self.caller, body)
+        let caller = &self.caller;
+        Ok(match body.op().info().execution {
+            Execution::Inline => ops::handle_guarded(daemon, caller, body, |_, _| {}),
+            Execution::Blocking => {
+                let (d, c) = (daemon.clone(), caller.clone());
+                tokio::task::spawn_blocking(move || ops::handle_guarded(&d, &c, body, |_, _| {}))
+                    .await
+                    .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed"))
+            }
+            Execution::BlockingWithProgress => return self.with_progress(daemon, id, body).await,
+            Execution::Peers => match &daemon.replication {
+                Some(r) => r.handle(caller, body).await,
+                None => ops::handle_guarded(daemon, caller, body, |_, _| {}),
+            },
         })
     }
 
-    /// `fs rewrap`, with `Progress` frames (at most five a second) before
-    /// the final reply.
-    async fn rewrap(&mut self, daemon: &Arc<Daemon>, id: u64, mount: String) -> Result<Response, CodecError> {
+    /// A blocking request that sends `Progress` frames (at most five a
+    /// second) before the final reply.
+    async fn with_progress(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Response, CodecError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (d, c) = (daemon.clone(), self.caller.clone());
         let task = tokio::task::spawn_blocking(move || {
             let mut last: Option<std::time::Instant> = None;
-            ops::rewrap(&d, &c, &mount, |done, total| {
+            ops::handle_guarded(&d, &c, body, |done, total| {
                 if done == total || last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(200)) {
                     last = Some(std::time::Instant::now());
                     let _ = tx.send((done, total));
@@ -339,7 +343,7 @@ impl Session {
         }
         Ok(task
             .await
-            .unwrap_or_else(|_| error(ErrorCode::Internal, "rewrap task failed")))
+            .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed")))
     }
 
     async fn on_hello(&mut self, daemon: &Daemon, id: u64, body: Request) -> Result<Next, CodecError> {

@@ -34,18 +34,32 @@ pub fn bin_dir() -> &'static Path {
 /// Builds kmsd and kmsctl when running under cargo (`cargo test`, `cargo
 /// run`), so that tests never use stale binaries; a binary started directly
 /// uses the ones beside it.
+///
+/// kmsd is built with its `test-faults` feature (fault points the crash
+/// tests set through `KMSDTEST_FAULT`), so `target/<profile>/kmsd` is a test
+/// build after a test or benchmark run. A production kmsd is built without
+/// it: `cargo install --path daemon` (README, "Running under systemd").
 fn build_binaries(dir: &Path) {
     let Ok(cargo) = std::env::var("CARGO") else {
         assert!(
             dir.join("kmsd").exists(),
-            "no kmsd beside {}; build the workspace first",
+            "no kmsd beside {}; build it first: cargo build --bins -p kmsd -p kms-client --features kmsd/test-faults",
             dir.display()
         );
         return;
     };
     let mut cmd = Command::new(cargo);
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    cmd.args(["build", "--bins", "-p", "kmsd", "-p", "kms-client"]);
+    cmd.args([
+        "build",
+        "--bins",
+        "-p",
+        "kmsd",
+        "-p",
+        "kms-client",
+        "--features",
+        "kmsd/test-faults",
+    ]);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }

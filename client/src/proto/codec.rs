@@ -212,7 +212,7 @@ mod tests {
             id: 1,
             body: Request::Encrypt {
                 key: "k".into(),
-                plaintext: vec![0; 2048],
+                plaintext: vec![0; 2048].into(),
                 context: Default::default(),
             },
         };
@@ -266,7 +266,7 @@ mod tests {
                 id: 77,
                 body: Request::Encrypt {
                     key: "key".into(),
-                    plaintext: b"data".to_vec(),
+                    plaintext: b"data".to_vec().into(),
                     context: [("a".to_string(), "b".to_string())].into(),
                 },
             };

@@ -11,6 +11,8 @@
 //! variants they know.
 
 pub mod codec;
+pub mod op;
+mod secret;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use codec::{decode_frame_id, CodecError, FrameCodec};
+pub use op::{AuditClass, Execution, Op, OpInfo, Target};
+pub use secret::Secret;
 
 /// The protocol version spoken by this crate.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -53,7 +57,8 @@ pub struct Frame<B> {
     pub body: B,
 }
 
-/// Every request a client can make.
+/// Every request a client can make. What kmsd needs to know about each
+/// (its [`Op`], name, execution, audit class, target) is in [`op`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Must be the first request on a connection.
@@ -104,7 +109,7 @@ pub enum Request {
     },
     Encrypt {
         key: String,
-        plaintext: Vec<u8>,
+        plaintext: Secret,
         context: Context,
     },
     Decrypt {
@@ -113,7 +118,7 @@ pub enum Request {
     },
     Wrap {
         key: String,
-        dek: Vec<u8>,
+        dek: Secret,
         context: Context,
     },
     Unwrap {
@@ -135,7 +140,7 @@ pub enum Request {
     },
     WrapBatch {
         key: String,
-        deks: Vec<Vec<u8>>,
+        deks: Vec<Secret>,
         context: Context,
     },
     UnwrapBatch {
@@ -159,40 +164,6 @@ pub enum Request {
     /// Daemon to daemon: a replication message (multi-zone keys), accepted
     /// only from a configured peer zone's uid; see [`ReplicationFrame`].
     Replication(ReplicationFrame),
-}
-
-impl Request {
-    /// A short stable name for logs and metrics.
-    pub fn op_name(&self) -> &'static str {
-        match self {
-            Request::Hello { .. } => "hello",
-            Request::Status => "status",
-            Request::CreateKey(_) => "key-create",
-            Request::DescribeKey { .. } => "key-describe",
-            Request::ListKeys => "key-list",
-            Request::EnableKey { .. } => "key-enable",
-            Request::DisableKey { .. } => "key-disable",
-            Request::ScheduleDeletion { .. } => "key-schedule-deletion",
-            Request::CancelDeletion { .. } => "key-cancel-deletion",
-            Request::ReplicateKey { .. } => "key-replicate",
-            Request::RotateKey { .. } => "key-rotate",
-            Request::ListRotations { .. } => "key-rotations",
-            Request::EnableRotation { .. } => "rotation-enable",
-            Request::DisableRotation { .. } => "rotation-disable",
-            Request::Encrypt { .. } => "encrypt",
-            Request::Decrypt { .. } => "decrypt",
-            Request::Wrap { .. } => "wrap",
-            Request::Unwrap { .. } => "unwrap",
-            Request::GenerateDataKey { .. } => "generate-data-key",
-            Request::ReEncrypt { .. } => "re-encrypt",
-            Request::WrapBatch { .. } => "wrap-batch",
-            Request::UnwrapBatch { .. } => "unwrap-batch",
-            Request::GenerateDataKeyBatch { .. } => "generate-data-key-batch",
-            Request::FsVersions { .. } => "fs-versions",
-            Request::FsRewrap { .. } => "fs-rewrap",
-            Request::Replication(_) => "replication",
-        }
-    }
 }
 
 /// Parameters of `key create`.
@@ -219,12 +190,12 @@ pub enum Response {
     Rotations(Vec<RotationEntry>),
     /// A ciphertext blob (encrypt, wrap, re-encrypt).
     Blob(Vec<u8>),
-    /// Plaintext (decrypt, unwrap). Callers should zeroize it after use.
-    Plaintext(Vec<u8>),
+    /// Plaintext (decrypt, unwrap).
+    Plaintext(Secret),
     DataKey(DataKey),
     Blobs(Vec<Vec<u8>>),
     /// Per-item results of a batch unwrap.
-    Plaintexts(Vec<Result<Vec<u8>, ErrorReply>>),
+    Plaintexts(Vec<Result<Secret, ErrorReply>>),
     DataKeys(Vec<DataKey>),
     /// Success with nothing to return.
     Done,
@@ -292,7 +263,7 @@ impl fmt::Debug for ReplicationFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataKey {
     pub blob: Vec<u8>,
-    pub plaintext: Option<Vec<u8>>,
+    pub plaintext: Option<Secret>,
 }
 
 /// A failed request.
@@ -633,6 +604,77 @@ mod tests {
         let resp = postcard::to_allocvec(&Response::Replication(frame.clone())).unwrap();
         assert_eq!(resp[0], 16);
         assert!(!format!("{frame:?}").contains("[1, 2, 3]"));
+    }
+
+    /// A secret byte that no other field of the values below contains, in
+    /// the decimal form `Debug` of a `Vec<u8>` would print it.
+    const SECRET_BYTE: u8 = 0xa7;
+    const SHOWN: &str = "167";
+
+    fn secret() -> Secret {
+        vec![SECRET_BYTE; 32].into()
+    }
+
+    fn assert_redacted(value: &impl fmt::Debug) {
+        let text = format!("{value:?}");
+        assert!(!text.contains(SHOWN), "secret bytes in {text}");
+        assert!(text.contains("redacted"), "{text}");
+        let pretty = format!("{value:#?}");
+        assert!(!pretty.contains(SHOWN), "secret bytes in {pretty}");
+    }
+
+    #[test]
+    fn debug_of_requests_carrying_plaintext_shows_no_secret_bytes() {
+        let ctx = Context::from([("tenant".to_string(), "7".to_string())]);
+        assert_redacted(&Request::Encrypt {
+            key: "app".into(),
+            plaintext: secret(),
+            context: ctx.clone(),
+        });
+        assert_redacted(&Request::Wrap {
+            key: "app".into(),
+            dek: secret(),
+            context: ctx.clone(),
+        });
+        assert_redacted(&Frame {
+            id: 9,
+            body: Request::WrapBatch {
+                key: "app".into(),
+                deks: vec![secret(), secret()],
+                context: ctx,
+            },
+        });
+    }
+
+    #[test]
+    fn debug_of_responses_and_data_keys_shows_no_key_bytes() {
+        let dk = DataKey {
+            blob: vec![1, 2, 3],
+            plaintext: Some(secret()),
+        };
+        assert_redacted(&dk);
+        assert_redacted(&Response::DataKey(dk.clone()));
+        assert_redacted(&Response::DataKeys(vec![dk]));
+        assert_redacted(&Response::Plaintext(secret()));
+        let items = vec![Ok(secret()), Err(ErrorReply::new(ErrorCode::DecryptFailed, "x"))];
+        assert_redacted(&Response::Plaintexts(items));
+    }
+
+    #[test]
+    fn secrets_keep_the_wire_format() {
+        let plain = vec![SECRET_BYTE; 4];
+        let req = Request::Wrap {
+            key: "k".into(),
+            dek: plain.clone().into(),
+            context: Context::new(),
+        };
+        let bytes = postcard::to_allocvec(&req).unwrap();
+        // Variant 16, "k", the DEK as length and bytes, an empty context.
+        let mut want = vec![16, 1, b'k', 4];
+        want.extend_from_slice(&plain);
+        want.push(0);
+        assert_eq!(bytes, want);
+        assert_eq!(postcard::from_bytes::<Request>(&bytes).unwrap(), req);
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub enum Error {
     },
     #[error("cannot decrypt: {0}")]
     DecryptFailed(&'static str),
-    #[error("key store unavailable: {0}")]
+    #[error("key store unavailable")]
     Unavailable(#[source] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -67,8 +67,8 @@ impl Error {
 impl From<Error> for ErrorReply {
     fn from(e: Error) -> Self {
         let message = match &e {
-            // Include the store's cause (e.g. "No space left on device").
-            Error::Unavailable(src) => format!("{e}: {}", error_chain(src)),
+            // With the store's causes (e.g. "No space left on device").
+            Error::Unavailable(_) => error_chain(&e),
             _ => e.to_string(),
         };
         ErrorReply::new(e.code(), message)

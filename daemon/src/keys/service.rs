@@ -481,7 +481,7 @@ impl KeyService {
         let ids: Vec<Uuid> = self.ring.load().by_id.keys().copied().collect();
         for id in ids {
             if let Err(e) = self.run_due_key(id, now, &mut report) {
-                tracing::error!(key = %id, error = %e, "scheduled work failed; will retry");
+                tracing::error!(key = %id, error = %super::error::error_chain(&e), "scheduled work failed; will retry");
                 report.failed.push((id, e));
             }
         }

@@ -122,9 +122,11 @@ pub struct Replicator {
     settings: Settings,
     /// Outcome counters (see [`ReplicationStats`]).
     pub stats: ReplicationStats,
-    /// Test hook (`KMSDTEST_FAULT=kill-before-push`): SIGKILL ourselves
-    /// after a new version was persisted and before it is pushed to a
-    /// replica that already holds an older one.
+    /// Test hook (`KMSDTEST_FAULT=kill-before-push`), compiled in only with
+    /// the `test-faults` feature: SIGKILL ourselves after a new version was
+    /// persisted and before it is pushed to a replica that already holds an
+    /// older one.
+    #[cfg(feature = "test-faults")]
     kill_before_push: bool,
 }
 
@@ -138,17 +140,23 @@ impl Replicator {
             transport,
             settings,
             stats: ReplicationStats::default(),
+            #[cfg(feature = "test-faults")]
             kill_before_push: std::env::var("KMSDTEST_FAULT").is_ok_and(|v| v == "kill-before-push"),
         }
     }
 
     /// The `kill-before-push` fault point (see `kill_before_push`).
+    #[cfg(feature = "test-faults")]
     pub(crate) fn fault_before_push(&self, id: Uuid, zone: &str) {
         if self.kill_before_push {
             tracing::warn!(key = %id, zone, "test fault: SIGKILL before push");
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
     }
+
+    /// No fault points in a build without `test-faults`.
+    #[cfg(not(feature = "test-faults"))]
+    pub(crate) fn fault_before_push(&self, _id: Uuid, _zone: &str) {}
 
     /// This daemon's zone.
     pub fn zone(&self) -> &str {
@@ -188,7 +196,7 @@ impl Replicator {
                 },
                 other => error(
                     ErrorCode::Internal,
-                    format!("{} is not a replication request", other.op_name()),
+                    format!("{} is not a replication request", other.op()),
                 ),
             }
         };
@@ -214,10 +222,7 @@ impl Replicator {
                 }),
             other => error(
                 ErrorCode::PermissionDenied,
-                format!(
-                    "the peering port serves replication frames only, not {}",
-                    other.op_name()
-                ),
+                format!("the peering port serves replication frames only, not {}", other.op()),
             ),
         }
     }

@@ -179,7 +179,7 @@ fn echo_reply(req: Request) -> Response {
             zone: "echo".into(),
         },
         Request::Wrap { dek, .. } => Response::Blob(vec![0; 33 + dek.len() + 16]),
-        Request::Unwrap { blob, .. } => Response::Plaintext(vec![0; blob.len().saturating_sub(49)]),
+        Request::Unwrap { blob, .. } => Response::Plaintext(vec![0; blob.len().saturating_sub(49)].into()),
         Request::WrapBatch { deks, .. } => Response::Blobs(deks.iter().map(|d| vec![0; 33 + d.len() + 16]).collect()),
         _ => Response::Done,
     }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use kms_client::blob::BlobHeader;
 use kms_client::proto::{
-    Context, CreateKey, ErrorCode, KeyInfo, KeyState, Origin, Principal, ReplicationFrame, Request, Response,
+    Context, CreateKey, ErrorCode, KeyInfo, KeyState, Op, Origin, Principal, ReplicationFrame, Request, Response,
     DEFAULT_KEY_NAME,
 };
 use kms_client::{BlockingClient, ClientError};
@@ -354,8 +354,8 @@ fn blob_key(blob: &[u8]) -> Option<Uuid> {
 /// One operation (or one case of it) and its expected outcome per caller,
 /// in the order of [`Who::ALL`].
 struct Row {
-    /// `Request::op_name` of the variant.
-    op: &'static str,
+    /// The operation of the request.
+    op: Op,
     case: &'static str,
     want: [Want; 4],
     /// The rule the expectation comes from.
@@ -371,7 +371,7 @@ const ANYONE: [Want; 4] = [OK, OK, OK, OK];
 fn rows() -> Vec<Row> {
     vec![
         Row {
-            op: "hello",
+            op: Op::Hello,
             case: "handshake",
             want: ANYONE,
             rule: "anyone who can open the socket (its group decides)",
@@ -382,7 +382,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "status",
+            op: Op::Status,
             case: "",
             want: ANYONE,
             rule: "code: no check (README silent); shows key count and mounts to anyone",
@@ -396,7 +396,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-create",
+            op: Op::CreateKey,
             case: "own key",
             want: ANYONE,
             rule: "anyone may create keys; the creator may use and administer it",
@@ -415,7 +415,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-describe",
+            op: Op::DescribeKey,
             case: "customer key",
             want: ADMINISTER,
             rule: "code: read = use or administer (README silent on reading)",
@@ -426,7 +426,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-describe",
+            op: Op::DescribeKey,
             case: "default key",
             want: ANYONE,
             rule: "code: anyone may use the default key, so may read it (README silent)",
@@ -437,7 +437,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-list",
+            op: Op::ListKeys,
             case: "owner's key listed?",
             want: [OK, Want::Unlisted, OK, Want::Unlisted],
             rule: "code: lists the keys the caller may read (README silent)",
@@ -457,7 +457,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-enable",
+            op: Op::EnableKey,
             case: "disabled key",
             want: ADMINISTER,
             rule: "owner and global admins administer",
@@ -472,7 +472,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-disable",
+            op: Op::DisableKey,
             case: "",
             want: ADMINISTER,
             rule: "owner and global admins administer",
@@ -487,7 +487,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-schedule-deletion",
+            op: Op::ScheduleDeletion,
             case: "in 7 days",
             want: ADMINISTER,
             rule: "owner and global admins administer",
@@ -506,7 +506,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-cancel-deletion",
+            op: Op::CancelDeletion,
             case: "pending key",
             want: ADMINISTER,
             rule: "owner and global admins administer",
@@ -521,7 +521,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-replicate",
+            op: Op::ReplicateKey,
             case: "to zone b",
             want: ADMINISTER,
             rule: "code: replication is administration (README silent)",
@@ -543,7 +543,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-rotate",
+            op: Op::RotateKey,
             case: "customer key",
             want: ADMINISTER,
             rule: "owner and global admins administer",
@@ -558,7 +558,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-rotate",
+            op: Op::RotateKey,
             case: "default key (the owner column is a plain user here)",
             want: [DENIED, DENIED, Want::Code(ErrorCode::Forbidden), DENIED],
             // The README says both "refusals are permission-denied" and the
@@ -575,7 +575,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "key-rotations",
+            op: Op::ListRotations,
             case: "",
             want: ADMINISTER,
             rule: "code: read = use or administer (README silent on reading)",
@@ -587,7 +587,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "rotation-enable",
+            op: Op::EnableRotation,
             case: "period 30",
             want: ADMINISTER,
             rule: "owner and global admins administer",
@@ -606,7 +606,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "rotation-disable",
+            op: Op::DisableRotation,
             case: "",
             want: ADMINISTER,
             rule: "owner and global admins administer",
@@ -621,7 +621,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "encrypt",
+            op: Op::Encrypt,
             case: "customer key",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -632,7 +632,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "decrypt",
+            op: Op::Decrypt,
             case: "",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -643,14 +643,14 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "wrap",
+            op: Op::Wrap,
             case: "customer key",
             want: USE,
             rule: "admins use only keys whose policy names them",
             run: |fx, who| judge(fx.client(who).wrap("shared", &DEK, &ctx()), |b| opens_to(fx, &b, &DEK)),
         },
         Row {
-            op: "wrap",
+            op: Op::Wrap,
             case: "default key",
             want: ANYONE,
             rule: "anyone may use the default key",
@@ -666,7 +666,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "unwrap",
+            op: Op::Unwrap,
             case: "",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -677,7 +677,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "generate-data-key",
+            op: Op::GenerateDataKey,
             case: "with plaintext",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -690,7 +690,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "re-encrypt",
+            op: Op::ReEncrypt,
             case: "own blob, same key",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -702,7 +702,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "re-encrypt",
+            op: Op::ReEncrypt,
             case: "default blob INTO owner's key",
             want: USE,
             // Every caller may open the source (default key): only the
@@ -721,7 +721,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "re-encrypt",
+            op: Op::ReEncrypt,
             case: "owner's blob into default",
             want: USE,
             rule: "the source must be a key the caller may use",
@@ -738,7 +738,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "wrap-batch",
+            op: Op::WrapBatch,
             case: "2 keys",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -754,7 +754,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "unwrap-batch",
+            op: Op::UnwrapBatch,
             case: "2 blobs, per item",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -780,7 +780,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "generate-data-key-batch",
+            op: Op::GenerateDataKeyBatch,
             case: "2 keys",
             want: USE,
             rule: "admins use only keys whose policy names them",
@@ -798,7 +798,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "fs-versions",
+            op: Op::FsVersions,
             case: "the mount's key is the owner's",
             want: ADMINISTER,
             rule: "code: read = use or administer (README silent)",
@@ -815,7 +815,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "fs-rewrap",
+            op: Op::FsRewrap,
             case: "after a rotation",
             want: ADMINISTER,
             rule: "code: administer (README silent); kmsd re-wraps, the caller sees no key",
@@ -845,7 +845,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "replication",
+            op: Op::Replication,
             case: "pull from zone b",
             want: [DENIED, DENIED, DENIED, OK],
             rule: "only a peer zone's uid has replication frames considered",
@@ -862,7 +862,7 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
-            op: "replication",
+            op: Op::Replication,
             case: "frame claiming zone c",
             want: [DENIED, DENIED, DENIED, DENIED],
             rule: "a frame speaks only for the zone of the uid that sent it",
@@ -877,21 +877,21 @@ fn rows() -> Vec<Row> {
     ]
 }
 
-/// `op_name` of every `Request` variant this build knows: variant `i`
+/// The operation of every `Request` variant this build knows: variant `i`
 /// decoded from `[i, 0, 0, ...]` (all-zero fields: empty strings and lists,
 /// `None`, `false`, 0), until an index does not decode. A variant added
 /// later shows up here and must get a row.
-fn every_op() -> BTreeSet<&'static str> {
+fn every_op() -> BTreeSet<Op> {
     let mut ops = BTreeSet::new();
     for i in 0u8..=127 {
         let mut bytes = vec![i];
         bytes.extend([0u8; 64]);
         match postcard::take_from_bytes::<Request>(&bytes) {
-            Ok((req, _)) => assert!(ops.insert(req.op_name()), "variant {i} repeats {}", req.op_name()),
+            Ok((req, _)) => assert!(ops.insert(req.op()), "variant {i} repeats {}", req.op()),
             Err(_) => break,
         }
     }
-    assert!(ops.len() >= 26, "decoded only {ops:?}");
+    assert_eq!(ops.len(), Op::ALL.len(), "decoded only {ops:?}");
     ops
 }
 

@@ -91,9 +91,10 @@ fn a_full_state_dir_refuses_rotation_clearly_and_recovers() {
 
     let err = c.rotate_key("k").unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
-    assert!(
-        err.to_string().contains("No space left on device"),
-        "the message names the cause: {err}"
+    assert_eq!(
+        err.to_string().matches("No space left on device").count(),
+        1,
+        "the message names the cause, once: {err}"
     );
     let err = c
         .create_key(CreateKey {

@@ -110,7 +110,7 @@ fn request_for(i: usize, key: &str) -> Request {
     } else {
         Request::Wrap {
             key: key.to_string(),
-            dek: vec![i as u8; 32],
+            dek: vec![i as u8; 32].into(),
             context: Context::new(),
         }
     }

@@ -379,6 +379,11 @@ fn sigkill_between_persisting_and_pushing_converges() {
     let mut opts = site.options("a", &ABC);
     opts.env.push(("KMSDTEST_FAULT".into(), "kill-before-push".into()));
     let mut a = TestDaemon::start_with(opts);
+    assert!(
+        a.logs().contains("built with the test-faults feature"),
+        "the harness's kmsd must have its fault points\n{}",
+        a.logs()
+    );
     let [b, c] = ["b", "c"].map(|z| site.start(z, &ABC));
     create(&a, "app");
     replicate(&a, "app", "b");

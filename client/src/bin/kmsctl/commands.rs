@@ -407,7 +407,9 @@ mod tests {
     #[test]
     fn encrypt_sends_stdin_and_context() {
         let (mut s, _dir) = fake_daemon(|req| match req {
-            Request::Encrypt { plaintext, context, .. } if context.contains_key("a") => Response::Blob(plaintext),
+            Request::Encrypt { plaintext, context, .. } if context.contains_key("a") => {
+                Response::Blob(plaintext.to_vec())
+            }
             _ => Response::Done,
         });
         let ctx = ContextArgs {
