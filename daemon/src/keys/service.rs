@@ -532,11 +532,12 @@ impl KeyService {
     /// `NotFound`, `PermissionDenied` (needs admin), and those of
     /// [`replica::add_replica`]; `Unavailable` if it cannot be stored.
     pub fn begin_replica(&self, caller: &Caller, key_ref: &str, zone: &str) -> Result<(KeyExport, bool)> {
-        let (out, _) = self.mutate(caller, key_ref, Access::Admin, |k, _| {
-            let added = replica::add_replica(k, zone)?;
-            Ok((replica::export(k), added))
+        let ((id, added), _) = self.mutate(caller, key_ref, Access::Admin, |k, _| {
+            Ok((k.id, replica::add_replica(k, zone)?))
         })?;
-        Ok(out)
+        // Exported from the record as stored, with the serial it was given
+        // (a push of an older serial would be refused as stale).
+        Ok((self.export_for_replica(id, zone)?, added))
     }
 
     /// Forgets a replica in `zone` that never confirmed (its first push
