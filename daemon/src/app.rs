@@ -281,6 +281,7 @@ pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>, StartError> {
         }
     })?;
     svc.set_admins(cfg.admins()?);
+    svc.set_keys_per_uid(cfg.limits.keys_per_uid);
     Ok(Arc::new(svc))
 }
 
@@ -406,7 +407,16 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let (watchdog, stopped) = (TaskTracker::new(), CancellationToken::new());
     watchdog.spawn(report_to_systemd(daemon.clone(), shutdown.clone(), stopped.clone()));
     watchdog.close();
-    server::run(listener.listener, daemon, cfg.max_frame, shutdown.clone()).await;
+    let l = &cfg.limits;
+    let limits = server::Limits {
+        max_frame: cfg.max_frame,
+        max_connections: l.max_connections,
+        max_connections_per_uid: l.max_connections_per_uid,
+        handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
+        idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+        frame_timeout: Duration::from_secs(l.frame_timeout_secs),
+    };
+    server::run(listener.listener, daemon, limits, shutdown.clone()).await;
     metrics.close();
     tasks.wait().await;
     tokio::task::spawn_blocking(move || audit.flush()).await?;
@@ -479,6 +489,7 @@ impl Reloading {
         match applied {
             Ok(((), admins, new)) => {
                 self.daemon.keys.set_admins(admins);
+                self.daemon.keys.set_keys_per_uid(new.limits.keys_per_uid);
                 self.audit.set_data_operations(new.audit.data_operations);
                 self.reload.log.set(&new.log_level);
                 warn_restart_only(&self.current, &new);
@@ -548,6 +559,16 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("mount", old.mounts != new.mounts),
         ("peer", old.peers != new.peers),
         ("peering", old.peering != new.peering),
+        (
+            "limits (all but keys_per_uid)",
+            config::LimitsConfig {
+                keys_per_uid: 0,
+                ..old.limits.clone()
+            } != config::LimitsConfig {
+                keys_per_uid: 0,
+                ..new.limits.clone()
+            },
+        ),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(

@@ -60,7 +60,12 @@ pub struct AuditError {
 }
 
 /// Most messages queued for the writer thread; beyond it, callers wait
-/// (back-pressure rather than unbounded memory).
+/// (back-pressure rather than unbounded memory). A line is short (its key
+/// text is cut to `observe::MAX_KEY_TEXT` bytes, and nothing else in it
+/// comes from the caller but numbers), so the queue holds a few MiB at
+/// most. A caller on an async worker that finds it full waits through
+/// `block_in_place`, so the runtime moves its other tasks elsewhere: the
+/// wait slows that caller, not the daemon.
 const QUEUE: usize = 16 * 1024;
 /// Most lines written with one `write(2)`.
 const BATCH: usize = 512;
@@ -246,7 +251,11 @@ impl AuditLog {
     }
 
     fn send(&self, msg: Msg) {
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(msg).is_ok());
+        let sent = self.tx.as_ref().is_some_and(|tx| match tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::TrySendError::Full(msg)) => in_place(|| tx.send(msg).is_ok()),
+            Err(mpsc::TrySendError::Disconnected(_)) => false,
+        });
         if !sent {
             tracing::error!(path = %self.path.display(), "the audit writer thread is gone; entry lost");
         }
@@ -266,6 +275,15 @@ impl AuditLog {
             let id = id.to_string();
             self.record(&self.internal("auto-failed", Some(&id), None, e.code().as_str()));
         }
+    }
+}
+
+/// Runs `f`, which may block, telling a multi-threaded tokio runtime
+/// first when called on one of its workers.
+fn in_place<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

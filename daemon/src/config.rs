@@ -57,6 +57,7 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     pub audit: AuditConfig,
     pub peering: PeeringConfig,
+    pub limits: LimitsConfig,
     /// Gone: the shared peering key of earlier releases. Still parsed, so
     /// that an old configuration gets an error saying what replaced it.
     pub peer_key: Option<PathBuf>,
@@ -78,6 +79,7 @@ impl Default for Config {
             peers: Vec::new(),
             audit: AuditConfig::default(),
             peering: PeeringConfig::default(),
+            limits: LimitsConfig::default(),
             peer_key: None,
         }
     }
@@ -91,6 +93,37 @@ pub struct AccessConfig {
     pub admins: Vec<String>,
     /// Gone (see `[[peer]] uid`); parsed only to explain that.
     pub peers: Vec<String>,
+}
+
+/// `[limits]`: what one local caller may cost.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Client connections open at once, in all.
+    pub max_connections: usize,
+    /// Client connections open at once per uid.
+    pub max_connections_per_uid: usize,
+    /// Seconds from connect to a complete `Hello`.
+    pub handshake_timeout_secs: u64,
+    /// Seconds a connection may stay without a request.
+    pub idle_timeout_secs: u64,
+    /// Seconds a request may take to arrive once it has begun.
+    pub frame_timeout_secs: u64,
+    /// Customer keys one uid may administer in this zone (0: no limit).
+    pub keys_per_uid: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_connections_per_uid: 32,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 900,
+            frame_timeout_secs: 10,
+            keys_per_uid: 1000,
+        }
+    }
 }
 
 /// `[peering]`: this zone's TLS identity and listener.
@@ -364,6 +397,22 @@ impl Config {
         if !(1..=86_400).contains(&p.idle_timeout_secs) {
             return Err(invalid("peering.idle_timeout_secs", "must be within 1..=86400"));
         }
+        let l = &self.limits;
+        if l.max_connections == 0 || l.max_connections_per_uid == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "connections limits must be at least 1",
+            ));
+        }
+        for (k, v) in [
+            ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.frame_timeout_secs", l.frame_timeout_secs),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                return Err(invalid(k, "must be within 1..=86400"));
+            }
+        }
         let r = &self.replication;
         if !(1..=86_400).contains(&r.pull_interval_secs) {
             return Err(invalid("replication.pull_interval_secs", "must be within 1..=86400"));
@@ -551,6 +600,8 @@ mod tests {
             ),
             ("[access]\npeers = [\"uid:990\"]", "access.peers"),
             ("peer_key = \"/etc/kmsd/peer-key\"", "peer_key"),
+            ("[limits]\nmax_connections_per_uid = 0", "limits.max_connections"),
+            ("[limits]\nframe_timeout_secs = 0", "limits.frame_timeout_secs"),
             (
                 "[replication]\npull_interval_secs = 0",
                 "replication.pull_interval_secs",

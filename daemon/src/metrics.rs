@@ -12,7 +12,7 @@
 //! Series (all prefixed `kmsd_`; see README "Metrics"):
 //! `requests_total{op,outcome}`, `request_duration_seconds{op}`,
 //! `bytes_encrypted_total`, `bytes_decrypted_total`,
-//! `rotations_total{kind}`, `connections_open`, `keys{state}`,
+//! `rotations_total{kind}`, `connections_open`, `connections_refused_total`, `keys{state}`,
 //! `key_versions{key,name}`, `replication_pushes_total{outcome}`,
 //! `replication_pulls_total{outcome}`, `replication_frames_rejected_total`,
 //! `replica_lag_versions{key,zone}`, `fs_operations_total{mount,op}`,
@@ -257,6 +257,10 @@ fn describe() {
     );
     describe_counter!("kmsd_rotations_total", "Key rotations by kind (manual, automatic)");
     describe_gauge!("kmsd_connections_open", "Client connections open");
+    describe_counter!(
+        "kmsd_connections_refused_total",
+        "Client connections closed at accept by [limits] (too many in all or for one uid)"
+    );
     describe_gauge!("kmsd_keys", "Keys by state");
     describe_gauge!("kmsd_key_versions", "Versions held per key");
     describe_gauge!("kmsd_build_info", "Always 1; the labels name the build");
@@ -409,6 +413,7 @@ pub async fn run_state(daemon: Arc<Daemon>, shutdown: CancellationToken) {
 pub fn refresh(d: &Daemon) {
     build_info();
     gauge!("kmsd_connections_open").set(d.connections.load(Ordering::Relaxed) as f64);
+    metrics::counter!("kmsd_connections_refused_total").absolute(d.connections_refused.load(Ordering::Relaxed));
     let keys = d.keys.list(&Caller::internal());
     key_gauges(&keys);
     if let Some(r) = &d.replication {
@@ -433,8 +438,9 @@ fn key_gauges(keys: &[KeyInfo]) {
         if let Some(slot) = by_state.iter_mut().find(|(s, _)| *s == state_name(k.state)) {
             slot.1 += 1;
         }
-        let name = k.name.clone().unwrap_or_default();
-        gauge!("kmsd_key_versions", "key" => k.id.to_string(), "name" => name).set(f64::from(k.versions.len() as u32));
+        // Ids only: whoever reaches the endpoint must not learn key names
+        // (`key list` shows a caller only the keys it may use).
+        gauge!("kmsd_key_versions", "key" => k.id.to_string()).set(f64::from(k.versions.len() as u32));
     }
     for (state, n) in by_state {
         gauge!("kmsd_keys", "state" => state).set(f64::from(n));
@@ -635,7 +641,7 @@ mod tests {
             r#"kmsd_keys{state="enabled"} 2"#.to_string(),
             r#"kmsd_keys{state="disabled"} 1"#.to_string(),
             r#"kmsd_keys{state="pending-deletion"} 0"#.to_string(),
-            format!(r#"kmsd_key_versions{{key="{old}",name="old"}} 2"#),
+            format!(r#"kmsd_key_versions{{key="{old}"}} 2"#),
             "kmsd_connections_open 3".to_string(),
         ] {
             assert!(has(&body, &line), "missing {line} in\n{body}");
@@ -647,7 +653,7 @@ mod tests {
         let (recorder, handle) = local_idle(Duration::from_millis(100));
         let (_dir, d) = daemon();
         metrics::with_local_recorder(&recorder, || {
-            gauge!("kmsd_key_versions", "key" => "deleted", "name" => "").set(1.0);
+            gauge!("kmsd_key_versions", "key" => "deleted").set(1.0);
             refresh(&d);
         });
         assert!(handle.render().contains(r#"key="deleted""#));

@@ -32,11 +32,31 @@ impl Subject {
         let (key, version) = req.target().key_and_version();
         Self {
             op: req.op(),
-            key,
+            key: key.map(|k| bounded(&k)),
             version,
             plaintext_in: req.plaintext_len(),
         }
     }
+}
+
+/// Most bytes of a caller's key text kept for logs, metrics and audit
+/// lines; key names are at most 64 characters and ids 36, so only a
+/// reference that matches no key is ever cut.
+pub const MAX_KEY_TEXT: usize = 128;
+
+/// `key` as logs and audit lines show it: control characters replaced by
+/// `?` (escaped they would take six bytes each), cut to [`MAX_KEY_TEXT`]
+/// bytes on a character boundary, with `…` and the full length when cut.
+pub fn bounded(key: &str) -> String {
+    let mut out = String::with_capacity(key.len().min(MAX_KEY_TEXT + 24));
+    for c in key.chars() {
+        if out.len() + c.len_utf8() > MAX_KEY_TEXT {
+            out.push_str(&format!("…({} bytes)", key.len()));
+            return out;
+        }
+        out.push(if c.is_control() { '?' } else { c });
+    }
+    out
 }
 
 /// One answered request.
@@ -109,6 +129,18 @@ impl Observers {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bounded_key_text() {
+        assert_eq!(super::bounded("app"), "app");
+        assert_eq!(super::bounded("a\u{7}b"), "a?b");
+        let long = "é".repeat(100);
+        let b = super::bounded(&long);
+        assert!(
+            b.len() <= super::MAX_KEY_TEXT + 24 && b.ends_with("…(200 bytes)"),
+            "{b}"
+        );
+    }
+
     use super::*;
     use kms_client::proto::{Context, ErrorCode, ErrorReply};
 

@@ -19,6 +19,8 @@ pub struct Daemon {
     pub keys: Arc<KeyService>,
     pub started: Instant,
     pub connections: AtomicU64,
+    /// Connections refused by the server's limits.
+    pub connections_refused: AtomicU64,
     pub mounts: Arc<Mounts>,
     /// Multi-zone replication, when peers are configured.
     pub replication: Option<Arc<Replicator>>,
@@ -33,6 +35,7 @@ impl Daemon {
             keys,
             started: Instant::now(),
             connections: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
             mounts,
             replication: None,
             observers: Observers::default(),

@@ -3,11 +3,12 @@
 //! graceful drain on shutdown. This is the only module that touches client
 //! streams.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, SinkExt, StreamExt};
 use kms_client::proto::codec::Decoded;
@@ -112,16 +113,108 @@ fn remove_stale(path: &Path) -> Result<(), BindError> {
     })
 }
 
+/// What one local caller may cost the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest frame, in bytes, both ways; also the most a connection
+    /// buffers before a frame is complete.
+    pub max_frame: usize,
+    /// Connections open at once, in all.
+    pub max_connections: usize,
+    /// Connections open at once per uid.
+    pub max_connections_per_uid: usize,
+    /// Time from connect to a complete `Hello`.
+    pub handshake_timeout: Duration,
+    /// Time a connection may stay without a request.
+    pub idle_timeout: Duration,
+    /// Time a request may take to arrive once its first byte has.
+    pub frame_timeout: Duration,
+}
+
+/// Open connections per uid, and refusals not yet logged.
+#[derive(Debug, Default)]
+struct Admission {
+    per_uid: parking_lot::Mutex<HashMap<u32, usize>>,
+    total: std::sync::atomic::AtomicUsize,
+    refused: AtomicU64,
+    last_log: parking_lot::Mutex<Option<Instant>>,
+}
+
+/// A connection's place in [`Admission`], given back on drop.
+struct Admitted {
+    admission: Arc<Admission>,
+    uid: u32,
+}
+
+impl Admission {
+    fn admit(self: &Arc<Self>, uid: u32, limits: &Limits) -> Option<Admitted> {
+        let mut per_uid = self.per_uid.lock();
+        let mine = per_uid.entry(uid).or_insert(0);
+        if *mine >= limits.max_connections_per_uid || self.total.load(Ordering::Relaxed) >= limits.max_connections {
+            if *mine == 0 {
+                per_uid.remove(&uid);
+            }
+            return None;
+        }
+        *mine += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(Admitted {
+            admission: self.clone(),
+            uid,
+        })
+    }
+
+    /// Counts a refusal; logs at most one line a second, with the count.
+    fn refused(&self, uid: u32, limits: &Limits) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_log.lock();
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(Instant::now());
+            self.refused.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                uid,
+                refused = n,
+                max = limits.max_connections,
+                max_per_uid = limits.max_connections_per_uid,
+                "connections refused: too many open (in all or for this uid)"
+            );
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut per_uid = self.admission.per_uid.lock();
+        if let Some(n) = per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                per_uid.remove(&self.uid);
+            }
+        }
+        self.admission.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accepts connections until `shutdown`, then waits for every connection
 /// to finish the requests it has already received.
-pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, max_frame: usize, shutdown: CancellationToken) {
+pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, limits: Limits, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let admission = Arc::new(Admission::default());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tracker.spawn(connection(stream, daemon.clone(), max_frame, shutdown.clone()));
+                    let Some(caller) = caller_of(&stream) else {
+                        tracing::warn!("connection without peer credentials refused");
+                        continue;
+                    };
+                    let Some(place) = admission.admit(caller.uid, &limits) else {
+                        admission.refused(caller.uid, &limits);
+                        daemon.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    tracker.spawn(connection(stream, caller, place, daemon.clone(), limits, shutdown.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -191,17 +284,21 @@ impl Drop for ConnGuard<'_> {
     }
 }
 
-async fn connection(stream: UnixStream, daemon: Arc<Daemon>, max_frame: usize, shutdown: CancellationToken) {
-    let Some(caller) = caller_of(&stream) else {
-        tracing::warn!("connection without peer credentials refused");
-        return;
-    };
+async fn connection(
+    stream: UnixStream,
+    caller: Caller,
+    _place: Admitted,
+    daemon: Arc<Daemon>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
     daemon.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&daemon);
     let mut conn = Session {
-        framed: Framed::new(stream, FrameCodec::new(max_frame)),
+        framed: Framed::new(stream, FrameCodec::new(limits.max_frame)),
         greeted: false,
         caller,
+        limits,
     };
     if let Err(e) = conn.serve(&daemon, &shutdown).await {
         tracing::debug!(uid = conn.caller.uid, pid = conn.caller.pid, error = %e, "connection ended");
@@ -212,6 +309,7 @@ struct Session {
     framed: Conn,
     greeted: bool,
     caller: Caller,
+    limits: Limits,
 }
 
 /// What to do after a frame.
@@ -231,7 +329,13 @@ impl Session {
                 None => {
                     self.framed.flush().await?;
                     tokio::select! {
-                        item = self.framed.next() => item,
+                        item = self.next_in_time() => match item {
+                            Ok(item) => item,
+                            Err(why) => {
+                                tracing::info!(uid = self.caller.uid, pid = self.caller.pid, "connection closed: {why}");
+                                return Ok(());
+                            }
+                        },
                         _ = shutdown.cancelled() => return self.drain(daemon).await,
                     }
                 }
@@ -241,6 +345,38 @@ impl Session {
             };
             if let Next::Close = self.on_item(daemon, item).await? {
                 return self.framed.flush().await;
+            }
+        }
+    }
+
+    /// The next frame, within the connection's deadlines: a `Hello` within
+    /// the handshake timeout, a request within the idle timeout, and once
+    /// a frame has begun, the rest of it within the frame timeout (so a
+    /// caller cannot park a half-sent frame in our buffer).
+    async fn next_in_time(&mut self) -> Result<Option<Result<Decoded<Request>, CodecError>>, &'static str> {
+        const TICK: Duration = Duration::from_millis(250);
+        let waiting = Instant::now();
+        let mut partial: Option<Instant> = None;
+        loop {
+            match tokio::time::timeout(TICK, self.framed.next()).await {
+                Ok(item) => return Ok(item),
+                Err(_) => {
+                    let now = Instant::now();
+                    if self.framed.read_buffer().is_empty() {
+                        partial = None;
+                    } else if partial.is_none() {
+                        partial = Some(now);
+                    }
+                    if partial.is_some_and(|t| now - t >= self.limits.frame_timeout) {
+                        return Err("a request did not arrive whole within the frame timeout");
+                    }
+                    if !self.greeted && now - waiting >= self.limits.handshake_timeout {
+                        return Err("no Hello within the handshake timeout");
+                    }
+                    if partial.is_none() && now - waiting >= self.limits.idle_timeout {
+                        return Err("idle");
+                    }
+                }
             }
         }
     }
@@ -263,7 +399,8 @@ impl Session {
         match item {
             Ok(Decoded::Frame(frame)) => self.on_frame(daemon, frame).await,
             Ok(Decoded::Malformed { id, reason }) => {
-                tracing::info!(uid = self.caller.uid, pid = self.caller.pid, %reason, "malformed frame");
+                // Debug only: a caller sending garbage must not fill the log.
+                tracing::debug!(uid = self.caller.uid, pid = self.caller.pid, %reason, "malformed frame");
                 let msg = format!("request does not decode: {reason}");
                 self.send(id, error(ErrorCode::Malformed, msg)).await?;
                 Ok(Next::Continue)

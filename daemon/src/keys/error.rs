@@ -25,6 +25,8 @@ pub enum Error {
     RotationEnabled { period: u32 },
     #[error("key {key} has used all {limit} manual rotations")]
     LimitExceeded { key: String, limit: u32 },
+    #[error("uid {uid} already administers {limit} keys in this zone (limits.keys_per_uid)")]
+    QuotaExceeded { uid: u32, limit: usize },
     #[error("{0}")]
     InvalidArgument(String),
     /// An export older than what this zone holds: a replayed frame, or an
@@ -55,7 +57,7 @@ impl Error {
             Error::Forbidden(_) => ErrorCode::Forbidden,
             Error::NotPrimary { .. } => ErrorCode::NotPrimary,
             Error::RotationEnabled { .. } => ErrorCode::RotationEnabled,
-            Error::LimitExceeded { .. } => ErrorCode::LimitExceeded,
+            Error::LimitExceeded { .. } | Error::QuotaExceeded { .. } => ErrorCode::LimitExceeded,
             Error::InvalidArgument(_) | Error::Stale { .. } => ErrorCode::InvalidArgument,
             Error::DecryptFailed(_) => ErrorCode::DecryptFailed,
             Error::Unavailable(_) => ErrorCode::Unavailable,

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::model::MAX_NAME_LEN;
 use arc_swap::ArcSwap;
 use kms_client::blob::BlobHeader;
 use kms_client::proto::{
@@ -103,6 +104,8 @@ pub struct KeyService {
     store: Arc<dyn KeyStore>,
     ring: ArcSwap<Keyring>,
     admins: ArcSwap<Vec<Principal>>,
+    /// Customer keys one uid may administer here (0: no limit).
+    keys_per_uid: std::sync::atomic::AtomicUsize,
     writer: Mutex<()>,
     changed: tokio::sync::Notify,
     /// Bumped after every persisted change; replication watches it.
@@ -147,6 +150,7 @@ impl KeyService {
             store,
             ring: ArcSwap::from_pointee(ring),
             admins: ArcSwap::from_pointee(Vec::new()),
+            keys_per_uid: std::sync::atomic::AtomicUsize::new(0),
             writer: Mutex::new(()),
             changed: tokio::sync::Notify::new(),
             generation: tokio::sync::watch::Sender::new(0),
@@ -192,6 +196,36 @@ impl KeyService {
         self.admins.store(Arc::new(admins));
     }
 
+    /// Sets how many customer keys one uid may administer here (0: no
+    /// limit); replicas, which other zones create, do not count.
+    pub fn set_keys_per_uid(&self, limit: usize) {
+        self.keys_per_uid.store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn check_quota(&self, caller: &Caller) -> Result<()> {
+        let limit = self.keys_per_uid.load(std::sync::atomic::Ordering::Relaxed);
+        if limit == 0 || caller.is_internal() {
+            return Ok(());
+        }
+        let me = Principal::Uid(caller.uid);
+        let ring = self.ring.load();
+        let held = ring
+            .by_id
+            .values()
+            .filter(|e| {
+                let r = &e.load().record;
+                r.kind == KeyKind::Customer
+                    && !matches!(r.role, kms_client::proto::KeyRole::Replica { .. })
+                    && r.policy.admins.contains(&me)
+            })
+            .take(limit)
+            .count();
+        if held >= limit {
+            return Err(Error::QuotaExceeded { uid: caller.uid, limit });
+        }
+        Ok(())
+    }
+
     /// Resolves when a key changed in a way that may move the schedule.
     pub async fn changed(&self) {
         self.changed.notified().await;
@@ -216,6 +250,14 @@ impl KeyService {
         let ring = self.ring.load();
         let id = match Uuid::parse_str(key_ref) {
             Ok(id) => id,
+            // No key has such a name; say so without echoing it.
+            Err(_) if key_ref.len() > MAX_NAME_LEN || key_ref.chars().any(char::is_control) => {
+                return Err(Error::InvalidArgument(format!(
+                    "invalid key reference ({} bytes): a key is named by its id or by a name of at most \
+                     {MAX_NAME_LEN} characters from A-Z a-z 0-9 . _ / -",
+                    key_ref.len()
+                )))
+            }
             Err(_) => *ring
                 .by_name
                 .get(key_ref)
@@ -316,6 +358,7 @@ impl KeyService {
             }
         };
         let _writer = self.writer.lock();
+        self.check_quota(caller)?;
         if let Some(name) = &req.name {
             if self.ring.load().by_name.contains_key(name) {
                 return Err(Error::InvalidArgument(format!("a key named {name:?} already exists")));

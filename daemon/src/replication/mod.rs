@@ -260,6 +260,12 @@ impl Replicator {
     }
 
     fn check_target(&self, zone: &str) -> Result<(), ReplicateError> {
+        if !crate::config::zone_name_ok(zone) {
+            return Err(ReplicateError::Zone(format!(
+                "invalid zone name ({} bytes): zones are named with 1 to 64 characters from A-Z a-z 0-9 -",
+                zone.len()
+            )));
+        }
         if zone == self.zone() {
             return Err(ReplicateError::Zone(format!(
                 "zone {zone} is this daemon's own zone; replicate to another zone"

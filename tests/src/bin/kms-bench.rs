@@ -274,7 +274,10 @@ fn main() {
     }
     let secs = secs_arg();
     // Metrics on, as in production: recording must not cost throughput.
-    let daemon = TestDaemon::start_with(DaemonOptions::with_metrics(free_tcp_addr()));
+    // The benchmark opens up to 64 connections as one uid.
+    let mut opts = DaemonOptions::with_metrics(free_tcp_addr());
+    opts.extra_config.push_str("[limits]\nmax_connections_per_uid = 128\n");
+    let daemon = TestDaemon::start_with(opts);
     let dir = tempfile::tempdir().expect("tempdir");
     let echo_path = dir.path().join("echo.sock");
     let _echo = EchoProcess::start(&echo_path);

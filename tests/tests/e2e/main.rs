@@ -10,6 +10,7 @@ mod disk;
 mod fs;
 mod hardening;
 mod lifecycle;
+mod limits;
 mod metrics;
 mod power;
 mod protocol;
