@@ -294,6 +294,15 @@ impl BlockingClient {
         self.run(ops::replicate_key(key, zone))
     }
 
+    /// On the primary: stops replicating `key` to `zone`, whose replica is
+    /// removed.
+    ///
+    /// # Errors
+    /// As [`BlockingClient::call`].
+    pub fn unreplicate_key(&mut self, key: &str, zone: &str) -> Result<Option<KeyInfo>, ClientError> {
+        self.run(ops::unreplicate_key(key, zone))
+    }
+
     /// Rotates a key now (manual rotation).
     ///
     /// # Errors

@@ -416,6 +416,15 @@ impl Client {
         self.run(ops::replicate_key(key, zone)).await
     }
 
+    /// On the primary: stops replicating `key` to `zone`, whose replica is
+    /// removed.
+    ///
+    /// # Errors
+    /// As [`Client::call`]; `unavailable` when `zone` cannot be reached.
+    pub async fn unreplicate_key(&self, key: &str, zone: &str) -> Result<Option<KeyInfo>, ClientError> {
+        self.run(ops::unreplicate_key(key, zone)).await
+    }
+
     /// Rotates a key now (manual rotation).
     ///
     /// # Errors

@@ -209,6 +209,11 @@ pub(crate) fn replicate_key(k: &str, zone: &str) -> Op<Option<KeyInfo>> {
     Op::new(Request::ReplicateKey { key: key(k), zone }, key_change)
 }
 
+pub(crate) fn unreplicate_key(k: &str, zone: &str) -> Op<Option<KeyInfo>> {
+    let zone = zone.to_owned();
+    Op::new(Request::UnreplicateKey { key: key(k), zone }, key_change)
+}
+
 pub(crate) fn rotate_key(k: &str) -> Op<Option<KeyInfo>> {
     Op::new(Request::RotateKey { key: key(k) }, key_change)
 }

@@ -151,8 +151,8 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
         ),
         // With peers configured the server hands these (`Execution::Peers`)
         // to the replicator.
-        Request::ReplicateKey { .. } | Request::Replication(_) => {
-            unavailable("multi-zone replication is not configured here: no [[peer]] and peer key")
+        Request::ReplicateKey { .. } | Request::Replication(_) | Request::UnreplicateKey { .. } => {
+            unavailable("multi-zone replication is not configured here: no [[peer]]")
         }
         Request::FsVersions { mount } => match d.mounts.versions(k, caller, &mount) {
             Ok(v) => Response::FsVersions(v),

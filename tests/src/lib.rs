@@ -114,6 +114,15 @@ impl Default for DaemonOptions {
 impl DaemonOptions {
     /// Default options with the Prometheus endpoint on `addr` (through the
     /// environment: the generated config turns metrics off).
+    /// Lets one uid hold up to 512 connections (`[limits]` allow 32 by
+    /// default), for tests of something else that open many as root.
+    pub fn many_connections(mut self) -> Self {
+        self.env
+            .push(("KMSD_LIMITS__MAX_CONNECTIONS_PER_UID".into(), "512".into()));
+        self.env.push(("KMSD_LIMITS__MAX_CONNECTIONS".into(), "1024".into()));
+        self
+    }
+
     pub fn with_metrics(addr: std::net::SocketAddr) -> Self {
         Self {
             env: vec![("KMSD_METRICS__LISTEN".into(), addr.to_string())],

@@ -164,6 +164,12 @@ pub enum Request {
     /// Daemon to daemon: a replication message (multi-zone keys), accepted
     /// only from a configured peer zone's uid; see [`ReplicationFrame`].
     Replication(ReplicationFrame),
+    /// On the primary: stop replicating `key` to `zone`, whose replica is
+    /// removed (appended last: the wire order of variants is the format).
+    UnreplicateKey {
+        key: String,
+        zone: String,
+    },
 }
 
 /// Parameters of `key create`.

@@ -62,6 +62,7 @@ operations! {
         FsVersions,
         FsRewrap,
         Replication,
+        UnreplicateKey,
     }
 }
 
@@ -148,6 +149,7 @@ impl Op {
             Op::FsVersions => info("fs-versions", Blocking, Management),
             Op::FsRewrap => info("fs-rewrap", BlockingWithProgress, Management),
             Op::Replication => info("replication", Peers, Management),
+            Op::UnreplicateKey => info("key-unreplicate", Peers, Management),
         }
     }
 
@@ -236,6 +238,7 @@ impl Request {
             Request::FsVersions { .. } => (Op::FsVersions, Nothing),
             Request::FsRewrap { .. } => (Op::FsRewrap, Nothing),
             Request::Replication(_) => (Op::Replication, Nothing),
+            Request::UnreplicateKey { key, .. } => (Op::UnreplicateKey, Key(key)),
         }
     }
 
@@ -352,6 +355,10 @@ mod tests {
                 to_zone: "b".into(),
                 message: vec![],
             }),
+            Op::UnreplicateKey => Request::UnreplicateKey {
+                key: key(),
+                zone: "b".into(),
+            },
         }
     }
 

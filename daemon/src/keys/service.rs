@@ -74,6 +74,17 @@ type Slot = Arc<ArcSwap<KeyEntry>>;
 struct Keyring {
     by_id: HashMap<Uuid, Slot>,
     by_name: HashMap<String, Uuid>,
+    /// Replicas deleted in this zone (`KeyRecord::deleted_at`): never
+    /// served, kept so that their primary's pushes are refused.
+    tombstones: HashMap<Uuid, Tombstone>,
+}
+
+/// What is left of a replica deleted in this zone.
+#[derive(Debug, Clone)]
+struct Tombstone {
+    primary_zone: String,
+    deleted_at: UnixTime,
+    revision: Revision,
 }
 
 impl Keyring {
@@ -142,7 +153,17 @@ impl KeyService {
         let mut ring = Keyring::default();
         let has_default = stored.iter().any(|s| s.record.is_default());
         for s in stored {
-            ring.insert(KeyEntry::new(s.record, s.revision, None));
+            match (s.record.deleted_at, &s.record.role) {
+                (Some(deleted_at), kms_client::proto::KeyRole::Replica { primary_zone }) => {
+                    let t = Tombstone {
+                        primary_zone: primary_zone.clone(),
+                        deleted_at,
+                        revision: s.revision,
+                    };
+                    ring.tombstones.insert(s.record.id, t);
+                }
+                _ => ring.insert(KeyEntry::new(s.record, s.revision, None)),
+            }
         }
         let svc = Self {
             zone: zone.to_string(),
@@ -328,6 +349,12 @@ impl KeyService {
         }
         self.notify_changed();
         Ok(())
+    }
+
+    /// The store, to open a second service over it in tests.
+    #[cfg(test)]
+    pub(crate) fn store_for_test(&self) -> Arc<dyn KeyStore> {
+        self.store.clone()
     }
 
     /// Holds the writer lock, as a rotation does across its fsync.
@@ -537,8 +564,34 @@ impl KeyService {
             return Ok(());
         };
         if lifecycle::deletion_due(&current.record, now) {
-            self.store.delete(id, current.revision).map_err(Error::Unavailable)?;
-            self.remove_from_ring(id);
+            if let kms_client::proto::KeyRole::Replica { primary_zone } = &current.record.role {
+                // Material gone, but the zone remembers, so the primary's
+                // next push does not bring the replica back.
+                let tomb = KeyRecord {
+                    name: None,
+                    description: String::new(),
+                    versions: Vec::new(),
+                    replicas: Vec::new(),
+                    deleted_at: Some(now),
+                    ..current.record.clone()
+                };
+                let revision = self
+                    .store
+                    .put(&tomb, Some(current.revision))
+                    .map_err(Error::Unavailable)?;
+                let t = Tombstone {
+                    primary_zone: primary_zone.clone(),
+                    deleted_at: now,
+                    revision,
+                };
+                self.remove_from_ring(id);
+                let mut ring = Keyring::clone(&self.ring.load());
+                ring.tombstones.insert(id, t);
+                self.ring.store(Arc::new(ring));
+            } else {
+                self.store.delete(id, current.revision).map_err(Error::Unavailable)?;
+                self.remove_from_ring(id);
+            }
             tracing::info!(key = %id, "key deleted after its waiting period");
             report.deleted.push(id);
             return Ok(());
@@ -635,10 +688,95 @@ impl KeyService {
             )));
         }
         let _writer = self.writer.lock();
+        if let Some(t) = self.ring.load().tombstones.get(&export.id) {
+            return Err(Error::Forbidden(format!(
+                "key {} was deleted in zone {} at {}; its primary zone {} must stop replicating it here: \
+                 kmsctl key unreplicate {} --zone {}",
+                export.id, self.zone, t.deleted_at, t.primary_zone, export.id, self.zone
+            )));
+        }
         match self.entry(&export.id.to_string()) {
             Ok(current) => self.apply_replica(export, &current),
             Err(_) => self.create_replica(export),
         }
+    }
+
+    /// On a replica zone, when the primary in `from_zone` unreplicates key
+    /// `id` from it: forgets the replica (the primary keeps every version)
+    /// or its tombstone. Idempotent.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when the key here is not a replica of `from_zone`;
+    /// `Unavailable`.
+    pub fn release_replica(&self, id: Uuid, from_zone: &str) -> Result<()> {
+        let _writer = self.writer.lock();
+        let ring = self.ring.load_full();
+        if let Some(t) = ring.tombstones.get(&id) {
+            if t.primary_zone != from_zone {
+                return Err(Error::InvalidArgument(format!(
+                    "key {id} here was a replica of zone {}, not of zone {from_zone}",
+                    t.primary_zone
+                )));
+            }
+            self.store.delete(id, t.revision).map_err(Error::Unavailable)?;
+            let mut ring = Keyring::clone(&ring);
+            ring.tombstones.remove(&id);
+            self.ring.store(Arc::new(ring));
+            tracing::info!(key = %id, primary_zone = from_zone, "tombstone of a deleted replica released by its primary");
+            return Ok(());
+        }
+        let Ok(current) = self.entry(&id.to_string()) else {
+            return Ok(());
+        };
+        match &current.record.role {
+            kms_client::proto::KeyRole::Replica { primary_zone } if primary_zone == from_zone => {
+                self.store.delete(id, current.revision).map_err(Error::Unavailable)?;
+                self.remove_from_ring(id);
+                tracing::info!(key = %id, primary_zone = from_zone, "replica removed: its primary stopped replicating it here");
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "key {id} here is not a replica of zone {from_zone}"
+            ))),
+        }
+    }
+
+    /// On a primary: checks that the caller may administer the key and that
+    /// `zone` holds a replica of it; returns the key id.
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied`, `NotPrimary`, `InvalidArgument`.
+    pub fn begin_unreplicate(&self, caller: &Caller, key_ref: &str, zone: &str) -> Result<Uuid> {
+        let e = self.authorize(caller, key_ref, Access::Admin)?;
+        let r = &e.record;
+        if let kms_client::proto::KeyRole::Replica { primary_zone } = &r.role {
+            return Err(Error::NotPrimary {
+                key: r.label(),
+                primary_zone: primary_zone.clone(),
+            });
+        }
+        if !r.replicas.iter().any(|x| x.zone == zone) {
+            return Err(Error::InvalidArgument(format!(
+                "key {} has no replica in zone {zone}",
+                r.label()
+            )));
+        }
+        Ok(r.id)
+    }
+
+    /// On a primary: forgets the replica in `zone` (after that zone let it
+    /// go); a key left without replicas is single-zone again.
+    ///
+    /// # Errors
+    /// `NotFound`, `Unavailable`.
+    pub fn finish_unreplicate(&self, id: Uuid, zone: &str) -> Result<()> {
+        self.mutate_internal(id, |k, _| {
+            k.replicas.retain(|r| r.zone != zone);
+            if k.replicas.is_empty() && k.role == kms_client::proto::KeyRole::Primary {
+                k.role = kms_client::proto::KeyRole::SingleZone;
+            }
+            Ok(())
+        })
     }
 
     fn apply_replica(&self, export: &KeyExport, current: &KeyEntry) -> Result<u32> {

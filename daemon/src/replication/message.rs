@@ -24,6 +24,11 @@ pub enum Message {
     Pull { key: Uuid },
     /// Primary to replica: the answer to a `Pull`.
     Export(KeyExport),
+    /// Primary to replica: the key is no longer replicated to you; forget
+    /// your replica (or its tombstone).
+    Release { key: Uuid },
+    /// Replica to primary: the answer to a `Release`.
+    Released { key: Uuid },
 }
 
 /// Why a frame could not be made or read.

@@ -182,6 +182,10 @@ impl Replicator {
                     Ok(info) => Response::Key(info),
                     Err(e) => Response::Error(e.into()),
                 },
+                Request::UnreplicateKey { key, zone } => match self.unreplicate(caller, &key, &zone).await {
+                    Ok(info) => Response::Key(info),
+                    Err(e) => Response::Error(e.into()),
+                },
                 Request::Replication(frame) => match self.zone_of_uid(caller.uid) {
                     Some(zone) => self.on_frame(zone, frame).await,
                     None => {
@@ -257,6 +261,35 @@ impl Replicator {
                 })
             }
         }
+    }
+
+    /// `key unreplicate KEY --zone ZONE` on the primary: the zone forgets its
+    /// replica (or the tombstone of one deleted there), then the primary
+    /// forgets the zone. If the zone cannot be reached nothing changes.
+    ///
+    /// # Errors
+    /// [`ReplicateError`]: key rules, unknown zone, peer failures.
+    pub async fn unreplicate(&self, caller: &Caller, key: &str, zone: &str) -> Result<KeyInfo, ReplicateError> {
+        self.check_target(zone)?;
+        let (c, k, z) = (caller.clone(), key.to_string(), zone.to_string());
+        let id = self.blocking(move |s| s.begin_unreplicate(&c, &k, &z)).await?;
+        let peer = |source| ReplicateError::Peer {
+            zone: zone.to_string(),
+            source,
+        };
+        match self.exchange(zone, &Message::Release { key: id }).await.map_err(peer)? {
+            Message::Released { key } if key == id => {}
+            _ => {
+                return Err(peer(PeerError::Unexpected {
+                    zone: zone.to_string(),
+                    kind: "message instead of a release",
+                }))
+            }
+        }
+        let z = zone.to_string();
+        self.blocking(move |s| s.finish_unreplicate(id, &z)).await?;
+        tracing::info!(key = %id, zone, "key no longer replicated to zone");
+        Ok(self.keys.describe(caller, &id.to_string())?)
     }
 
     fn check_target(&self, zone: &str) -> Result<(), ReplicateError> {
@@ -389,7 +422,14 @@ impl Replicator {
         let answer = match msg {
             Message::Push(export) => self.on_push(export, from).await,
             Message::Pull { key } => self.on_pull(key, from).await,
-            Message::Ack { .. } | Message::Export(_) => Err(ErrorReply::new(
+            Message::Release { key } => {
+                let z = from.to_string();
+                self.blocking(move |s| s.release_replica(key, &z))
+                    .await
+                    .map(|()| Message::Released { key })
+                    .map_err(ErrorReply::from)
+            }
+            Message::Ack { .. } | Message::Export(_) | Message::Released { .. } => Err(ErrorReply::new(
                 ErrorCode::InvalidArgument,
                 "acknowledgements and exports are answers, not requests",
             )),
@@ -659,5 +699,65 @@ mod tests {
         );
         assert_eq!(b.r.keys.rotations(&owner(), "app").unwrap().len(), 1);
         let _ = c;
+    }
+    #[tokio::test]
+    async fn a_replica_deleted_in_its_zone_stays_deleted_until_unreplicated() {
+        let z = site(&["a", "b"]);
+        let (a, b) = (&z[0], &z[1]);
+        let id = create(a);
+        a.r.replicate(&owner(), "app", "b").await.unwrap();
+        // b's operator deletes b's replica; the waiting period passes.
+        b.r.keys.schedule_deletion(&owner(), "app", Some(7)).unwrap();
+        let report = b.r.keys.run_due(1_750_000_000 + 8 * 86_400);
+        assert_eq!(report.deleted, vec![id]);
+        assert_eq!(
+            b.r.keys.describe(&owner(), "app").unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        // The primary's next push is refused, and does not recreate it.
+        a.r.keys.rotate(&owner(), "app").unwrap();
+        let e = a.r.push_current(id, "b").await.unwrap_err();
+        assert_eq!(ErrorReply::from(e).code, ErrorCode::Forbidden);
+        assert!(b.r.keys.describe(&owner(), "app").is_err());
+        // Also after a restart of b (the tombstone is stored).
+        let reopened = KeyService::with_store(b.r.keys.store_for_test(), "b", Arc::new(ManualClock::at(1))).unwrap();
+        let export = a.r.keys.export_for_replica(id, "b").unwrap();
+        assert_eq!(
+            reopened.accept_replica(&export, "a").unwrap_err().code(),
+            ErrorCode::Forbidden
+        );
+        drop(reopened);
+        // The primary lets the zone go: tombstone and replica entry gone.
+        let info = a.r.unreplicate(&owner(), "app", "b").await.unwrap();
+        assert_eq!((info.role, info.replicas.len()), (KeyRole::SingleZone, 0));
+        // Now b may receive the key again, if the primary replicates it.
+        a.r.replicate(&owner(), "app", "b").await.unwrap();
+        assert_eq!(b.r.keys.rotations(&owner(), "app").unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn unreplicate_removes_a_live_replica_and_only_the_primary_may() {
+        let z = site(&["a", "b", "c"]);
+        let (a, b) = (&z[0], &z[1]);
+        let id = create(a);
+        a.r.replicate(&owner(), "app", "b").await.unwrap();
+        a.r.replicate(&owner(), "app", "c").await.unwrap();
+        // Not from a replica, not by a stranger, not for a zone without one.
+        assert!(b.r.unreplicate(&owner(), "app", "c").await.is_err());
+        let stranger = Caller::process(4242, 4242, None);
+        let e = a.r.unreplicate(&stranger, "app", "b").await.unwrap_err();
+        assert_eq!(ErrorReply::from(e).code, ErrorCode::PermissionDenied);
+        // c, claiming to be the primary, cannot release b's replica.
+        let release = Message::Release { key: id };
+        assert!(matches!(send_as(b, "c", "c", &release).await, Response::Error(_)));
+        assert!(b.r.keys.describe(&owner(), "app").is_ok());
+        // The primary can.
+        let info = a.r.unreplicate(&owner(), "app", "b").await.unwrap();
+        let zones: Vec<_> = info.replicas.iter().map(|r| r.zone.as_str()).collect();
+        assert_eq!((info.role, zones), (KeyRole::Primary, vec!["c"]));
+        assert_eq!(
+            b.r.keys.describe(&owner(), "app").unwrap_err().code(),
+            ErrorCode::NotFound
+        );
     }
 }

@@ -19,6 +19,21 @@ use uuid::Uuid;
 use super::Replicator;
 use crate::keys::error::error_chain;
 
+/// Pause between pushes to a zone that deleted its replica (refused
+/// `forbidden`).
+const PARKED: Duration = Duration::from_secs(3600);
+
+/// Whether a push was refused because the zone deleted its replica.
+fn refused_as_deleted(e: &super::ReplicateError) -> bool {
+    matches!(
+        e,
+        super::ReplicateError::Peer {
+            source: super::transport::PeerError::Refused { reply, .. },
+            ..
+        } if reply.code == kms_client::proto::ErrorCode::Forbidden
+    )
+}
+
 /// First pause after a failed push; doubles up to `retry_max`.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 
@@ -74,6 +89,18 @@ async fn push_round(r: &Replicator, backoff: &mut Pending) {
             Ok(version) => {
                 tracing::info!(key = %id, zone = %key.1, version, previously = ?confirmed, "replica caught up");
                 backoff.remove(&key);
+            }
+            Err(e) if refused_as_deleted(&e) => {
+                // The zone deleted its replica: retrying will not help until
+                // an operator unreplicates the key, so ask once an hour.
+                if backoff.get(&key).is_none_or(|b| b.delay < PARKED) {
+                    tracing::warn!(key = %id, zone = %key.1, error = %error_chain(&e), "the zone deleted its replica; pushes paused until `kmsctl key unreplicate`");
+                }
+                let b = Backoff {
+                    next: Instant::now() + PARKED,
+                    delay: PARKED,
+                };
+                backoff.insert(key, b);
             }
             Err(e) => {
                 let b = Backoff::after_failure(backoff.get(&key).copied(), Instant::now(), r.settings.retry_max);

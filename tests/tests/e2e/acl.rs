@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use kms_client::blob::BlobHeader;
 use kms_client::proto::{
-    Context, CreateKey, ErrorCode, KeyInfo, KeyState, Op, Origin, Principal, ReplicationFrame, Request, Response,
-    DEFAULT_KEY_NAME,
+    Context, CreateKey, ErrorCode, KeyInfo, KeyRole, KeyState, Op, Origin, Principal, ReplicationFrame, Request,
+    Response, DEFAULT_KEY_NAME,
 };
 use kms_client::{BlockingClient, ClientError};
 use kms_tests::{fuse_available, DaemonOptions, TestDaemon, CALL_DEADLINE};
@@ -538,6 +538,25 @@ fn rows() -> Vec<Row> {
                             .map(|r| (r.zone.as_str(), r.confirmed_version))
                             .collect();
                         expect(zones == [("b", Some(1))], || format!("replicas {zones:?}"))
+                    },
+                )
+            },
+        },
+        Row {
+            op: Op::UnreplicateKey,
+            case: "from zone b",
+            want: ADMINISTER,
+            rule: "code: unreplication is administration, on the primary (README silent)",
+            run: |fx, who| {
+                fx.admin_cell(
+                    who,
+                    None,
+                    |o, k| drop(o.replicate_key(k, "b").unwrap()),
+                    |c, k| c.unreplicate_key(k, "b").map(drop),
+                    |k| {
+                        expect(k.replicas.is_empty() && k.role == KeyRole::SingleZone, || {
+                            format!("{:?} with replicas {:?}", k.role, k.replicas)
+                        })
                     },
                 )
             },

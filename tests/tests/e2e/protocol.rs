@@ -169,7 +169,8 @@ fn first_request_must_be_hello_and_unknown_protocol_is_refused() {
 
 #[test]
 fn silent_and_half_sent_clients_block_no_one() {
-    let d = TestDaemon::start();
+    // More connections than one uid may hold by default (see limits.rs).
+    let d = TestDaemon::start_with(kms_tests::DaemonOptions::default().many_connections());
     // Many clients that connect and say nothing.
     let idle: Vec<UnixStream> = (0..50).map(|_| UnixStream::connect(&d.socket).unwrap()).collect();
     // One that sends half a frame and stays.

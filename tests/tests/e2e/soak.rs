@@ -105,7 +105,8 @@ fn sixty_four_clients_with_stalled_ones_keep_memory_and_fds_flat() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let d = TestDaemon::start();
+    // 64 clients and stalled ones, as one uid: more than [limits] allow by default.
+    let d = TestDaemon::start_with(kms_tests::DaemonOptions::default().many_connections());
     let pid = d.pid().as_raw();
     let key = d
         .client()

@@ -514,3 +514,30 @@ fn a_replayed_push_is_refused_and_changes_nothing() {
     );
     assert_eq!(rotations(&b, "app"), history);
 }
+
+/// `key unreplicate` on the primary: the zone forgets its replica, the
+/// primary forgets the zone, and later versions go only to the others.
+/// (A replica deleted in its own zone, whose waiting period needs a moved
+/// clock, is tested in `daemon/src/replication/mod.rs`.)
+#[test]
+fn unreplicate_removes_the_zones_replica() {
+    let site = Site::new();
+    let [a, b, c] = start_abc(&site);
+    let key = create(&a, "app");
+    replicate(&a, "app", "b");
+    replicate(&a, "app", "c");
+    // Unreplicate c: c forgets the key, the primary forgets c.
+    let out = a.kmsctl(&["key", "unreplicate", "app", "--zone", "c"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(code(c.client().describe_key("app")), ErrorCode::NotFound);
+    let k = a.client().describe_key("app").unwrap();
+    let zones: Vec<_> = k.replicas.iter().map(|r| r.zone.as_str()).collect();
+    assert_eq!(zones, ["b"]);
+    a.client().rotate_key("app").unwrap();
+    await_history(&b, "app", &rotations(&a, "app"));
+    assert_eq!(code(c.client().describe_key(&key.id.to_string())), ErrorCode::NotFound);
+    // From a replica zone it is not-primary; for a zone without one,
+    // invalid-argument.
+    assert_eq!(code(b.client().unreplicate_key("app", "c")), ErrorCode::NotPrimary);
+    assert_eq!(code(a.client().unreplicate_key("app", "c")), ErrorCode::InvalidArgument);
+}

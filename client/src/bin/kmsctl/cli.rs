@@ -148,6 +148,13 @@ pub enum KeyCommand {
         #[arg(long)]
         zone: String,
     },
+    /// On the primary: stop replicating a key to a zone, whose replica is
+    /// removed (the primary keeps every version).
+    Unreplicate {
+        key: String,
+        #[arg(long)]
+        zone: String,
+    },
 }
 
 /// `kmsctl key rotation ...`
@@ -327,6 +334,8 @@ mod tests {
         ));
         let cmd = key_cmd(&["key", "rotation", "disable", "k"]);
         assert!(matches!(cmd, KeyCommand::Rotation(RotationCommand::Disable { .. })));
+        let cmd = key_cmd(&["key", "unreplicate", "k", "--zone", "eu"]);
+        assert!(matches!(cmd, KeyCommand::Unreplicate { ref zone, .. } if zone == "eu"));
         let cmd = key_cmd(&["key", "replicate", "k", "--zone", "eu"]);
         assert!(matches!(cmd, KeyCommand::Replicate { ref zone, .. } if zone == "eu"));
         assert_eq!(

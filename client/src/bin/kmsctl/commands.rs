@@ -176,6 +176,11 @@ fn key_command(cmd: KeyCommand, format: Format, c: &mut BlockingClient) -> Resul
         KeyCommand::Replicate { key, zone } => {
             change(&format!("replicated to {zone}"), &key, c.replicate_key(&key, &zone)?)
         }
+        KeyCommand::Unreplicate { key, zone } => change(
+            &format!("no longer replicated to {zone}"),
+            &key,
+            c.unreplicate_key(&key, &zone)?,
+        ),
         KeyCommand::Rotation(RotationCommand::Enable { key, period }) => {
             change("automatic rotation enabled", &key, c.enable_rotation(&key, period)?)
         }

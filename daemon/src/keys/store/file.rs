@@ -186,7 +186,8 @@ impl FileStore {
             source,
         })?;
         let record = decoded.record;
-        if record.id != id || record.versions.is_empty() {
+        // Only a tombstone (a replica deleted in this zone) has no version.
+        if record.id != id || (record.versions.is_empty() && record.deleted_at.is_none()) {
             return Err(corrupt("record does not match its file".into()));
         }
         if !record.versions.iter().zip(1u32..).all(|(v, n)| v.version == n) {
