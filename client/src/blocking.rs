@@ -303,6 +303,14 @@ impl BlockingClient {
         self.run(ops::unreplicate_key(key, zone))
     }
 
+    /// In a replica zone: makes this zone the key's primary (failover).
+    ///
+    /// # Errors
+    /// As [`BlockingClient::call`].
+    pub fn promote_key(&mut self, key: &str) -> Result<Option<KeyInfo>, ClientError> {
+        self.run(ops::promote_key(key))
+    }
+
     /// Rotates a key now (manual rotation).
     ///
     /// # Errors

@@ -416,6 +416,14 @@ impl Client {
         self.run(ops::replicate_key(key, zone)).await
     }
 
+    /// In a replica zone: makes this zone the key's primary (failover).
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn promote_key(&self, key: &str) -> Result<Option<KeyInfo>, ClientError> {
+        self.run(ops::promote_key(key)).await
+    }
+
     /// On the primary: stops replicating `key` to `zone`, whose replica is
     /// removed.
     ///

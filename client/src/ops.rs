@@ -214,6 +214,10 @@ pub(crate) fn unreplicate_key(k: &str, zone: &str) -> Op<Option<KeyInfo>> {
     Op::new(Request::UnreplicateKey { key: key(k), zone }, key_change)
 }
 
+pub(crate) fn promote_key(k: &str) -> Op<Option<KeyInfo>> {
+    Op::new(Request::PromoteKey { key: key(k) }, key_change)
+}
+
 pub(crate) fn rotate_key(k: &str) -> Op<Option<KeyInfo>> {
     Op::new(Request::RotateKey { key: key(k) }, key_change)
 }

@@ -97,6 +97,7 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
         Request::ScheduleDeletion { key, days } => reply(k.schedule_deletion(caller, &key, days), Response::Key),
         Request::CancelDeletion { key } => reply(k.cancel_deletion(caller, &key), Response::Key),
         Request::RotateKey { key } => reply(k.rotate(caller, &key), Response::Key),
+        Request::PromoteKey { key } => reply(k.promote(caller, &key), Response::Key),
         Request::ListRotations { key } => reply(k.rotations(caller, &key), Response::Rotations),
         Request::EnableRotation { key, period_days } => {
             reply(k.enable_rotation(caller, &key, period_days), Response::Key)

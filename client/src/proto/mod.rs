@@ -170,6 +170,10 @@ pub enum Request {
         key: String,
         zone: String,
     },
+    /// In a replica zone: make this zone the key's primary (failover).
+    PromoteKey {
+        key: String,
+    },
 }
 
 /// Parameters of `key create`.

@@ -63,6 +63,7 @@ operations! {
         FsRewrap,
         Replication,
         UnreplicateKey,
+        PromoteKey,
     }
 }
 
@@ -150,6 +151,7 @@ impl Op {
             Op::FsRewrap => info("fs-rewrap", BlockingWithProgress, Management),
             Op::Replication => info("replication", Peers, Management),
             Op::UnreplicateKey => info("key-unreplicate", Peers, Management),
+            Op::PromoteKey => info("key-promote", Blocking, Management),
         }
     }
 
@@ -239,6 +241,7 @@ impl Request {
             Request::FsRewrap { .. } => (Op::FsRewrap, Nothing),
             Request::Replication(_) => (Op::Replication, Nothing),
             Request::UnreplicateKey { key, .. } => (Op::UnreplicateKey, Key(key)),
+            Request::PromoteKey { key } => (Op::PromoteKey, Key(key)),
         }
     }
 
@@ -359,6 +362,7 @@ mod tests {
                 key: key(),
                 zone: "b".into(),
             },
+            Op::PromoteKey => Request::PromoteKey { key: key() },
         }
     }
 

@@ -18,9 +18,10 @@ use zeroize::Zeroizing;
 use super::error::{Error, Result};
 use super::model::KeyRecord;
 
-/// The initialised cipher of each version of one key; index = version - 1.
+/// The initialised cipher of each version of one key, by version number
+/// (ascending, as the record's versions).
 #[derive(Clone)]
-pub struct VersionCiphers(Vec<Arc<Aes256Gcm>>);
+pub struct VersionCiphers(Vec<(u32, Arc<Aes256Gcm>)>);
 
 impl std::fmt::Debug for VersionCiphers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,18 +33,26 @@ impl VersionCiphers {
     /// Ciphers for every version of `key`, reusing those of `previous`
     /// (an older snapshot of the same key) where they exist.
     pub fn build(key: &KeyRecord, previous: Option<&VersionCiphers>) -> Self {
-        let reuse = previous.map_or(0, |p| p.0.len().min(key.versions.len()));
-        let mut out: Vec<_> = previous.map(|p| p.0[..reuse].to_vec()).unwrap_or_default();
-        for v in &key.versions[reuse..] {
-            out.push(Arc::new(Aes256Gcm::new(v.material.expose().into())));
-        }
+        let out = key
+            .versions
+            .iter()
+            .map(|v| {
+                let reused = previous.and_then(|p| p.find(v.version)).cloned();
+                let cipher = reused.unwrap_or_else(|| Arc::new(Aes256Gcm::new(v.material.expose().into())));
+                (v.version, cipher)
+            })
+            .collect();
         Self(out)
+    }
+
+    fn find(&self, version: u32) -> Option<&Arc<Aes256Gcm>> {
+        let i = self.0.binary_search_by_key(&version, |(v, _)| *v).ok()?;
+        Some(&self.0[i].1)
     }
 
     /// The cipher of `version`, if that version exists.
     pub fn get(&self, version: u32) -> Option<&Aes256Gcm> {
-        let idx = usize::try_from(version).ok()?.checked_sub(1)?;
-        self.0.get(idx).map(|c| &**c)
+        self.find(version).map(|c| &**c)
     }
 }
 
@@ -128,7 +137,7 @@ mod tests {
         crate::keys::rotation::rotate_manual(&mut key, 1).unwrap();
         let after = VersionCiphers::build(&key, Some(&before));
         assert!(
-            Arc::ptr_eq(&before.0[0], &after.0[0]),
+            Arc::ptr_eq(&before.0[0].1, &after.0[0].1),
             "version 1's cipher is reused, not expanded again"
         );
         assert_eq!(after.0.len(), 2);

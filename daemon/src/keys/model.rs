@@ -15,6 +15,16 @@ use super::material::Material;
 
 /// Longest key name.
 pub const MAX_NAME_LEN: usize = 64;
+
+/// Version numbers are fenced by promotion epoch: the versions a key's
+/// primary creates in epoch `e` are numbered from `e << EPOCH_SHIFT` + 1
+/// (epoch 0: from 1). Two zones that were primary in different epochs
+/// therefore never create two different versions with the same number,
+/// even if the old primary kept rotating while cut off from the zone that
+/// was promoted.
+pub const EPOCH_SHIFT: u32 = 24;
+/// Highest promotion epoch (so that every epoch's range fits in a u32).
+pub const MAX_EPOCH: u32 = 255;
 /// Longest description.
 pub const MAX_DESCRIPTION_LEN: usize = 256;
 /// Shortest and longest automatic rotation period, in days.
@@ -75,7 +85,7 @@ pub struct KeyRecord {
     pub policy: Policy,
     pub rotation: RotationSchedule,
     pub manual_rotations: u32,
-    /// Versions 1..=n in order; never shrinks.
+    /// Versions in ascending order; never shrinks.
     pub versions: Vec<KeyVersion>,
     /// Replicas of a primary key, with their last confirmed version.
     pub replicas: Vec<ReplicaInfo>,
@@ -128,10 +138,26 @@ impl KeyRecord {
         self.versions.last().expect("a key always has at least one version")
     }
 
-    /// A version by number.
+    /// A version by number (versions are in ascending order, but not
+    /// contiguous once a key has been promoted: see [`EPOCH_SHIFT`]).
     pub fn version(&self, v: u32) -> Option<&KeyVersion> {
-        let idx = usize::try_from(v).ok()?.checked_sub(1)?;
-        self.versions.get(idx)
+        self.versions
+            .binary_search_by_key(&v, |x| x.version)
+            .ok()
+            .map(|i| &self.versions[i])
+    }
+
+    /// The number the next version of this key gets: one more than the
+    /// newest if that one is of this key's epoch, else the first number of
+    /// the epoch. `None` when the epoch's range is used up (2^24 versions).
+    pub fn next_version(&self) -> Option<u32> {
+        let base = self
+            .epoch
+            .checked_shl(EPOCH_SHIFT)
+            .filter(|_| self.epoch <= MAX_EPOCH)?;
+        let last = self.active().version;
+        let next = if last > base { last + 1 } else { base + 1 };
+        (next >> EPOCH_SHIFT == self.epoch).then_some(next)
     }
 
     /// The name if any, else the id: how errors refer to the key.

@@ -144,19 +144,16 @@ pub fn behind(key: &KeyRecord) -> Vec<(String, Option<u32>)> {
         .collect()
 }
 
-/// Checks that an export's versions are exactly 1..=n.
-fn check_contiguous(export: &KeyExport) -> Result<()> {
-    let ok = !export.versions.is_empty()
-        && export
-            .versions
-            .iter()
-            .zip(1u32..)
-            .all(|(v, expected)| v.version == expected);
+/// Checks that an export's versions start at 1 and ascend (numbers jump
+/// at each promotion epoch: see `model::EPOCH_SHIFT`).
+fn check_versions(export: &KeyExport) -> Result<()> {
+    let ok = export.versions.first().is_some_and(|v| v.version == 1)
+        && export.versions.windows(2).all(|w| w[0].version < w[1].version);
     if ok {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "the export of key {} does not hold versions 1..=n in order",
+            "the export of key {} does not hold ascending versions from 1",
             export.id
         )))
     }
@@ -172,7 +169,7 @@ pub fn new_replica(export: &KeyExport, zone: &str) -> Result<KeyRecord> {
             "only customer keys can be replicated".to_string(),
         ));
     }
-    check_contiguous(export)?;
+    check_versions(export)?;
     Ok(KeyRecord {
         id: export.id,
         name: export.name.clone(),
@@ -207,26 +204,36 @@ fn replica_list(export: &KeyExport) -> Vec<ReplicaInfo> {
 }
 
 /// Applies a later export from the primary to an existing replica: checks
-/// that every version the replica holds is identical in the export, then
-/// appends the versions that follow, and takes the primary's schedule and
-/// description. Applying the same export twice changes nothing.
+/// that every version held here is identical in the export, takes the
+/// versions that are new, and the primary's schedule, description and
+/// replica list. Applying the same export twice changes nothing.
+///
+/// An export of a higher promotion epoch comes from a zone promoted since:
+/// this zone follows it, even if it was the primary itself (it is demoted
+/// to a replica). Versions held here that the export lacks are then kept
+/// and returned, for the new primary to adopt: an old primary may have
+/// rotated while cut off, and blobs made with those versions must keep
+/// unwrapping. Their numbers cannot collide with the new primary's (see
+/// `model::EPOCH_SHIFT`).
 ///
 /// # Errors
 /// `Stale` for an export older (by epoch, then serial) than the last one
 /// applied: a replayed frame must not revert a description, a schedule or
 /// a replica list. `InvalidArgument` when `key` is not a replica of the
-/// export's primary, the versions are not 1..=n, or a version differs from
-/// the one held (a conflict that must not be papered over).
-pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<()> {
-    let primary_ok = matches!(&key.role, KeyRole::Replica { primary_zone } if *primary_zone == export.primary_zone);
-    if !primary_ok || key.id != export.id {
+/// export's primary (at the same epoch), the versions do not ascend from 1,
+/// a version differs from the one held (a conflict that must not be papered
+/// over), or, within one epoch, the export lacks versions held here.
+pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<Vec<KeyVersion>> {
+    let newer_epoch = export.epoch > key.epoch;
+    let same_primary = matches!(&key.role, KeyRole::Replica { primary_zone } if *primary_zone == export.primary_zone);
+    if key.id != export.id || !(same_primary || newer_epoch) {
         return Err(Error::InvalidArgument(format!(
             "key {} exists here and is not a replica of zone {}",
             key.label(),
             export.primary_zone
         )));
     }
-    check_contiguous(export)?;
+    check_versions(export)?;
     if (export.epoch, export.serial) < (key.epoch, key.serial) {
         return Err(Error::Stale {
             key: key.label(),
@@ -236,39 +243,121 @@ pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<()> {
             held_serial: key.serial,
         });
     }
+    let mut orphans = Vec::new();
     for held in &key.versions {
-        if export.version_matches(held) == Some(false) {
-            return Err(Error::InvalidArgument(format!(
-                "version {} of key {} differs from the primary's; refusing the update",
-                held.version,
-                key.label()
-            )));
+        match export.version_matches(held) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(Error::InvalidArgument(format!(
+                    "version {} of key {} differs from the primary's; refusing the update",
+                    held.version,
+                    key.label()
+                )))
+            }
+            None if newer_epoch => orphans.push(held.clone()),
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "the export of key {} lacks version {} held here",
+                    key.label(),
+                    held.version
+                )))
+            }
         }
     }
-    let have = key.versions.len();
-    if export.versions.len() < have {
-        return Err(Error::InvalidArgument(format!(
-            "the export of key {} holds {} versions, fewer than the {have} held here",
-            key.label(),
-            export.versions.len()
-        )));
+    let mut versions = export.versions.clone();
+    versions.extend(orphans.iter().cloned());
+    versions.sort_by_key(|v| v.version);
+    key.versions = versions;
+    if newer_epoch {
+        key.role = KeyRole::Replica {
+            primary_zone: export.primary_zone.clone(),
+        };
     }
-    key.versions.extend(export.versions.iter().skip(have).cloned());
     key.epoch = export.epoch;
     key.serial = export.serial;
     key.description.clone_from(&export.description);
     key.rotation = export.rotation.clone();
     key.manual_rotations = export.manual_rotations;
     key.replicas = replica_list(export);
+    Ok(orphans)
+}
+
+/// `key promote` in a replica zone: this zone becomes the key's primary in
+/// a new promotion epoch; the old primary and the other replicas become
+/// its replicas (not yet confirmed). Like AWS's UpdatePrimaryRegion, for
+/// when the primary zone is lost.
+///
+/// # Errors
+/// `InvalidArgument` when the key is not a replica here, `LimitExceeded`
+/// past the last epoch.
+pub fn promote(key: &mut KeyRecord) -> Result<()> {
+    let KeyRole::Replica { primary_zone } = key.role.clone() else {
+        return Err(Error::InvalidArgument(format!(
+            "key {} is not a replica in zone {}: only a replica can be promoted",
+            key.label(),
+            key.zone
+        )));
+    };
+    if key.epoch >= super::model::MAX_EPOCH {
+        return Err(Error::LimitExceeded {
+            key: key.label(),
+            limit: super::model::MAX_EPOCH,
+        });
+    }
+    let mut zones: Vec<String> = key
+        .replicas
+        .iter()
+        .map(|r| r.zone.clone())
+        .filter(|z| *z != key.zone)
+        .collect();
+    if !zones.contains(&primary_zone) {
+        zones.push(primary_zone);
+    }
+    key.replicas = zones
+        .into_iter()
+        .map(|zone| ReplicaInfo {
+            zone,
+            confirmed_version: None,
+        })
+        .collect();
+    key.role = KeyRole::Primary;
+    key.epoch += 1;
     Ok(())
+}
+
+/// On a primary: takes the versions a demoted old primary created while
+/// cut off (see [`apply`]). Returns whether anything was added.
+///
+/// # Errors
+/// `InvalidArgument` when one of them differs from a version held here.
+pub fn adopt(key: &mut KeyRecord, orphans: &[KeyVersion]) -> Result<bool> {
+    let mut added = false;
+    for v in orphans {
+        match key.version(v.version) {
+            Some(held) if held == v => {}
+            Some(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "version {} of key {} sent back by a former primary differs from the one held here",
+                    v.version,
+                    key.label()
+                )))
+            }
+            None => {
+                let at = key.versions.partition_point(|x| x.version < v.version);
+                key.versions.insert(at, v.clone());
+                added = true;
+            }
+        }
+    }
+    Ok(added)
 }
 
 impl KeyExport {
     /// `Some(true)` if the export holds `v` identically, `Some(false)` if it
     /// holds a different version with that number, `None` if it lacks it.
     fn version_matches(&self, v: &KeyVersion) -> Option<bool> {
-        let idx = usize::try_from(v.version).ok()?.checked_sub(1)?;
-        self.versions.get(idx).map(|e| e == v)
+        let i = self.versions.binary_search_by_key(&v.version, |x| x.version).ok()?;
+        Some(self.versions[i] == *v)
     }
 }
 

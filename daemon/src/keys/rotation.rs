@@ -27,7 +27,9 @@ fn ensure_schedule_owner(key: &KeyRecord, what: &str) -> Result<()> {
 
 /// Appends a fresh version; it becomes active at once.
 fn add_version(key: &mut KeyRecord, origin: Origin, now: UnixTime) -> u32 {
-    let version = key.active().version + 1;
+    // An epoch has room for 2^24 versions; at most 10 manual rotations
+    // and one automatic rotation a day cannot fill it.
+    let version = key.next_version().expect("the epoch's version range is not used up");
     key.versions.push(KeyVersion {
         version,
         created_at: now,

@@ -29,7 +29,7 @@ use super::clock::Clock;
 use super::crypto::{self, VersionCiphers};
 use super::error::{Error, Result};
 use super::lifecycle;
-use super::model::{validate_description, validate_name, validate_period, KeyRecord, RotationSchedule};
+use super::model::{validate_description, validate_name, validate_period, KeyRecord, KeyVersion, RotationSchedule};
 use super::policy::{allowed, Access, Caller};
 use super::replica::{self, KeyExport};
 use super::rotation;
@@ -95,6 +95,15 @@ impl Keyring {
         self.by_id
             .insert(entry.record.id, Arc::new(ArcSwap::from_pointee(entry)));
     }
+}
+
+/// What a replica zone did with an export: the active version it now
+/// holds, and the versions it held that the export lacks (only when it
+/// follows a newly promoted primary: see [`replica::apply`]).
+#[derive(Debug)]
+pub struct Accepted {
+    pub active: u32,
+    pub orphans: Vec<KeyVersion>,
 }
 
 /// What one pass of [`KeyService::run_due`] did.
@@ -680,7 +689,7 @@ impl KeyService {
     /// `InvalidArgument` when the export does not come from `from_zone`,
     /// names a key that is not its replica here, conflicts with the versions
     /// held, or takes a name already used here; `Unavailable`.
-    pub fn accept_replica(&self, export: &KeyExport, from_zone: &str) -> Result<u32> {
+    pub fn accept_replica(&self, export: &KeyExport, from_zone: &str) -> Result<Accepted> {
         if export.primary_zone != from_zone || from_zone == self.zone {
             return Err(Error::InvalidArgument(format!(
                 "zone {from_zone} sent key {} whose primary is in zone {}",
@@ -779,17 +788,41 @@ impl KeyService {
         })
     }
 
-    fn apply_replica(&self, export: &KeyExport, current: &KeyEntry) -> Result<u32> {
+    fn apply_replica(&self, export: &KeyExport, current: &KeyEntry) -> Result<Accepted> {
         let mut rec = current.record.clone();
-        replica::apply(&mut rec, export)?;
+        let was_primary = !matches!(rec.role, kms_client::proto::KeyRole::Replica { .. });
+        let orphans = replica::apply(&mut rec, export)?;
         let active = rec.active().version;
+        if was_primary {
+            tracing::warn!(key = %rec.id, new_primary_zone = %export.primary_zone, epoch = export.epoch, orphans = orphans.len(), "this zone is no longer the key's primary: demoted to a replica");
+        }
         if rec != current.record {
             self.replace(rec, current)?;
         }
-        Ok(active)
+        Ok(Accepted { active, orphans })
     }
 
-    fn create_replica(&self, export: &KeyExport) -> Result<u32> {
+    /// `key promote` in a replica zone: see [`replica::promote`].
+    ///
+    /// # Errors
+    /// `NotFound`, `PermissionDenied` (needs admin), `InvalidArgument` (not
+    /// a replica), `Unavailable`.
+    pub fn promote(&self, caller: &Caller, key_ref: &str) -> Result<KeyInfo> {
+        let ((), info) = self.mutate(caller, key_ref, Access::Admin, |k, _| replica::promote(k))?;
+        tracing::info!(key = %info.id, epoch = ?info.role, "promoted: this zone is now the key's primary");
+        Ok(info)
+    }
+
+    /// On a primary: the versions a demoted former primary created while
+    /// cut off (see [`replica::adopt`]).
+    ///
+    /// # Errors
+    /// `NotFound`, `InvalidArgument` (a differing version), `Unavailable`.
+    pub fn adopt_versions(&self, id: Uuid, orphans: &[KeyVersion]) -> Result<()> {
+        self.mutate_internal(id, |k, _| replica::adopt(k, orphans).map(drop))
+    }
+
+    fn create_replica(&self, export: &KeyExport) -> Result<Accepted> {
         if let Some(name) = &export.name {
             if self.ring.load().by_name.contains_key(name) {
                 return Err(Error::InvalidArgument(format!(
@@ -803,7 +836,10 @@ impl KeyService {
         let revision = self.store.put(&rec, None).map_err(Error::Unavailable)?;
         tracing::info!(key = %rec.id, primary_zone = %export.primary_zone, version = active, "replica created");
         self.insert(rec, revision);
-        Ok(active)
+        Ok(Accepted {
+            active,
+            orphans: Vec::new(),
+        })
     }
 
     /// On a primary: every (key, replica zone, confirmed version) whose

@@ -658,7 +658,7 @@ fn replica_takes_versions_from_its_primary_durably() {
     );
     let (export, added) = f.svc.begin_replica(&alice(), &id, "zone-b").unwrap();
     assert!(added);
-    assert_eq!(b.accept_replica(&export, "zone-a").unwrap(), 1);
+    assert_eq!(b.accept_replica(&export, "zone-a").unwrap().active, 1);
     f.svc.record_confirmed(uuid, "zone-b", 1).unwrap();
     assert!(f.svc.replicas_behind().is_empty());
 
@@ -670,8 +670,8 @@ fn replica_takes_versions_from_its_primary_durably() {
     assert_eq!(f.svc.replicas_behind(), vec![(uuid, "zone-b".to_string(), Some(1))]);
     let export = f.svc.export_for_replica(uuid, "zone-b").unwrap();
     assert!(f.svc.export_for_replica(uuid, "zone-c").is_err());
-    assert_eq!(b.accept_replica(&export, "zone-a").unwrap(), 2);
-    assert_eq!(b.accept_replica(&export, "zone-a").unwrap(), 2);
+    assert_eq!(b.accept_replica(&export, "zone-a").unwrap().active, 2);
+    assert_eq!(b.accept_replica(&export, "zone-a").unwrap().active, 2);
     assert!(b.accept_replica(&export, "zone-c").is_err());
     assert_eq!(b.replicas_held(), vec![(uuid, "zone-a".to_string(), 2)]);
     assert_eq!(b.rotate(&alice(), "app").unwrap_err().code(), ErrorCode::NotPrimary);

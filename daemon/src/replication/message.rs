@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::keys::model::KeyVersion;
 use crate::keys::replica::KeyExport;
 
 /// One replication message.
@@ -18,8 +19,14 @@ use crate::keys::replica::KeyExport;
 pub enum Message {
     /// Primary to replica: the whole key; create it or take the new versions.
     Push(KeyExport),
-    /// Replica to primary: the replica now durably holds `version`.
-    Ack { key: Uuid, version: u32 },
+    /// Replica to primary: the replica now durably holds `version`; a
+    /// former primary that was just demoted also sends back the versions
+    /// it created while cut off, for the new primary to adopt.
+    Ack {
+        key: Uuid,
+        version: u32,
+        orphans: Vec<KeyVersion>,
+    },
     /// Replica to primary: send me the key.
     Pull { key: Uuid },
     /// Primary to replica: the answer to a `Pull`.

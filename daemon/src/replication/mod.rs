@@ -91,7 +91,12 @@ impl ReplicationStats {
 pub fn replica_lag(k: &KeyInfo) -> Vec<(String, u32)> {
     k.replicas
         .iter()
-        .map(|r| (r.zone.clone(), k.active_version - r.confirmed_version.unwrap_or(0)))
+        .map(|r| {
+            let confirmed = r.confirmed_version.unwrap_or(0);
+            // Counted, not subtracted: numbers jump at each promotion epoch.
+            let behind = k.versions.iter().filter(|v| v.version > confirmed).count();
+            (r.zone.clone(), u32::try_from(behind).unwrap_or(u32::MAX))
+        })
         .collect()
 }
 
@@ -247,6 +252,7 @@ impl Replicator {
                 let z = zone.to_string();
                 self.blocking(move |s| s.record_confirmed(id, &z, version)).await?;
                 tracing::info!(key = %id, zone, version, "key replicated");
+                self.tell_other_replicas(id, zone).await;
                 Ok(self.keys.describe(caller, &id.to_string())?)
             }
             Err(source) => {
@@ -289,7 +295,24 @@ impl Replicator {
         let z = zone.to_string();
         self.blocking(move |s| s.finish_unreplicate(id, &z)).await?;
         tracing::info!(key = %id, zone, "key no longer replicated to zone");
+        self.tell_other_replicas(id, zone).await;
         Ok(self.keys.describe(caller, &id.to_string())?)
+    }
+
+    /// Pushes key `id` to its replicas other than `except` after its list
+    /// of replicas changed, so that every replica knows every other (a
+    /// replica promoted later must know whom to serve). Best effort: a
+    /// zone that is down learns it at its next pull.
+    async fn tell_other_replicas(&self, id: Uuid, except: &str) {
+        let Ok(entry) = self.keys.entry(&id.to_string()) else {
+            return;
+        };
+        let zones: Vec<String> = entry.record.replicas.iter().map(|r| r.zone.clone()).collect();
+        for z in zones.iter().filter(|z| *z != except) {
+            if let Err(e) = self.push_current(id, z).await {
+                tracing::info!(key = %id, zone = %z, error = %error_chain(&e), "could not tell a replica about the new replica list; it learns it at its next pull");
+            }
+        }
     }
 
     fn check_target(&self, zone: &str) -> Result<(), ReplicateError> {
@@ -349,7 +372,30 @@ impl Replicator {
     async fn push(&self, zone: &str, export: KeyExport) -> Result<u32, PeerError> {
         let id = export.id;
         let r = match self.exchange(zone, &Message::Push(export)).await {
-            Ok(Message::Ack { key, version }) if key == id => Ok(version),
+            Ok(Message::Ack { key, version, orphans }) if key == id => {
+                if orphans.is_empty() {
+                    Ok(version)
+                } else {
+                    tracing::warn!(key = %id, zone, versions = orphans.len(), "a former primary sent back versions it created while cut off; adopting them");
+                    let keys = self.keys.clone();
+                    let adopted = tokio::task::spawn_blocking(move || keys.adopt_versions(id, &orphans)).await;
+                    match adopted {
+                        Ok(Ok(())) => Ok(version),
+                        Ok(Err(e)) => Err(PeerError::Unexpected {
+                            zone: zone.to_string(),
+                            kind: if matches!(e, keys::Error::InvalidArgument(_)) {
+                                "conflicting versions from a former primary"
+                            } else {
+                                "versions that could not be stored"
+                            },
+                        }),
+                        Err(_) => Err(PeerError::Unexpected {
+                            zone: zone.to_string(),
+                            kind: "versions that could not be stored",
+                        }),
+                    }
+                }
+            }
             Ok(_) => Err(PeerError::Unexpected {
                 zone: zone.to_string(),
                 kind: "message instead of an acknowledgement",
@@ -404,7 +450,7 @@ impl Replicator {
             }
         };
         let z = primary_zone.to_string();
-        Ok(self.blocking(move |s| s.accept_replica(&export, &z)).await?)
+        Ok(self.blocking(move |s| s.accept_replica(&export, &z)).await?.active)
     }
 
     /// One frame from the daemon of zone `from` (authenticated by the
@@ -479,12 +525,16 @@ impl Replicator {
 
     async fn on_push(&self, export: KeyExport, from: &str) -> Result<Message, ErrorReply> {
         let (id, z) = (export.id, from.to_string());
-        let version = self
+        let accepted = self
             .blocking(move |s| s.accept_replica(&export, &z))
             .await
             .map_err(ErrorReply::from)?;
-        tracing::debug!(key = %id, primary_zone = from, version, "replica up to date");
-        Ok(Message::Ack { key: id, version })
+        tracing::debug!(key = %id, primary_zone = from, version = accepted.active, "replica up to date");
+        Ok(Message::Ack {
+            key: id,
+            version: accepted.active,
+            orphans: accepted.orphans,
+        })
     }
 
     async fn on_pull(&self, id: Uuid, from: &str) -> Result<Message, ErrorReply> {
@@ -519,6 +569,15 @@ mod tests {
 
     type Zones = Arc<OnceLock<HashMap<String, Weak<Replicator>>>>;
 
+    thread_local! {
+        /// Zones cut off from the others (current-thread tests only).
+        static DOWN: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn cut_off(zones: &[&str]) {
+        DOWN.with(|d| *d.borrow_mut() = zones.iter().map(|z| z.to_string()).collect());
+    }
+
     /// Delivers frames in memory to the other zone's replicator as if they
     /// came through its Unix socket from the sender's uid: the replication
     /// logic without sockets.
@@ -535,6 +594,17 @@ mod tests {
             frame: ReplicationFrame,
         ) -> BoxFuture<'a, Result<ReplicationFrame, PeerError>> {
             Box::pin(async move {
+                let me = self
+                    .zones
+                    .get()
+                    .and_then(|m| m.iter().find(|(z, _)| uid_of(z) == self.from_uid));
+                let down = DOWN.with(|d| d.borrow().clone());
+                if down.iter().any(|d| d == zone || me.is_some_and(|(z, _)| z == d)) {
+                    return Err(PeerError::Timeout {
+                        zone: zone.to_string(),
+                        secs: 0,
+                    });
+                }
                 let peer = self.zones.get().and_then(|m| m.get(zone)).and_then(Weak::upgrade);
                 let peer = peer.ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
                 let caller = Caller::process(self.from_uid, self.from_uid, None);
@@ -759,5 +829,85 @@ mod tests {
             b.r.keys.describe(&owner(), "app").unwrap_err().code(),
             ErrorCode::NotFound
         );
+    }
+    #[tokio::test]
+    async fn promote_a_replica_and_the_old_primary_rejoins_without_a_fork() {
+        let z = site(&["a", "b", "c"]);
+        let (a, b, c) = (&z[0], &z[1], &z[2]);
+        let id = create(a);
+        a.r.replicate(&owner(), "app", "b").await.unwrap();
+        a.r.replicate(&owner(), "app", "c").await.unwrap();
+        a.r.keys.rotate(&owner(), "app").unwrap();
+        a.r.push_current(id, "b").await.unwrap();
+        a.r.push_current(id, "c").await.unwrap();
+        let ctx = kms_client::proto::Context::new();
+        let old = a.r.keys.wrap(&owner(), "app", b"before", &ctx).unwrap();
+
+        // Zone a is cut off; b is promoted. Only replicas and admins may.
+        cut_off(&["a"]);
+        assert_eq!(
+            a.r.keys.promote(&owner(), "app").unwrap_err().code(),
+            ErrorCode::InvalidArgument
+        );
+        let stranger = Caller::process(4242, 4242, None);
+        assert_eq!(
+            b.r.keys.promote(&stranger, "app").unwrap_err().code(),
+            ErrorCode::PermissionDenied
+        );
+        let info = b.r.keys.promote(&owner(), "app").unwrap();
+        assert_eq!(info.role, KeyRole::Primary);
+        let mut zones: Vec<_> = info.replicas.iter().map(|r| r.zone.clone()).collect();
+        zones.sort();
+        assert_eq!(zones, ["a", "c"]);
+
+        // Meanwhile the cut-off old primary rotates (it cannot know), and
+        // the new one rotates too: different version numbers.
+        let partitioned = a.r.keys.rotate(&owner(), "app").unwrap().active_version;
+        let during = a.r.keys.wrap(&owner(), "app", b"during", &ctx).unwrap();
+        let promoted = b.r.keys.rotate(&owner(), "app").unwrap().active_version;
+        assert_eq!(partitioned, 3);
+        assert_eq!(promoted, (1 << crate::keys::model::EPOCH_SHIFT) + 1);
+        b.r.push_current(id, "c").await.unwrap();
+        // c follows b now; a's export of the old epoch is refused there.
+        let old_export = a.r.keys.export_for_replica(id, "c").unwrap();
+        assert_eq!(
+            c.r.keys.accept_replica(&old_export, "a").unwrap_err().code(),
+            ErrorCode::InvalidArgument
+        );
+
+        // a is back: b's push demotes it, and b adopts a's version 3.
+        cut_off(&[]);
+        b.r.push_current(id, "a").await.unwrap();
+        let ka = a.r.keys.describe(&owner(), "app").unwrap();
+        assert_eq!(
+            ka.role,
+            KeyRole::Replica {
+                primary_zone: "b".into()
+            }
+        );
+        assert_eq!(
+            a.r.keys.rotate(&owner(), "app").unwrap_err().code(),
+            ErrorCode::NotPrimary
+        );
+        b.r.push_current(id, "c").await.unwrap();
+        let history = |zone: &Zone| {
+            let k = zone.r.keys.entry("app").unwrap();
+            k.record.versions.clone()
+        };
+        let (ha, hb, hc) = (history(a), history(b), history(c));
+        let numbers: Vec<u32> = hb.iter().map(|v| v.version).collect();
+        assert_eq!(numbers, [1, 2, 3, promoted]);
+        assert!(
+            ha == hb && hb == hc,
+            "every zone holds the same versions, material included"
+        );
+        // Every blob made anywhere, before or during the split, unwraps in
+        // every zone.
+        let after = b.r.keys.wrap(&owner(), "app", b"after", &ctx).unwrap();
+        for zone in [a, b, c] {
+            for (blob, want) in [(&old, &b"before"[..]), (&during, b"during"), (&after, b"after")] {
+                assert_eq!(&zone.r.keys.unwrap(&owner(), blob, &ctx).unwrap()[..], want);
+            }
+        }
     }
 }

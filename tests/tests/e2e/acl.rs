@@ -562,6 +562,26 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
+            op: Op::PromoteKey,
+            case: "a key primary in this zone",
+            want: [
+                Want::Code(ErrorCode::InvalidArgument),
+                DENIED,
+                Want::Code(ErrorCode::InvalidArgument),
+                DENIED,
+            ],
+            rule: "code: promotion is administration, and only a replica can be promoted (README \"Multi-zone keys\")",
+            run: |fx, who| {
+                fx.admin_cell(
+                    who,
+                    None,
+                    |_, _| {},
+                    |c, k| c.promote_key(k).map(drop),
+                    |k| Err(format!("a primary key was promoted: {:?}", k.role)),
+                )
+            },
+        },
+        Row {
             op: Op::RotateKey,
             case: "customer key",
             want: ADMINISTER,

@@ -541,3 +541,48 @@ fn unreplicate_removes_the_zones_replica() {
     assert_eq!(code(b.client().unreplicate_key("app", "c")), ErrorCode::NotPrimary);
     assert_eq!(code(a.client().unreplicate_key("app", "c")), ErrorCode::InvalidArgument);
 }
+
+/// Failover (`key promote`), with the primary's daemon killed: the promoted
+/// zone rotates, the other replica follows it, and the old primary, when
+/// restarted, becomes a replica of the new one with the same history.
+#[test]
+fn promote_a_replica_when_the_primary_is_killed() {
+    let site = Site::new();
+    let [mut a, b, c] = start_abc(&site);
+    create(&a, "app");
+    replicate(&a, "app", "b");
+    replicate(&a, "app", "c");
+    let ctx = Context::new();
+    let before = a.client().wrap("app", b"before", &ctx).unwrap();
+    a.kill9();
+
+    let out = b.kmsctl(&["key", "promote", "app"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let k = b.client().describe_key("app").unwrap();
+    assert_eq!(k.role, KeyRole::Primary);
+    let rotated = b.client().rotate_key("app").unwrap().unwrap().active_version;
+    assert!(
+        rotated > 1 << 24,
+        "the promoted zone numbers its versions in its own epoch: {rotated}"
+    );
+    let history = rotations(&b, "app");
+    await_history(&c, "app", &history);
+    let after = b.client().wrap("app", b"after", &ctx).unwrap();
+
+    a.restart();
+    let demoted = wait_for(CONVERGE, || {
+        let k = a.client().describe_key("app").ok()?;
+        (k.role
+            == KeyRole::Replica {
+                primary_zone: "b".into(),
+            })
+        .then_some(k)
+    });
+    assert!(demoted.is_some(), "the old primary did not follow zone b\n{}", a.logs());
+    await_history(&a, "app", &history);
+    assert_eq!(code(a.client().rotate_key("app")), ErrorCode::NotPrimary);
+    for d in [&a, &b, &c] {
+        assert_eq!(&d.client().unwrap(&before, &ctx).unwrap()[..], b"before");
+        assert_eq!(&d.client().unwrap(&after, &ctx).unwrap()[..], b"after");
+    }
+}

@@ -155,6 +155,9 @@ pub enum KeyCommand {
         #[arg(long)]
         zone: String,
     },
+    /// In a replica zone: make this zone the key's primary (when the
+    /// primary zone is lost; it becomes a replica when it is back).
+    Promote { key: String },
 }
 
 /// `kmsctl key rotation ...`
@@ -334,6 +337,8 @@ mod tests {
         ));
         let cmd = key_cmd(&["key", "rotation", "disable", "k"]);
         assert!(matches!(cmd, KeyCommand::Rotation(RotationCommand::Disable { .. })));
+        let cmd = key_cmd(&["key", "promote", "k"]);
+        assert!(matches!(cmd, KeyCommand::Promote { ref key } if key == "k"));
         let cmd = key_cmd(&["key", "unreplicate", "k", "--zone", "eu"]);
         assert!(matches!(cmd, KeyCommand::Unreplicate { ref zone, .. } if zone == "eu"));
         let cmd = key_cmd(&["key", "replicate", "k", "--zone", "eu"]);

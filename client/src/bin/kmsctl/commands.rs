@@ -176,6 +176,7 @@ fn key_command(cmd: KeyCommand, format: Format, c: &mut BlockingClient) -> Resul
         KeyCommand::Replicate { key, zone } => {
             change(&format!("replicated to {zone}"), &key, c.replicate_key(&key, &zone)?)
         }
+        KeyCommand::Promote { key } => change("promoted: this zone is now its primary", &key, c.promote_key(&key)?),
         KeyCommand::Unreplicate { key, zone } => change(
             &format!("no longer replicated to {zone}"),
             &key,

@@ -190,8 +190,9 @@ impl FileStore {
         if record.id != id || (record.versions.is_empty() && record.deleted_at.is_none()) {
             return Err(corrupt("record does not match its file".into()));
         }
-        if !record.versions.iter().zip(1u32..).all(|(v, n)| v.version == n) {
-            return Err(corrupt("versions are not 1..=n".into()));
+        let ascending = record.versions.windows(2).all(|w| w[0].version < w[1].version);
+        if !ascending || record.versions.first().is_some_and(|v| v.version != 1) {
+            return Err(corrupt("versions are not ascending from 1".into()));
         }
         Ok(Stored {
             revision: Revision::new(decoded.revision),
