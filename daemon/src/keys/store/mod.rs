@@ -16,6 +16,7 @@ mod file;
 pub mod memory;
 mod root;
 pub mod schema;
+mod sealed;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
