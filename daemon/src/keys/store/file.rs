@@ -228,6 +228,23 @@ impl KeyStore for FileStore {
     }
 }
 
+/// Creates the state directory (mode 0700) if needed, checks that it is
+/// private, and locks it as the file store does, for a daemon whose keys
+/// are elsewhere (etcd) but whose audit log is there: the lock, held while
+/// the returned file is open, keeps a second kmsd off it.
+///
+/// # Errors
+/// `Locked` if another process holds it, `Insecure`, `Io`.
+pub fn lock_state_dir(dir: &Path) -> Result<File, StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("cannot create", dir))?;
+    check_private(dir)?;
+    lock_dir(dir)
+}
+
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join("lock");
     let f = OpenOptions::new()
