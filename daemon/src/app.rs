@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use kms_client::proto::CreateKey;
 
 use crate::audit::AuditLog;
-use crate::config::{self, Config, MountConfig};
-use crate::keys::{KeyService, RootKey, SystemClock};
+use crate::config::{self, Backend, Config, MountConfig};
+use crate::keys::store::{lock_state_dir, EtcdStore};
+use crate::keys::{KeyService, RootKey, StoreError, SystemClock};
 use crate::mounts::Mounts;
 use crate::notify;
 use crate::ops::Daemon;
@@ -30,6 +31,9 @@ pub const DEV_KEY: &str = "dev";
 
 /// How long a peer may take to accept a connection or answer a frame.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest pause between attempts to reach etcd at start-up.
+const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How often the STATUS= line is checked for changed counts.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -190,17 +194,46 @@ pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<R
     Ok(Some(Replication { replicator, tls }))
 }
 
-/// Opens the key store named by the configuration.
+/// Opens the key store named by the configuration; with etcd, waits (and
+/// says so) until etcd answers.
 ///
 /// # Errors
 /// Missing or invalid root key, store errors (wrong key, corrupt, locked).
-pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>> {
+pub async fn open_keys(cfg: &Config) -> Result<Arc<KeyService>> {
     let path = root_key_path(cfg)?;
-    let root = RootKey::load(&path)?;
-    let svc = KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock))
-        .with_context(|| format!("cannot open key store {}", cfg.state_dir.display()))?;
+    let svc = match cfg.store.backend {
+        Backend::File => KeyService::open(&cfg.state_dir, RootKey::load(&path)?, &cfg.zone, Arc::new(SystemClock))
+            .with_context(|| format!("cannot open key store {}", cfg.state_dir.display()))?,
+        Backend::Etcd => open_etcd_keys(cfg, &path).await?,
+    };
     svc.set_admins(cfg.admins()?);
     Ok(Arc::new(svc))
+}
+
+/// The key service on etcd, retrying while etcd does not answer.
+async fn open_etcd_keys(cfg: &Config, root_key: &Path) -> Result<KeyService> {
+    let settings = cfg.etcd_settings();
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let (root, s, zone) = (RootKey::load(root_key)?, settings.clone(), cfg.zone.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            let store = Arc::new(EtcdStore::open(&s, root)?);
+            KeyService::with_store(store, &zone, Arc::new(SystemClock))
+        })
+        .await?;
+        match opened {
+            Ok(svc) => return Ok(svc),
+            Err(e @ StoreError::Etcd { .. }) => {
+                tracing::warn!(error = %crate::keys::error::error_chain(&e), retry_in = ?pause, "waiting for etcd before serving");
+                notify::status(&format!("waiting for etcd at {}", settings.endpoints.join(",")));
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ETCD_RETRY_MAX);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open the key store in etcd under {}", settings.prefix))
+            }
+        }
+    }
 }
 
 /// The `--dev` filesystem: `DIR/mnt` over `DIR/data`, encrypted with the
@@ -239,7 +272,13 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 /// # Errors
 /// Start-up failures (store, socket, mounts, signals).
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<()> {
-    let keys = open_keys(&cfg)?;
+    // The file store locks the state directory itself; with etcd it holds
+    // only the audit log, locked here.
+    let _state_lock = match cfg.store.backend {
+        Backend::File => None,
+        Backend::Etcd => Some(lock_state_dir(&cfg.state_dir)?),
+    };
+    let keys = open_keys(&cfg).await?;
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
     let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
@@ -266,6 +305,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
     let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(keys.clone().follow(shutdown.clone()));
     if let Some(Replication { replicator: r, tls }) = &replication {
         daemon = daemon.with_replication(r.clone());
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
@@ -432,6 +472,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("mount", old.mounts != new.mounts),
         ("peer", old.peers != new.peers),
         ("peering", old.peering != new.peering),
+        ("store", old.store != new.store),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(
