@@ -45,6 +45,8 @@ const MAX_ANSWER: usize = (PAGE as usize + 1) * (MAX_RECORD_LEN + 4096);
 /// First and longest pause before a broken watch is opened again.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Own writes remembered for the watch to skip, at most.
+const OWN_WRITES_KEPT: usize = 4096;
 /// Changes buffered for a slow reader of the stream.
 const STREAM_BUFFER: usize = 256;
 
@@ -484,6 +486,10 @@ impl Etcd {
         let resp = self.txn(op, txn).await?;
         if resp.succeeded() {
             own.insert(header_revision(&resp));
+            // Without a reader nothing passes them: keep the newest.
+            while own.len() > OWN_WRITES_KEPT {
+                own.pop_first();
+            }
         }
         Ok(resp)
     }
