@@ -213,8 +213,9 @@ impl Drop for Io {
 fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, StoreError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(settings.connect_timeout)
-        .with_keep_alive(Duration::from_secs(5), settings.request_timeout)
-        .with_keep_alive_while_idle(true)
+        // Pings find a member that vanished under an open watch; etcd
+        // refuses pings more often than every 5 s or with no stream open.
+        .with_keep_alive(Duration::from_secs(10), settings.request_timeout)
         .with_require_leader(true);
     if let Some(tls) = &settings.tls {
         let read = |p: &Path| std::fs::read(p).map_err(io_err("cannot read", p));
