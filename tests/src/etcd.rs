@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::pki::ZoneCert;
 use crate::{free_tcp_addr, wait_for};
 
 /// The etcd binary, if installed.
@@ -51,20 +52,29 @@ pub struct Etcd {
     cluster: String,
     token: String,
     members: Vec<Member>,
+    /// The member's certificate, when clients must speak TLS and present
+    /// a certificate of the same CA.
+    tls: Option<ZoneCert>,
 }
 
 impl Etcd {
     /// One member, started and answering.
     pub fn single() -> Self {
-        Self::start(1)
+        Self::start(1, None)
     }
 
     /// Three members, started and with a leader.
     pub fn cluster() -> Self {
-        Self::start(3)
+        Self::start(3, None)
     }
 
-    fn start(n: usize) -> Self {
+    /// One member whose clients speak TLS and must present a certificate
+    /// signed by the CA of `server` (which the member presents).
+    pub fn single_tls(server: ZoneCert) -> Self {
+        Self::start(1, Some(server))
+    }
+
+    fn start(n: usize, tls: Option<ZoneCert>) -> Self {
         let dir = tempfile::Builder::new().prefix("kmsd-etcd-").tempdir().unwrap();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -85,6 +95,7 @@ impl Etcd {
             cluster,
             token,
             members,
+            tls,
         };
         for i in 0..n {
             etcd.spawn(i);
@@ -101,7 +112,7 @@ impl Etcd {
             .append(true)
             .open(self.log_path(i))
             .unwrap();
-        let client = format!("http://{}", m.client);
+        let client = format!("{}://{}", self.scheme(), m.client);
         let peer = format!("http://{}", m.peer);
         let mut cmd = Command::new(etcd_binary().expect("etcd binary"));
         // SAFETY: the closure runs in the child between fork and exec and
@@ -131,6 +142,7 @@ impl Etcd {
                 "--log-outputs",
                 "stderr",
             ])
+            .args(self.tls_args())
             .env_remove("ETCD_UNSUPPORTED_ARCH")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -138,6 +150,20 @@ impl Etcd {
             .spawn()
             .expect("start etcd");
         self.members[i].child = Some(child);
+    }
+
+    /// Serve clients with the member's certificate; ask theirs.
+    fn tls_args(&self) -> Vec<std::ffi::OsString> {
+        let Some(t) = &self.tls else { return Vec::new() };
+        [
+            ("--cert-file", &t.cert),
+            ("--key-file", &t.key),
+            ("--trusted-ca-file", &t.ca),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.into(), path.into()])
+        .chain(["--client-cert-auth".into()])
+        .collect()
     }
 
     fn log_path(&self, i: usize) -> PathBuf {
@@ -157,9 +183,20 @@ impl Etcd {
             .join("\n")
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://{}", m.client)).collect()
+        self.members
+            .iter()
+            .map(|m| format!("{}://{}", self.scheme(), m.client))
+            .collect()
     }
 
     /// The `[store]` section of a kmsd configuration on this etcd.
@@ -182,10 +219,14 @@ impl Etcd {
     /// Not within `timeout`, with the members' logs.
     pub fn wait_healthy(&self, timeout: Duration) {
         let ok = wait_for(timeout, || {
-            self.members
-                .iter()
-                .filter(|m| m.child.is_some())
-                .all(|m| health(m.client))
+            (self.members.iter().enumerate())
+                .filter(|(_, m)| m.child.is_some())
+                .all(|(i, m)| match self.tls {
+                    // The gateway wants a client certificate: read the log.
+                    Some(_) => std::fs::read_to_string(self.log_path(i))
+                        .is_ok_and(|l| l.contains("serving client traffic securely")),
+                    None => health(m.client),
+                })
                 .then_some(())
         });
         assert!(ok.is_some(), "etcd not healthy within {timeout:?}\n{}", self.logs());

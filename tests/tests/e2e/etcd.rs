@@ -509,3 +509,51 @@ fn a_daemon_started_while_etcd_is_down_waits_for_it() {
     assert_eq!(keys.len(), 1, "the default key: {keys:?}");
     assert!(d.terminate().success(), "{}", d.logs());
 }
+
+/// The store speaks TLS to etcd and presents a client certificate: it
+/// works through it, a client without a certificate is refused, and a
+/// daemon configured with `[store] ca, cert, key` serves.
+#[test]
+fn the_store_speaks_tls_to_etcd() {
+    use kmsd::keys::store::EtcdTls;
+    use kmsd::keys::StoreError;
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kms_tests::pki::TestCa::new();
+    let server = ca.issue_loopback(dir.path(), "etcd");
+    let client = ca.issue_loopback(dir.path(), "kmsd");
+    let etcd = Etcd::single_tls(server);
+    let mut s = settings(&etcd, "/tls/");
+    s.tls = Some(EtcdTls {
+        ca: client.ca.clone(),
+        identity: Some((client.cert.clone(), client.key.clone())),
+    });
+    let store = EtcdStore::open(&s, RootKey::from_bytes(&ROOT)).unwrap();
+    let r = conformance::record("over TLS");
+    let rev = store.put(&r, None).unwrap();
+    assert_eq!(store.get(r.id).unwrap().unwrap().revision, rev);
+    s.tls = Some(EtcdTls {
+        ca: client.ca.clone(),
+        identity: None,
+    });
+    match EtcdStore::open(&s, RootKey::from_bytes(&ROOT)) {
+        Err(StoreError::Etcd { .. }) => {}
+        other => panic!("etcd must refuse a client without a certificate: {other:?}"),
+    }
+    let extra = format!(
+        "{}ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        etcd.store_toml(None),
+        client.ca,
+        client.cert,
+        client.key
+    );
+    let d = TestDaemon::start_with(DaemonOptions {
+        extra_config: extra,
+        ..DaemonOptions::default()
+    });
+    let id = create(&mut d.client(), "tls");
+    assert!(etcd.endpoints()[0].starts_with("https://"));
+    assert_eq!(d.client().describe_key(&id).unwrap().active_version, 1);
+}
