@@ -14,9 +14,9 @@ use tokio_util::task::TaskTracker;
 use kms_client::proto::CreateKey;
 
 use crate::audit::{AuditError, AuditLog};
-use crate::config::{self, Config, ConfigError, MountConfig};
+use crate::config::{self, Backend, Config, ConfigError, MountConfig};
 use crate::keys::error::error_chain;
-use crate::keys::store::StoreError;
+use crate::keys::store::{lock_state_dir, EtcdStore, StoreError};
 use crate::keys::{KeyService, RootKey, SystemClock};
 use crate::metrics::MetricsError;
 use crate::mounts::{MountError, Mounts};
@@ -114,6 +114,9 @@ pub const DEV_KEY: &str = "dev";
 
 /// How long a peer may take to accept a connection or answer a frame.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest pause between attempts to reach etcd at start-up.
+const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How often the STATUS= line is checked for changed counts.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -267,22 +270,58 @@ pub fn open_replication(cfg: &Config, keys: &Arc<KeyService>) -> Result<Option<R
     Ok(Some(Replication { replicator, tls }))
 }
 
-/// Opens the key store named by the configuration.
+/// Opens the key store named by the configuration; with etcd, waits (and
+/// says so) until etcd answers.
 ///
 /// # Errors
 /// Missing or invalid root key, store errors (wrong key, corrupt, locked).
-pub fn open_keys(cfg: &Config) -> Result<Arc<KeyService>, StartError> {
+pub async fn open_keys(cfg: &Config) -> Result<Arc<KeyService>, StartError> {
     let path = root_key_path(cfg)?;
-    let root = RootKey::load(&path).map_err(StartError::RootKey)?;
-    let svc = KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock)).map_err(|source| {
-        StartError::Store {
-            path: cfg.state_dir.clone(),
-            source,
+    let svc = match cfg.store.backend {
+        Backend::File => {
+            let root = RootKey::load(&path).map_err(StartError::RootKey)?;
+            KeyService::open(&cfg.state_dir, root, &cfg.zone, Arc::new(SystemClock)).map_err(|source| {
+                StartError::Store {
+                    path: cfg.state_dir.clone(),
+                    source,
+                }
+            })?
         }
-    })?;
+        Backend::Etcd => open_etcd_keys(cfg, &path).await?,
+    };
     svc.set_admins(cfg.admins()?);
     svc.set_keys_per_uid(cfg.limits.keys_per_uid);
     Ok(Arc::new(svc))
+}
+
+/// The key service on etcd, retrying while etcd does not answer.
+async fn open_etcd_keys(cfg: &Config, root_key: &Path) -> Result<KeyService, StartError> {
+    let settings = cfg.etcd_settings();
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let root = RootKey::load(root_key).map_err(StartError::RootKey)?;
+        let (s, zone) = (settings.clone(), cfg.zone.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            let store = Arc::new(EtcdStore::open(&s, root)?);
+            KeyService::with_store(store, &zone, Arc::new(SystemClock))
+        })
+        .await?;
+        match opened {
+            Ok(svc) => return Ok(svc),
+            Err(e @ StoreError::Etcd { .. }) => {
+                tracing::warn!(error = %crate::keys::error::error_chain(&e), retry_in = ?pause, "waiting for etcd before serving");
+                notify::status(&format!("waiting for etcd at {}", settings.endpoints.join(",")));
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ETCD_RETRY_MAX);
+            }
+            Err(source) => {
+                return Err(StartError::Store {
+                    path: PathBuf::from(format!("etcd:{}", settings.prefix)),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// The `--dev` filesystem: `DIR/mnt` over `DIR/data`, encrypted with the
@@ -331,7 +370,16 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<(), StartError> {
     #[cfg(feature = "test-faults")]
     tracing::warn!("built with the test-faults feature: KMSDTEST_FAULT is honoured; not for production");
-    let keys = open_keys(&cfg)?;
+    // The file store locks the state directory itself; with etcd it holds
+    // only the audit log, locked here.
+    let _state_lock = match cfg.store.backend {
+        Backend::File => None,
+        Backend::Etcd => Some(lock_state_dir(&cfg.state_dir).map_err(|source| StartError::Store {
+            path: cfg.state_dir.clone(),
+            source,
+        })?),
+    };
+    let keys = open_keys(&cfg).await?;
     let replication = open_replication(&cfg, &keys)?;
     // After the store, whose lock keeps a second kmsd off this file.
     let audit = Arc::new(AuditLog::open(&cfg.state_dir)?);
@@ -358,6 +406,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let _socket_file = SocketFile(listener.path.clone());
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
+    tasks.spawn(keys.clone().follow(shutdown.clone()));
     if let Some(Replication { replicator: r, tls }) = &replication {
         daemon = daemon.with_replication(r.clone());
         tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
@@ -569,6 +618,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
                 ..new.limits.clone()
             },
         ),
+        ("store", old.store != new.store),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use kms_client::proto::{Principal, DEFAULT_MAX_FRAME};
 use serde::Deserialize;
 
+use crate::keys::store::{EtcdSettings, EtcdTls};
+
 /// Default config file.
 pub const DEFAULT_CONFIG: &str = "/etc/kmsd/kmsd.toml";
 /// Smallest and largest accepted `max_frame`.
@@ -58,6 +60,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub peering: PeeringConfig,
     pub limits: LimitsConfig,
+    pub store: StoreConfig,
     /// Gone: the shared peering key of earlier releases. Still parsed, so
     /// that an old configuration gets an error saying what replaced it.
     pub peer_key: Option<PathBuf>,
@@ -80,6 +83,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             peering: PeeringConfig::default(),
             limits: LimitsConfig::default(),
+            store: StoreConfig::default(),
             peer_key: None,
         }
     }
@@ -156,6 +160,52 @@ impl Default for PeeringConfig {
             max_connections: 64,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 300,
+        }
+    }
+}
+
+/// Where the keys are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One sealed file per key under `state_dir`, for one daemon.
+    #[default]
+    File,
+    /// Sealed records in etcd, shared by a fleet of daemons.
+    Etcd,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// etcd members' client URLs (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// Prefix of kmsd's keys in etcd; unset: `/kmsd/<zone>/`.
+    pub prefix: Option<String>,
+    /// The CA of etcd's certificates (needed for `https://`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, when etcd asks for one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Seconds a connection to etcd may take.
+    pub connect_timeout_secs: u64,
+    /// Seconds an etcd request may take before the change fails.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::File,
+            endpoints: vec!["http://127.0.0.1:2379".to_string()],
+            prefix: None,
+            ca: None,
+            cert: None,
+            key: None,
+            connect_timeout_secs: 5,
+            request_timeout_secs: 5,
         }
     }
 }
@@ -261,6 +311,7 @@ impl Config {
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("access.admins")
+            .with_list_parse_key("store.endpoints")
             .try_parsing(true)
             .source(Some(env.into_iter().collect()));
         let cfg: Config = config::Config::builder()
@@ -296,7 +347,70 @@ impl Config {
         self.admins()?;
         self.metrics_addr()?;
         self.validate_mounts()?;
+        self.validate_store()?;
         self.validate_peers()
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        for (k, v) in [("store.ca", &s.ca), ("store.cert", &s.cert), ("store.key", &s.key)] {
+            if let Some(path) = v {
+                require_absolute(k, path)?;
+            }
+        }
+        if s.cert.is_some() != s.key.is_some() {
+            return Err(invalid("store.cert", "give both cert and key, or neither"));
+        }
+        for (k, v) in [
+            ("store.connect_timeout_secs", s.connect_timeout_secs),
+            ("store.request_timeout_secs", s.request_timeout_secs),
+        ] {
+            if !(1..=600).contains(&v) {
+                return Err(invalid(k, "must be within 1..=600"));
+            }
+        }
+        if let Some(p) = &s.prefix {
+            if !p.starts_with('/') || !p.ends_with('/') {
+                return Err(invalid(
+                    "store.prefix",
+                    "must start and end with / (e.g. \"/kmsd/zone-a/\")",
+                ));
+            }
+        }
+        if s.backend == Backend::Etcd && s.endpoints.is_empty() {
+            return Err(invalid("store.endpoints", "the etcd store needs at least one endpoint"));
+        }
+        for e in &s.endpoints {
+            let tls = e.starts_with("https://");
+            if !tls && !e.starts_with("http://") {
+                return Err(invalid(
+                    "store.endpoints",
+                    format!("{e:?} is not an http:// or https:// URL"),
+                ));
+            }
+            if tls && s.ca.is_none() {
+                return Err(invalid(
+                    "store.ca",
+                    format!("{e} is https: give the CA of etcd's certificates"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How to reach etcd, for `[store] backend = "etcd"`.
+    pub fn etcd_settings(&self) -> EtcdSettings {
+        let s = &self.store;
+        EtcdSettings {
+            endpoints: s.endpoints.clone(),
+            prefix: s.prefix.clone().unwrap_or_else(|| format!("/kmsd/{}/", self.zone)),
+            tls: s.ca.clone().map(|ca| EtcdTls {
+                ca,
+                identity: s.cert.clone().zip(s.key.clone()),
+            }),
+            connect_timeout: std::time::Duration::from_secs(s.connect_timeout_secs),
+            request_timeout: std::time::Duration::from_secs(s.request_timeout_secs),
+        }
     }
 
     fn validate_mounts(&self) -> Result<(), ConfigError> {
@@ -521,9 +635,23 @@ mod tests {
             cert = "/etc/kmsd/zone.pem"
             key = "/etc/kmsd/zone.key"
             ca = "/etc/kmsd/ca.pem"
+            [store]
+            backend = "etcd"
+            endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+            ca = "/etc/kmsd/etcd-ca.pem"
+            cert = "/etc/kmsd/etcd.pem"
+            key = "/etc/kmsd/etcd.key"
+            request_timeout_secs = 3
             "#,
         )
         .unwrap();
+        assert_eq!(cfg.store.backend, Backend::Etcd);
+        let etcd = cfg.etcd_settings();
+        assert_eq!(etcd.prefix, "/kmsd/zone-a/", "the default prefix names the zone");
+        assert_eq!(etcd.endpoints.len(), 2);
+        assert_eq!(etcd.request_timeout, std::time::Duration::from_secs(3));
+        let tls = etcd.tls.unwrap();
+        assert_eq!(tls.identity.unwrap().1, PathBuf::from("/etc/kmsd/etcd.key"));
         assert_eq!(cfg.admins().unwrap(), vec![Principal::Uid(0), Principal::Gid(27)]);
         assert_eq!(cfg.metrics_addr().unwrap(), None);
         assert_eq!(cfg.mounts[0].key, "data");
@@ -567,6 +695,13 @@ mod tests {
         assert_eq!(cfg.metrics_addr().unwrap(), Some("127.0.0.1:9999".parse().unwrap()));
         assert_eq!(cfg.admins().unwrap(), vec![Principal::Uid(1), Principal::Uid(2)]);
         assert_eq!(cfg.max_frame, 8192);
+        let e = env(&[
+            ("KMSD_STORE__BACKEND", "etcd"),
+            ("KMSD_STORE__ENDPOINTS", "http://a:2379,http://b:2379"),
+        ]);
+        let cfg = Config::parse("", e).unwrap();
+        assert_eq!(cfg.store.backend, Backend::Etcd);
+        assert_eq!(cfg.store.endpoints, ["http://a:2379", "http://b:2379"]);
     }
 
     #[test]
@@ -607,9 +742,17 @@ mod tests {
                 "replication.pull_interval_secs",
             ),
             ("[replication]\nretry_max_secs = 0", "replication.retry_max_secs"),
+            ("[store]\nbackend = \"zookeeper\"", "backend"),
+            ("[store]\nbackend = \"etcd\"\nendpoints = []", "store.endpoints"),
+            ("[store]\nendpoints = [\"127.0.0.1:2379\"]", "store.endpoints"),
+            ("[store]\nendpoints = [\"https://h:2379\"]", "store.ca"),
+            ("[store]\ncert = \"/c.pem\"", "store.cert"),
+            ("[store]\nca = \"ca.pem\"", "store.ca"),
+            ("[store]\nprefix = \"kmsd\"", "store.prefix"),
+            ("[store]\nrequest_timeout_secs = 0", "store.request_timeout_secs"),
         ];
         for (toml, key) in cases {
-            let err = parse(toml).unwrap_err().to_string();
+            let err = crate::keys::error::error_chain(&parse(toml).unwrap_err());
             assert!(err.contains(key), "{toml:?} gave {err}");
         }
     }

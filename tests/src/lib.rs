@@ -13,6 +13,7 @@ use kms_client::blocking::BlockingClient;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub mod etcd;
 pub mod lazyfs;
 pub mod pki;
 
@@ -94,6 +95,9 @@ pub struct DaemonOptions {
     /// Run the daemon as this uid (and gid) instead of the test's own;
     /// its folder is handed to that uid. For zones told apart by uid.
     pub run_as: Option<u32>,
+    /// The root key file; default a fresh one in the daemon's own folder.
+    /// The daemons of an etcd fleet share one.
+    pub root_key: Option<PathBuf>,
 }
 
 impl Default for DaemonOptions {
@@ -107,6 +111,7 @@ impl Default for DaemonOptions {
             state_dir: None,
             data_dir: None,
             run_as: None,
+            root_key: None,
         }
     }
 }
@@ -229,17 +234,29 @@ impl TestDaemon {
     /// Like [`TestDaemon::start_with`], for a daemon that may refuse to
     /// start: `Err` holds why and its log.
     pub fn try_start_with(opts: DaemonOptions) -> Result<Self, String> {
+        let mut d = Self::launch(opts);
+        d.try_wait_ready()?;
+        Ok(d)
+    }
+
+    /// Starts a daemon with `opts` without waiting for it to answer (see
+    /// [`TestDaemon::wait_ready_within`]).
+    pub fn launch(opts: DaemonOptions) -> Self {
         let dir = tempfile::Builder::new().prefix("kmsd-test-").tempdir().unwrap();
         let socket = opts.socket.clone().unwrap_or_else(|| dir.path().join("kmsd.sock"));
         let config = dir.path().join("kmsd.toml");
-        write_root_key(&dir.path().join("root-key"));
+        let root_key = opts.root_key.clone().unwrap_or_else(|| {
+            let path = dir.path().join("root-key");
+            write_root_key(&path);
+            path
+        });
         let toml = format!(
             "zone = {zone:?}\nsocket = {socket:?}\nstate_dir = {state:?}\nroot_key = {root:?}\n\
              [access]\nadmins = [\"uid:0\"]\n[metrics]\nlisten = \"\"\n{extra}\n",
             zone = opts.zone,
             socket = socket,
             state = opts.state_dir.clone().unwrap_or_else(|| dir.path().join("state")),
-            root = dir.path().join("root-key"),
+            root = root_key,
             extra = opts.extra_config,
         );
         std::fs::write(&config, toml).unwrap();
@@ -257,8 +274,7 @@ impl TestDaemon {
             child: None,
         };
         d.spawn();
-        d.try_wait_ready()?;
-        Ok(d)
+        d
     }
 
     /// The daemon command as the tests run it (config, env, log file).
@@ -313,7 +329,13 @@ impl TestDaemon {
     }
 
     fn try_wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_ready_within(Duration::from_secs(10))
+    }
+
+    /// Waits until the socket answers a handshake; `Err` holds why not
+    /// (exited, or not within `timeout`) and the log.
+    pub fn wait_ready_within(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if BlockingClient::connect(&self.socket).is_ok() {
                 return Ok(());
@@ -323,7 +345,10 @@ impl TestDaemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("kmsd did not become ready within 10 s:\n{}", self.logs()))
+        Err(format!(
+            "kmsd did not become ready within {timeout:?}:\n{}",
+            self.logs()
+        ))
     }
 
     /// The daemon's log so far.

@@ -72,6 +72,31 @@ impl TestCa {
         files
     }
 
+    /// A certificate for `127.0.0.1` (server and client use), as an etcd
+    /// member or its client presents.
+    pub fn issue_loopback(&self, dir: &Path, name: &str) -> ZoneCert {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("certificate");
+        let files = ZoneCert {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+            ca: dir.join("ca.pem"),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        std::fs::write(&files.ca, self.cert.pem()).unwrap();
+        files
+    }
+
     /// The certificate of zone `zone`.
     pub fn issue(&self, dir: &Path, zone: &str) -> ZoneCert {
         self.issue_uris(dir, zone, &[format!("kmsd://zone/{zone}")])

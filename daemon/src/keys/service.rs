@@ -8,6 +8,12 @@
 //! the new record, persist it durably, and only then swap it in; readers
 //! meanwhile keep using the previous entry, so an unwrap never waits on a
 //! rotation's fsync.
+//!
+//! Other writers (the daemons of an etcd fleet): a write that loses the
+//! store's compare-and-swap reloads the key and runs again
+//! ([`MAX_ATTEMPTS`] at most), and [`KeyService::follow`] applies their
+//! changes to the keyring. Either way a change older than the one held is
+//! dropped, by revision.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,13 +21,15 @@ use std::sync::Arc;
 
 use super::model::MAX_NAME_LEN;
 use arc_swap::ArcSwap;
+use futures::StreamExt;
 use kms_client::blob::BlobHeader;
 use kms_client::proto::{
     Context, CreateKey, KeyInfo, KeyKind, Policy, Principal, RotationEntry, UnixTime, DEFAULT_KEY_NAME,
     DEFAULT_ROTATION_DAYS, MAX_DEK, MAX_PLAINTEXT,
 };
 use parking_lot::Mutex;
-use rand::RngCore;
+use rand::{Rng, RngCore};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -33,13 +41,17 @@ use super::model::{validate_description, validate_name, validate_period, KeyReco
 use super::policy::{allowed, Access, Caller};
 use super::replica::{self, KeyExport};
 use super::rotation;
-use super::store::{FileStore, KeyStore, Revision, RootKey, StoreError};
+use super::store::{Change, FileStore, KeyStore, Revision, RootKey, StoreError, Stored};
 
 /// A generated data key: plaintext (zeroized on drop) and its blob.
 pub type DataKeyPair = (Zeroizing<Vec<u8>>, Vec<u8>);
 
 /// Length of generated data keys.
 pub const DATA_KEY_LEN: usize = 32;
+
+/// How many times an operation runs when another writer of the store
+/// changed its key first (each time on the record reloaded from the store).
+pub(crate) const MAX_ATTEMPTS: usize = 16;
 
 /// One key as readers see it: the record, the store's revision of it, and
 /// its initialised ciphers.
@@ -88,6 +100,21 @@ struct Tombstone {
 }
 
 impl Keyring {
+    /// Takes a record read from the store: a tombstone, or a key to serve.
+    fn take(&mut self, s: Stored) {
+        match (s.record.deleted_at, &s.record.role) {
+            (Some(deleted_at), kms_client::proto::KeyRole::Replica { primary_zone }) => {
+                let t = Tombstone {
+                    primary_zone: primary_zone.clone(),
+                    deleted_at,
+                    revision: s.revision,
+                };
+                self.tombstones.insert(s.record.id, t);
+            }
+            _ => self.insert(KeyEntry::new(s.record, s.revision, None)),
+        }
+    }
+
     fn insert(&mut self, entry: KeyEntry) {
         if let Some(name) = &entry.record.name {
             self.by_name.insert(name.clone(), entry.record.id);
@@ -158,37 +185,50 @@ impl KeyService {
     /// # Errors
     /// Any [`StoreError`] of loading or of writing the default key.
     pub fn with_store(store: Arc<dyn KeyStore>, zone: &str, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let stored = store.load()?;
-        let mut ring = Keyring::default();
-        let has_default = stored.iter().any(|s| s.record.is_default());
-        for s in stored {
-            match (s.record.deleted_at, &s.record.role) {
-                (Some(deleted_at), kms_client::proto::KeyRole::Replica { primary_zone }) => {
-                    let t = Tombstone {
-                        primary_zone: primary_zone.clone(),
-                        deleted_at,
-                        revision: s.revision,
-                    };
-                    ring.tombstones.insert(s.record.id, t);
-                }
-                _ => ring.insert(KeyEntry::new(s.record, s.revision, None)),
-            }
-        }
         let svc = Self {
             zone: zone.to_string(),
             clock,
             store,
-            ring: ArcSwap::from_pointee(ring),
+            ring: ArcSwap::from_pointee(Keyring::default()),
             admins: ArcSwap::from_pointee(Vec::new()),
             keys_per_uid: std::sync::atomic::AtomicUsize::new(0),
             writer: Mutex::new(()),
             changed: tokio::sync::Notify::new(),
             generation: tokio::sync::watch::Sender::new(0),
         };
-        if !has_default {
-            svc.create_default_key()?;
-        }
+        svc.load_all()?;
+        svc.ensure_default_key()?;
         Ok(svc)
+    }
+
+    /// Replaces the keyring by every record of the store.
+    fn load_all(&self) -> Result<(), StoreError> {
+        let mut ring = Keyring::default();
+        for s in self.store.load()? {
+            ring.take(s);
+        }
+        self.ring.store(Arc::new(ring));
+        Ok(())
+    }
+
+    /// Creates the default organization key unless the store holds one. In
+    /// a fleet starting at once, another daemon may create it first (its
+    /// name is then taken): the store is read again and holds it.
+    fn ensure_default_key(&self) -> Result<(), StoreError> {
+        let mut attempts = 0;
+        loop {
+            let ring = self.ring.load();
+            if ring.by_id.values().any(|s| s.load().record.is_default()) {
+                return Ok(());
+            }
+            match self.create_default_key() {
+                Err(StoreError::NameTaken { .. }) if attempts < MAX_ATTEMPTS => {
+                    attempts += 1;
+                    self.load_all()?;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn create_default_key(&self) -> Result<(), StoreError> {
@@ -326,18 +366,49 @@ impl KeyService {
         caller: &Caller,
         key_ref: &str,
         access: Access,
-        f: impl FnOnce(&mut KeyRecord, UnixTime) -> Result<T>,
+        mut f: impl FnMut(&mut KeyRecord, UnixTime) -> Result<T>,
     ) -> Result<(T, KeyInfo)> {
         let _writer = self.writer.lock();
-        let current = self.entry(key_ref)?;
-        self.check(caller, &current.record, access)?;
-        let mut rec = current.record.clone();
-        let out = f(&mut rec, self.clock.now())?;
-        let info = rec.info();
-        if rec != current.record {
-            self.replace(rec, &current)?;
+        self.retrying(|| {
+            let current = self.entry(key_ref)?;
+            self.check(caller, &current.record, access)?;
+            let mut rec = current.record.clone();
+            let out = f(&mut rec, self.clock.now())?;
+            let info = rec.info();
+            if rec != current.record {
+                self.replace(rec, &current)?;
+            }
+            Ok((out, info))
+        })
+    }
+
+    /// Runs `op`, and again each time the store refuses its write because
+    /// another writer changed the key first: the key is reloaded from the
+    /// store before each new attempt, so `op` decides on the newest record.
+    /// Callers hold the writer lock.
+    fn retrying<T>(&self, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+        for attempt in 1.. {
+            match op() {
+                Err(Error::Unavailable(StoreError::Conflict { id, .. })) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(key = %id, attempt, "another writer changed the key first; reloading it");
+                    self.reload(id)?;
+                    // Writers that keep colliding take turns.
+                    let pause = rand::thread_rng().gen_range(0..=attempt as u64 * 2);
+                    std::thread::sleep(std::time::Duration::from_millis(pause));
+                }
+                other => return other,
+            }
         }
-        Ok((out, info))
+        unreachable!("the loop returns")
+    }
+
+    /// Reads the key `id` from the store into the keyring.
+    pub(crate) fn reload(&self, id: Uuid) -> Result<()> {
+        match self.store.get(id).map_err(Error::Unavailable)? {
+            Some(stored) => self.adopt(stored),
+            None => self.forget(id, None),
+        }
+        Ok(())
     }
 
     /// Persists `rec` over `current` (compare-and-swap on the revision read
@@ -407,7 +478,7 @@ impl KeyService {
             rec.policy.users = vec![Principal::Uid(caller.uid)];
             rec.policy.admins = vec![Principal::Uid(caller.uid)];
         }
-        let revision = self.store.put(&rec, None).map_err(Error::Unavailable)?;
+        let revision = self.store.put(&rec, None).map_err(name_taken)?;
         let info = rec.info();
         self.insert(rec, revision);
         Ok(info)
@@ -569,6 +640,10 @@ impl KeyService {
 
     fn run_due_key(&self, id: Uuid, now: UnixTime, report: &mut DueReport) -> Result<()> {
         let _writer = self.writer.lock();
+        self.retrying(|| self.run_due_once(id, now, report))
+    }
+
+    fn run_due_once(&self, id: Uuid, now: UnixTime, report: &mut DueReport) -> Result<()> {
         let Ok(current) = self.entry(&id.to_string()) else {
             return Ok(());
         };
@@ -620,6 +695,103 @@ impl KeyService {
         ring.by_name.retain(|_, v| *v != id);
         self.ring.store(Arc::new(ring));
         self.notify_changed();
+    }
+
+    // ---- other writers ------------------------------------------------------
+
+    /// Applies the changes other writers make to the store (the daemons of
+    /// an etcd fleet) to the keyring, until `shutdown` or the end of the
+    /// stream. The stream is opened at the call, so nothing changed after
+    /// it is missed; with the file store it never yields.
+    pub fn follow(self: Arc<Self>, shutdown: CancellationToken) -> impl std::future::Future<Output = ()> + Send {
+        let mut changes = self.store.changes();
+        async move {
+            loop {
+                let change = tokio::select! {
+                    c = changes.next() => match c {
+                        Some(c) => c,
+                        None => return,
+                    },
+                    () = shutdown.cancelled() => return,
+                };
+                // The writer lock may be held across a store write.
+                let svc = self.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || svc.apply_change(change)).await {
+                    tracing::error!(error = %e, "applying a change from the store panicked");
+                }
+            }
+        }
+    }
+
+    /// Applies one change made by another writer of the store.
+    pub fn apply_change(&self, change: Change) {
+        let _writer = self.writer.lock();
+        match change {
+            Change::Put(stored) => self.adopt(*stored),
+            Change::Deleted { id, revision } => self.forget(id, Some(revision)),
+            Change::Reloaded { at, records } => {
+                let held: Vec<(Uuid, Revision)> = (self.ring.load().by_id.iter())
+                    .map(|(id, slot)| (*id, slot.load().revision))
+                    .collect();
+                for (id, revision) in held {
+                    if revision <= at && !records.iter().any(|s| s.record.id == id) {
+                        self.forget(id, Some(revision));
+                    }
+                }
+                for stored in records {
+                    self.adopt(stored);
+                }
+            }
+        }
+    }
+
+    /// Takes `stored` into the keyring unless the keyring holds that key at
+    /// the same or a later revision. Callers hold the writer lock.
+    fn adopt(&self, stored: Stored) {
+        if stored.record.deleted_at.is_some() {
+            // Another daemon of the zone turned a deleted replica into a
+            // tombstone.
+            let id = stored.record.id;
+            self.remove_from_ring(id);
+            let mut ring = Keyring::clone(&self.ring.load());
+            ring.take(stored);
+            self.ring.store(Arc::new(ring));
+            return;
+        }
+        let ring = self.ring.load();
+        let current = ring.by_id.get(&stored.record.id).map(|slot| slot.load_full());
+        if current.as_ref().is_some_and(|c| c.revision >= stored.revision) {
+            return;
+        }
+        let id = stored.record.id;
+        let entry = KeyEntry::new(stored.record, stored.revision, current.as_deref());
+        match (&current, ring.by_id.get(&id)) {
+            (Some(c), Some(slot)) if c.record.name == entry.record.name => slot.store(Arc::new(entry)),
+            _ => {
+                let mut ring = Keyring::clone(&ring);
+                ring.by_name.retain(|_, v| *v != id);
+                ring.insert(entry);
+                self.ring.store(Arc::new(ring));
+            }
+        }
+        self.notify_changed();
+    }
+
+    /// Drops the key `id` from the keyring, unless it holds a revision
+    /// newer than `deleted` (the revision the deleted record had; `None`:
+    /// the store no longer holds it). Callers hold the writer lock.
+    fn forget(&self, id: Uuid, deleted: Option<Revision>) {
+        if self.ring.load().tombstones.contains_key(&id) {
+            let mut ring = Keyring::clone(&self.ring.load());
+            ring.tombstones.remove(&id);
+            self.ring.store(Arc::new(ring));
+        }
+        let held = self.ring.load().by_id.get(&id).map(|slot| slot.load().revision);
+        match (held, deleted) {
+            (None, _) => {}
+            (Some(held), Some(deleted)) if held > deleted => {}
+            _ => self.remove_from_ring(id),
+        }
     }
 
     // ---- replication --------------------------------------------------------
@@ -704,10 +876,10 @@ impl KeyService {
                 export.id, self.zone, t.deleted_at, t.primary_zone, export.id, self.zone
             )));
         }
-        match self.entry(&export.id.to_string()) {
+        self.retrying(|| match self.entry(&export.id.to_string()) {
             Ok(current) => self.apply_replica(export, &current),
             Err(_) => self.create_replica(export),
-        }
+        })
     }
 
     /// On a replica zone, when the primary in `from_zone` unreplicates key
@@ -833,7 +1005,7 @@ impl KeyService {
         }
         let rec = replica::new_replica(export, &self.zone)?;
         let active = rec.active().version;
-        let revision = self.store.put(&rec, None).map_err(Error::Unavailable)?;
+        let revision = self.store.put(&rec, None).map_err(name_taken)?;
         tracing::info!(key = %rec.id, primary_zone = %export.primary_zone, version = active, "replica created");
         self.insert(rec, revision);
         Ok(Accepted {
@@ -872,7 +1044,7 @@ impl KeyService {
         all.into_iter()
     }
 
-    fn mutate_internal(&self, id: Uuid, f: impl FnOnce(&mut KeyRecord, UnixTime) -> Result<()>) -> Result<()> {
+    fn mutate_internal(&self, id: Uuid, f: impl FnMut(&mut KeyRecord, UnixTime) -> Result<()>) -> Result<()> {
         self.mutate(&Caller::internal(), &id.to_string(), Access::Admin, f)
             .map(|_| ())
     }
@@ -1044,6 +1216,15 @@ fn new_data_key(e: &KeyEntry, ctx: &Context) -> DataKeyPair {
     rand::thread_rng().fill_bytes(&mut dek);
     let blob = e.seal(&dek, ctx);
     (dek, blob)
+}
+
+/// A store's refusal of a create: a taken name is the caller's mistake,
+/// anything else the store's.
+fn name_taken(e: StoreError) -> Error {
+    match e {
+        StoreError::NameTaken { name } => Error::InvalidArgument(format!("a key named {name:?} already exists")),
+        other => Error::Unavailable(other),
+    }
 }
 
 fn check_len(what: &str, len: usize, min: usize, max: usize) -> Result<()> {

@@ -713,35 +713,205 @@ fn a_name_taken_in_the_target_zone_refuses_the_replica() {
 mod through_the_store_trait {
     use super::*;
     use crate::keys::store::memory::MemoryBackend;
+    use crate::keys::store::Change;
 
     fn service(backend: &MemoryBackend) -> KeyService {
         let clock = Arc::new(ManualClock::at(T0));
         KeyService::with_store(Arc::new(backend.store()), "zone-a", clock).unwrap()
     }
 
+    fn held(store: &dyn KeyStore, key: &str) -> crate::keys::store::Stored {
+        let id: uuid::Uuid = key.parse().unwrap();
+        store.get(id).unwrap().expect("the store holds the key")
+    }
+
     #[test]
-    fn a_write_that_lost_a_race_to_another_writer_changes_nothing() {
+    fn a_write_that_lost_a_race_reloads_the_key_and_runs_again() {
         let backend = MemoryBackend::new();
         let svc = service(&backend);
         let k = create(&svc, "k");
         let other = backend.store();
-        let held = other
-            .load()
-            .unwrap()
-            .into_iter()
-            .find(|s| s.record.id.to_string() == k)
-            .unwrap();
-        let mut theirs = held.record.clone();
+        let before = held(&other, &k);
+        let mut theirs = before.record.clone();
         theirs.description = "changed by another writer".into();
-        other.put(&theirs, Some(held.revision)).unwrap();
+        other.put(&theirs, Some(before.revision)).unwrap();
 
+        let info = svc.rotate(&alice(), &k).unwrap();
+        assert_eq!(info.active_version, 2);
+        assert_eq!(
+            info.description, "changed by another writer",
+            "run on the reloaded record"
+        );
+        let now = held(&other, &k);
+        assert_eq!(
+            now.record.description, theirs.description,
+            "the other writer's change stands"
+        );
+        assert_eq!(now.record.versions.len(), 2);
+    }
+
+    #[test]
+    fn the_manual_rotation_limit_holds_across_writers() {
+        let backend = MemoryBackend::new();
+        let (a, b) = (service(&backend), service(&backend));
+        let k = create(&a, "k");
+        b.reload(k.parse().unwrap()).unwrap();
+        let mut versions = Vec::new();
+        for i in 0..kms_client::proto::MANUAL_ROTATION_LIMIT {
+            // Neither follows the other: each write after the other's
+            // conflicts first, then runs on the reloaded record.
+            let svc = if i % 2 == 0 { &a } else { &b };
+            versions.push(svc.rotate(&alice(), &k).unwrap().active_version);
+        }
+        assert_eq!(versions, (2..=11).collect::<Vec<_>>(), "contiguous, none twice");
+        assert_eq!(code(a.rotate(&alice(), &k)), ErrorCode::LimitExceeded);
+        assert_eq!(code(b.rotate(&alice(), &k)), ErrorCode::LimitExceeded);
+        assert_eq!(held(&backend.store(), &k).record.versions.len(), 11);
+    }
+
+    #[test]
+    fn a_name_another_writer_took_is_an_invalid_argument() {
+        let backend = MemoryBackend::new();
+        let (a, b) = (service(&backend), service(&backend));
+        create(&a, "shared");
+        let req = CreateKey {
+            name: Some("shared".into()),
+            ..CreateKey::default()
+        };
+        let err = b.create_key(&alice(), &req).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("already exists"), "{err}");
+    }
+
+    /// A store whose every write loses to another writer.
+    #[derive(Debug)]
+    struct AlwaysBeaten(crate::keys::store::memory::MemoryStore, std::sync::atomic::AtomicUsize);
+
+    impl KeyStore for AlwaysBeaten {
+        fn load(&self) -> Result<Vec<crate::keys::store::Stored>, StoreError> {
+            self.0.load()
+        }
+        fn get(&self, id: uuid::Uuid) -> Result<Option<crate::keys::store::Stored>, StoreError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.get(id)
+        }
+        fn put(
+            &self,
+            record: &crate::keys::model::KeyRecord,
+            expected: Option<crate::keys::store::Revision>,
+        ) -> Result<crate::keys::store::Revision, StoreError> {
+            match expected {
+                None => self.0.put(record, None),
+                Some(_) => Err(StoreError::Conflict {
+                    id: record.id,
+                    expected,
+                    found: None,
+                }),
+            }
+        }
+        fn delete(&self, id: uuid::Uuid, expected: crate::keys::store::Revision) -> Result<(), StoreError> {
+            self.0.delete(id, expected)
+        }
+        fn changes(&self) -> crate::keys::store::ChangeStream {
+            self.0.changes()
+        }
+    }
+
+    #[test]
+    fn retries_are_bounded_then_unavailable() {
+        let backend = MemoryBackend::new();
+        let store = Arc::new(AlwaysBeaten(backend.store(), Default::default()));
+        let clock = Arc::new(ManualClock::at(T0));
+        let svc = KeyService::with_store(store.clone(), "zone-a", clock).unwrap();
+        let k = create(&svc, "k");
         let err = svc.rotate(&alice(), &k).unwrap_err();
         assert!(matches!(err, Error::Unavailable(StoreError::Conflict { .. })), "{err}");
-        assert_eq!(err.code(), ErrorCode::Unavailable);
+        let reloads = store.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            reloads,
+            super::super::service::MAX_ATTEMPTS - 1,
+            "one reload before each new attempt"
+        );
         assert_eq!(svc.describe(&alice(), &k).unwrap().active_version, 1);
-        let stored = other.load().unwrap();
-        let now = stored.iter().find(|s| s.record.id == theirs.id).unwrap();
-        assert_eq!(now.record, theirs, "the other writer's record stands");
+    }
+
+    #[test]
+    fn the_changes_of_other_writers_reach_the_keyring() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let backend = MemoryBackend::new();
+        let a = Arc::new(service(&backend));
+        let b = service(&backend);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let follower = rt.spawn(a.clone().follow(stop.clone()));
+        let eventually = |what: &str, f: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !f() {
+                assert!(std::time::Instant::now() < deadline, "{what} within 10 s");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let k = create(&b, "k");
+        eventually("the new key", &|| a.describe(&alice(), "k").is_ok());
+        let blob = b.wrap(&alice(), &k, &[7; 32], &Context::new()).unwrap();
+        assert_eq!(&a.unwrap(&alice(), &blob, &Context::new()).unwrap()[..], &[7; 32]);
+        b.rotate(&alice(), &k).unwrap();
+        eventually("the rotation", &|| {
+            a.describe(&alice(), &k).unwrap().active_version == 2
+        });
+        b.disable_key(&alice(), &k).unwrap();
+        b.schedule_deletion(&alice(), &k, Some(7)).unwrap();
+        assert_eq!(b.run_due(T0 + 7 * DAY).deleted.len(), 1);
+        eventually("the deletion", &|| a.describe(&alice(), &k).is_err());
+        stop.cancel();
+        rt.block_on(follower).unwrap();
+    }
+
+    #[test]
+    fn a_change_older_than_the_keyring_is_dropped() {
+        let backend = MemoryBackend::new();
+        let svc = service(&backend);
+        let k = create(&svc, "k");
+        let old = held(&backend.store(), &k);
+        svc.rotate(&alice(), &k).unwrap();
+        svc.apply_change(Change::Put(Box::new(old.clone())));
+        assert_eq!(svc.describe(&alice(), &k).unwrap().active_version, 2, "no step back");
+        svc.apply_change(Change::Deleted {
+            id: old.record.id,
+            revision: old.revision,
+        });
+        assert!(
+            svc.describe(&alice(), &k).is_ok(),
+            "a delete of an older revision is stale"
+        );
+    }
+
+    #[test]
+    fn a_reload_replaces_what_the_snapshot_knows_and_keeps_what_is_newer() {
+        let backend = MemoryBackend::new();
+        let svc = service(&backend);
+        let gone = create(&svc, "gone");
+        let kept = create(&svc, "kept");
+        let snapshot = backend.store().load().unwrap();
+        let at = snapshot.iter().map(|s| s.revision).max().unwrap();
+        let newer = create(&svc, "newer");
+        let snapshot: Vec<_> = snapshot
+            .into_iter()
+            .filter(|s| s.record.id.to_string() != gone)
+            .collect();
+        svc.apply_change(Change::Reloaded { at, records: snapshot });
+        assert!(
+            svc.describe(&alice(), &gone).is_err(),
+            "absent from the snapshot: deleted"
+        );
+        assert!(svc.describe(&alice(), &kept).is_ok());
+        assert!(
+            svc.describe(&alice(), &newer).is_ok(),
+            "written after the snapshot: kept"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod claims;
 mod cli;
 mod crash;
 mod disk;
+mod etcd;
 mod fs;
 mod hardening;
 mod lifecycle;

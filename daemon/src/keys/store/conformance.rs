@@ -6,7 +6,9 @@
 //! - compare-and-swap: a create of an existing record, a write or delete
 //!   with a stale revision, or one of an absent record, fails with
 //!   `Conflict` and changes nothing; of concurrent writers with the same
-//!   revision exactly one wins;
+//!   revision exactly one wins; revisions grow; `get` reads one record;
+//! - names: with several writers, a create of a name another record holds
+//!   fails with `NameTaken` (one writer's names are the service's job);
 //! - atomicity: a write cut off at any point the harness can simulate
 //!   leaves the old record or the new one, never a mix, and the store goes
 //!   on;
@@ -81,6 +83,10 @@ macro_rules! key_store_conformance {
         #[test]
         fn conformance_change_stream() {
             $crate::keys::store::conformance::change_stream(&mut $make);
+        }
+        #[test]
+        fn conformance_names_unique_across_writers() {
+            $crate::keys::store::conformance::names_unique_across_writers(&mut $make);
         }
         #[test]
         fn conformance_bounds() {
@@ -169,15 +175,66 @@ pub fn writes_compare_revisions<H: Harness>(h: &mut H) {
     assert_conflict(s.put(&a, None), None, Some(r1));
     let a2 = changed(&a);
     let r2 = s.put(&a2, Some(r1)).unwrap();
+    assert!(r2 > r1, "a later write has a greater revision: {r1} then {r2}");
     assert_conflict(s.put(&changed(&a), Some(r1)), Some(r1), Some(r2));
     assert_conflict(s.put(&record("absent"), Some(r1)), Some(r1), None);
     assert_eq!(
         s.load().unwrap(),
         vec![Stored {
             revision: r2,
-            record: a2
+            record: a2.clone()
         }],
         "refused writes leave no trace"
+    );
+    assert_eq!(
+        s.get(a.id).unwrap(),
+        Some(Stored {
+            revision: r2,
+            record: a2
+        }),
+        "get reads the record as stored"
+    );
+    assert_eq!(s.get(Uuid::new_v4()).unwrap(), None);
+}
+
+/// With several writers, a name is held by one record at a time: a create
+/// of a taken name fails and stores nothing; a replace that keeps its name
+/// passes; a deleted record's name is free again. Of writers racing to
+/// create one name, exactly one wins.
+pub fn names_unique_across_writers<H: Harness>(h: &mut H) {
+    let a = h.open();
+    let Some(b) = h.second_writer(&a) else {
+        return;
+    };
+    let named = |n: &str| {
+        let mut r = record(n);
+        r.name = Some(n.to_string());
+        r
+    };
+    let x = named("shared");
+    let rx = a.put(&x, None).unwrap();
+    let y = named("shared");
+    match b.put(&y, None) {
+        Err(StoreError::NameTaken { name }) => assert_eq!(name, "shared"),
+        other => panic!("expected NameTaken, got {other:?}"),
+    }
+    assert_eq!(b.get(y.id).unwrap(), None, "a refused create stores nothing");
+    let rx2 = a.put(&changed(&x), Some(rx)).expect("a replace keeps its own name");
+    a.delete(x.id, rx2).unwrap();
+    b.put(&y, None).expect("a deleted key's name is free again");
+    let racers = [named("race"), named("race")];
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [&a, &b]
+            .into_iter()
+            .zip(&racers)
+            .map(|(s, r)| scope.spawn(move || s.put(r, None)))
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(
+        results.iter().any(|r| matches!(r, Err(StoreError::NameTaken { .. }))),
+        "{results:?}"
     );
 }
 

@@ -23,8 +23,8 @@ use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::root::{check_private, RootKey};
-use super::schema::{self, CURRENT};
-use super::{io_err, ChangeStream, KeyStore, Revision, StoreError, Stored, MAX_RECORD_LEN};
+use super::schema::CURRENT;
+use super::{io_err, sealed, ChangeStream, KeyStore, Revision, StoreError, Stored};
 use crate::keys::model::KeyRecord;
 
 /// Where a simulated crash stops the store, as if the process died there
@@ -160,61 +160,17 @@ impl FileStore {
     }
 
     fn read_record(&self, path: &Path, stem: &str, schema: u32) -> Result<Stored, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
+        let id = Uuid::parse_str(stem).map_err(|_| StoreError::Corrupt {
             path: path.into(),
-            reason,
-        };
-        let id = Uuid::parse_str(stem).map_err(|_| corrupt("file name is not a key id".into()))?;
+            reason: "file name is not a key id".into(),
+        })?;
         let data = fs::read(path).map_err(io_err("cannot read", path))?;
-        match schema::schema_of(&data) {
-            Some(found) if found != schema => {
-                return Err(corrupt(format!("a schema {found} record in a schema {schema} store")));
-            }
-            _ => {}
-        }
-        let magic = schema::key_magic(schema).ok_or_else(|| StoreError::NewerSchema {
-            path: path.into(),
-            found: schema,
-            supported: CURRENT,
-        })?;
-        let plain = self
-            .root
-            .open(magic, id.as_bytes(), &data)
-            .ok_or_else(|| corrupt("does not authenticate".into()))?;
-        let decoded = schema::decode(schema, &plain).map_err(|source| StoreError::Schema {
-            path: path.into(),
-            source,
-        })?;
-        let record = decoded.record;
-        // Only a tombstone (a replica deleted in this zone) has no version.
-        if record.id != id || (record.versions.is_empty() && record.deleted_at.is_none()) {
-            return Err(corrupt("record does not match its file".into()));
-        }
-        let ascending = record.versions.windows(2).all(|w| w[0].version < w[1].version);
-        if !ascending || record.versions.first().is_some_and(|v| v.version != 1) {
-            return Err(corrupt("versions are not ascending from 1".into()));
-        }
-        Ok(Stored {
-            revision: Revision::new(decoded.revision),
-            record,
-        })
+        sealed::open_record(&self.root, id, &data, schema, path)
     }
 
     /// The sealed key file of `record` at `revision`, in the current schema.
     fn seal_record(&self, revision: u64, record: &KeyRecord) -> Result<Vec<u8>, StoreError> {
-        let body = schema::encode(revision, record).map_err(|source| StoreError::Schema {
-            path: self.key_path(record.id),
-            source,
-        })?;
-        if body.len() > MAX_RECORD_LEN {
-            return Err(StoreError::TooLarge {
-                id: record.id,
-                len: body.len(),
-                limit: MAX_RECORD_LEN,
-            });
-        }
-        let magic = schema::key_magic(CURRENT).expect("the current schema has a magic");
-        Ok(self.root.seal(magic, record.id.as_bytes(), &body))
+        sealed::seal_record(&self.root, revision, record, &self.key_path(record.id))
     }
 
     fn key_path(&self, id: Uuid) -> PathBuf {
@@ -270,6 +226,23 @@ impl KeyStore for FileStore {
     fn changes(&self) -> ChangeStream {
         Box::pin(futures::stream::pending())
     }
+}
+
+/// Creates the state directory (mode 0700) if needed, checks that it is
+/// private, and locks it as the file store does, for a daemon whose keys
+/// are elsewhere (etcd) but whose audit log is there: the lock, held while
+/// the returned file is open, keeps a second kmsd off it.
+///
+/// # Errors
+/// `Locked` if another process holds it, `Insecure`, `Io`.
+pub fn lock_state_dir(dir: &Path) -> Result<File, StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("cannot create", dir))?;
+    check_private(dir)?;
+    lock_dir(dir)
 }
 
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {

@@ -1,7 +1,8 @@
 //! An in-memory [`KeyStore`] with any number of writers on one backend,
 //! for tests: it checks the conformance suite itself where the file store
-//! cannot (a second writer, a change stream that yields), and lets a test
-//! change records behind a key service's back.
+//! cannot (a second writer, a change stream that yields, names unique
+//! across writers), and lets a test change records behind a key service's
+//! back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -85,6 +86,15 @@ impl KeyStore for MemoryStore {
                 len,
                 limit: MAX_RECORD_LEN,
             });
+        }
+        if let Some(name) = &record.name {
+            let taken = shared
+                .records
+                .values()
+                .any(|s| s.record.id != record.id && s.record.name.as_ref() == Some(name));
+            if taken {
+                return Err(StoreError::NameTaken { name: name.clone() });
+            }
         }
         shared.last += 1;
         let stored = Stored {

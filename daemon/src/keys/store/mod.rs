@@ -1,8 +1,9 @@
 //! Persistence of key records. The key service writes through the
 //! [`KeyStore`] trait: load every record, write or delete one with a
 //! compare-and-swap on its [`Revision`], and hear about changes made by
-//! other writers. [`FileStore`] is the implementation kmsd runs (one sealed
-//! file per key under the state directory); the records on disk are the
+//! other writers. [`FileStore`] keeps one sealed file per key under the
+//! state directory (one daemon); [`EtcdStore`] keeps the same sealed
+//! records in etcd (a fleet). Both seal with `sealed`; the records are the
 //! store's own types ([`schema`]), never the wire types.
 //!
 //! Every implementation must pass the suite in `conformance` (built for
@@ -11,11 +12,13 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod etcd;
 mod file;
 #[cfg(any(test, feature = "conformance"))]
 pub mod memory;
 mod root;
 pub mod schema;
+mod sealed;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,18 +29,20 @@ use uuid::Uuid;
 
 use super::model::KeyRecord;
 
-pub use file::{CrashPoint, FileStore};
+pub use etcd::{EtcdError, EtcdSettings, EtcdStore, EtcdTls};
+pub use file::{lock_state_dir, CrashPoint, FileStore};
 pub use root::{check_private, mode_of, read_key_file, RootKey, ROOT_KEY_LEN};
 
 /// Largest encoded record a store accepts, in bytes: about 20 000 versions,
 /// i.e. decades of daily rotation, and below etcd's default request limit.
 pub const MAX_RECORD_LEN: usize = 1 << 20;
 
-/// A record's revision: assigned by the store at each write and only
-/// compared for equality (a store may number them as it likes, e.g. etcd's
-/// `mod_revision`). A store never gives the same record the same revision
-/// twice while it is open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A record's revision: assigned by the store at each write (a store may
+/// number them as it likes, e.g. etcd's `mod_revision`). A later write of a
+/// store has a greater revision than every earlier one it made or reported,
+/// so that a reader can drop a change older than what it holds. A store
+/// never gives the same record the same revision twice while it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Revision(u64);
 
 impl Revision {
@@ -70,8 +75,13 @@ pub struct Stored {
 pub enum Change {
     /// A record was created or replaced.
     Put(Box<Stored>),
-    /// A record was deleted.
+    /// A record was deleted; `revision` is the one it had.
     Deleted { id: Uuid, revision: Revision },
+    /// The store could not say what changed (e.g. etcd compacted the
+    /// history a watch needed): these are all its records as of `at`. A
+    /// record held at a revision after `at` is newer than this snapshot;
+    /// one held at or before `at` and absent here was deleted.
+    Reloaded { at: Revision, records: Vec<Stored> },
 }
 
 /// The changes made by other writers, in the order the store applied them.
@@ -88,13 +98,26 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// The store cannot be read, or a record is corrupt (named).
     fn load(&self) -> Result<Vec<Stored>, StoreError>;
 
+    /// The record `id` as the store holds it now, if any.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    fn get(&self, id: Uuid) -> Result<Option<Stored>, StoreError> {
+        Ok(self.load()?.into_iter().find(|s| s.record.id == id))
+    }
+
     /// Writes `record` durably if the store holds it at `expected` (`None`:
     /// if the store does not hold it), and returns its new revision.
     /// Otherwise nothing changes.
     ///
+    /// A store with several writers also refuses a record whose name
+    /// another record holds (`NameTaken`); with one writer, the key
+    /// service's own index keeps names unique.
+    ///
     /// # Errors
-    /// `Conflict` when the stored revision is not `expected`, `TooLarge`
-    /// when the encoded record exceeds [`MAX_RECORD_LEN`], `Io`.
+    /// `Conflict` when the stored revision is not `expected`, `NameTaken`,
+    /// `TooLarge` when the encoded record exceeds [`MAX_RECORD_LEN`], `Io`
+    /// or `Etcd`.
     fn put(&self, record: &KeyRecord, expected: Option<Revision>) -> Result<Revision, StoreError>;
 
     /// Deletes the record `id` durably if the store holds it at `expected`.
@@ -148,6 +171,15 @@ pub enum StoreError {
     },
     #[error("key {id}'s record is {len} bytes, over the store's limit of {limit}")]
     TooLarge { id: Uuid, len: usize, limit: usize },
+    #[error("another key of the store is named {name:?}")]
+    NameTaken { name: String },
+    #[error("etcd at {endpoints}: {op}")]
+    Etcd {
+        op: String,
+        endpoints: String,
+        #[source]
+        source: etcd::EtcdError,
+    },
 }
 
 fn show(r: Option<Revision>) -> String {

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use hmac::{Hmac, Mac};
 use rand::RngCore;
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::file::sync_parent;
@@ -21,7 +23,23 @@ const TAG_LEN: usize = 16;
 pub const ROOT_KEY_LEN: usize = 32;
 
 /// The root key: encrypts everything at rest. Never printed.
-pub struct RootKey(Aes256Gcm);
+pub struct RootKey {
+    cipher: Aes256Gcm,
+    /// Keys the name index of a shared store (see [`RootKey::name_token`]).
+    names: Zeroizing<[u8; 32]>,
+}
+
+/// What the name index key is derived for (HMAC-SHA-256 of this under the
+/// root key); a new derivation takes a new label.
+const NAMES_LABEL: &[u8] = b"kmsd key-name index 1";
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
 
 impl std::fmt::Debug for RootKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,7 +50,18 @@ impl std::fmt::Debug for RootKey {
 impl RootKey {
     /// A root key from raw bytes.
     pub fn from_bytes(bytes: &[u8; ROOT_KEY_LEN]) -> Self {
-        Self(Aes256Gcm::new(bytes.into()))
+        Self {
+            cipher: Aes256Gcm::new(bytes.into()),
+            names: Zeroizing::new(hmac(bytes, NAMES_LABEL)),
+        }
+    }
+
+    /// A token that stands for a key name where the name itself must not
+    /// appear (etcd's key names): HMAC-SHA-256 of the name under a key
+    /// derived from the root key. Equal names give equal tokens; without
+    /// the root key a token says nothing about its name.
+    pub(super) fn name_token(&self, name: &str) -> [u8; 32] {
+        hmac(&*self.names, name.as_bytes())
     }
 
     /// Reads a root key file: exactly 32 raw bytes, or 64 hex digits with
@@ -76,7 +105,7 @@ impl RootKey {
         out.extend_from_slice(plain);
         let aad = [&magic[..], id].concat();
         let tag = self
-            .0
+            .cipher
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[8 + NONCE_LEN..])
             .expect("AES-GCM encryption of a small record cannot fail");
         out.extend_from_slice(&tag);
@@ -92,7 +121,7 @@ impl RootKey {
         let mut plain = Zeroizing::new(body.to_vec());
         let aad = [&magic[..], id].concat();
         let nonce = Nonce::from_slice(&data[8..8 + NONCE_LEN]);
-        self.0
+        self.cipher
             .decrypt_in_place_detached(nonce, &aad, &mut plain, Tag::from_slice(tag))
             .ok()?;
         Some(plain)

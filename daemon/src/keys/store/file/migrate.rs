@@ -21,8 +21,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{crash_point, key_file_name, sync_dir, write_atomic, CrashPoint, FileStore};
-use crate::keys::store::schema::{v1, CURRENT, META_CHECK, META_MAGIC};
-use crate::keys::store::{io_err, StoreError, Stored};
+use crate::keys::store::schema::CURRENT;
+use crate::keys::store::{io_err, sealed, StoreError, Stored};
 
 impl FileStore {
     fn meta_path(&self) -> PathBuf {
@@ -110,28 +110,7 @@ impl FileStore {
     }
 
     fn decode_meta(&self, path: &Path, data: &[u8]) -> Result<u32, StoreError> {
-        let corrupt = |reason: &str| StoreError::Corrupt {
-            path: path.into(),
-            reason: reason.into(),
-        };
-        let wrong_key = || StoreError::WrongRootKey { path: path.into() };
-        if data.starts_with(v1::META_MAGIC) {
-            let plain = self.root.open(v1::META_MAGIC, b"", data).ok_or_else(wrong_key)?;
-            return if &plain[..] == v1::META_CHECK {
-                Ok(1)
-            } else {
-                Err(corrupt("unexpected check value"))
-            };
-        }
-        if !data.starts_with(META_MAGIC) {
-            return Err(corrupt("not a kmsd store meta file"));
-        }
-        let plain = self.root.open(META_MAGIC, b"", data).ok_or_else(wrong_key)?;
-        let number = plain
-            .strip_prefix(META_CHECK)
-            .and_then(|n| <[u8; 4]>::try_from(n).ok())
-            .ok_or_else(|| corrupt("unexpected check value"))?;
-        Ok(u32::from_be_bytes(number))
+        sealed::open_meta(&self.root, data, path)
     }
 
     fn init_meta(&self) -> Result<(), StoreError> {
@@ -149,9 +128,7 @@ impl FileStore {
     }
 
     fn write_meta(&self, schema: u32) -> Result<(), StoreError> {
-        let plain = [META_CHECK, &schema.to_be_bytes()].concat();
-        let sealed = self.root.seal(META_MAGIC, b"", &plain);
-        write_atomic(&self.dir, "store.meta", &sealed, None)
+        write_atomic(&self.dir, "store.meta", &sealed::seal_meta(&self.root, schema), None)
     }
 }
 

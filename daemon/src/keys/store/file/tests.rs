@@ -9,7 +9,7 @@ use kms_client::proto::KeyKind;
 use super::*;
 use crate::keys::model::RotationSchedule;
 use crate::keys::store::conformance::Harness;
-use crate::keys::store::schema::{v1, META_MAGIC};
+use crate::keys::store::schema::{self, v1, META_MAGIC};
 
 fn root(b: u8) -> RootKey {
     RootKey::from_bytes(&[b; 32])

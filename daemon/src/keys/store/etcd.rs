@@ -1,0 +1,653 @@
+//! The etcd store: the daemons of a fleet share one zone's keys through an
+//! etcd cluster. etcd sees ciphertext and ids only:
+//!
+//! - `<prefix>meta`: the sealed meta (schema, root-key check);
+//! - `<prefix>keys/<id>`: the sealed record (`sealed`, as the file store
+//!   writes it); its [`Revision`] is the key's etcd `mod_revision`;
+//! - `<prefix>names/<token>`: the name index, `token` standing for the
+//!   name ([`RootKey::name_token`]), the value the sealed id.
+//!
+//! Every change is one transaction that compares the revision the caller
+//! read (and, for a new name, that the name is free); the store's own
+//! writes are left out of its change stream, which is an etcd watch from
+//! the revision of the last load, opened again after a break and replaced
+//! by a full reload when etcd compacted the revisions it needed.
+//!
+//! The etcd client runs on a runtime of the store's own (one thread): the
+//! [`KeyStore`] calls block on it, each within the request timeout, so
+//! that they may come from any thread, inside another runtime or not.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions,
+    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchResponse,
+};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::root::RootKey;
+use super::schema::CURRENT;
+use super::{io_err, sealed, Change, ChangeStream, KeyStore, Revision, StoreError, Stored, MAX_RECORD_LEN};
+use crate::keys::model::KeyRecord;
+
+/// Magic of a sealed name-index value.
+const NAME_MAGIC: &[u8; 8] = b"KMSDNAME";
+/// Records read per request by `load`.
+const PAGE: i64 = 16;
+/// Largest answer accepted from etcd: a page of records at their limit.
+const MAX_ANSWER: usize = (PAGE as usize + 1) * (MAX_RECORD_LEN + 4096);
+/// First and longest pause before a broken watch is opened again.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Own writes remembered for the watch to skip, at most.
+const OWN_WRITES_KEPT: usize = 4096;
+/// Changes buffered for a slow reader of the stream.
+const STREAM_BUFFER: usize = 256;
+
+/// Where and how to reach etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// Client URLs of the members (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// Prefix of every key this store writes; ends with `/`.
+    pub prefix: String,
+    /// TLS towards etcd, for `https://` endpoints.
+    pub tls: Option<EtcdTls>,
+    /// How long a connection attempt may take.
+    pub connect_timeout: Duration,
+    /// How long one request may take before it fails as `unavailable`.
+    pub request_timeout: Duration,
+}
+
+/// TLS files (PEM) for etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signs the members' certificates.
+    pub ca: PathBuf,
+    /// This daemon's client certificate and key, when etcd asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// Why etcd did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error(transparent)]
+    Client(#[from] etcd_client::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// The etcd store.
+#[derive(Debug)]
+pub struct EtcdStore {
+    io: Io,
+    etcd: Etcd,
+    /// etcd's revision at the last load (or at open): where `changes`
+    /// starts.
+    loaded_at: Mutex<i64>,
+}
+
+impl EtcdStore {
+    /// Connects to etcd and checks (or, in an empty prefix, creates) the
+    /// store's meta. Does not retry: the caller decides how long to wait
+    /// for etcd.
+    ///
+    /// # Errors
+    /// `Etcd` when etcd does not answer, `WrongRootKey`, `NewerSchema`,
+    /// `Corrupt` for the meta; `Io` for unreadable TLS files.
+    pub fn open(settings: &EtcdSettings, root: RootKey) -> Result<Self, StoreError> {
+        let io = Io::new()?;
+        let endpoints = settings.endpoints.join(",");
+        let options = connect_options(settings)?;
+        let urls = settings.endpoints.clone();
+        let client = io
+            .run(Client::connect(urls, Some(options)))
+            .map_err(|e| etcd_err("cannot connect", &endpoints, e.into()))?;
+        let etcd = Etcd {
+            client,
+            prefix: settings.prefix.clone().into(),
+            endpoints: endpoints.into(),
+            timeout: settings.request_timeout,
+            root: Arc::new(root),
+            own: Arc::default(),
+        };
+        let at = io.run(etcd.clone().open_meta())?;
+        Ok(Self {
+            io,
+            etcd,
+            loaded_at: Mutex::new(at),
+        })
+    }
+
+    /// The prefix of this store's keys.
+    pub fn prefix(&self) -> &str {
+        &self.etcd.prefix
+    }
+}
+
+impl KeyStore for EtcdStore {
+    fn load(&self) -> Result<Vec<Stored>, StoreError> {
+        let (records, at) = self.io.run(self.etcd.clone().load())?;
+        *self.loaded_at.lock() = at;
+        Ok(records)
+    }
+
+    fn get(&self, id: Uuid) -> Result<Option<Stored>, StoreError> {
+        self.io.run(self.etcd.clone().read(id))
+    }
+
+    fn put(&self, record: &KeyRecord, expected: Option<Revision>) -> Result<Revision, StoreError> {
+        self.io.run(self.etcd.clone().put(record.clone(), expected))
+    }
+
+    fn delete(&self, id: Uuid, expected: Revision) -> Result<(), StoreError> {
+        self.io.run(self.etcd.clone().delete(id, expected))
+    }
+
+    /// An etcd watch from the revision after the last load; the store's
+    /// own writes are left out. Meant for one reader at a time.
+    fn changes(&self) -> ChangeStream {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let from = *self.loaded_at.lock() + 1;
+        self.io.spawn(self.etcd.clone().follow(from, tx));
+        Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|c| (c, rx))
+        }))
+    }
+}
+
+/// The store's runtime: one thread for the etcd client and the watch.
+#[derive(Debug)]
+struct Io(Option<tokio::runtime::Runtime>);
+
+impl Io {
+    fn new() -> Result<Self, StoreError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kmsd-etcd")
+            .enable_all()
+            .build()
+            .map(|rt| Self(Some(rt)))
+            .map_err(io_err("cannot start the etcd client's thread", Path::new("etcd")))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the runtime lives as long as the store")
+            .handle()
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it; usable from any
+    /// thread, since the waiting thread does not drive the future.
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
+        match futures::executor::block_on(self.handle().spawn(fut)) {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.handle().spawn(fut);
+    }
+}
+
+impl Drop for Io {
+    /// Stops the client and the watch without waiting for them, which is
+    /// allowed from inside another runtime too.
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, StoreError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(settings.connect_timeout)
+        // Pings find a member that vanished under an open watch; etcd
+        // refuses pings more often than every 5 s or with no stream open.
+        .with_keep_alive(Duration::from_secs(10), settings.request_timeout)
+        .with_require_leader(true);
+    if let Some(tls) = &settings.tls {
+        let read = |p: &Path| std::fs::read(p).map_err(io_err("cannot read", p));
+        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(t);
+    }
+    Ok(options)
+}
+
+fn etcd_err(op: impl Into<String>, endpoints: &str, source: EtcdError) -> StoreError {
+    StoreError::Etcd {
+        op: op.into(),
+        endpoints: endpoints.to_string(),
+        source,
+    }
+}
+
+/// Where an etcd key is, for errors that name a place.
+fn at(key: &str) -> PathBuf {
+    PathBuf::from(format!("etcd:{key}"))
+}
+
+/// The store's connection and what its tasks share; cheap to clone.
+#[derive(Clone)]
+struct Etcd {
+    client: Client,
+    prefix: Arc<str>,
+    endpoints: Arc<str>,
+    timeout: Duration,
+    root: Arc<RootKey>,
+    /// etcd revisions of this store's own writes not yet passed by the
+    /// watch. A write holds the lock from before its transaction until its
+    /// revision is noted, so the watch cannot report it as another's.
+    own: Arc<tokio::sync::Mutex<BTreeSet<i64>>>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a watch ended without an error.
+enum Ended {
+    /// Nobody reads the stream any more.
+    Dropped,
+    /// etcd no longer holds the revisions the watch needed.
+    Compacted(i64),
+}
+
+impl Etcd {
+    fn meta_key(&self) -> String {
+        format!("{}meta", self.prefix)
+    }
+
+    fn keys_prefix(&self) -> String {
+        format!("{}keys/", self.prefix)
+    }
+
+    fn key_of(&self, id: Uuid) -> String {
+        format!("{}keys/{id}", self.prefix)
+    }
+
+    fn name_key(&self, name: &str) -> String {
+        let token: String = self.root.name_token(name).iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}names/{token}", self.prefix)
+    }
+
+    fn err(&self, op: impl Into<String>, source: EtcdError) -> StoreError {
+        etcd_err(op, &self.endpoints, source)
+    }
+
+    /// `fut`, failing as `Etcd` naming `op` when it fails or takes longer
+    /// than the request timeout.
+    async fn call<T>(
+        &self,
+        op: impl Into<String>,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.err(op, e.into())),
+            Err(_) => Err(self.err(op, EtcdError::Timeout(self.timeout))),
+        }
+    }
+
+    async fn txn(&self, op: impl Into<String>, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let mut kv = self.client.kv_client();
+        self.call(op, kv.txn(txn)).await
+    }
+
+    /// Creates the meta in an empty prefix, or checks the one there.
+    /// Returns etcd's revision.
+    async fn open_meta(self) -> Result<i64, StoreError> {
+        let key = self.meta_key();
+        let empty = Compare::create_revision(self.keys_prefix(), CompareOp::Equal, 0).with_prefix();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0), empty])
+            .and_then([TxnOp::put(key.clone(), sealed::seal_meta(&self.root, CURRENT), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let resp = self.txn("cannot read the store's meta", txn).await?;
+        let revision = header_revision(&resp);
+        if resp.succeeded() {
+            tracing::info!(prefix = %self.prefix, "created a new key store in etcd");
+            return Ok(revision);
+        }
+        let Some(kv) = first_kv(&resp, 0) else {
+            return Err(StoreError::Corrupt {
+                path: at(&key),
+                reason: "missing, but key records exist under the prefix".into(),
+            });
+        };
+        match sealed::open_meta(&self.root, kv.value(), &at(&key))? {
+            CURRENT => Ok(revision),
+            found if found > CURRENT => Err(StoreError::NewerSchema {
+                path: at(&key),
+                found,
+                supported: CURRENT,
+            }),
+            found => Err(StoreError::Corrupt {
+                path: at(&key),
+                reason: format!("schema {found}, which no kmsd wrote to etcd"),
+            }),
+        }
+    }
+
+    /// Every record, read in pages at one revision, and that revision.
+    async fn load(self) -> Result<(Vec<Stored>, i64), StoreError> {
+        let end = format!("{}keys0", self.prefix); // '0' follows '/'
+        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
+        let (mut out, mut revision, mut next) = (Vec::new(), 0, self.keys_prefix().into_bytes());
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision != 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = self
+                .call("cannot read the keys", kv.get(next.clone(), Some(options)))
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                out.push(self.decode(kv)?);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => next = [last.key(), b"\0"].concat(),
+                _ => return Ok((out, revision)),
+            }
+        }
+    }
+
+    /// The record `id`, if etcd holds it.
+    async fn read(self, id: Uuid) -> Result<Option<Stored>, StoreError> {
+        let key = self.key_of(id);
+        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
+        let resp = self.call(format!("cannot read key {id}"), kv.get(key, None)).await?;
+        resp.kvs().first().map(|kv| self.decode(kv)).transpose()
+    }
+
+    fn decode(&self, kv: &KeyValue) -> Result<Stored, StoreError> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let id = key
+            .strip_prefix(&self.keys_prefix())
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .ok_or_else(|| StoreError::Corrupt {
+                path: at(&key),
+                reason: "the name is not a key id".into(),
+            })?;
+        let stored = sealed::open_record(&self.root, id, kv.value(), CURRENT, &at(&key))?;
+        Ok(Stored {
+            revision: revision_of(kv),
+            record: stored.record,
+        })
+    }
+
+    fn name_entry(&self, name: &str, id: Uuid) -> (String, Vec<u8>) {
+        let key = self.name_key(name);
+        let value = self.root.seal(NAME_MAGIC, key.as_bytes(), id.as_bytes());
+        (key, value)
+    }
+
+    async fn put(self, record: KeyRecord, expected: Option<Revision>) -> Result<Revision, StoreError> {
+        let id = record.id;
+        let key = self.key_of(id);
+        // The body's revision field is the file store's; here etcd's
+        // mod_revision is the revision, known only once written.
+        let value = sealed::seal_record(&self.root, 0, &record, &at(&key))?;
+        let new_name = record.name.as_deref();
+        let mut when = Vec::new();
+        let mut then = vec![TxnOp::put(key.clone(), value, None)];
+        let old_name = match expected {
+            None => {
+                when.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                None
+            }
+            Some(rev) => {
+                let old = self.clone().read(id).await?;
+                let found = old.as_ref().map(|s| s.revision);
+                if found != expected {
+                    return Err(StoreError::Conflict { id, expected, found });
+                }
+                when.push(Compare::mod_revision(key.clone(), CompareOp::Equal, etcd_rev(rev)));
+                old.and_then(|s| s.record.name)
+            }
+        };
+        if old_name.as_deref() != new_name {
+            if let Some(old) = &old_name {
+                then.push(TxnOp::delete(self.name_key(old), None));
+            }
+            if let Some(name) = new_name {
+                let (name_key, name_value) = self.name_entry(name, id);
+                when.push(Compare::create_revision(name_key.clone(), CompareOp::Equal, 0));
+                then.push(TxnOp::put(name_key, name_value, None));
+            }
+        }
+        let txn = Txn::new().when(when).and_then(then).or_else([TxnOp::get(key, None)]);
+        let resp = self.write(format!("cannot write key {id}"), txn).await?;
+        if resp.succeeded() {
+            return Ok(Revision::new(header_revision(&resp) as u64));
+        }
+        let found = first_kv(&resp, 0).as_ref().map(revision_of);
+        match (found == expected, new_name) {
+            (true, Some(name)) => Err(StoreError::NameTaken { name: name.to_string() }),
+            _ => Err(StoreError::Conflict { id, expected, found }),
+        }
+    }
+
+    async fn delete(self, id: Uuid, expected: Revision) -> Result<(), StoreError> {
+        let key = self.key_of(id);
+        let old = self.clone().read(id).await?;
+        let found = old.as_ref().map(|s| s.revision);
+        let Some(old) = old.filter(|s| s.revision == expected) else {
+            return Err(StoreError::Conflict {
+                id,
+                expected: Some(expected),
+                found,
+            });
+        };
+        let mut then = vec![TxnOp::delete(key.clone(), None)];
+        if let Some(name) = &old.record.name {
+            then.push(TxnOp::delete(self.name_key(name), None));
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, etcd_rev(expected))])
+            .and_then(then)
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.write(format!("cannot delete key {id}"), txn).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        Err(StoreError::Conflict {
+            id,
+            expected: Some(expected),
+            found: first_kv(&resp, 0).as_ref().map(revision_of),
+        })
+    }
+
+    /// Runs a writing transaction and notes its revision as this store's
+    /// own before the watch can look at it.
+    async fn write(&self, op: String, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let mut own = self.own.lock().await;
+        let resp = self.txn(op, txn).await?;
+        if resp.succeeded() {
+            own.insert(header_revision(&resp));
+            // Without a reader nothing passes them: keep the newest.
+            while own.len() > OWN_WRITES_KEPT {
+                own.pop_first();
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Feeds `tx` with other writers' changes from revision `next` on,
+    /// until nobody reads it; opens the watch again after a break, and
+    /// reloads everything when etcd compacted what it needed.
+    async fn follow(self, mut next: i64, tx: mpsc::Sender<Change>) {
+        let mut backoff = BACKOFF_MIN;
+        // Set at a break, cleared by `watch` at the first answer after it.
+        let mut broken = false;
+        loop {
+            let why = match self.watch(&mut next, &tx, &mut broken).await {
+                Ok(Ended::Dropped) => return,
+                Ok(Ended::Compacted(compacted)) => {
+                    tracing::warn!(
+                        from = next,
+                        compacted,
+                        "etcd compacted the changes this daemon had not seen; reloading every key"
+                    );
+                    match self.reload(&mut next, &tx).await {
+                        Ok(true) => continue,
+                        Ok(false) => return,
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if broken {
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                tracing::warn!(
+                    error = %crate::keys::error::error_chain(&why),
+                    "lost etcd's change stream; changes to keys fail until etcd answers, data operations go on"
+                );
+                broken = true;
+                backoff = BACKOFF_MIN;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = tx.closed() => return,
+            }
+        }
+    }
+
+    /// One watch from `next`, until it breaks or nobody reads.
+    async fn watch(&self, next: &mut i64, tx: &mpsc::Sender<Change>, broken: &mut bool) -> Result<Ended, StoreError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(*next)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut client = self.client.watch_client().max_decoding_message_size(MAX_ANSWER);
+        let mut stream = self
+            .call("cannot watch the keys", client.watch(self.keys_prefix(), Some(options)))
+            .await?;
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                () = tx.closed() => return Ok(Ended::Dropped),
+            };
+            let op = "the watch of the keys broke";
+            let resp = message
+                .map_err(|e| self.err(op, e.into()))?
+                .ok_or_else(|| self.err(op, EtcdError::Protocol("etcd closed the stream".into())))?;
+            if resp.compact_revision() > 0 {
+                return Ok(Ended::Compacted(resp.compact_revision()));
+            }
+            if resp.canceled() {
+                let reason = format!("etcd cancelled the watch: {}", resp.cancel_reason());
+                return Err(self.err(op, EtcdError::Protocol(reason)));
+            }
+            if std::mem::take(broken) {
+                tracing::info!(from = *next, "etcd answers again; following its changes");
+            }
+            if !self.forward(&resp, next, tx).await {
+                return Ok(Ended::Dropped);
+            }
+        }
+    }
+
+    /// Sends the changes of `resp` that are not this store's own; false
+    /// when nobody reads any more.
+    async fn forward(&self, resp: &WatchResponse, next: &mut i64, tx: &mpsc::Sender<Change>) -> bool {
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let revision = kv.mod_revision();
+            *next = revision + 1;
+            let mine = {
+                let mut own = self.own.lock().await;
+                let mine = own.remove(&revision);
+                own.retain(|r| *r > revision);
+                mine
+            };
+            if mine {
+                continue;
+            }
+            let change = match event.event_type() {
+                EventType::Put => match self.decode(kv) {
+                    Ok(stored) => Change::Put(Box::new(stored)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "a change in etcd cannot be read; ignored");
+                        continue;
+                    }
+                },
+                EventType::Delete => {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let Some(id) = key
+                        .strip_prefix(&self.keys_prefix())
+                        .and_then(|s| Uuid::parse_str(s).ok())
+                    else {
+                        continue;
+                    };
+                    let was = event.prev_kv().map_or(revision - 1, KeyValue::mod_revision);
+                    Change::Deleted {
+                        id,
+                        revision: Revision::new(was as u64),
+                    }
+                }
+            };
+            if tx.send(change).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Reads every record and sends them as `Reloaded`; the watch goes on
+    /// after the snapshot. False when nobody reads any more.
+    async fn reload(&self, next: &mut i64, tx: &mpsc::Sender<Change>) -> Result<bool, StoreError> {
+        let (records, at) = self.clone().load().await?;
+        self.own.lock().await.retain(|r| *r > at);
+        *next = at + 1;
+        let change = Change::Reloaded {
+            at: Revision::new(at as u64),
+            records,
+        };
+        Ok(tx.send(change).await.is_ok())
+    }
+}
+
+fn header_revision(resp: &TxnResponse) -> i64 {
+    resp.header().map_or(0, |h| h.revision())
+}
+
+/// The first key-value of the `index`th (get) answer of a transaction.
+fn first_kv(resp: &TxnResponse, index: usize) -> Option<KeyValue> {
+    match resp.op_responses().into_iter().nth(index)? {
+        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+        _ => None,
+    }
+}
+
+fn revision_of(kv: &KeyValue) -> Revision {
+    Revision::new(u64::try_from(kv.mod_revision()).unwrap_or(0))
+}
+
+fn etcd_rev(r: Revision) -> i64 {
+    i64::try_from(r.get()).unwrap_or(i64::MAX)
+}

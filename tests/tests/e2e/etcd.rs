@@ -1,0 +1,559 @@
+//! The etcd key store: the conformance suite on a real etcd, and fleets of
+//! real kmsd daemons sharing one etcd (a single member or three).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kms_tests::etcd::{etcd_available, Etcd};
+use kmsd::keys::store::conformance::{self, Harness};
+use kmsd::keys::store::{Change, EtcdSettings, EtcdStore, KeyStore};
+use kmsd::keys::RootKey;
+
+const ROOT: [u8; 32] = [0x5a; 32];
+
+fn settings(etcd: &Etcd, prefix: &str) -> EtcdSettings {
+    EtcdSettings {
+        endpoints: etcd.endpoints(),
+        prefix: prefix.to_string(),
+        tls: None,
+        connect_timeout: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(5),
+    }
+}
+
+/// The suite's backend: a single etcd member of its own, each test under
+/// a prefix of its own.
+struct EtcdHarness {
+    etcd: Etcd,
+    prefix: String,
+}
+
+impl EtcdHarness {
+    fn new() -> Option<Self> {
+        etcd_available().then(|| Self {
+            etcd: Etcd::single(),
+            prefix: format!("/conformance/{}/", uuid::Uuid::new_v4()),
+        })
+    }
+}
+
+impl Harness for EtcdHarness {
+    type Store = EtcdStore;
+    type Crash = ();
+
+    fn open(&mut self) -> EtcdStore {
+        EtcdStore::open(&settings(&self.etcd, &self.prefix), RootKey::from_bytes(&ROOT)).unwrap()
+    }
+
+    /// None: a write is one transaction.
+    fn crash_points(&self) -> Vec<()> {
+        Vec::new()
+    }
+
+    fn arm_crash(&self, _: &EtcdStore, (): ()) {}
+
+    fn second_writer(&mut self, _: &EtcdStore) -> Option<EtcdStore> {
+        Some(self.open())
+    }
+}
+
+mod conformance_on_etcd {
+    use super::*;
+
+    kmsd::key_store_conformance!(match EtcdHarness::new() {
+        Some(h) => h,
+        None => return,
+    });
+}
+
+/// A reader whose watch needs revisions etcd has compacted gets every
+/// record again, as one `Reloaded`, and then the changes after it.
+#[test]
+fn a_watch_behind_a_compaction_reloads_everything() {
+    let Some(mut h) = EtcdHarness::new() else { return };
+    let reader = h.open();
+    assert!(reader.load().unwrap().is_empty());
+    let writer = h.open();
+    let a = conformance::record("a");
+    let ra = writer.put(&a, None).unwrap();
+    let b = conformance::record("b");
+    let rb = writer.put(&b, None).unwrap();
+    writer.delete(b.id, rb).unwrap();
+    h.etcd.compact();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut changes = reader.changes();
+    let mut next = || {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), changes.next()).await })
+            .expect("a change within 10 s")
+            .expect("the stream goes on")
+    };
+    match next() {
+        Change::Reloaded { at, records } => {
+            assert!(at > ra, "the snapshot is after the last write");
+            assert_eq!(records.len(), 1, "{records:?}");
+            assert_eq!((records[0].revision, &records[0].record), (ra, &a));
+        }
+        other => panic!("expected Reloaded, got {other:?}"),
+    }
+    let c = conformance::record("c");
+    let rc = writer.put(&c, None).unwrap();
+    match next() {
+        Change::Put(s) => assert_eq!((s.revision, s.record), (rc, c)),
+        other => panic!("expected the change after the snapshot, got {other:?}"),
+    }
+}
+
+/// etcd holds only ciphertext and ids: no key name, description or
+/// material appears in any key or value it stores.
+#[test]
+fn etcd_sees_only_ciphertext_and_ids() {
+    let Some(mut h) = EtcdHarness::new() else { return };
+    let s = h.open();
+    let mut r = conformance::record("a description etcd must not see");
+    r.name = Some("a-name-etcd-must-not-see".into());
+    s.put(&r, None).unwrap();
+    let dump = h.etcd.dump(&h.prefix);
+    assert_eq!(dump.len(), 3, "meta, the record, its name's entry: {dump:?}");
+    for (key, value) in &dump {
+        let rest = key.strip_prefix(&h.prefix).unwrap();
+        assert!(
+            rest == "meta"
+                || rest == format!("keys/{}", r.id)
+                || rest.strip_prefix("names/").is_some_and(|t| t.len() == 64),
+            "unexpected key {key}"
+        );
+        for secret in [&b"must not see"[..], r.versions[0].material.expose()] {
+            assert!(
+                !value.windows(secret.len()).any(|w| w == secret),
+                "{key} holds plaintext"
+            );
+        }
+    }
+}
+
+// ---- fleets of real daemons ------------------------------------------------
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::time::Instant;
+
+use kms_client::blocking::BlockingClient;
+use kms_client::proto::{Context, CreateKey, ErrorCode, KeyKind, MANUAL_ROTATION_LIMIT};
+use kms_tests::{wait_for, write_root_key, DaemonOptions, TestDaemon};
+
+/// Daemons of one zone sharing one etcd and one root key.
+struct Fleet {
+    daemons: Vec<TestDaemon>,
+    root: tempfile::TempDir,
+    store: String,
+}
+
+impl Fleet {
+    fn start(etcd: &Etcd, n: usize) -> Self {
+        let root = tempfile::Builder::new().prefix("kmsd-fleet-").tempdir().unwrap();
+        write_root_key(&root.path().join("root-key"));
+        let mut fleet = Self {
+            daemons: Vec::new(),
+            root,
+            store: etcd.store_toml(None),
+        };
+        for _ in 0..n {
+            fleet.add();
+        }
+        fleet
+    }
+
+    fn options(&self) -> DaemonOptions {
+        DaemonOptions {
+            zone: "fleet".into(),
+            extra_config: self.store.clone(),
+            root_key: Some(self.root.path().join("root-key")),
+            ..DaemonOptions::default()
+        }
+    }
+
+    /// Starts one more daemon of the fleet.
+    fn add(&mut self) -> &TestDaemon {
+        let d = TestDaemon::start_with(self.options());
+        self.daemons.push(d);
+        self.daemons.last().unwrap()
+    }
+
+    fn clients(&self) -> Vec<BlockingClient> {
+        self.daemons.iter().map(TestDaemon::client).collect()
+    }
+}
+
+fn create(c: &mut BlockingClient, name: &str) -> String {
+    let req = CreateKey {
+        name: Some(name.into()),
+        ..CreateKey::default()
+    };
+    c.create_key(req).unwrap().id.to_string()
+}
+
+/// Polls `f` every millisecond until it holds; panics past `within`.
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    start.elapsed()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Three daemons on a three-member etcd: one default key for all, and a
+/// key created on any daemon is used on the others within a deadline
+/// (the visibility latency is printed, not asserted).
+#[test]
+fn keys_created_on_one_daemon_serve_on_the_others() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::cluster();
+    let fleet = Fleet::start(&etcd, 3);
+    let mut clients = fleet.clients();
+    let defaults: Vec<_> = (clients.iter_mut())
+        .map(|c| {
+            let keys = c.list_keys().unwrap();
+            let defaults: Vec<_> = keys.iter().filter(|k| k.kind == KeyKind::DefaultOrganization).collect();
+            assert_eq!(defaults.len(), 1, "one default key per store: {keys:?}");
+            defaults[0].id
+        })
+        .collect();
+    assert!(
+        defaults.iter().all(|d| *d == defaults[0]),
+        "the same default key everywhere"
+    );
+
+    let ctx = Context::new();
+    let mut latencies = Vec::new();
+    for i in 0..24 {
+        let name = format!("k{i}");
+        let (on, a, b) = (i % 3, (i + 1) % 3, (i + 2) % 3);
+        create(&mut clients[on], &name);
+        let created = Instant::now();
+        let mut blob = None;
+        for other in [a, b] {
+            eventually(&format!("{name} on daemon {other}"), Duration::from_secs(10), || {
+                match clients[other].wrap(&name, &[i as u8; 32], &ctx) {
+                    Ok(w) => blob = Some(w),
+                    Err(e) => assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}"),
+                }
+                blob.is_some()
+            });
+            latencies.push(created.elapsed());
+        }
+        let plain = clients[a].unwrap(blob.as_ref().unwrap(), &ctx).unwrap();
+        assert_eq!(&plain[..], &[i as u8; 32]);
+    }
+    latencies.sort();
+    eprintln!(
+        "visibility of a new key on the other daemons ({} samples, 3-member etcd): p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().unwrap()
+    );
+}
+
+/// Fifteen manual rotations of one key at once, five from each of three
+/// daemons: exactly the remaining allowance succeeds, the others are
+/// limit-exceeded, and the versions made are unique and contiguous.
+#[test]
+fn concurrent_manual_rotations_across_the_fleet_keep_the_limit() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let fleet = Fleet::start(&etcd, 3);
+    let mut clients = fleet.clients();
+    let id = create(&mut clients[0], "contended");
+    for c in &mut clients[1..] {
+        eventually("the key on every daemon", Duration::from_secs(10), || {
+            c.describe_key(&id).is_ok()
+        });
+    }
+    const ROTATIONS: usize = 15;
+    let barrier = Barrier::new(ROTATIONS);
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..ROTATIONS)
+            .map(|i| {
+                let (barrier, id) = (&barrier, &id);
+                let mut c = fleet.daemons[i % 3].client();
+                scope.spawn(move || {
+                    barrier.wait();
+                    c.rotate_key(id)
+                        .map(|info| info.expect("the rotated key").active_version)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut versions: Vec<u32> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+    versions.sort_unstable();
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(versions.len(), MANUAL_ROTATION_LIMIT as usize, "{results:?}");
+    assert_eq!(versions, (2..=11).collect::<Vec<_>>(), "unique and contiguous");
+    assert!(
+        refused.iter().all(|e| e.code() == Some(ErrorCode::LimitExceeded)),
+        "{refused:?}"
+    );
+    for c in &mut clients {
+        eventually("every daemon at version 11", Duration::from_secs(10), || {
+            c.describe_key(&id).unwrap().active_version == 11
+        });
+        let rotations: Vec<u32> = c.list_rotations(&id).unwrap().iter().map(|r| r.version).collect();
+        assert_eq!(rotations, (1..=11).collect::<Vec<_>>(), "one history for the fleet");
+    }
+}
+
+/// SIGKILL of the etcd leader while three daemons serve data operations
+/// and rotate keys: no data operation fails, no acknowledged version is
+/// lost, and changes succeed again once etcd has a new leader.
+#[test]
+fn the_etcd_leader_killed_during_traffic() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::cluster();
+    let mut fleet = Fleet::start(&etcd, 3);
+    let mut admin = fleet.daemons[0].client();
+    let keys: Vec<String> = (0..8).map(|i| create(&mut admin, &format!("t{i}"))).collect();
+    for d in &fleet.daemons[1..] {
+        let mut c = d.client();
+        for k in &keys {
+            eventually("every key everywhere", Duration::from_secs(10), || {
+                c.describe_key(k).is_ok()
+            });
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let data_ops = AtomicUsize::new(0);
+    let (acked, unavailable) = std::thread::scope(|scope| {
+        for d in &fleet.daemons {
+            let (stop, data_ops, keys) = (&stop, &data_ops, &keys);
+            let mut c = d.client();
+            scope.spawn(move || {
+                let ctx = Context::new();
+                while !stop.load(Ordering::Relaxed) {
+                    for k in keys {
+                        let blob = c.wrap(k, &[9; 32], &ctx).expect("wrap never fails");
+                        assert_eq!(&c.unwrap(&blob, &ctx).expect("unwrap never fails")[..], &[9; 32]);
+                        data_ops.fetch_add(2, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        let rotator = scope.spawn(|| {
+            let mut clients = fleet.clients();
+            let (mut acked, mut unavailable) = (Vec::new(), 0);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < keys.len() * 9 {
+                let key = &keys[n % keys.len()];
+                match clients[n % 3].rotate_key(key) {
+                    Ok(info) => {
+                        acked.push((key.clone(), info.unwrap().active_version, Instant::now()));
+                        n += 1;
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::Unavailable) => unavailable += 1,
+                    Err(e) => panic!("rotation of {key}: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            (acked, unavailable)
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let leader = etcd.leader().expect("a leader");
+        eprintln!("killing etcd member {leader}, the leader");
+        etcd.kill(leader);
+        let killed = Instant::now();
+        std::thread::sleep(Duration::from_secs(6));
+        stop.store(true, Ordering::Relaxed);
+        let (acked, unavailable) = rotator.join().unwrap();
+        let after = acked.iter().filter(|(.., at)| *at > killed).count();
+        assert!(after > 0, "rotations go on after the kill: {acked:?}");
+        (acked, unavailable)
+    });
+    eprintln!(
+        "{} data operations, {} rotations acknowledged, {unavailable} answered unavailable around the kill",
+        data_ops.load(Ordering::Relaxed),
+        acked.len()
+    );
+    // Changes succeed on every daemon.
+    for (i, d) in fleet.daemons.iter().enumerate() {
+        let mut c = d.client();
+        let req = CreateKey {
+            name: Some(format!("after-{i}")),
+            ..CreateKey::default()
+        };
+        eventually("a change after the election", Duration::from_secs(30), || {
+            c.create_key(req.clone()).is_ok()
+        });
+    }
+    // Every acknowledged version is in etcd: a daemon started now loads
+    // them all, and every running daemon holds them.
+    let late = fleet.add().client();
+    let mut clients = fleet.clients();
+    clients.push(late);
+    for (key, version, _) in &acked {
+        for c in &mut clients {
+            eventually(&format!("{key} v{version}"), Duration::from_secs(10), || {
+                c.describe_key(key).unwrap().active_version >= *version
+            });
+        }
+    }
+    let mut per_key: std::collections::HashMap<&str, Vec<u32>> = Default::default();
+    for (key, version, _) in &acked {
+        per_key.entry(key).or_default().push(*version);
+    }
+    for versions in per_key.values_mut() {
+        let n = versions.len();
+        versions.sort_unstable();
+        versions.dedup();
+        assert_eq!(versions.len(), n, "no version acknowledged twice");
+    }
+}
+
+/// etcd stopped, then started: data operations on known keys never fail;
+/// changes fail with `unavailable` naming etcd while it is down and work
+/// again after; the daemons catch up with each other's changes.
+#[test]
+fn etcd_stopped_then_started() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::single();
+    let fleet = Fleet::start(&etcd, 2);
+    let mut clients = fleet.clients();
+    let id = create(&mut clients[0], "k");
+    eventually("k on the second daemon", Duration::from_secs(10), || {
+        clients[1].describe_key(&id).is_ok()
+    });
+    let ctx = Context::new();
+    let data_ops = |c: &mut BlockingClient| {
+        let blob = c.wrap(&id, &[3; 32], &ctx).expect("wrap");
+        assert_eq!(&c.unwrap(&blob, &ctx).expect("unwrap")[..], &[3; 32]);
+        let sealed = c.encrypt("k", b"secret", &ctx).expect("encrypt");
+        assert_eq!(&c.decrypt(&sealed, &ctx).expect("decrypt")[..], b"secret");
+        c.generate_data_key(&id, &ctx, true).expect("generate");
+    };
+    etcd.stop(0);
+    for _ in 0..20 {
+        for c in &mut clients {
+            data_ops(c);
+        }
+    }
+    let err = clients[0].rotate_key(&id).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(err.to_string().contains("etcd"), "the error names etcd: {err}");
+    let err = clients[1].create_key(CreateKey::default()).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    for c in &mut clients {
+        data_ops(c);
+    }
+    etcd.restart(0);
+    etcd.wait_healthy(Duration::from_secs(30));
+    eventually("a rotation once etcd is back", Duration::from_secs(30), || {
+        clients[0].rotate_key(&id).is_ok()
+    });
+    eventually("the other daemon catching up", Duration::from_secs(30), || {
+        clients[1].describe_key(&id).unwrap().active_version == 2
+    });
+    clients[1].rotate_key(&id).expect("changes from the other daemon too");
+    eventually("and back", Duration::from_secs(10), || {
+        clients[0].describe_key(&id).unwrap().active_version == 3
+    });
+    for c in &mut clients {
+        data_ops(c);
+    }
+    // Shutdown does not wait for etcd.
+    etcd.stop(0);
+    drop(clients);
+    let mut fleet = fleet;
+    for d in &mut fleet.daemons {
+        assert!(d.terminate().success(), "{}", d.logs());
+    }
+}
+
+/// A daemon started while etcd is down says so, keeps trying, and serves
+/// once etcd is up.
+#[test]
+fn a_daemon_started_while_etcd_is_down_waits_for_it() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::single();
+    let fleet = Fleet::start(&etcd, 0);
+    etcd.stop(0);
+    let mut d = TestDaemon::launch(fleet.options());
+    let said = wait_for(Duration::from_secs(20), || {
+        d.logs().contains("waiting for etcd").then_some(())
+    });
+    assert!(said.is_some(), "no word of etcd:\n{}", d.logs());
+    assert!(
+        BlockingClient::connect(&d.socket).is_err(),
+        "not serving before it has the keys"
+    );
+    etcd.restart(0);
+    d.wait_ready_within(Duration::from_secs(30)).unwrap();
+    let keys = d.client().list_keys().unwrap();
+    assert_eq!(keys.len(), 1, "the default key: {keys:?}");
+    assert!(d.terminate().success(), "{}", d.logs());
+}
+
+/// The store speaks TLS to etcd and presents a client certificate: it
+/// works through it, a client without a certificate is refused, and a
+/// daemon configured with `[store] ca, cert, key` serves.
+#[test]
+fn the_store_speaks_tls_to_etcd() {
+    use kmsd::keys::store::EtcdTls;
+    use kmsd::keys::StoreError;
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kms_tests::pki::TestCa::new();
+    let server = ca.issue_loopback(dir.path(), "etcd");
+    let client = ca.issue_loopback(dir.path(), "kmsd");
+    let etcd = Etcd::single_tls(server);
+    let mut s = settings(&etcd, "/tls/");
+    s.tls = Some(EtcdTls {
+        ca: client.ca.clone(),
+        identity: Some((client.cert.clone(), client.key.clone())),
+    });
+    let store = EtcdStore::open(&s, RootKey::from_bytes(&ROOT)).unwrap();
+    let r = conformance::record("over TLS");
+    let rev = store.put(&r, None).unwrap();
+    assert_eq!(store.get(r.id).unwrap().unwrap().revision, rev);
+    s.tls = Some(EtcdTls {
+        ca: client.ca.clone(),
+        identity: None,
+    });
+    match EtcdStore::open(&s, RootKey::from_bytes(&ROOT)) {
+        Err(StoreError::Etcd { .. }) => {}
+        other => panic!("etcd must refuse a client without a certificate: {other:?}"),
+    }
+    let extra = format!(
+        "{}ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        etcd.store_toml(None),
+        client.ca,
+        client.cert,
+        client.key
+    );
+    let d = TestDaemon::start_with(DaemonOptions {
+        extra_config: extra,
+        ..DaemonOptions::default()
+    });
+    let id = create(&mut d.client(), "tls");
+    assert!(etcd.endpoints()[0].starts_with("https://"));
+    assert_eq!(d.client().describe_key(&id).unwrap().active_version, 1);
+}
