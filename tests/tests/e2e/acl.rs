@@ -50,7 +50,6 @@ const OTHER: u32 = 2002;
 const ADMIN: u32 = 2003;
 const PEER: u32 = 2004;
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Who {
     Owner,

@@ -353,6 +353,21 @@ fn a_peer_is_who_its_certificate_says_and_nothing_else() {
     let e = send_as(&site.cert("c"), "c", "a", site.addr("b"), pull_frame("c", "a", key.id)).unwrap_err();
     assert!(e.contains("certificate for zone b"), "{e}");
 
+    // c, with its own valid certificate, pushes a's key to b (which holds
+    // a replica of it): only the key's primary zone may; refused.
+    let answer = send_as(&site.cert("b"), "b", "a", addr, pull_frame("b", "a", key.id)).unwrap();
+    let export = match kmsd::replication::message::read(&answer).unwrap() {
+        kmsd::replication::message::Message::Export(e) => e,
+        other => panic!("{other:?}"),
+    };
+    let push = kmsd::replication::message::frame("c", "b", &kmsd::replication::message::Message::Push(export)).unwrap();
+    let e = send_as(&site.cert("c"), "c", "b", site.addr("b"), push).unwrap_err();
+    assert!(
+        e.contains("invalid-argument") && e.contains("primary is in zone a"),
+        "{e}"
+    );
+    await_log(&b, "replication request refused");
+
     // Nothing of this reached b's replica.
     assert_eq!(rotations(&b, "app").len(), 1);
 
