@@ -112,16 +112,38 @@ fn remove_stale(path: &Path) -> Result<(), BindError> {
     })
 }
 
-/// Accepts connections until `shutdown`, then waits for every connection
-/// to finish the requests it has already received.
-pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, max_frame: usize, shutdown: CancellationToken) {
+/// Connections kmsd made itself for the mount processes it started
+/// (`children.rs`): served with kmsd's own authority
+/// ([`Caller::internal`]), as the filesystems of `[[mount]]` were when
+/// kmsd served them in-process. Nothing else can reach such a stream.
+pub type Trusted = tokio::sync::mpsc::UnboundedReceiver<std::os::unix::net::UnixStream>;
+
+/// Accepts connections (and takes `trusted` ones) until `shutdown`, then
+/// waits for every connection to finish the requests it has already
+/// received.
+pub async fn run(
+    listener: UnixListener,
+    daemon: Arc<Daemon>,
+    max_frame: usize,
+    shutdown: CancellationToken,
+    mut trusted: Trusted,
+) {
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(stream) = trusted.recv() => {
+                match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
+                    Ok(stream) => {
+                        let conn = connection(stream, daemon.clone(), max_frame, shutdown.clone(), Some(Caller::internal()));
+                        tracker.spawn(conn);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot serve a mount process's connection"),
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tracker.spawn(connection(stream, daemon.clone(), max_frame, shutdown.clone()));
+                    tracker.spawn(connection(stream, daemon.clone(), max_frame, shutdown.clone(), None));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -191,8 +213,14 @@ impl Drop for ConnGuard<'_> {
     }
 }
 
-async fn connection(stream: UnixStream, daemon: Arc<Daemon>, max_frame: usize, shutdown: CancellationToken) {
-    let Some(caller) = caller_of(&stream) else {
+async fn connection(
+    stream: UnixStream,
+    daemon: Arc<Daemon>,
+    max_frame: usize,
+    shutdown: CancellationToken,
+    trusted: Option<Caller>,
+) {
+    let Some(caller) = trusted.or_else(|| caller_of(&stream)) else {
         tracing::warn!("connection without peer credentials refused");
         return;
     };

@@ -303,11 +303,19 @@ impl TestDaemon {
         }
     }
 
+    /// Ready: the socket answers, and `status` lists as many mounts as
+    /// the configuration has `[[mount]]`s (kmsd serves its socket before
+    /// its mount processes, which are its clients, have mounted).
     fn try_wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mounts = std::fs::read_to_string(&self.config)
+            .map(|c| c.matches("[[mount]]").count())
+            .unwrap_or(0);
         while Instant::now() < deadline {
-            if BlockingClient::connect(&self.socket).is_ok() {
-                return Ok(());
+            if let Ok(mut c) = BlockingClient::connect(&self.socket) {
+                if mounts == 0 || c.status().is_ok_and(|s| s.mounts.len() >= mounts) {
+                    return Ok(());
+                }
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 return Err(format!("kmsd exited with {status} during start-up:\n{}", self.logs()));
@@ -325,6 +333,12 @@ impl TestDaemon {
     /// The daemon's pid.
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// The pids of the daemon's mount processes (its children running
+    /// `kmsd mount`), in no particular order.
+    pub fn mount_pids(&self) -> Vec<Pid> {
+        mount_children(self.pid())
     }
 
     /// A blocking client connected as this process, whose replies must
@@ -525,6 +539,25 @@ impl TestDaemon {
             .clone()
             .unwrap_or_else(|| self.dir.path().join("data"))
     }
+}
+
+/// The children of `parent` that run `kmsd mount`.
+pub fn mount_children(parent: Pid) -> Vec<Pid> {
+    let want = parent.as_raw().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().to_string();
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|b| *b == 0);
+            let is_mount = args.nth(1) == Some(b"mount".as_slice());
+            (ppid == want && is_mount).then(|| Pid::from_raw(pid))
+        })
+        .collect()
 }
 
 /// Is `path` a mountpoint (listed in /proc/self/mounts)?

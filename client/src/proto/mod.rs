@@ -164,6 +164,9 @@ pub enum Request {
     /// Daemon to daemon: a replication message (multi-zone keys), accepted
     /// only from a configured peer zone's uid; see [`ReplicationFrame`].
     Replication(ReplicationFrame),
+    /// The counters of every mounted filesystem (kmsd asks its mount
+    /// processes; a mount process answers for itself).
+    FsStats,
 }
 
 /// Parameters of `key create`.
@@ -209,6 +212,7 @@ pub enum Response {
     Error(ErrorReply),
     /// Daemon to daemon: the answer to a [`Request::Replication`].
     Replication(ReplicationFrame),
+    FsStats(Vec<FsStatsInfo>),
 }
 
 impl Response {
@@ -233,6 +237,7 @@ impl Response {
             Response::Progress { .. } => "Progress",
             Response::Error(_) => "Error",
             Response::Replication(_) => "Replication",
+            Response::FsStats(_) => "FsStats",
         }
     }
 }
@@ -553,6 +558,20 @@ pub struct FsVersionsInfo {
     pub counts: Vec<(u32, u64)>,
     /// Files whose header could not be read (tampered or foreign).
     pub unreadable: u64,
+}
+
+/// The counters of one mounted filesystem, for kmsd's metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsStatsInfo {
+    /// The mount's target.
+    pub mount: String,
+    /// Operations by kind (`lookup`, `read`, ...).
+    pub ops: Vec<(String, u64)>,
+    pub dek_cache_hits: u64,
+    pub dek_cache_misses: u64,
+    pub tamper_detections: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 /// Result of `fs rewrap`.

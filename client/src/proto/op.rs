@@ -62,6 +62,7 @@ operations! {
         FsVersions,
         FsRewrap,
         Replication,
+        FsStats,
     }
 }
 
@@ -148,6 +149,7 @@ impl Op {
             Op::FsVersions => info("fs-versions", Blocking, Management),
             Op::FsRewrap => info("fs-rewrap", BlockingWithProgress, Management),
             Op::Replication => info("replication", Peers, Management),
+            Op::FsStats => info("fs-stats", Blocking, Unaudited),
         }
     }
 
@@ -236,6 +238,7 @@ impl Request {
             Request::FsVersions { .. } => (Op::FsVersions, Nothing),
             Request::FsRewrap { .. } => (Op::FsRewrap, Nothing),
             Request::Replication(_) => (Op::Replication, Nothing),
+            Request::FsStats => (Op::FsStats, Nothing),
         }
     }
 
@@ -352,6 +355,7 @@ mod tests {
                 to_zone: "b".into(),
                 message: vec![],
             }),
+            Op::FsStats => Request::FsStats,
         }
     }
 
