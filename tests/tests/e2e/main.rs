@@ -12,6 +12,7 @@ mod hardening;
 mod lifecycle;
 mod metrics;
 mod power;
+mod privsep;
 mod protocol;
 mod reload;
 mod schedule;
