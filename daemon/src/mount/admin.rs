@@ -5,7 +5,7 @@
 //! only kmsd's user, root and its own uid, and is mode 0600 besides.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,13 +53,17 @@ pub fn kmsd_uid() -> Option<u32> {
 }
 
 /// The admin socket at `path`: a stale one left by a killed process is
-/// replaced; mode 0600, handed to `owner` when given (kmsd's user).
+/// replaced; mode 0600, handed to `owner` when given (kmsd's user), or
+/// mode 0666 when it cannot be handed over (no `CAP_CHOWN`).
 ///
 /// # Errors
 /// The folder or socket cannot be made.
 pub fn bind(path: &Path, owner: Option<u32>) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        // 0755 whatever the umask (the unit's is 0077): kmsd, another user,
+        // must reach the sockets in it.
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     }
     if UnixStream::connect(path).is_ok() {
         return Err(io::Error::new(
@@ -74,7 +78,12 @@ pub fn bind(path: &Path, owner: Option<u32>) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     if let Some(uid) = owner.filter(|&u| u != nix::unistd::geteuid().as_raw()) {
-        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(uid)), None)?;
+        if let Err(e) = nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(uid)), None) {
+            // Without CAP_CHOWN: let kmsd's user in through the mode; the
+            // peer check in `admitted` still turns everyone else away.
+            tracing::warn!(error = %e, path = %path.display(), "cannot hand the admin socket to kmsd's user; mode 0666, peers checked by uid");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        }
     }
     Ok(listener)
 }
