@@ -85,11 +85,16 @@ impl Spec {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC");
         // SAFETY: runs in the child between fork and exec and only calls
-        // prctl, dup2 and fcntl, which are async-signal-safe, on `fd`, which
+        // prctl, setpgid, dup2 and fcntl, which are async-signal-safe, on `fd`, which
         // the parent keeps open until the child has started.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Its own process group: a terminal's Ctrl-C reaches kmsd
+                // only, which then stops its children in order.
+                if libc::setpgid(0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // dup2 leaves the copy without FD_CLOEXEC; onto itself it

@@ -161,7 +161,12 @@ pub struct TestDaemon {
     pub log: PathBuf,
     pub opts: DaemonOptions,
     child: Option<Child>,
+    /// How many times kmsd had said it was ready before the last start.
+    ready_lines: usize,
 }
+
+/// What kmsd logs (at info) once it has started, mounts included.
+const READY_LINE: &str = "kmsd ready";
 
 /// Writes a fresh random root key with mode 0600.
 pub fn write_root_key(path: &Path) {
@@ -246,6 +251,7 @@ impl TestDaemon {
             log,
             opts,
             child: None,
+            ready_lines: 0,
         };
         d.spawn();
         d.try_wait_ready()?;
@@ -293,6 +299,7 @@ impl TestDaemon {
     }
 
     fn spawn(&mut self) {
+        self.ready_lines = self.logs().matches(READY_LINE).count();
         self.child = Some(self.command().spawn().expect("start kmsd"));
     }
 
@@ -303,9 +310,10 @@ impl TestDaemon {
         }
     }
 
-    /// Ready: the socket answers, and `status` lists as many mounts as
-    /// the configuration has `[[mount]]`s (kmsd serves its socket before
-    /// its mount processes, which are its clients, have mounted).
+    /// Ready: the socket answers and, with `[[mount]]`s configured, kmsd
+    /// has logged that it is ready (kmsd serves its socket before its mount
+    /// processes, which are its clients, have mounted; it is ready once it
+    /// has seen each one mounted) and `status` lists them.
     fn try_wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mounts = std::fs::read_to_string(&self.config)
@@ -313,7 +321,8 @@ impl TestDaemon {
             .unwrap_or(0);
         while Instant::now() < deadline {
             if let Ok(mut c) = BlockingClient::connect(&self.socket) {
-                if mounts == 0 || c.status().is_ok_and(|s| s.mounts.len() >= mounts) {
+                let said_ready = || self.logs().matches(READY_LINE).count() > self.ready_lines;
+                if mounts == 0 || (said_ready() && c.status().is_ok_and(|s| s.mounts.len() >= mounts)) {
                     return Ok(());
                 }
             }

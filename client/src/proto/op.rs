@@ -71,8 +71,9 @@ operations! {
 pub enum Execution {
     /// In memory and short: answered on the connection's task.
     Inline,
-    /// Writes the key store (write, fsync, rename) or walks a filesystem:
-    /// run on the blocking pool, off the async threads.
+    /// Writes the key store (write, fsync, rename), walks a filesystem or
+    /// asks the mount processes: run on the blocking pool, off the async
+    /// threads.
     Blocking,
     /// Blocking, and sends `Progress` frames before its final answer.
     BlockingWithProgress,
@@ -124,7 +125,8 @@ impl Op {
         use Execution::{Blocking, BlockingWithProgress, Inline, Peers};
         match self {
             Op::Hello => info("hello", Inline, Unaudited),
-            Op::Status => info("status", Inline, Unaudited),
+            // Lists the mounts by asking each mount process on its socket.
+            Op::Status => info("status", Blocking, Unaudited),
             Op::CreateKey => info("key-create", Blocking, Management),
             Op::DescribeKey => info("key-describe", Inline, Management),
             Op::ListKeys => info("key-list", Inline, Unaudited),

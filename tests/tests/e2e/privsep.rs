@@ -229,3 +229,37 @@ fn mount_process_outlives_kmsd_and_kmsd_outlives_it() {
     drop(solo);
     assert!(!is_mounted(&mnt), "SIGTERM unmounts");
 }
+
+/// Outside systemd kmsd looks after the mount processes it started: one
+/// SIGKILLed is started again (clearing the stale mountpoint), kmsd serving
+/// keys all along; SIGKILL of kmsd takes its children down with it.
+#[test]
+fn kmsd_restarts_a_child_that_dies_and_takes_them_down_when_killed() {
+    if !fuse_available() {
+        return;
+    }
+    let mut d = TestDaemon::start_with_mount();
+    fs::write(d.mnt().join("kept"), b"across the child's death").unwrap();
+    let first = d.mount_pids();
+    assert_eq!(first.len(), 1, "{first:?}");
+    kill(first[0], Signal::SIGKILL).unwrap();
+    let mut c = d.client();
+    let back = wait_for(Duration::from_secs(20), || {
+        let now = d.mount_pids();
+        let fresh = now.len() == 1 && now != first;
+        (fresh && fs::read(d.mnt().join("kept")).is_ok()).then_some(now)
+    });
+    let second = back.unwrap_or_else(|| panic!("no new mount process:\n{}", d.logs()));
+    assert_eq!(fs::read(d.mnt().join("kept")).unwrap(), b"across the child's death");
+    assert!(c.status().is_ok(), "kmsd served on");
+    assert!(
+        d.logs().contains("mount process died; starting it again"),
+        "{}",
+        d.logs()
+    );
+    d.kill9();
+    let gone = wait_for(Duration::from_secs(10), || {
+        (!Path::new(&format!("/proc/{}", second[0])).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "the child outlived a SIGKILLed kmsd");
+}
