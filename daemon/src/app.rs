@@ -452,20 +452,24 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     tasks.spawn(reloading.run(hup, shutdown.clone()));
     tasks.spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
     tasks.close();
-    // The mount processes are clients of this socket, so it is served
-    // before they start; kmsd says it is ready once they have mounted. A
-    // failure stops the server again and removes the socket (SocketFile).
+    // The mount processes kmsd starts are its clients over socket pairs,
+    // served at once; other clients are accepted only once they have
+    // mounted and kmsd has said it is ready, so that none reaches a
+    // half-started daemon. A failure stops the server again and removes
+    // the socket (SocketFile).
     let where_ = listener
         .path
         .as_ref()
         .map_or("inherited socket".to_string(), |p| p.display().to_string());
     let (trusted, to_serve) = tokio::sync::mpsc::unbounded_channel();
+    let open = CancellationToken::new();
     let serving = server::run(
         listener.listener,
         daemon.clone(),
         cfg.max_frame,
         shutdown.clone(),
         to_serve,
+        open.clone(),
     );
     let server = tokio::spawn(serving);
     let mut children = match start_children(&cfg, &keys, dev_dir, trusted).await {
@@ -481,6 +485,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
 
     tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
     notify::ready(&status_line(&daemon));
+    open.cancel();
     let (watchdog, stopped) = (TaskTracker::new(), CancellationToken::new());
     watchdog.spawn(report_to_systemd(daemon.clone(), shutdown.clone(), stopped.clone()));
     watchdog.close();

@@ -118,20 +118,24 @@ fn remove_stale(path: &Path) -> Result<(), BindError> {
 /// kmsd served them in-process. Nothing else can reach such a stream.
 pub type Trusted = tokio::sync::mpsc::UnboundedReceiver<std::os::unix::net::UnixStream>;
 
-/// Accepts connections (and takes `trusted` ones) until `shutdown`, then
-/// waits for every connection to finish the requests it has already
-/// received.
+/// Takes `trusted` connections at once, accepts others once `open` is
+/// cancelled (kmsd has started: clients connecting earlier wait in the
+/// backlog), until `shutdown`; then waits for every connection to finish
+/// the requests it has already received.
 pub async fn run(
     listener: UnixListener,
     daemon: Arc<Daemon>,
     max_frame: usize,
     shutdown: CancellationToken,
     mut trusted: Trusted,
+    open: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    let mut accepting = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = open.cancelled(), if !accepting => accepting = true,
             Some(stream) = trusted.recv() => {
                 match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
                     Ok(stream) => {
@@ -141,7 +145,7 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "cannot serve a mount process's connection"),
                 }
             }
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if accepting => match accepted {
                 Ok((stream, _)) => {
                     tracker.spawn(connection(stream, daemon.clone(), max_frame, shutdown.clone(), None));
                 }

@@ -161,12 +161,7 @@ pub struct TestDaemon {
     pub log: PathBuf,
     pub opts: DaemonOptions,
     child: Option<Child>,
-    /// How many times kmsd had said it was ready before the last start.
-    ready_lines: usize,
 }
-
-/// What kmsd logs (at info) once it has started, mounts included.
-const READY_LINE: &str = "kmsd ready";
 
 /// Writes a fresh random root key with mode 0600.
 pub fn write_root_key(path: &Path) {
@@ -251,7 +246,6 @@ impl TestDaemon {
             log,
             opts,
             child: None,
-            ready_lines: 0,
         };
         d.spawn();
         d.try_wait_ready()?;
@@ -299,7 +293,6 @@ impl TestDaemon {
     }
 
     fn spawn(&mut self) {
-        self.ready_lines = self.logs().matches(READY_LINE).count();
         self.child = Some(self.command().spawn().expect("start kmsd"));
     }
 
@@ -310,21 +303,11 @@ impl TestDaemon {
         }
     }
 
-    /// Ready: the socket answers and, with `[[mount]]`s configured, kmsd
-    /// has logged that it is ready (kmsd serves its socket before its mount
-    /// processes, which are its clients, have mounted; it is ready once it
-    /// has seen each one mounted) and `status` lists them.
     fn try_wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mounts = std::fs::read_to_string(&self.config)
-            .map(|c| c.matches("[[mount]]").count())
-            .unwrap_or(0);
         while Instant::now() < deadline {
-            if let Ok(mut c) = BlockingClient::connect(&self.socket) {
-                let said_ready = || self.logs().matches(READY_LINE).count() > self.ready_lines;
-                if mounts == 0 || (said_ready() && c.status().is_ok_and(|s| s.mounts.len() >= mounts)) {
-                    return Ok(());
-                }
+            if BlockingClient::connect(&self.socket).is_ok() {
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 return Err(format!("kmsd exited with {status} during start-up:\n{}", self.logs()));
@@ -363,11 +346,19 @@ impl TestDaemon {
         kmsctl_at(&self.socket, args, stdin)
     }
 
-    /// SIGKILL, then wait.
+    /// SIGKILL, then wait; also for its mount processes, which the kernel
+    /// kills with it (`PR_SET_PDEATHSIG`) but which may still hold files
+    /// for a moment after kmsd is gone.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let mounts = mount_children(Pid::from_raw(c.id() as i32));
             let _ = c.kill();
             let _ = c.wait();
+            for pid in mounts {
+                let _ = kill(pid, Signal::SIGKILL);
+                let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+                let _ = wait_for(Duration::from_secs(10), || gone().then_some(()));
+            }
         }
     }
 
