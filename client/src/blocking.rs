@@ -21,8 +21,8 @@ use crate::error::ClientError;
 use crate::ops::{self, ClientOptions, GeneratedDataKey, Op, ServerInfo, UnwrapItem};
 use crate::proto::codec::{decode_body, encode_body, Decoded};
 use crate::proto::{
-    CodecError, Context, CreateKey, Frame, FsRewrapInfo, FsVersionsInfo, KeyInfo, Request, Response, RotationEntry,
-    StatusInfo,
+    CodecError, Context, CreateKey, Frame, FsRewrapInfo, FsStatsInfo, FsVersionsInfo, KeyInfo, Request, Response,
+    RotationEntry, StatusInfo,
 };
 
 /// Length of the frame length prefix.
@@ -448,6 +448,14 @@ impl BlockingClient {
     /// As [`BlockingClient::status`].
     pub fn fs_versions(&mut self, mount: &str) -> Result<FsVersionsInfo, ClientError> {
         self.run(ops::fs_versions(mount))
+    }
+
+    /// The counters of every mounted filesystem.
+    ///
+    /// # Errors
+    /// As [`BlockingClient::status`].
+    pub fn fs_stats(&mut self) -> Result<Vec<FsStatsInfo>, ClientError> {
+        self.run(ops::fs_stats())
     }
 
     /// Re-wraps every file header under a mount to the active version.

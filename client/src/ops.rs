@@ -11,8 +11,8 @@ use zeroize::Zeroizing;
 
 use crate::error::ClientError;
 use crate::proto::{
-    Context, CreateKey, DataKey, ErrorCode, ErrorReply, FsRewrapInfo, FsVersionsInfo, KeyInfo, Request, Response,
-    RotationEntry, Secret, StatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Context, CreateKey, DataKey, ErrorCode, ErrorReply, FsRewrapInfo, FsStatsInfo, FsVersionsInfo, KeyInfo, Request,
+    Response, RotationEntry, Secret, StatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Connection settings common to both clients.
@@ -130,6 +130,7 @@ parser!(data_key_list -> Vec<GeneratedDataKey> {
 });
 parser!(fs_versions_info -> FsVersionsInfo { Response::FsVersions(i) => i });
 parser!(fs_rewrap_info -> FsRewrapInfo { Response::FsRewrap(i) => i });
+parser!(fs_stats_list -> Vec<FsStatsInfo> { Response::FsStats(v) => v });
 parser!(hello_reply -> ServerInfo {
     Response::Hello { server, protocol, zone } => ServerInfo { server, protocol, zone }
 });
@@ -331,6 +332,10 @@ pub(crate) fn generate_data_key_batch(
 pub(crate) fn fs_versions(mount: &str) -> Op<FsVersionsInfo> {
     let mount = mount.to_owned();
     Op::new(Request::FsVersions { mount }, fs_versions_info)
+}
+
+pub(crate) fn fs_stats() -> Op<Vec<FsStatsInfo>> {
+    Op::new(Request::FsStats, fs_stats_list)
 }
 
 pub(crate) fn fs_rewrap(mount: &str) -> Op<FsRewrapInfo> {

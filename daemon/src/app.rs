@@ -1,6 +1,8 @@
 //! Start-up and shutdown of the whole daemon: resolve the configuration
 //! (including `--dev`), open the key store, bind the socket, run the server
-//! and the scheduler until a signal, then drain and clean up.
+//! and the scheduler until a signal, then drain and clean up. Outside
+//! systemd it also starts a mount process per `[[mount]]` (and the `--dev`
+//! mount) and stops them on exit (`children.rs`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -14,12 +16,13 @@ use tokio_util::task::TaskTracker;
 use kms_client::proto::CreateKey;
 
 use crate::audit::{AuditError, AuditLog};
+use crate::children::{self, ChildError, Children};
 use crate::config::{self, Backend, Config, ConfigError, MountConfig};
 use crate::keys::error::error_chain;
 use crate::keys::store::{lock_state_dir, EtcdStore, StoreError};
 use crate::keys::{KeyService, RootKey, SystemClock};
 use crate::metrics::MetricsError;
-use crate::mounts::{MountError, Mounts};
+use crate::mounts::Mounts;
 use crate::notify;
 use crate::ops::Daemon;
 use crate::replication::listener::{self, Limits};
@@ -88,7 +91,14 @@ pub enum StartError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error(transparent)]
-    Mount(#[from] MountError),
+    Mount(#[from] ChildError),
+    #[error(
+        "[[mount]] in the configuration: under systemd kmsd runs unprivileged and mounts nothing; \
+         move each [[mount]] to /etc/kmsd/mounts/NAME.toml and run systemctl enable --now kmsd-mount@NAME"
+    )]
+    MountsUnderSystemd,
+    #[error("cannot start the mount processes' supervisor")]
+    Supervisor(#[source] std::io::Error),
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error("cannot handle {signal}")]
@@ -325,8 +335,9 @@ async fn open_etcd_keys(cfg: &Config, root_key: &Path) -> Result<KeyService, Sta
 }
 
 /// The `--dev` filesystem: `DIR/mnt` over `DIR/data`, encrypted with the
-/// customer key `dev` (created for the running user if absent).
-fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
+/// customer key `dev` (created for the running user if absent), served by
+/// a child mount process. A failure is logged; kmsd serves keys without it.
+fn dev_mount(keys: &Arc<KeyService>, children: &Children, dir: &Path, socket: &Path) {
     let uid = nix::unistd::getuid().as_raw();
     let me = crate::keys::Caller::process(uid, nix::unistd::getgid().as_raw(), None);
     if keys.entry(DEV_KEY).is_err() {
@@ -340,17 +351,69 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
             return;
         }
     }
-    let cfg = MountConfig {
+    let spec = children::Spec {
+        name: "dev".into(),
         source: dir.join("data"),
         target: dir.join("mnt"),
         key: DEV_KEY.into(),
+        socket: socket.to_path_buf(),
     };
-    match mounts.mount_one(keys, &cfg) {
-        Ok(()) => tracing::info!(target = %cfg.target.display(), "dev filesystem mounted: files written there are stored encrypted in {}", cfg.source.display()),
+    match children.start(spec.clone()) {
+        Ok(()) => tracing::info!(target = %spec.target.display(), "dev filesystem mounted: files written there are stored encrypted in {}", spec.source.display()),
         Err(e) => tracing::warn!(
             "dev filesystem not mounted: {}; kmsd serves keys without it (FUSE needs /dev/fuse and root or fusermount3)",
             error_chain(&e)
         ),
+    }
+}
+
+/// Whether kmsd runs as a systemd service without root, where the shipped
+/// unit puts it: it cannot mount there, and `[[mount]]` belongs to
+/// `kmsd-mount@` units. (A root kmsd under some other unit, such as a test
+/// runner's, still starts its own mount processes.)
+fn unprivileged_service() -> bool {
+    std::env::var_os("INVOCATION_ID").is_some() && !nix::unistd::geteuid().is_root()
+}
+
+/// Starts a mount process per `[[mount]]` and the `--dev` mount, each
+/// mounted before this returns.
+///
+/// # Errors
+/// A `[[mount]]` whose process did not mount.
+async fn start_children(
+    cfg: &Config,
+    keys: &Arc<KeyService>,
+    dev_dir: Option<PathBuf>,
+    trusted: children::ToServe,
+) -> Result<Children, StartError> {
+    let children = Children::new(trusted).map_err(StartError::Supervisor)?;
+    let specs: Vec<children::Spec> = cfg
+        .mounts
+        .iter()
+        .enumerate()
+        .map(|(i, m)| mount_spec(i, m, &cfg.socket))
+        .collect();
+    let (keys, socket) = (keys.clone(), cfg.socket.clone());
+    let started = tokio::task::spawn_blocking(move || {
+        for spec in specs {
+            children.start(spec)?;
+        }
+        if let Some(dir) = &dev_dir {
+            dev_mount(&keys, &children, dir, &socket);
+        }
+        Ok::<_, StartError>(children)
+    });
+    started.await?
+}
+
+/// The mount process of the `i`th `[[mount]]`, named `mountI`.
+fn mount_spec(i: usize, m: &MountConfig, socket: &Path) -> children::Spec {
+    children::Spec {
+        name: format!("mount{i}"),
+        source: m.source.clone(),
+        target: m.target.clone(),
+        key: m.key.clone(),
+        socket: socket.to_path_buf(),
     }
 }
 
@@ -370,6 +433,9 @@ fn dev_mount(keys: &Arc<KeyService>, mounts: &Mounts, dir: &Path) {
 pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Result<(), StartError> {
     #[cfg(feature = "test-faults")]
     tracing::warn!("built with the test-faults feature: KMSDTEST_FAULT is honoured; not for production");
+    if !cfg.mounts.is_empty() && unprivileged_service() {
+        return Err(StartError::MountsUnderSystemd);
+    }
     // The file store locks the state directory itself; with etcd it holds
     // only the audit log, locked here.
     let _state_lock = match cfg.store.backend {
@@ -387,18 +453,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = crate::metrics::install(cfg.metrics_addr()?, &tasks)?;
-    // Mount before binding, so that no client reaches a half-started
-    // daemon; a failure after this point unmounts (Mounts' handles unmount
-    // on drop) and removes the socket (SocketFile).
-    let mounts = {
-        let keys = keys.clone();
-        let configs = cfg.mounts.clone();
-        tokio::task::spawn_blocking(move || Mounts::mount_all(&keys, &configs)).await??
-    };
-    let mounts = Arc::new(mounts);
-    if let Some(dir) = &dev_dir {
-        dev_mount(&keys, &mounts, dir);
-    }
+    let mounts = Arc::new(Mounts::new(crate::mount::admin_dir(&cfg.socket)));
     let listener = match Listener::inherited()? {
         Some(l) => l,
         None => Listener::bind(&cfg.socket)?,
@@ -447,15 +502,17 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     tasks.spawn(reloading.run(hup, shutdown.clone()));
     tasks.spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
     tasks.close();
+    // The mount processes kmsd starts are its clients over socket pairs,
+    // served at once; other clients are accepted only once they have
+    // mounted and kmsd has said it is ready, so that none reaches a
+    // half-started daemon. A failure stops the server again and removes
+    // the socket (SocketFile).
     let where_ = listener
         .path
         .as_ref()
         .map_or("inherited socket".to_string(), |p| p.display().to_string());
-    tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
-    notify::ready(&status_line(&daemon));
-    let (watchdog, stopped) = (TaskTracker::new(), CancellationToken::new());
-    watchdog.spawn(report_to_systemd(daemon.clone(), shutdown.clone(), stopped.clone()));
-    watchdog.close();
+    let (trusted, to_serve) = tokio::sync::mpsc::unbounded_channel();
+    let open = CancellationToken::new();
     let l = &cfg.limits;
     let limits = server::Limits {
         max_frame: cfg.max_frame,
@@ -465,11 +522,37 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         idle_timeout: Duration::from_secs(l.idle_timeout_secs),
         frame_timeout: Duration::from_secs(l.frame_timeout_secs),
     };
-    server::run(listener.listener, daemon, limits, shutdown.clone()).await;
+    let serving = server::run(
+        listener.listener,
+        daemon.clone(),
+        limits,
+        shutdown.clone(),
+        to_serve,
+        open.clone(),
+    );
+    let server = tokio::spawn(serving);
+    let mut children = match start_children(&cfg, &keys, dev_dir, trusted).await {
+        Ok(c) => c,
+        Err(e) => {
+            shutdown.cancel();
+            server.await?;
+            metrics.close();
+            tasks.wait().await;
+            return Err(e);
+        }
+    };
+
+    tracing::info!(zone = %cfg.zone, socket = %where_, keys = keys.key_count(), "kmsd ready");
+    notify::ready(&status_line(&daemon));
+    open.cancel();
+    let (watchdog, stopped) = (TaskTracker::new(), CancellationToken::new());
+    watchdog.spawn(report_to_systemd(daemon.clone(), shutdown.clone(), stopped.clone()));
+    watchdog.close();
+    server.await?;
     metrics.close();
     tasks.wait().await;
     tokio::task::spawn_blocking(move || audit.flush()).await?;
-    tokio::task::spawn_blocking(move || mounts.unmount_all()).await?;
+    tokio::task::spawn_blocking(move || children.stop()).await?;
     stopped.cancel();
     watchdog.wait().await;
     tracing::info!("kmsd stopped");

@@ -1,15 +1,20 @@
 //! kmsd: a local key-management sidecar.
 //!
 //! [`keys`] holds the key service; the rest of the crate puts it on a Unix
-//! socket, schedules its rotations and mounts its filesystems.
+//! socket and schedules its rotations. [`mount`] is the mount process
+//! (`kmsd mount`), a client of kmsd that serves one encrypted filesystem;
+//! [`children`] starts mount processes outside systemd and [`mounts`]
+//! relays to them.
 
 pub mod app;
 pub mod audit;
+pub mod children;
 pub mod config;
 pub mod harden;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod mount;
 pub mod mounts;
 pub mod notify;
 pub mod observe;

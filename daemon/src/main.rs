@@ -1,13 +1,15 @@
-//! `kmsd`: parse arguments, set up logging, load the configuration, run.
+//! `kmsd`: parse arguments, set up logging, load the configuration, run
+//! the key daemon, or with `kmsd mount NAME` one mount process.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kmsd::app::{self, StartError};
 use kmsd::config::{self, Config};
 use kmsd::logging;
+use kmsd::mount::MountSettings;
 
 /// kmsd: local key-management sidecar.
 #[derive(Debug, Clone, Parser)]
@@ -22,17 +24,105 @@ struct Args {
     /// The --dev folder.
     #[arg(long, default_value = app::DEFAULT_DEV_DIR, requires = "dev")]
     dev_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum Command {
+    /// Serve one encrypted filesystem as a client of kmsd (a mount
+    /// process: kmsd-mount@NAME.service, or a child of kmsd).
+    Mount(MountArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct MountArgs {
+    /// The mount's name: its settings are /etc/kmsd/mounts/NAME.toml, its
+    /// admin socket mounts/NAME.sock beside kmsd's socket.
+    name: String,
+    /// Settings file instead of /etc/kmsd/mounts/NAME.toml.
+    #[arg(long, conflicts_with_all = ["source", "target", "key", "socket"])]
+    settings: Option<PathBuf>,
+    /// Backing folder (with --target and --key instead of a settings file).
+    #[arg(long, requires_all = ["target", "key"])]
+    source: Option<PathBuf>,
+    /// Mountpoint.
+    #[arg(long, requires_all = ["source", "key"])]
+    target: Option<PathBuf>,
+    /// Key (name or id).
+    #[arg(long, requires_all = ["source", "target"])]
+    key: Option<String>,
+    /// kmsd's socket.
+    #[arg(long, default_value = kmsd::mount::DEFAULT_SOCKET, requires = "source")]
+    socket: PathBuf,
+    /// A connection to kmsd on this descriptor (given by kmsd to the mount
+    /// processes it starts itself).
+    #[arg(long, hide = true, requires = "source")]
+    kmsd_fd: Option<i32>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match start(&args) {
+    let (who, done) = match &args.command {
+        Some(Command::Mount(m)) => ("kmsd mount", mount(m)),
+        None => ("kmsd", start(&args)),
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kmsd: {e:#}");
+            eprintln!("{who}: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn mount(args: &MountArgs) -> anyhow::Result<()> {
+    // It holds the data keys of open files: no core dumps, no swap.
+    let hardening = kmsd::harden::process();
+    let log = logging::init("info");
+    kmsd::harden::log(&hardening);
+    anyhow::ensure!(
+        kmsd::mount::name_ok(&args.name),
+        "mount name {:?}: 1-64 characters from A-Z a-z 0-9 - _ . (not starting with .)",
+        args.name
+    );
+    let settings = match (&args.source, &args.target, &args.key) {
+        (Some(source), Some(target), Some(key)) => {
+            MountSettings::new(source.clone(), target.clone(), key.clone(), args.socket.clone())?
+        }
+        _ => {
+            let path = args
+                .settings
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(kmsd::mount::MOUNTS_DIR).join(format!("{}.toml", args.name)));
+            MountSettings::load(&path).with_context(|| format!("{}", path.display()))?
+        }
+    };
+    log.set(&settings.log_level);
+    Ok(kmsd::mount::run(
+        &args.name,
+        &settings,
+        given_connection(args.kmsd_fd)?,
+    )?)
+}
+
+/// The connection kmsd passed on descriptor `fd`, checked to be a socket.
+fn given_connection(fd: Option<i32>) -> anyhow::Result<Option<std::os::unix::net::UnixStream>> {
+    use std::os::fd::FromRawFd;
+    let Some(fd) = fd else { return Ok(None) };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole `stat` into `st` or fails (EBADF for a
+    // descriptor that is not open); `st` is read only after success.
+    let mode = unsafe {
+        if libc::fstat(fd, st.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("--kmsd-fd {fd}"));
+        }
+        st.assume_init().st_mode
+    };
+    anyhow::ensure!(mode & libc::S_IFMT == libc::S_IFSOCK, "--kmsd-fd {fd} is not a socket");
+    // SAFETY: `fd` is an open socket (checked above) that kmsd handed this
+    // process for it alone; nothing else in the process owns it.
+    Ok(Some(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) }))
 }
 
 fn start(args: &Args) -> anyhow::Result<()> {

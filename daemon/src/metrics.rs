@@ -419,8 +419,8 @@ pub fn refresh(d: &Daemon) {
     if let Some(r) = &d.replication {
         replication(&r.stats, &keys);
     }
-    for (mount, stats) in d.mounts.stats() {
-        fs_counters(&mount, &stats);
+    for stats in d.mounts.stats() {
+        fs_counters(&stats);
     }
 }
 
@@ -467,10 +467,10 @@ fn replication(s: &crate::replication::ReplicationStats, keys: &[KeyInfo]) {
     }
 }
 
-fn fs_counters(mount: &str, s: &kms_fuse::FsStatsSnapshot) {
-    let m = || mount.to_string();
+fn fs_counters(s: &kms_client::proto::FsStatsInfo) {
+    let m = || s.mount.clone();
     for (op, n) in &s.ops {
-        counter!("kmsd_fs_operations_total", "mount" => m(), "op" => *op).absolute(*n);
+        counter!("kmsd_fs_operations_total", "mount" => m(), "op" => op.clone()).absolute(*n);
     }
     for (result, n) in [("hit", s.dek_cache_hits), ("miss", s.dek_cache_misses)] {
         counter!("kmsd_fs_dek_cache_total", "mount" => m(), "result" => result).absolute(n);

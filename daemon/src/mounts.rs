@@ -1,21 +1,29 @@
-//! The encrypted filesystems kmsd mounts: a [`KeySource`] over the key
-//! service (in-process, no socket), mounting each `[[mount]]` at start
-//! (after clearing a mountpoint a crash left behind), `fs versions` and
-//! `fs rewrap`, and unmounting on stop.
+//! kmsd's side of the encrypted filesystems, which it does not serve
+//! itself (ARCHITECTURE.md, "Processes"): it finds the mount processes by
+//! their admin sockets (`mounts/*.sock` beside its own socket), and relays
+//! `fs versions`, `fs rewrap` and `fs-stats` to them after checking the
+//! caller against the mount key's policy.
+//!
+//! [`ServiceKeys`], a [`KeySource`] over the key service in this process,
+//! is for tests and tools that open a backing folder next to a key store
+//! (the store fixtures); kmsd itself never mounts.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use kms_client::blob::BlobHeader;
-use kms_client::proto::{Context, ErrorCode, ErrorReply, FsRewrapInfo, FsVersionsInfo, MountInfo};
-use kms_fuse::{Dek, KeyError, KeySource, MountHandle, MountOptions};
-use parking_lot::Mutex;
+use kms_client::proto::{Context, ErrorCode, ErrorReply, FsRewrapInfo, FsStatsInfo, FsVersionsInfo, MountInfo};
+use kms_client::{BlockingClient, ClientError};
+use kms_fuse::{Dek, KeyError, KeySource};
 use uuid::Uuid;
 
-use crate::config::MountConfig;
 use crate::keys::policy::Access;
 use crate::keys::{Caller, Error, KeyService};
+
+/// How long a mount process may take to answer `Status` or `fs-stats`.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Data keys for one filesystem, from one key of the key service.
 #[derive(Debug)]
@@ -89,194 +97,108 @@ impl KeySource for ServiceKeys {
     }
 }
 
-/// Why a mount could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum MountError {
-    #[error("mount {target}: key {key:?} does not exist; create it with `kmsctl key create --name {key}`")]
-    NoKey { target: PathBuf, key: String },
-    #[error("mount {target}: cannot create {path}")]
-    Dir {
-        target: PathBuf,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("mount {target}: the mountpoint is busy ({reason}); unmount or empty it, or choose another target")]
-    Busy { target: PathBuf, reason: &'static str },
-    #[error("mount {target}: cannot clear a stale mountpoint")]
-    Stale {
-        target: PathBuf,
-        #[source]
-        source: kms_fuse::Error,
-    },
-    #[error("mount {target}: the kernel refused the mount (is /dev/fuse available and is the target busy?)")]
-    Mount {
-        target: PathBuf,
-        #[source]
-        source: kms_fuse::Error,
-    },
-}
-
-/// Refuses a mountpoint that already has something mounted on it or that
-/// holds files (they would be hidden under the encrypted view).
-fn check_free(target: &Path) -> Result<(), MountError> {
-    use std::os::unix::fs::MetadataExt;
-    let busy = |reason| MountError::Busy {
-        target: target.to_path_buf(),
-        reason,
-    };
-    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
-    let parent = target.parent().unwrap_or(Path::new("/"));
-    if dev(target).is_some() && dev(target) != dev(parent) {
-        return Err(busy("something is already mounted there"));
-    }
-    if std::fs::read_dir(target).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(busy("it is not empty"));
-    }
-    Ok(())
-}
-
-/// One live mount.
-#[derive(Debug)]
-struct Live {
-    info: MountInfo,
-    source: PathBuf,
-    target: PathBuf,
-    keys: Arc<ServiceKeys>,
-    handle: Option<MountHandle>,
-}
-
-/// Every filesystem this daemon serves.
+/// The mount processes kmsd relays to, found by their admin sockets.
 #[derive(Debug, Default)]
 pub struct Mounts {
-    live: Mutex<Vec<Live>>,
+    /// `mounts/` beside kmsd's socket; `None`: no mounts (unit tests).
+    dir: Option<PathBuf>,
+}
+
+/// One mount process that answered.
+struct Found {
+    info: MountInfo,
+    client: BlockingClient,
 }
 
 impl Mounts {
-    /// Mounts every configured filesystem, in order. On failure, what was
-    /// already mounted is unmounted again.
-    ///
-    /// # Errors
-    /// The first [`MountError`].
-    pub fn mount_all(keys: &Arc<KeyService>, configs: &[MountConfig]) -> Result<Self, MountError> {
-        let mounts = Self::default();
-        for cfg in configs {
-            mounts.mount_one(keys, cfg)?;
-        }
-        Ok(mounts)
+    /// The mount processes whose admin sockets are in `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir: Some(dir) }
     }
 
-    /// Mounts one filesystem.
-    ///
-    /// # Errors
-    /// See [`MountError`].
-    pub fn mount_one(&self, keys: &Arc<KeyService>, cfg: &MountConfig) -> Result<(), MountError> {
-        let target = cfg.target.clone();
-        let entry = keys.entry(&cfg.key).map_err(|_| MountError::NoKey {
-            target: target.clone(),
-            key: cfg.key.clone(),
-        })?;
-        // First: a mountpoint left by a crash cannot even be stat'ed.
-        kms_fuse::recover_stale_mount(&target).map_err(|source| MountError::Stale {
-            target: target.clone(),
-            source,
-        })?;
-        for dir in [&cfg.source, &cfg.target] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| MountError::Dir {
-                    target: target.clone(),
-                    path: dir.clone(),
-                    source,
-                })?;
-        }
-        kms_fuse::recover_stale_mount(&target).map_err(|source| MountError::Stale {
-            target: target.clone(),
-            source,
-        })?;
-        check_free(&target)?;
-        let source_keys = Arc::new(ServiceKeys::new(keys.clone(), entry.record.id));
-        let opts = MountOptions {
-            fs_name: format!("kmsd:{}", cfg.key),
-            ..MountOptions::default()
+    /// The admin sockets present, sorted (live or not).
+    fn sockets(&self) -> Vec<PathBuf> {
+        let Some(dir) = &self.dir else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
         };
-        let handle =
-            kms_fuse::mount(&cfg.source, &target, source_keys.clone(), &opts).map_err(|source| MountError::Mount {
-                target: target.clone(),
-                source,
-            })?;
-        let info = MountInfo {
-            source: cfg.source.display().to_string(),
-            target: target.display().to_string(),
-            key: cfg.key.clone(),
-        };
-        self.live.lock().push(Live {
-            info,
-            source: cfg.source.clone(),
-            target,
-            keys: source_keys,
-            handle: Some(handle),
-        });
-        Ok(())
+        let mut out: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .collect();
+        out.sort();
+        out
     }
 
-    /// How many filesystems are mounted.
+    /// Every mount process that answers `Status`, with its connection.
+    fn found(&self) -> Vec<Found> {
+        self.sockets().iter().filter_map(|p| Self::ask(p)).collect()
+    }
+
+    fn ask(path: &Path) -> Option<Found> {
+        let mut client = BlockingClient::connect(path).ok()?;
+        client.set_read_timeout(Some(ADMIN_TIMEOUT)).ok()?;
+        let info = client.status().ok()?.mounts.into_iter().next()?;
+        Some(Found { info, client })
+    }
+
+    /// How many mount processes accept connections (no handshake: this is
+    /// the STATUS= line, checked every second).
     pub fn count(&self) -> usize {
-        self.live.lock().len()
+        self.sockets().iter().filter(|p| UnixStream::connect(p).is_ok()).count()
     }
 
     /// What is mounted, for `status`.
     pub fn infos(&self) -> Vec<MountInfo> {
-        self.live.lock().iter().map(|l| l.info.clone()).collect()
+        self.found().into_iter().map(|f| f.info).collect()
     }
 
-    /// The counters of every live mount, by target, for the metrics.
-    pub fn stats(&self) -> Vec<(String, kms_fuse::FsStatsSnapshot)> {
-        let live = self.live.lock();
-        live.iter()
-            .filter_map(|l| Some((l.info.target.clone(), l.handle.as_ref()?.stats().snapshot())))
+    /// The counters of every mount, for the metrics.
+    pub fn stats(&self) -> Vec<FsStatsInfo> {
+        self.found()
+            .into_iter()
+            .filter_map(|mut f| f.client.fs_stats().ok())
+            .flatten()
             .collect()
     }
 
-    /// The backing dir and key source of the mount at `target`, after
-    /// checking that `caller` may `access` its key.
-    fn find(
-        &self,
-        keys: &KeyService,
-        caller: &Caller,
-        target: &str,
-        access: Access,
-    ) -> Result<(PathBuf, Arc<ServiceKeys>), ErrorReply> {
+    /// The mount process serving `target`, after checking that `caller`
+    /// may `access` its key. Its connection has no read timeout: walks
+    /// take as long as the backing folder needs.
+    fn find(&self, keys: &KeyService, caller: &Caller, target: &str, access: Access) -> Result<Found, ErrorReply> {
         let wanted = Path::new(target);
-        let live = self.live.lock();
-        let l = live
-            .iter()
-            .find(|l| l.target == wanted || l.target.canonicalize().is_ok_and(|t| t == wanted))
+        let found = self
+            .found()
+            .into_iter()
+            .find(|f| {
+                let t = Path::new(&f.info.target);
+                t == wanted || t.canonicalize().is_ok_and(|t| t == wanted)
+            })
             .ok_or_else(|| {
                 ErrorReply::new(
                     ErrorCode::Unavailable,
                     format!("no encrypted filesystem is mounted at {target}"),
                 )
             })?;
-        keys.authorize(caller, &l.keys.key_id.to_string(), access)?;
-        Ok((l.source.clone(), l.keys.clone()))
+        keys.authorize(caller, &found.info.key, access)?;
+        found.client.set_read_timeout(None).map_err(relay_error)?;
+        Ok(found)
     }
 
     /// Counts files per key version under the mount at `target`.
     ///
     /// # Errors
-    /// Unknown mount, permission, or an unreadable backing dir.
+    /// Unknown mount, permission, or the mount process's error.
     pub fn versions(&self, keys: &KeyService, caller: &Caller, target: &str) -> Result<FsVersionsInfo, ErrorReply> {
-        let (source, fs_keys) = self.find(keys, caller, target, Access::Read)?;
-        kms_fuse::admin::versions(&source, fs_keys.as_ref()).map_err(fs_error)
+        let mut f = self.find(keys, caller, target, Access::Read)?;
+        f.client.fs_versions(&f.info.target).map_err(relay_error)
     }
 
     /// Re-wraps every older header under the mount at `target`.
     ///
     /// # Errors
-    /// Unknown mount, permission, or an unreadable backing dir.
+    /// Unknown mount, permission, or the mount process's error.
     pub fn rewrap(
         &self,
         keys: &KeyService,
@@ -284,25 +206,23 @@ impl Mounts {
         target: &str,
         progress: impl FnMut(u64, u64),
     ) -> Result<FsRewrapInfo, ErrorReply> {
-        let (source, fs_keys) = self.find(keys, caller, target, Access::Admin)?;
-        kms_fuse::admin::rewrap(&source, fs_keys.as_ref(), progress).map_err(fs_error)
-    }
-
-    /// Unmounts everything (lazily where busy).
-    pub fn unmount_all(&self) {
-        let mut live = self.live.lock();
-        for l in live.iter_mut() {
-            if let Some(h) = l.handle.take() {
-                match h.unmount() {
-                    Ok(()) => tracing::info!(target = %l.target.display(), "unmounted"),
-                    Err(e) => tracing::warn!(target = %l.target.display(), error = %e, "mount busy; detached lazily"),
-                }
-            }
-        }
-        live.clear();
+        let mut f = self.find(keys, caller, target, Access::Admin)?;
+        f.client
+            .fs_rewrap_with_progress(&f.info.target, progress)
+            .map_err(relay_error)
     }
 }
 
-fn fs_error(e: kms_fuse::Error) -> ErrorReply {
-    ErrorReply::new(ErrorCode::Unavailable, crate::keys::error::error_chain(&e))
+/// A mount process's refusal as it gave it; anything else `unavailable`.
+fn relay_error(e: impl Into<ClientError>) -> ErrorReply {
+    match e.into() {
+        ClientError::Server(reply) => reply,
+        other => ErrorReply::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the mount process did not answer: {}",
+                crate::keys::error::error_chain(&other)
+            ),
+        ),
+    }
 }

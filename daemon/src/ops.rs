@@ -160,6 +160,7 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
             Err(e) => Response::Error(e),
         },
         Request::FsRewrap { mount } => rewrap(d, caller, &mount, progress),
+        Request::FsStats => Response::FsStats(d.mounts.stats()),
     }
 }
 

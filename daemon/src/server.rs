@@ -195,15 +195,42 @@ impl Drop for Admitted {
     }
 }
 
-/// Accepts connections until `shutdown`, then waits for every connection
-/// to finish the requests it has already received.
-pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, limits: Limits, shutdown: CancellationToken) {
+/// Connections kmsd made itself for the mount processes it started
+/// (`children.rs`): served with kmsd's own authority
+/// ([`Caller::internal`]), as the filesystems of `[[mount]]` were when
+/// kmsd served them in-process. Nothing else can reach such a stream, so
+/// they are outside the per-uid limits and the idle timeout.
+pub type Trusted = tokio::sync::mpsc::UnboundedReceiver<std::os::unix::net::UnixStream>;
+
+/// Takes `trusted` connections at once, accepts others once `open` is
+/// cancelled (kmsd has started: clients connecting earlier wait in the
+/// backlog) and within `limits`, until `shutdown`; then waits for every
+/// connection to finish the requests it has already received.
+pub async fn run(
+    listener: UnixListener,
+    daemon: Arc<Daemon>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    mut trusted: Trusted,
+    open: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let admission = Arc::new(Admission::default());
+    let mut accepting = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            _ = open.cancelled(), if !accepting => accepting = true,
+            Some(stream) = trusted.recv() => {
+                match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
+                    Ok(stream) => {
+                        let conn = connection(stream, Caller::internal(), None, daemon.clone(), limits, shutdown.clone());
+                        tracker.spawn(conn);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot serve a mount process's connection"),
+                }
+            }
+            accepted = listener.accept(), if accepting => match accepted {
                 Ok((stream, _)) => {
                     let Some(caller) = caller_of(&stream) else {
                         tracing::warn!("connection without peer credentials refused");
@@ -214,7 +241,7 @@ pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, limits: Limits, sh
                         daemon.connections_refused.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
-                    tracker.spawn(connection(stream, caller, place, daemon.clone(), limits, shutdown.clone()));
+                    tracker.spawn(connection(stream, caller, Some(place), daemon.clone(), limits, shutdown.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -287,11 +314,13 @@ impl Drop for ConnGuard<'_> {
 async fn connection(
     stream: UnixStream,
     caller: Caller,
-    _place: Admitted,
+    // `None` for a trusted connection (see [`Trusted`]).
+    place: Option<Admitted>,
     daemon: Arc<Daemon>,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
+    let trusted = place.is_none();
     daemon.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&daemon);
     let mut conn = Session {
@@ -299,7 +328,9 @@ async fn connection(
         greeted: false,
         caller,
         limits,
+        trusted,
     };
+    let _place = place;
     if let Err(e) = conn.serve(&daemon, &shutdown).await {
         tracing::debug!(uid = conn.caller.uid, pid = conn.caller.pid, error = %e, "connection ended");
     }
@@ -310,6 +341,8 @@ struct Session {
     greeted: bool,
     caller: Caller,
     limits: Limits,
+    /// kmsd's own mount processes: no idle timeout.
+    trusted: bool,
 }
 
 /// What to do after a frame.
@@ -373,7 +406,7 @@ impl Session {
                     if !self.greeted && now - waiting >= self.limits.handshake_timeout {
                         return Err("no Hello within the handshake timeout");
                     }
-                    if partial.is_none() && now - waiting >= self.limits.idle_timeout {
+                    if !self.trusted && partial.is_none() && now - waiting >= self.limits.idle_timeout {
                         return Err("idle");
                     }
                 }

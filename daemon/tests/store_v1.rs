@@ -15,10 +15,9 @@ use std::sync::Arc;
 
 use kms_client::blob::BlobHeader;
 use kms_client::proto::{Context, CreateKey, ErrorCode, KeyKind, KeyRole, KeyState, Principal};
-use kmsd::config::MountConfig;
 use kmsd::keys::model::KeyRecord;
 use kmsd::keys::{Caller, Clock, KeyService, ManualClock, RootKey, DAY};
-use kmsd::mounts::{Mounts, ServiceKeys};
+use kmsd::mounts::ServiceKeys;
 use serde::{Deserialize, Serialize};
 
 /// Where the fixture lives.
@@ -191,15 +190,11 @@ fn fuse_unusable() -> Option<String> {
     }
 }
 
-fn mount(svc: &Arc<KeyService>, data: &Path, mnt: &Path, key: &str) -> Mounts {
-    let mounts = Mounts::default();
-    let cfg = MountConfig {
-        source: data.to_path_buf(),
-        target: mnt.to_path_buf(),
-        key: key.into(),
-    };
-    mounts.mount_one(svc, &cfg).expect("mount");
-    mounts
+/// The filesystem mounted in this process over the key service (kmsd
+/// itself leaves mounting to its mount processes).
+fn mount(svc: &Arc<KeyService>, data: &Path, mnt: &Path, key: &str) -> kms_fuse::MountHandle {
+    let keys = Arc::new(ServiceKeys::new(svc.clone(), svc.entry(key).unwrap().record.id));
+    kmsd::mount::mount_fs(data, mnt, &format!("kmsd:{key}"), keys).expect("mount")
 }
 
 // ---- the generator --------------------------------------------------------
@@ -386,8 +381,7 @@ fn generate_store_v1_fixture() {
         file_versions,
     };
     drop(fs_keys);
-    mounts.unmount_all();
-    drop(mounts);
+    mounts.unmount().unwrap();
     drop(svc);
     drop(zone_c);
     write_fixture(work.path(), &manifest);
@@ -559,7 +553,7 @@ fn check_files(svc: &Arc<KeyService>, work: &Path, m: &Manifest) {
     }
     fs::write(mnt.join("hello.txt"), b"rewritten").unwrap();
     assert_eq!(fs::read(mnt.join("hello.txt")).unwrap(), b"rewritten");
-    mounts.unmount_all();
+    mounts.unmount().unwrap();
 }
 
 #[test]

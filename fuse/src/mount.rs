@@ -111,6 +111,11 @@ impl MountHandle {
         &self.stats
     }
 
+    /// The filesystem's counters, to read from another thread.
+    pub fn shared_stats(&self) -> Arc<FsStats> {
+        self.stats.clone()
+    }
+
     /// Unmounts and waits for the serving threads to finish.
     ///
     /// # Errors

@@ -361,6 +361,12 @@ impl TestDaemon {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }
 
+    /// The pids of the daemon's mount processes (its children running
+    /// `kmsd mount`), in no particular order.
+    pub fn mount_pids(&self) -> Vec<Pid> {
+        mount_children(self.pid())
+    }
+
     /// A blocking client connected as this process, whose replies must
     /// come within [`CALL_DEADLINE`] (a read past it is an error).
     pub fn client(&self) -> BlockingClient {
@@ -374,11 +380,19 @@ impl TestDaemon {
         kmsctl_at(&self.socket, args, stdin)
     }
 
-    /// SIGKILL, then wait.
+    /// SIGKILL, then wait; also for its mount processes, which the kernel
+    /// kills with it (`PR_SET_PDEATHSIG`) but which may still hold files
+    /// for a moment after kmsd is gone.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let mounts = mount_children(Pid::from_raw(c.id() as i32));
             let _ = c.kill();
             let _ = c.wait();
+            for pid in mounts {
+                let _ = kill(pid, Signal::SIGKILL);
+                let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+                let _ = wait_for(Duration::from_secs(10), || gone().then_some(()));
+            }
         }
     }
 
@@ -559,6 +573,25 @@ impl TestDaemon {
             .clone()
             .unwrap_or_else(|| self.dir.path().join("data"))
     }
+}
+
+/// The children of `parent` that run `kmsd mount`.
+pub fn mount_children(parent: Pid) -> Vec<Pid> {
+    let want = parent.as_raw().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().to_string();
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|b| *b == 0);
+            let is_mount = args.nth(1) == Some(b"mount".as_slice());
+            (ppid == want && is_mount).then(|| Pid::from_raw(pid))
+        })
+        .collect()
 }
 
 /// Is `path` a mountpoint (listed in /proc/self/mounts)?

@@ -174,6 +174,9 @@ pub enum Request {
     PromoteKey {
         key: String,
     },
+    /// The counters of every mounted filesystem (kmsd asks its mount
+    /// processes; a mount process answers for itself).
+    FsStats,
 }
 
 /// Parameters of `key create`.
@@ -219,6 +222,7 @@ pub enum Response {
     Error(ErrorReply),
     /// Daemon to daemon: the answer to a [`Request::Replication`].
     Replication(ReplicationFrame),
+    FsStats(Vec<FsStatsInfo>),
 }
 
 impl Response {
@@ -243,6 +247,7 @@ impl Response {
             Response::Progress { .. } => "Progress",
             Response::Error(_) => "Error",
             Response::Replication(_) => "Replication",
+            Response::FsStats(_) => "FsStats",
         }
     }
 }
@@ -563,6 +568,20 @@ pub struct FsVersionsInfo {
     pub counts: Vec<(u32, u64)>,
     /// Files whose header could not be read (tampered or foreign).
     pub unreadable: u64,
+}
+
+/// The counters of one mounted filesystem, for kmsd's metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsStatsInfo {
+    /// The mount's target.
+    pub mount: String,
+    /// Operations by kind (`lookup`, `read`, ...).
+    pub ops: Vec<(String, u64)>,
+    pub dek_cache_hits: u64,
+    pub dek_cache_misses: u64,
+    pub tamper_detections: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 /// Result of `fs rewrap`.

@@ -64,6 +64,7 @@ operations! {
         Replication,
         UnreplicateKey,
         PromoteKey,
+        FsStats,
     }
 }
 
@@ -72,8 +73,9 @@ operations! {
 pub enum Execution {
     /// In memory and short: answered on the connection's task.
     Inline,
-    /// Writes the key store (write, fsync, rename) or walks a filesystem:
-    /// run on the blocking pool, off the async threads.
+    /// Writes the key store (write, fsync, rename), walks a filesystem or
+    /// asks the mount processes: run on the blocking pool, off the async
+    /// threads.
     Blocking,
     /// Blocking, and sends `Progress` frames before its final answer.
     BlockingWithProgress,
@@ -125,7 +127,8 @@ impl Op {
         use Execution::{Blocking, BlockingWithProgress, Inline, Peers};
         match self {
             Op::Hello => info("hello", Inline, Unaudited),
-            Op::Status => info("status", Inline, Unaudited),
+            // Lists the mounts by asking each mount process on its socket.
+            Op::Status => info("status", Blocking, Unaudited),
             Op::CreateKey => info("key-create", Blocking, Management),
             Op::DescribeKey => info("key-describe", Inline, Management),
             Op::ListKeys => info("key-list", Inline, Unaudited),
@@ -152,6 +155,7 @@ impl Op {
             Op::Replication => info("replication", Peers, Management),
             Op::UnreplicateKey => info("key-unreplicate", Peers, Management),
             Op::PromoteKey => info("key-promote", Blocking, Management),
+            Op::FsStats => info("fs-stats", Blocking, Unaudited),
         }
     }
 
@@ -242,6 +246,7 @@ impl Request {
             Request::Replication(_) => (Op::Replication, Nothing),
             Request::UnreplicateKey { key, .. } => (Op::UnreplicateKey, Key(key)),
             Request::PromoteKey { key } => (Op::PromoteKey, Key(key)),
+            Request::FsStats => (Op::FsStats, Nothing),
         }
     }
 
@@ -363,6 +368,7 @@ mod tests {
                 zone: "b".into(),
             },
             Op::PromoteKey => Request::PromoteKey { key: key() },
+            Op::FsStats => Request::FsStats,
         }
     }
 

@@ -881,6 +881,19 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
+            op: Op::FsStats,
+            case: "",
+            want: ANYONE,
+            rule: "code: no check (README silent); counters of every mount, as the metrics show them to anyone",
+            run: |fx, who| {
+                judge(fx.client(who).fs_stats(), |s| {
+                    let want: Vec<&str> = fx.mount.iter().map(|(t, _)| t.as_str()).collect();
+                    let got: Vec<&str> = s.iter().map(|m| m.mount.as_str()).collect();
+                    expect(got == want, || format!("{s:?}"))
+                })
+            },
+        },
+        Row {
             op: Op::Replication,
             case: "pull from zone b",
             want: [DENIED, DENIED, DENIED, OK],

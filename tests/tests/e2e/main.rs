@@ -14,6 +14,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod power;
+mod privsep;
 mod protocol;
 mod reload;
 mod schedule;

@@ -24,17 +24,34 @@ fn service_with_binary(kmsd: &Path) -> String {
     )
 }
 
+/// The shipped `kmsd-mount@.service` with `ExecStart=` pointing at `kmsd`.
+fn mount_service_with_binary(kmsd: &Path) -> String {
+    let unit = std::fs::read_to_string(units_dir().join("kmsd-mount@.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/kmsd mount "), "{unit}");
+    unit.replace(
+        "ExecStart=/usr/local/bin/kmsd mount ",
+        &format!("ExecStart={} mount ", kmsd.display()),
+    )
+}
+
 #[test]
 fn units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("kmsd.service"), service_with_binary(&bin("kmsd"))).unwrap();
     std::fs::copy(units_dir().join("kmsd.socket"), dir.path().join("kmsd.socket")).unwrap();
-    // The keys-only drop-in is checked as part of the service it changes.
-    let dropins = dir.path().join("kmsd.service.d");
-    std::fs::create_dir(&dropins).unwrap();
-    std::fs::copy(units_dir().join("kmsd-no-mounts.conf"), dropins.join("no-mounts.conf")).unwrap();
+    std::fs::write(
+        dir.path().join("kmsd-mount@.service"),
+        mount_service_with_binary(&bin("kmsd")),
+    )
+    .unwrap();
     let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no", "kmsd.service", "kmsd.socket"])
+        .args([
+            "verify",
+            "--man=no",
+            "kmsd.service",
+            "kmsd.socket",
+            "kmsd-mount@data.service",
+        ])
         .current_dir(dir.path())
         // Our folder first, then the system's (trailing ':').
         .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
@@ -264,9 +281,9 @@ impl Container {
     fn ok(&self, script: &str) -> String {
         let out = self.sh(script);
         if !out.status.success() {
-            let journal = kms_tests::stdout(&self.sh("journalctl -u kmsd --no-pager | tail -40"));
+            let journal = kms_tests::stdout(&self.sh("journalctl -u kmsd -u 'kmsd-mount@*' --no-pager | tail -40"));
             panic!(
-                "in the container: {script}\nexit {}\nstdout:\n{}\nstderr:\n{}\njournal of kmsd:\n{journal}",
+                "in the container: {script}\nexit {}\nstdout:\n{}\nstderr:\n{}\njournal of kmsd and its mounts:\n{journal}",
                 out.status,
                 kms_tests::stdout(&out),
                 stderr(&out)
@@ -352,6 +369,14 @@ fn install(root: &Path) {
     let units = units_dir();
     put(&units.join("kmsd.service"), "/etc/systemd/system/kmsd.service", 0o644);
     put(&units.join("kmsd.socket"), "/etc/systemd/system/kmsd.socket", 0o644);
+    put(
+        &units.join("kmsd-mount@.service"),
+        "/etc/systemd/system/kmsd-mount@.service",
+        0o644,
+    );
+    // The example mount settings are the README's: /srv/app over
+    // /var/lib/kmsd-data/app with the key app.
+    put(&units.join("kmsd-mount.toml"), "/etc/kmsd/mounts/app.toml", 0o644);
     put(&units.join("kmsd.sysusers"), "/etc/sysusers.d/kmsd.conf", 0o644);
     put(&units.join("kmsd.tmpfiles"), "/etc/tmpfiles.d/kmsd.conf", 0o644);
     let example = std::fs::read_to_string(units.join("kmsd.toml")).unwrap();
@@ -366,9 +391,17 @@ fn install(root: &Path) {
 
 const MOUNT: &str = "\n[[mount]]\nsource = \"/var/lib/kmsd-data/app\"\ntarget = \"/srv/app\"\nkey = \"app\"\n";
 
+/// The mount unit of the scenario.
+const MOUNT_UNIT: &str = "kmsd-mount@app";
+
+/// Highest `systemd-analyze security` exposure allowed for kmsd.service.
+const KMSD_EXPOSURE_MAX: f64 = 1.5;
+
 /// The whole README installation under a real systemd: socket activation,
-/// STATUS, a mount visible to the rest of the system, reload, restart with
-/// keys and files intact, stop without a mount left behind, the journal.
+/// kmsd as user kmsd with no capability, a kmsd-mount@ instance in the
+/// host's mount namespace, the two failing apart (kmsd restarted under an
+/// open file, the mount process SIGKILLed), the exposure figures, reload,
+/// stop without a mount left behind, the journal.
 #[test]
 fn under_real_systemd() {
     let started = Instant::now();
@@ -397,6 +430,26 @@ fn under_real_systemd() {
     );
 }
 
+/// `systemctl show -P MainPID UNIT`.
+fn main_pid(c: &Container, unit: &str) -> String {
+    let pid = c.ok(&format!("systemctl show -P MainPID {unit}")).trim().to_string();
+    assert_ne!(pid, "0", "{unit} has no main process");
+    pid
+}
+
+/// The exposure `systemd-analyze security UNIT` gives, and its report.
+fn exposure(c: &Container, unit: &str) -> (f64, String) {
+    let report = c.ok(&format!("systemd-analyze security --no-pager {unit}"));
+    let figure = report
+        .lines()
+        .find_map(|l| l.split("exposure level for ").nth(1))
+        .and_then(|rest| rest.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
+    (figure, report)
+}
+
 fn scenario(c: &Container) {
     c.ok("systemd-sysusers && systemd-tmpfiles --create kmsd.conf");
     c.ok("systemctl enable --now kmsd.socket");
@@ -406,36 +459,54 @@ fn scenario(c: &Container) {
         Some(3),
         "not started yet"
     );
-    // The first client starts kmsd through the socket.
+    // The first client starts kmsd through the socket. The mount's key is
+    // root's: the mount process (root) uses it.
     c.ok("kmsctl key create --name app >/dev/null");
     assert_eq!(c.ok("systemctl is-active kmsd.service").trim(), "active");
-    // A mount added to the config: reload says it waits for a restart.
-    c.ok(&format!(
-        "printf '{}' >> /etc/kmsd/kmsd.toml",
-        MOUNT.replace('\n', "\\n")
-    ));
-    c.ok("systemctl reload kmsd");
-    c.ok("systemctl restart kmsd");
-    let status = wait_status(c, "2 keys, 1 mounts");
+    let status = wait_status(c, "2 keys, 0 mounts");
     assert!(
         status
             .lines()
             .any(|l| l.contains("TriggeredBy:") && l.contains("kmsd.socket")),
         "{status}"
     );
-    // The service runs in the host's mount namespace with only the
+    // kmsd: its own user, no capability at all, its own mount namespace.
+    let kmsd = main_pid(c, "kmsd");
+    assert_eq!(c.ok(&format!("stat -c %U /proc/{kmsd}")).trim(), "kmsd");
+    let caps = c.ok(&format!("grep -E '^Cap(Eff|Prm|Bnd)' /proc/{kmsd}/status"));
+    assert_eq!(caps.matches("0000000000000000").count(), 3, "{caps}");
+    c.ok(&format!(
+        "test \"$(readlink /proc/1/ns/mnt)\" != \"$(readlink /proc/{kmsd}/ns/mnt)\""
+    ));
+    assert_eq!(c.ok("stat -c '%U %a' /var/lib/kmsd").trim(), "kmsd 700");
+
+    // The mount: its own unit, in the host's mount namespace, with only the
     // capabilities the unit names (CHOWN DAC_OVERRIDE DAC_READ_SEARCH
     // FOWNER FSETID SYS_ADMIN).
-    c.ok("test \"$(readlink /proc/1/ns/mnt)\" = \"$(readlink /proc/$(systemctl show -P MainPID kmsd)/ns/mnt)\"");
-    let caps = c.ok("grep CapBnd /proc/$(systemctl show -P MainPID kmsd)/status");
+    c.ok(&format!("systemctl enable --now {MOUNT_UNIT}"));
+    assert_eq!(c.ok(&format!("systemctl is-active {MOUNT_UNIT}")).trim(), "active");
+    wait_status(c, "2 keys, 1 mounts");
+    let mounter = main_pid(c, MOUNT_UNIT);
+    c.ok(&format!(
+        "test \"$(readlink /proc/1/ns/mnt)\" = \"$(readlink /proc/{mounter}/ns/mnt)\""
+    ));
+    let caps = c.ok(&format!("grep CapBnd /proc/{mounter}/status"));
     assert!(caps.contains("000000000020001f"), "{caps}");
-    // A file through the mount, from a shell outside the service.
+    // kmsd holds no FUSE device; the mount process does.
+    let fuse_fds = |pid: &str| c.ok(&format!("ls -l /proc/{pid}/fd | grep -c /dev/fuse || true"));
+    assert_eq!(fuse_fds(&kmsd).trim(), "0");
+    assert_ne!(fuse_fds(&mounter).trim(), "0");
+    // A file through the mount, from a shell outside both services.
     c.ok("echo 'hello through systemd' > /srv/app/hello.txt");
     assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
     let stored = std::fs::read(c.rootfs().join("var/lib/kmsd-data/app/hello.txt")).unwrap();
     assert!(!stored.windows(5).any(|w| w == b"hello"), "stored encrypted");
-    // Another user's private folder: kmsd walks and writes it with
-    // DAC_OVERRIDE/DAC_READ_SEARCH and hands the new file over with CHOWN.
+    // kmsd relays fs versions to the mount process's admin socket.
+    let versions = c.ok("kmsctl fs versions /srv/app");
+    assert!(versions.contains("1 (active)"), "{versions}");
+    // Another user's private folder: the mount process walks and writes it
+    // with DAC_OVERRIDE/DAC_READ_SEARCH and hands the new file over with
+    // CHOWN.
     c.ok("install -d -o 65534 -g 65534 -m 0700 /srv/app/nobody");
     c.ok("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo mine > /srv/app/nobody/f'");
     let owner = c.ok("stat -c '%u:%g %a' /var/lib/kmsd-data/app/nobody /var/lib/kmsd-data/app/nobody/f");
@@ -446,50 +517,122 @@ fn scenario(c: &Container) {
     assert_ne!(pinged.trim(), "0", "no WATCHDOG=1 seen by systemd");
     c.ok("echo secret | kmsctl encrypt app > /root/blob");
     let keys = c.ok("kmsctl --json key list");
-    // Restart: the same keys, the old ciphertext and the file still open.
+    c.ok("echo 'opened after the restart' > /srv/app/later.txt");
+
+    // kmsd restarted under an open file: the file keeps reading, the mount
+    // process stays, a new open works once kmsd is back.
+    let mounter = main_pid(c, MOUNT_UNIT);
+    c.ok(
+        "setsid sh -c 'exec 3</srv/app/hello.txt; while [ ! -e /root/go ]; do sleep 0.1; done; \
+          cat <&3 > /root/read-after-restart' </dev/null >/dev/null 2>&1 &",
+    );
     c.ok("systemctl restart kmsd");
     wait_status(c, "2 keys, 1 mounts");
+    assert_ne!(main_pid(c, "kmsd"), kmsd, "kmsd restarted");
+    assert_eq!(main_pid(c, MOUNT_UNIT), mounter, "the mount process is not");
+    c.ok("touch /root/go");
+    let read = kms_tests::wait_for(Duration::from_secs(10), || {
+        let got = c.ok("cat /root/read-after-restart 2>/dev/null || true");
+        (!got.is_empty()).then_some(got)
+    });
+    assert_eq!(
+        read.as_deref(),
+        Some("hello through systemd\n"),
+        "the open file across the restart"
+    );
+    assert_eq!(c.ok("cat /srv/app/later.txt"), "opened after the restart\n");
     assert_eq!(c.ok("kmsctl --json key list"), keys);
     assert_eq!(c.ok("kmsctl decrypt < /root/blob"), "secret\n");
+
+    // The mount process SIGKILLed: kmsd goes on, systemd brings the mount
+    // back (clearing the stale mountpoint), nothing is lost.
+    let kmsd = main_pid(c, "kmsd");
+    c.ok(&format!("systemctl kill --kill-who=main -s SIGKILL {MOUNT_UNIT}"));
+    let back = kms_tests::wait_for(Duration::from_secs(20), || {
+        let active = c.sh(&format!("systemctl is-active {MOUNT_UNIT}")).status.success();
+        let pid = c
+            .ok(&format!("systemctl show -P MainPID {MOUNT_UNIT}"))
+            .trim()
+            .to_string();
+        (active && pid != "0" && pid != mounter && c.sh("cat /srv/app/hello.txt").status.success()).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the mount did not come back:\n{}",
+        c.ok(&format!("journalctl -u {MOUNT_UNIT} --no-pager | tail -30"))
+    );
+    assert_eq!(main_pid(c, "kmsd"), kmsd, "kmsd is unaffected");
     assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
+    assert_eq!(c.ok("cat /srv/app/later.txt"), "opened after the restart\n");
     let theirs = "setpriv --reuid=65534 --regid=65534 --clear-groups cat /srv/app/nobody/f";
     assert_eq!(c.ok(theirs), "mine\n");
+    assert_eq!(c.ok("kmsctl decrypt < /root/blob"), "secret\n");
+
+    // The exposure figures.
+    let (figure, report) = exposure(c, "kmsd.service");
+    assert!(figure <= KMSD_EXPOSURE_MAX, "kmsd.service exposure {figure}:\n{report}");
+    let (mount_figure, _) = exposure(c, &format!("{MOUNT_UNIT}.service"));
+    eprintln!("systemd-analyze security: kmsd.service {figure}, {MOUNT_UNIT}.service {mount_figure}");
+
+    c.ok("systemctl reload kmsd");
+    // [[mount]] in kmsd.toml is refused under the unprivileged unit, naming
+    // kmsd-mount@.
+    c.ok("cp /etc/kmsd/kmsd.toml /root/kmsd.toml");
+    c.ok(&format!(
+        "printf '{}' >> /etc/kmsd/kmsd.toml",
+        MOUNT.replace('\n', "\\n")
+    ));
+    assert!(
+        !c.sh("systemctl restart kmsd").status.success(),
+        "kmsd started with [[mount]]"
+    );
+    c.ok("cp /root/kmsd.toml /etc/kmsd/kmsd.toml");
+    c.ok("systemctl reset-failed kmsd; systemctl restart kmsd");
+    wait_status(c, "2 keys, 1 mounts");
+
     // Stop: the mount is gone, the folder is empty again.
-    c.ok("systemctl stop kmsd");
+    c.ok(&format!("systemctl stop {MOUNT_UNIT}"));
     let mounts = c.ok("cat /proc/self/mounts");
     assert!(!mounts.contains("/srv/app"), "{mounts}");
     assert_eq!(c.ok("ls -A /srv/app"), "");
+    c.ok("systemctl stop kmsd");
     let journal = c.ok("journalctl -u kmsd --no-pager");
     for line in [
         "kmsd ready",
         "configuration reloaded",
-        "takes effect when kmsd restarts",
         "SIGTERM: draining",
-        "unmounted",
         "kmsd stopped",
         "kmsd::audit",
         "\"outcome\":\"ok\"",
+        "kmsd-mount@NAME",
     ] {
         assert!(journal.contains(line), "no {line:?} in the journal:\n{journal}");
+    }
+    let journal = c.ok(&format!("journalctl -u {MOUNT_UNIT} --no-pager"));
+    for line in ["mount process ready", "detached stale FUSE mount", "unmounted"] {
+        assert!(journal.contains(line), "no {line:?} in the mount's journal:\n{journal}");
     }
     // The audit file the journal lines mirror verifies.
     let verified = c.ok("kmsctl audit verify --file /var/lib/kmsd/audit.log");
     assert!(verified.starts_with("ok:"), "{verified}");
 }
 
-/// Lines of kmsd's journal saying its mount pins a descriptor per inode.
+/// Lines of the mount process's journal saying it pins a descriptor per
+/// inode.
 fn unbounded_lines(c: &Container) -> usize {
-    c.ok("journalctl -u kmsd --no-pager").matches("(unbounded)").count()
+    c.ok(&format!("journalctl -u {MOUNT_UNIT} --no-pager"))
+        .matches("(unbounded)")
+        .count()
 }
 
-/// What each capability beyond CAP_SYS_ADMIN is kept for, tried through the
-/// mount; `tag` keeps the names of different rounds apart. True when it
+/// What each capability of the mount unit beyond CAP_SYS_ADMIN is kept
+/// for, tried through the mount; `tag` keeps the names of different rounds apart. True when it
 /// works.
 fn capability_use_works(c: &Container, cap: &str, tag: &str, unbounded_before: usize) -> bool {
     match cap {
         "CAP_DAC_READ_SEARCH" => {
-            // Inodes reopened by file handle; without it kmsd says, as it
-            // mounts, that every inode pins a descriptor.
+            // Inodes reopened by file handle; without it the mount process
+            // says, as it mounts, that every inode pins a descriptor.
             let quiet = kms_tests::wait_for(Duration::from_secs(5), || {
                 (unbounded_lines(c) > unbounded_before).then_some(())
             });
@@ -529,7 +672,9 @@ fn each_capability_is_needed(c: &Container) {
         baseline,
         0,
         "the unit as shipped leaves the mount's descriptors unbounded:\n{}",
-        c.ok("journalctl -u kmsd --no-pager | grep -F '(unbounded)' || true")
+        c.ok(&format!(
+            "journalctl -u {MOUNT_UNIT} --no-pager | grep -F '(unbounded)' || true"
+        ))
     );
     for cap in &KEPT[1..] {
         assert!(
@@ -537,7 +682,7 @@ fn each_capability_is_needed(c: &Container) {
             "{cap}'s use fails with the unit as shipped"
         );
     }
-    let dropins = c.rootfs().join("etc/systemd/system/kmsd.service.d");
+    let dropins = c.rootfs().join(format!("etc/systemd/system/{MOUNT_UNIT}.service.d"));
     std::fs::create_dir_all(&dropins).unwrap();
     for cap in &KEPT[1..] {
         let rest: Vec<&str> = KEPT.iter().copied().filter(|k| k != cap).collect();
@@ -547,14 +692,14 @@ fn each_capability_is_needed(c: &Container) {
         );
         std::fs::write(dropins.join("caps.conf"), conf).unwrap();
         let before = unbounded_lines(c);
-        c.ok("systemctl daemon-reload && systemctl restart kmsd");
+        c.ok(&format!("systemctl daemon-reload && systemctl restart {MOUNT_UNIT}"));
         assert!(
             !capability_use_works(c, cap, &format!("without-{cap}"), before),
             "{cap}'s use worked without {cap}"
         );
     }
     std::fs::remove_file(dropins.join("caps.conf")).unwrap();
-    c.ok("systemctl daemon-reload && systemctl restart kmsd");
+    c.ok(&format!("systemctl daemon-reload && systemctl restart {MOUNT_UNIT}"));
 }
 
 /// `systemctl status kmsd` once its Status: line contains `want` (10 s).

@@ -12,6 +12,16 @@ use kms_client::ClientError;
 /// Hint printed when the daemon cannot be reached.
 const START_HINT: &str = "is kmsd running? start it with kmsd --dev";
 
+/// Hint printed when the socket's permissions refused us (`EACCES`): kmsd
+/// may well be running, we are just not let in.
+const ACCESS_HINT: &str = "you lack access to kmsd's socket: its group (kmsd under systemd) decides who may \
+                           connect; ask to be added (usermod -aG kmsd USER) and log in again";
+
+/// Whether the socket's permissions refused the connection.
+fn access_refused(e: &ClientError) -> bool {
+    matches!(e, ClientError::Connect { source, .. } if source.kind() == io::ErrorKind::PermissionDenied)
+}
+
 /// Everything a kmsctl command can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -57,6 +67,7 @@ impl CliError {
     /// one, else the closest code for a local failure.
     pub fn code(&self) -> ErrorCode {
         match self {
+            CliError::Client(e) if access_refused(e) => ErrorCode::PermissionDenied,
             CliError::Client(e) => e.code().unwrap_or_else(|| local_code(e)),
             CliError::Input(_) | CliError::Usage(_) => ErrorCode::InvalidArgument,
             CliError::File { source, .. } if source.kind() == io::ErrorKind::NotFound => ErrorCode::NotFound,
@@ -69,6 +80,7 @@ impl CliError {
     pub fn message(&self) -> String {
         match self {
             CliError::Client(ClientError::Server(reply)) => reply.message.clone(),
+            CliError::Client(e) if access_refused(e) => format!("{} ({ACCESS_HINT})", chain(e)),
             CliError::Client(e @ ClientError::Connect { .. }) => {
                 format!("{} ({START_HINT})", chain(e))
             }
@@ -161,5 +173,18 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&connect_error().render(true)).unwrap();
         assert_eq!(value["error"]["code"], "unavailable");
         assert!(value["error"]["message"].as_str().unwrap().contains("kmsd.sock"));
+    }
+
+    #[test]
+    fn a_socket_refusing_us_says_we_lack_access_not_that_kmsd_is_down() {
+        let e = CliError::Client(ClientError::Connect {
+            path: "/run/kmsd/kmsd.sock".into(),
+            source: io::Error::from_raw_os_error(13),
+        });
+        assert_eq!(e.exit_code(), 3);
+        assert_eq!(e.code(), ErrorCode::PermissionDenied);
+        let msg = e.message();
+        assert!(msg.contains("lack access") && msg.contains("group"), "{msg}");
+        assert!(!msg.contains("is kmsd running"), "{msg}");
     }
 }

@@ -1,0 +1,230 @@
+//! The mount process's [`KeySource`]: kmsd over its socket, like any other
+//! caller. Data keys are generated, unwrapped and re-wrapped by kmsd under
+//! the file's context; this process never sees key material, only the
+//! data keys of the files it has open.
+//!
+//! Dialled connections are pooled (one per concurrent key request). A
+//! request that meets a lost connection (kmsd restarting) is retried on a
+//! new one until `timeout` has passed since it began, then fails
+//! `Unavailable`, which the filesystem answers EIO: an open waits for kmsd,
+//! but never hangs. A child of kmsd instead gets one connection from kmsd
+//! (`children.rs`) and uses only that one: when it breaks, kmsd is gone
+//! and so is the child.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kms_client::blob::BlobHeader;
+use kms_client::proto::{Context, ErrorCode};
+use kms_client::{BlockingClient, ClientError, ClientOptions};
+use kms_fuse::{Dek, KeyError, KeySource};
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+/// Pause between attempts to reach kmsd.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Connections kept for reuse; more may exist while requests overlap.
+const MAX_IDLE: usize = 8;
+
+/// The context of the probe that finds the key's id and active version.
+fn probe_context() -> Context {
+    [("kmsd-mount.probe".to_string(), "1".to_string())].into()
+}
+
+/// How the mount process reaches kmsd.
+#[derive(Debug)]
+enum Conns {
+    /// Dials kmsd's socket; idle connections wait here.
+    Dial {
+        socket: PathBuf,
+        idle: Mutex<Vec<BlockingClient>>,
+    },
+    /// The one connection kmsd gave its child.
+    Given(Mutex<BlockingClient>),
+}
+
+/// Data keys for one filesystem from kmsd.
+#[derive(Debug)]
+pub struct ClientKeys {
+    conns: Conns,
+    key_id: Uuid,
+    timeout: Duration,
+}
+
+impl ClientKeys {
+    /// Reaches kmsd at `socket` (waiting up to `timeout` for it) and finds
+    /// the id of `key` (a name or an id) by generating a throw-away data
+    /// key, which also proves that this process may use it.
+    ///
+    /// # Errors
+    /// kmsd unreachable within `timeout`, the key unknown or not usable by
+    /// this process.
+    pub fn connect(socket: &Path, key: &str, timeout: Duration) -> Result<Self, KeyError> {
+        let conns = Conns::Dial {
+            socket: socket.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+        };
+        Self::with(conns, key, timeout)
+    }
+
+    /// Like [`connect`](Self::connect), over the connection `stream` that
+    /// kmsd handed its child.
+    ///
+    /// # Errors
+    /// The handshake fails, the key is unknown.
+    pub fn given(stream: UnixStream, key: &str, timeout: Duration) -> Result<Self, KeyError> {
+        let c = BlockingClient::handshake(stream, &options())
+            .and_then(|c| c.set_read_timeout(Some(timeout)).map(|()| c))
+            .map_err(|e| key_error(&e, Path::new("(inherited connection)")))?;
+        Self::with(Conns::Given(Mutex::new(c)), key, timeout)
+    }
+
+    fn with(conns: Conns, key: &str, timeout: Duration) -> Result<Self, KeyError> {
+        let mut keys = Self {
+            conns,
+            key_id: Uuid::nil(),
+            timeout,
+        };
+        keys.key_id = keys.probe(key)?.key_id;
+        Ok(keys)
+    }
+
+    /// The header of a fresh blob of `key`'s active version.
+    fn probe(&self, key: &str) -> Result<BlobHeader, KeyError> {
+        let dk = self.call(|c| c.generate_data_key(key, &probe_context(), false))?;
+        BlobHeader::parse(&dk.blob).map_err(|e| KeyError::Unavailable(format!("kmsd sent a bad blob: {e}")))
+    }
+
+    fn connect_one(&self, socket: &Path) -> Result<BlockingClient, ClientError> {
+        let c = BlockingClient::connect_with(socket, &options())?;
+        c.set_read_timeout(Some(self.timeout))?;
+        Ok(c)
+    }
+
+    /// Runs `f` on a connection to kmsd.
+    fn call<T>(&self, f: impl Fn(&mut BlockingClient) -> Result<T, ClientError>) -> Result<T, KeyError> {
+        match &self.conns {
+            Conns::Dial { socket, idle } => self.dial_call(socket, idle, f),
+            Conns::Given(c) => f(&mut c.lock()).map_err(|e| key_error(&e, Path::new("(inherited connection)"))),
+        }
+    }
+
+    /// Runs `f` on a pooled connection, retrying on a fresh one while the
+    /// connection is what failed and `timeout` has not passed.
+    fn dial_call<T>(
+        &self,
+        socket: &Path,
+        idle: &Mutex<Vec<BlockingClient>>,
+        f: impl Fn(&mut BlockingClient) -> Result<T, ClientError>,
+    ) -> Result<T, KeyError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let pooled = idle.lock().pop();
+            let attempt = match pooled.map_or_else(|| self.connect_one(socket), Ok) {
+                Ok(mut c) => f(&mut c).map(|v| (v, c)).map_err(|e| (e, None)),
+                Err(e) => Err((e, None::<BlockingClient>)),
+            };
+            match attempt {
+                Ok((v, c)) => {
+                    give_back(idle, c);
+                    return Ok(v);
+                }
+                Err((e, _)) if e.is_connection_error() && Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "kmsd unreachable; retrying");
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+                Err((e, _)) => return Err(key_error(&e, socket)),
+            }
+        }
+    }
+
+    /// Refuses a blob of another key before it reaches kmsd, where this
+    /// process may be allowed to use other keys too.
+    fn check_key(&self, blob: &[u8]) -> Result<(), KeyError> {
+        let header = BlobHeader::parse(blob).map_err(|e| KeyError::DecryptFailed(e.to_string()))?;
+        if header.key_id != self.key_id {
+            return Err(KeyError::DecryptFailed(
+                "the header's key is not this filesystem's key".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn give_back(idle: &Mutex<Vec<BlockingClient>>, c: BlockingClient) {
+    let mut idle = idle.lock();
+    if !c.is_broken() && idle.len() < MAX_IDLE {
+        idle.push(c);
+    }
+}
+
+fn options() -> ClientOptions {
+    ClientOptions {
+        client_name: format!("kmsd-mount/{}", env!("CARGO_PKG_VERSION")),
+        ..ClientOptions::default()
+    }
+}
+
+/// A client error as the filesystem sees it.
+fn key_error(e: &ClientError, socket: &Path) -> KeyError {
+    let message = chain(e);
+    match e.code() {
+        Some(ErrorCode::PermissionDenied) => KeyError::Denied(message),
+        Some(ErrorCode::DecryptFailed) => KeyError::DecryptFailed(message),
+        _ if e.is_connection_error() => KeyError::Unavailable(format!("kmsd at {}: {message}", socket.display())),
+        _ => KeyError::Unavailable(message),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn dek_from(bytes: &[u8]) -> Result<Dek, KeyError> {
+    let mut arr: [u8; kms_fuse::keys::DEK_LEN] = bytes
+        .try_into()
+        .map_err(|_| KeyError::DecryptFailed("data key has the wrong length".into()))?;
+    let dek = Dek::from_bytes(arr);
+    zeroize::Zeroize::zeroize(&mut arr);
+    Ok(dek)
+}
+
+impl KeySource for ClientKeys {
+    fn key_id(&self) -> Uuid {
+        self.key_id
+    }
+
+    fn new_dek(&self, ctx: &Context) -> Result<(Dek, Vec<u8>), KeyError> {
+        let key = self.key_id.to_string();
+        let dk = self.call(|c| c.generate_data_key(&key, ctx, true))?;
+        let plain = dk
+            .plaintext
+            .as_ref()
+            .ok_or_else(|| KeyError::Unavailable("kmsd sent no data key".into()))?;
+        Ok((dek_from(plain)?, dk.blob.clone()))
+    }
+
+    fn unwrap_dek(&self, ctx: &Context, blob: &[u8]) -> Result<Dek, KeyError> {
+        self.check_key(blob)?;
+        let plain = self.call(|c| c.unwrap(blob, ctx))?;
+        dek_from(&plain)
+    }
+
+    fn rewrap(&self, ctx: &Context, blob: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.check_key(blob)?;
+        self.call(|c| c.re_encrypt(blob, ctx, None, None))
+    }
+
+    fn active_version(&self) -> Result<u32, KeyError> {
+        Ok(self.probe(&self.key_id.to_string())?.version)
+    }
+}

@@ -1,0 +1,362 @@
+//! The mount process (`kmsd mount NAME`): one encrypted filesystem, served
+//! with the privileges mounting needs and no key but the data keys of its
+//! open files. It is a client of kmsd ([`keys::ClientKeys`]) and answers
+//! kmsd on its admin socket ([`admin`]). ARCHITECTURE.md, "Processes".
+//!
+//! Start: reach kmsd and resolve the key, clear a stale mountpoint, check
+//! the target is free, mount, open the admin socket, say READY=1 (systemd).
+//! Stop: on SIGTERM or SIGINT, close the admin socket and unmount.
+
+pub mod admin;
+pub mod keys;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kms_client::proto::MountInfo;
+use kms_fuse::{KeySource, MountHandle, MountOptions};
+use nix::sys::signal::{SigSet, Signal};
+use serde::Deserialize;
+
+/// Where `kmsd mount NAME` reads its settings: `DIR/NAME.toml`.
+pub const MOUNTS_DIR: &str = "/etc/kmsd/mounts";
+
+/// kmsd's socket unless the settings say otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/kmsd/kmsd.sock";
+
+/// A mount process's settings (`/etc/kmsd/mounts/NAME.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSettings {
+    /// Backing directory holding the encrypted files.
+    pub source: PathBuf,
+    /// Mountpoint.
+    pub target: PathBuf,
+    /// Key (name or id) whose active version wraps new files' DEKs; this
+    /// process's user must be allowed to use it.
+    pub key: String,
+    /// kmsd's socket.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// How long a key request (an open, a create) waits for kmsd before
+    /// it fails with EIO, in seconds.
+    #[serde(default = "default_key_timeout")]
+    pub key_timeout_secs: u64,
+    /// Log filter; `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+
+fn default_key_timeout() -> u64 {
+    10
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Why the settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read mount settings")]
+    Load(#[from] config::ConfigError),
+    #[error("mount setting {setting}: {reason}")]
+    Invalid { setting: &'static str, reason: String },
+}
+
+impl MountSettings {
+    /// Reads and checks `path`.
+    ///
+    /// # Errors
+    /// Unreadable file, unknown or invalid settings.
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
+        let file = config::File::from(path).format(config::FileFormat::Toml).required(true);
+        let s: Self = config::Config::builder().add_source(file).build()?.try_deserialize()?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Settings given on the command line (kmsd's children).
+    ///
+    /// # Errors
+    /// Invalid values.
+    pub fn new(source: PathBuf, target: PathBuf, key: String, socket: PathBuf) -> Result<Self, SettingsError> {
+        let s = Self {
+            source,
+            target,
+            key,
+            socket,
+            key_timeout_secs: default_key_timeout(),
+            log_level: default_log_level(),
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// `Invalid` naming the setting.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |setting, reason: &str| SettingsError::Invalid {
+            setting,
+            reason: reason.into(),
+        };
+        for (setting, p) in [
+            ("source", &self.source),
+            ("target", &self.target),
+            ("socket", &self.socket),
+        ] {
+            if !p.is_absolute() {
+                return Err(bad(setting, "must be an absolute path"));
+            }
+        }
+        if self.source.starts_with(&self.target) || self.target.starts_with(&self.source) {
+            return Err(bad("target", "source and target must not contain each other"));
+        }
+        if self.key.is_empty() {
+            return Err(bad("key", "must name a key"));
+        }
+        if !(1..=3600).contains(&self.key_timeout_secs) {
+            return Err(bad("key_timeout_secs", "must be 1 .. 3600"));
+        }
+        Ok(())
+    }
+
+    /// The admin socket of the mount named `name`: `mounts/NAME.sock`
+    /// beside kmsd's socket, where kmsd looks for it.
+    pub fn admin_socket(&self, name: &str) -> PathBuf {
+        admin_dir(&self.socket).join(format!("{name}.sock"))
+    }
+}
+
+/// The folder of mount processes' admin sockets for kmsd at `socket`.
+pub fn admin_dir(socket: &Path) -> PathBuf {
+    socket.parent().unwrap_or(Path::new("/")).join("mounts")
+}
+
+/// A mount name: 1-64 characters from A-Z a-z 0-9 `-` `_` `.`, not
+/// starting with a dot (it names the admin socket and the settings file).
+pub fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Why a mount could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mount {target}: cannot create {path}")]
+    Dir {
+        target: PathBuf,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {target}: the mountpoint is busy ({reason}); unmount or empty it, or choose another target")]
+    Busy { target: PathBuf, reason: &'static str },
+    #[error("mount {target}: cannot clear a stale mountpoint")]
+    Stale {
+        target: PathBuf,
+        #[source]
+        source: kms_fuse::Error,
+    },
+    #[error("mount {target}: the kernel refused the mount (is /dev/fuse available and is the target busy?)")]
+    Mount {
+        target: PathBuf,
+        #[source]
+        source: kms_fuse::Error,
+    },
+}
+
+/// Refuses a mountpoint that already has something mounted on it or that
+/// holds files (they would be hidden under the encrypted view).
+fn check_free(target: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::MetadataExt;
+    let busy = |reason| MountError::Busy {
+        target: target.to_path_buf(),
+        reason,
+    };
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    if dev(target).is_some() && dev(target) != dev(parent) {
+        return Err(busy("something is already mounted there"));
+    }
+    if std::fs::read_dir(target).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(busy("it is not empty"));
+    }
+    Ok(())
+}
+
+fn clear_stale(target: &Path) -> Result<(), MountError> {
+    kms_fuse::recover_stale_mount(target)
+        .map(|_| ())
+        .map_err(|source| MountError::Stale {
+            target: target.to_path_buf(),
+            source,
+        })
+}
+
+/// Mounts `source` at `target` with data keys from `keys`, after clearing
+/// a mountpoint a dead mount process left behind and creating both
+/// folders (mode 0700) if needed. `fs_name` shows in the mount table.
+///
+/// # Errors
+/// See [`MountError`].
+pub fn mount_fs(
+    source: &Path,
+    target: &Path,
+    fs_name: &str,
+    keys: Arc<dyn KeySource>,
+) -> Result<MountHandle, MountError> {
+    // First: a mountpoint left by a crash cannot even be stat'ed.
+    clear_stale(target)?;
+    for dir in [source, target] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| MountError::Dir {
+                target: target.to_path_buf(),
+                path: dir.to_path_buf(),
+                source: e,
+            })?;
+    }
+    clear_stale(target)?;
+    check_free(target)?;
+    let opts = MountOptions {
+        fs_name: fs_name.to_string(),
+        ..MountOptions::default()
+    };
+    kms_fuse::mount(source, target, keys, &opts).map_err(|e| MountError::Mount {
+        target: target.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Why the mount process stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("mount {name}: cannot reach kmsd or use key {key:?}")]
+    Keys {
+        name: String,
+        key: String,
+        #[source]
+        source: kms_fuse::KeyError,
+    },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("mount {name}: admin socket {}", path.display())]
+    Admin {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot wait for signals")]
+    Signals(#[source] nix::Error),
+}
+
+/// Runs the mount named `name` until SIGTERM or SIGINT; its key requests
+/// go over `given` (kmsd's connection to its child) if any, else to
+/// kmsd's socket.
+///
+/// # Errors
+/// See [`RunError`]; nothing stays mounted after an error.
+pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::UnixStream>) -> Result<(), RunError> {
+    // Before any thread starts, so that every thread inherits the mask and
+    // the signals wait for `wait` below.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().map_err(RunError::Signals)?;
+    let timeout = Duration::from_secs(s.key_timeout_secs);
+    let keys = match given {
+        Some(stream) => keys::ClientKeys::given(stream, &s.key, timeout),
+        None => keys::ClientKeys::connect(&s.socket, &s.key, timeout),
+    };
+    let keys = keys.map_err(|source| RunError::Keys {
+        name: name.into(),
+        key: s.key.clone(),
+        source,
+    })?;
+    let keys: Arc<dyn KeySource> = Arc::new(keys);
+    let handle = mount_fs(&s.source, &s.target, &format!("kmsd:{}", s.key), keys.clone())?;
+    let path = s.admin_socket(name);
+    let kmsd_uid = admin::kmsd_uid();
+    let owner = nix::unistd::geteuid().is_root().then_some(kmsd_uid).flatten();
+    let listener = admin::bind(&path, owner).map_err(|source| RunError::Admin {
+        name: name.into(),
+        path: path.clone(),
+        source,
+    })?;
+    let admin = Arc::new(admin::Admin {
+        info: MountInfo {
+            source: s.source.display().to_string(),
+            target: s.target.display().to_string(),
+            key: s.key.clone(),
+        },
+        source: s.source.clone(),
+        keys,
+        stats: handle.shared_stats(),
+        started: Instant::now(),
+        kmsd_uid,
+    });
+    std::thread::Builder::new()
+        .name("admin-accept".into())
+        .spawn(move || admin::serve(listener, admin))
+        .map_err(|source| RunError::Admin {
+            name: name.into(),
+            path: path.clone(),
+            source,
+        })?;
+    tracing::info!(name, target = %s.target.display(), admin = %path.display(), "mount process ready");
+    crate::notify::ready(&format!("serving {}", s.target.display()));
+    let got = signals.wait().map_err(RunError::Signals)?;
+    tracing::info!(signal = %got, "unmounting");
+    crate::notify::stopping();
+    let _ = std::fs::remove_file(&path);
+    match handle.unmount() {
+        Ok(()) => tracing::info!(target = %s.target.display(), "unmounted"),
+        Err(e) => tracing::warn!(target = %s.target.display(), error = %e, "mount busy; detached lazily"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> Result<MountSettings, SettingsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        std::fs::write(&p, toml).unwrap();
+        MountSettings::load(&p)
+    }
+
+    #[test]
+    fn settings_take_defaults_and_refuse_the_unknown_and_the_relative() {
+        let s = settings("source = \"/var/lib/d\"\ntarget = \"/srv/d\"\nkey = \"app\"\n").unwrap();
+        assert_eq!(s.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(s.key_timeout_secs, 10);
+        assert_eq!(s.admin_socket("data"), Path::new("/run/kmsd/mounts/data.sock"));
+        assert!(settings("source = \"/a\"\ntarget = \"/b\"\nkey = \"k\"\nextra = 1\n").is_err());
+        let e = settings("source = \"a\"\ntarget = \"/b\"\nkey = \"k\"\n").unwrap_err();
+        assert!(e.to_string().contains("source"), "{e}");
+        let e = settings("source = \"/a\"\ntarget = \"/a/b\"\nkey = \"k\"\n").unwrap_err();
+        assert!(e.to_string().contains("target"), "{e}");
+    }
+
+    #[test]
+    fn names_are_file_names() {
+        assert!(name_ok("data") && name_ok("srv-app.2"));
+        assert!(!name_ok("") && !name_ok("../x") && !name_ok(".hidden") && !name_ok("a/b"));
+    }
+}

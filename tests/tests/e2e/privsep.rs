@@ -1,0 +1,265 @@
+//! Issue 13: the key process and the mount processes are apart. kmsd holds
+//! keys and never the FUSE device; a mount process is kmsd's client and
+//! fails apart from it: open files survive a kmsd restart, a new open waits
+//! for kmsd and then fails EIO rather than hang, and a killed mount process
+//! leaves a stale mountpoint that its next start clears.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kms_tests::{bin, fuse_available, is_mounted, mount_children, wait_for, TestDaemon};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Whether `pid` holds an open `/dev/fuse`.
+fn holds_fuse_device(pid: Pid) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == Path::new("/dev/fuse")))
+}
+
+/// Whether `pid` is listening on (or connected to) the socket file `path`:
+/// its socket inode is among the process's descriptors.
+fn holds_socket(pid: Pid, path: &Path) -> bool {
+    let inode = |line: &str| -> Option<String> {
+        let mut fields = line.split_whitespace();
+        let ino = fields.nth(6)?.to_string();
+        (fields.next() == Some(path.to_str()?)).then_some(ino)
+    };
+    let unix = fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let Some(ino) = unix.lines().find_map(inode) else {
+        return false;
+    };
+    let want = format!("socket:[{ino}]");
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == Path::new(&want)))
+        })
+        .unwrap_or(false)
+}
+
+/// `kmsd --dev` is one command and two processes: the socket is kmsd's, the
+/// FUSE device its child's; SIGTERM to kmsd takes the mount down too.
+#[test]
+fn dev_mount_is_served_by_a_child_not_by_the_key_process() {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("kmsd-dev-").tempdir().unwrap();
+    let dev = dir.path().join("d");
+    let log = fs::File::create(dir.path().join("log")).unwrap();
+    let mut kmsd = Command::new(bin("kmsd"))
+        .arg("--dev")
+        .arg("--dev-dir")
+        .arg(&dev)
+        .env("KMSD_METRICS__LISTEN", "")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(kmsd.id() as i32);
+    let logs = || fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    let up = wait_for(Duration::from_secs(20), || logs().contains("kmsd ready").then_some(()));
+    assert!(up.is_some(), "kmsd --dev did not start:\n{}", logs());
+    let mnt = dev.join("mnt");
+    assert!(is_mounted(&mnt), "{}", logs());
+    fs::write(mnt.join("a.txt"), b"through the child").unwrap();
+    assert_eq!(fs::read(mnt.join("a.txt")).unwrap(), b"through the child");
+
+    let children = mount_children(pid);
+    assert_eq!(children.len(), 1, "one mount process: {children:?}");
+    let child = children[0];
+    let socket = dev.join("kmsd.sock");
+    assert!(holds_socket(pid, &socket), "kmsd serves the socket");
+    assert!(
+        !holds_socket(child, &socket),
+        "the child does not listen on kmsd's socket"
+    );
+    assert!(holds_fuse_device(child), "the mount process holds /dev/fuse");
+    assert!(!holds_fuse_device(pid), "kmsd holds no FUSE device");
+
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = wait_for(Duration::from_secs(15), || kmsd.try_wait().unwrap());
+    assert!(status.is_some_and(|s| s.success()), "{}", logs());
+    assert!(!is_mounted(&mnt), "the dev mount goes with kmsd");
+    assert!(
+        !Path::new(&format!("/proc/{child}")).exists(),
+        "the mount process is gone"
+    );
+}
+
+/// A mount process started on its own (as `kmsd-mount@` runs it): a
+/// settings file, kmsd's socket dialled like any client.
+struct Solo {
+    child: Option<Child>,
+    settings: PathBuf,
+    log: PathBuf,
+}
+
+impl Solo {
+    fn start(d: &TestDaemon, timeout_secs: u64) -> Self {
+        let settings = d.dir.path().join("solo.toml");
+        fs::write(
+            &settings,
+            format!(
+                "source = {:?}\ntarget = {:?}\nkey = \"fs\"\nsocket = {:?}\nkey_timeout_secs = {timeout_secs}\n",
+                d.data(),
+                d.mnt(),
+                d.socket
+            ),
+        )
+        .unwrap();
+        let mut solo = Self {
+            child: None,
+            settings,
+            log: d.dir.path().join("solo.log"),
+        };
+        solo.spawn();
+        solo
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("kmsd"))
+            .args(["mount", "solo", "--settings"])
+            .arg(&self.settings)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let admin = self.settings.parent().unwrap().join("mounts/solo.sock");
+        let up = wait_for(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&admin).ok()
+        });
+        assert!(up.is_some(), "mount process did not come up:\n{}", self.logs());
+    }
+
+    fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Solo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            if wait_for(Duration::from_secs(10), || c.try_wait().ok().flatten()).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Item 3: kmsd killed and started again while a file is open on a mount
+/// process of its own; the open file keeps reading, a new open fails EIO
+/// within the key timeout while kmsd is down and works once it is back;
+/// a SIGKILLed mount process leaves a stale mountpoint that its next start
+/// clears, with nothing lost; kmsd relays `fs versions` to it.
+#[test]
+fn mount_process_outlives_kmsd_and_kmsd_outlives_it() {
+    if !fuse_available() {
+        return;
+    }
+    let mut d = TestDaemon::start();
+    d.client()
+        .create_key(kms_client::proto::CreateKey {
+            name: Some("fs".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut solo = Solo::start(&d, 2);
+    let mnt = d.mnt();
+    fs::write(mnt.join("open.txt"), b"kept open across the restart").unwrap();
+    fs::write(mnt.join("later.txt"), b"opened after the restart").unwrap();
+    let mut open = fs::File::open(mnt.join("open.txt")).unwrap();
+    assert!(!holds_fuse_device(d.pid()));
+    assert!(holds_fuse_device(solo.pid()));
+
+    d.kill9();
+    let mut got = String::new();
+    open.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "kept open across the restart");
+    let started = Instant::now();
+    let err = fs::read(mnt.join("later.txt")).expect_err("no kmsd to unwrap its key");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+
+    d.restart();
+    assert_eq!(fs::read(mnt.join("later.txt")).unwrap(), b"opened after the restart");
+    let versions = d.client().fs_versions(mnt.to_str().unwrap()).unwrap();
+    assert_eq!(versions.counts, vec![(1, 2)]);
+    let status = d.client().status().unwrap();
+    assert_eq!(status.mounts.len(), 1, "{status:?}");
+
+    solo.kill9();
+    drop(open);
+    let dead = fs::metadata(mnt.join("open.txt"));
+    assert!(dead.is_err(), "a dead mount answers nothing");
+    let mut c = d.client();
+    assert!(c.status().unwrap().mounts.is_empty(), "kmsd is unaffected");
+    solo.spawn();
+    assert_eq!(fs::read(mnt.join("open.txt")).unwrap(), b"kept open across the restart");
+    assert_eq!(fs::read(mnt.join("later.txt")).unwrap(), b"opened after the restart");
+    assert!(solo.logs().contains("detached stale FUSE mount"), "{}", solo.logs());
+    drop(solo);
+    assert!(!is_mounted(&mnt), "SIGTERM unmounts");
+}
+
+/// Outside systemd kmsd looks after the mount processes it started: one
+/// SIGKILLed is started again (clearing the stale mountpoint), kmsd serving
+/// keys all along; SIGKILL of kmsd takes its children down with it.
+#[test]
+fn kmsd_restarts_a_child_that_dies_and_takes_them_down_when_killed() {
+    if !fuse_available() {
+        return;
+    }
+    let mut d = TestDaemon::start_with_mount();
+    fs::write(d.mnt().join("kept"), b"across the child's death").unwrap();
+    let first = d.mount_pids();
+    assert_eq!(first.len(), 1, "{first:?}");
+    kill(first[0], Signal::SIGKILL).unwrap();
+    let mut c = d.client();
+    let back = wait_for(Duration::from_secs(20), || {
+        let now = d.mount_pids();
+        let fresh = now.len() == 1 && now != first;
+        (fresh && fs::read(d.mnt().join("kept")).is_ok()).then_some(now)
+    });
+    let second = back.unwrap_or_else(|| panic!("no new mount process:\n{}", d.logs()));
+    assert_eq!(fs::read(d.mnt().join("kept")).unwrap(), b"across the child's death");
+    assert!(c.status().is_ok(), "kmsd served on");
+    assert!(
+        d.logs().contains("mount process died; starting it again"),
+        "{}",
+        d.logs()
+    );
+    d.kill9();
+    let gone = wait_for(Duration::from_secs(10), || {
+        (!Path::new(&format!("/proc/{}", second[0])).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "the child outlived a SIGKILLed kmsd");
+}
