@@ -55,9 +55,37 @@ impl VersionCiphers {
     }
 }
 
+/// A blob and the key version that sealed it, so that whoever reports the
+/// operation (metrics, audit) is told them instead of parsing them back
+/// out of the bytes. Reads as the blob's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub blob: Vec<u8>,
+    pub key_id: Uuid,
+    pub version: u32,
+}
+
+impl std::ops::Deref for Sealed {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.blob
+    }
+}
+
+impl AsRef<[u8]> for Sealed {
+    fn as_ref(&self) -> &[u8] {
+        &self.blob
+    }
+}
+
 /// Encrypts `plaintext` under `cipher` (key `key_id`, `version`) into a blob.
-pub fn seal(cipher: &Aes256Gcm, key_id: Uuid, version: u32, plaintext: &[u8], context: &Context) -> Vec<u8> {
-    blob::seal(cipher, key_id, version, plaintext, context)
+pub fn seal(cipher: &Aes256Gcm, key_id: Uuid, version: u32, plaintext: &[u8], context: &Context) -> Sealed {
+    Sealed {
+        blob: blob::seal(cipher, key_id, version, plaintext, context),
+        key_id,
+        version,
+    }
 }
 
 /// Decrypts a blob whose header was already parsed and whose key version's
@@ -93,6 +121,7 @@ mod tests {
         assert_eq!(blob.len(), HEADER_LEN + 6 + TAG_LEN);
         let h = BlobHeader::parse(&blob).unwrap();
         assert_eq!((h.key_id, h.version), (id, 7));
+        assert_eq!((blob.key_id, blob.version), (id, 7), "seal says what it used");
         let out = open(&cipher(&m), &blob, &ctx(&[("app", "x")])).unwrap();
         assert_eq!(&out[..], b"secret");
     }
@@ -132,7 +161,7 @@ mod tests {
         let c = cipher(&m);
         let blob = seal(&c, Uuid::new_v4(), 1, b"0123456789", &Context::new());
         for i in 0..blob.len() * 8 {
-            let mut bad = blob.clone();
+            let mut bad = blob.to_vec();
             bad[i / 8] ^= 1 << (i % 8);
             assert!(open(&c, &bad, &Context::new()).is_err(), "bit {i}");
         }

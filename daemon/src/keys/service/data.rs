@@ -9,14 +9,14 @@ use rand::RngCore;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::keys::crypto;
+use crate::keys::crypto::{self, Sealed};
 use crate::keys::error::{Error, Result};
 use crate::keys::policy::{Access, Caller};
 
 use super::{KeyEntry, KeyService};
 
 /// A generated data key: plaintext (zeroized on drop) and its blob.
-pub type DataKeyPair = (Zeroizing<Vec<u8>>, Vec<u8>);
+pub type DataKeyPair = (Zeroizing<Vec<u8>>, Sealed);
 
 /// Length of generated data keys.
 pub const DATA_KEY_LEN: usize = 32;
@@ -30,11 +30,12 @@ impl KeyService {
         Ok(e)
     }
 
-    /// Encrypts up to 64 KiB under the key's active version.
+    /// Encrypts up to 64 KiB under the key's active version; returns the
+    /// blob with the key and version it used.
     ///
     /// # Errors
     /// `NotFound`, `PermissionDenied`, `Disabled`, `InvalidArgument` (size).
-    pub fn encrypt(&self, caller: &Caller, key_ref: &str, plaintext: &[u8], ctx: &Context) -> Result<Vec<u8>> {
+    pub fn encrypt(&self, caller: &Caller, key_ref: &str, plaintext: &[u8], ctx: &Context) -> Result<Sealed> {
         check_len("plaintext", plaintext.len(), 0, MAX_PLAINTEXT)?;
         Ok(self.usable(caller, key_ref)?.seal(plaintext, ctx))
     }
@@ -43,7 +44,7 @@ impl KeyService {
     ///
     /// # Errors
     /// As [`encrypt`](Self::encrypt).
-    pub fn wrap(&self, caller: &Caller, key_ref: &str, dek: &[u8], ctx: &Context) -> Result<Vec<u8>> {
+    pub fn wrap(&self, caller: &Caller, key_ref: &str, dek: &[u8], ctx: &Context) -> Result<Sealed> {
         check_len("data key", dek.len(), 1, MAX_DEK)?;
         Ok(self.usable(caller, key_ref)?.seal(dek, ctx))
     }
@@ -52,7 +53,7 @@ impl KeyService {
     ///
     /// # Errors
     /// As [`wrap`](Self::wrap), for the whole batch.
-    pub fn wrap_batch(&self, caller: &Caller, key_ref: &str, deks: &[Vec<u8>], ctx: &Context) -> Result<Vec<Vec<u8>>> {
+    pub fn wrap_batch(&self, caller: &Caller, key_ref: &str, deks: &[Vec<u8>], ctx: &Context) -> Result<Vec<Sealed>> {
         check_len("batch", deks.len(), 1, kms_client::proto::MAX_BATCH)?;
         for d in deks {
             check_len("data key", d.len(), 1, MAX_DEK)?;
@@ -101,7 +102,7 @@ impl KeyService {
     /// # Errors
     /// As [`decrypt`](Self::decrypt).
     pub fn unwrap(&self, caller: &Caller, blob: &[u8], ctx: &Context) -> Result<Zeroizing<Vec<u8>>> {
-        self.open_blob(caller, blob, ctx, None)
+        self.decrypt(caller, blob, ctx)
     }
 
     /// Unwraps many blobs, each with its own result.
@@ -112,7 +113,7 @@ impl KeyService {
         ctx: &Context,
     ) -> Result<Vec<Result<Zeroizing<Vec<u8>>>>> {
         check_len("batch", blobs.len(), 1, kms_client::proto::MAX_BATCH)?;
-        Ok(blobs.iter().map(|b| self.open_blob(caller, b, ctx, None)).collect())
+        Ok(blobs.iter().map(|b| self.decrypt(caller, b, ctx)).collect())
     }
 
     /// Opens a blob that must belong to key `expect` (the filesystem's key).
@@ -143,8 +144,8 @@ impl KeyService {
         ctx: &Context,
         to: Option<&str>,
         to_ctx: Option<&Context>,
-    ) -> Result<Vec<u8>> {
-        let plain = self.open_blob(caller, blob, ctx, None)?;
+    ) -> Result<Sealed> {
+        let plain = self.decrypt(caller, blob, ctx)?;
         let dest = match to {
             Some(key_ref) => self.usable(caller, key_ref)?,
             None => self.usable(

@@ -42,7 +42,7 @@ use rand::Rng;
 use uuid::Uuid;
 
 use super::clock::Clock;
-use super::crypto::{self, VersionCiphers};
+use super::crypto::{self, Sealed, VersionCiphers};
 use super::error::{Error, Result};
 use super::model::{KeyRecord, RotationSchedule};
 use super::policy::{allowed, Access, Caller};
@@ -75,7 +75,7 @@ impl KeyEntry {
         }
     }
 
-    fn seal(&self, plaintext: &[u8], context: &Context) -> Vec<u8> {
+    fn seal(&self, plaintext: &[u8], context: &Context) -> Sealed {
         let active = self.record.active().version;
         let cipher = self.ciphers.get(active).expect("ciphers cover every version");
         crypto::seal(cipher, self.record.id, active, plaintext, context)
