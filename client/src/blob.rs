@@ -1,6 +1,8 @@
 //! The ciphertext blob layout shared by the daemon (which makes and opens
 //! blobs) and by clients and the filesystem (which only read the header to
-//! learn which key and version a blob needs).
+//! learn which key and version a blob needs), and the one sealing and
+//! opening of it ([`seal`], [`open`]) that the daemon and the filesystem's
+//! in-memory key source both use.
 //!
 //! ```text
 //! 0      u8      format = 1
@@ -11,8 +13,12 @@
 //! AAD = bytes 0..33 || canonical encryption context
 //! ```
 
+use aes_gcm::Aes256Gcm;
+use rand::RngCore;
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
+use crate::aead::{self, OpenError};
 use crate::proto::Context;
 
 /// The only blob format this crate knows.
@@ -21,8 +27,11 @@ pub const BLOB_FORMAT: u8 = 1;
 pub const HEADER_LEN: usize = 33;
 /// Length of the GCM nonce.
 pub const NONCE_LEN: usize = 12;
+/// Where the nonce starts: `nonce ‖ ciphertext ‖ tag` follows the format,
+/// the key id and the version.
+const NONCE_AT: usize = HEADER_LEN - NONCE_LEN;
 /// Length of the GCM tag.
-pub const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = aead::TAG_LEN;
 /// Shortest possible blob: header and tag around an empty plaintext.
 pub const MIN_BLOB_LEN: usize = HEADER_LEN + TAG_LEN;
 
@@ -91,6 +100,33 @@ pub fn aad(header: &[u8; HEADER_LEN], context: &Context) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Encrypts `plaintext` under `cipher`, the material of key `key_id` at
+/// `version`, into a blob with a fresh random nonce.
+///
+/// # Panics
+/// For a plaintext over AES-GCM's limit of 64 GiB.
+pub fn seal(cipher: &Aes256Gcm, key_id: Uuid, version: u32, plaintext: &[u8], context: &Context) -> Vec<u8> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let header = BlobHeader { key_id, version, nonce }.to_bytes();
+    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(&header[..NONCE_AT]);
+    aead::seal(cipher, &nonce, &aad(&header, context), plaintext, &mut out);
+    out
+}
+
+/// Decrypts a blob under `cipher`, which the caller chose by the key and
+/// version its header names.
+///
+/// # Errors
+/// `OpenError` when it is shorter than a header, or its tag does not
+/// verify: wrong context, altered bytes, or a blob made under other
+/// material.
+pub fn open(cipher: &Aes256Gcm, blob: &[u8], context: &Context) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+    let header: &[u8; HEADER_LEN] = blob.get(..HEADER_LEN).ok_or(OpenError)?.try_into().expect("sliced");
+    aead::open(cipher, &aad(header, context), &blob[NONCE_AT..])
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! [`BlockingClient`], both with the same typed methods.
 #![forbid(unsafe_code)]
 
+pub mod aead;
 pub mod audit;
 pub mod blob;
 pub mod blocking;

@@ -505,6 +505,7 @@ mod tests {
             subject: &subject,
             caller: &caller,
             response: &response,
+            sealed_with: None,
             elapsed: Duration::from_micros(30),
         });
     }

@@ -68,7 +68,7 @@ impl KeySource for ServiceKeys {
             .keys
             .generate_data_key(&Caller::internal(), &self.key_id.to_string(), ctx)
             .map_err(key_error)?;
-        Ok((dek_from(&dek)?, blob))
+        Ok((dek_from(&dek)?, blob.blob))
     }
 
     fn unwrap_dek(&self, ctx: &Context, blob: &[u8]) -> Result<Dek, KeyError> {
@@ -88,6 +88,7 @@ impl KeySource for ServiceKeys {
         }
         self.keys
             .re_encrypt(&Caller::internal(), blob, ctx, None, None)
+            .map(|sealed| sealed.blob)
             .map_err(key_error)
     }
 

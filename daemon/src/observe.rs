@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kms_client::blob::BlobHeader;
 use kms_client::proto::{Op, Request, Response};
+use uuid::Uuid;
 
 use crate::keys::Caller;
 
@@ -65,6 +65,9 @@ pub struct Observation<'a> {
     pub subject: &'a Subject,
     pub caller: &'a Caller,
     pub response: &'a Response,
+    /// The key and version the key service sealed the answer's blobs
+    /// under (encrypt, wrap, generate, re-encrypt and their batches).
+    pub sealed_with: Option<(Uuid, u32)>,
     pub elapsed: Duration,
 }
 
@@ -79,22 +82,17 @@ impl Observation<'_> {
 
     /// The key id and version the answer names, where it names one: the
     /// key of a key-info answer and its active version, or the key and
-    /// version of a returned blob. Falls back to the request's subject.
+    /// version its blobs were sealed under. Falls back to the request's
+    /// subject.
     pub fn key_and_version(&self) -> (Option<String>, Option<u32>) {
-        let from_blob = |b: &[u8]| {
-            BlobHeader::parse(b)
-                .ok()
-                .map(|h| (Some(h.key_id.to_string()), Some(h.version)))
-        };
         let answered = match self.response {
-            Response::Key(k) => Some((Some(k.id.to_string()), Some(k.active_version))),
-            Response::Blob(b) => from_blob(b),
-            Response::DataKey(d) => from_blob(&d.blob),
-            Response::Blobs(bs) => bs.first().and_then(|b| from_blob(b)),
-            Response::DataKeys(ds) => ds.first().and_then(|d| from_blob(&d.blob)),
-            _ => None,
+            Response::Key(k) => Some((k.id, k.active_version)),
+            _ => self.sealed_with,
         };
-        answered.unwrap_or_else(|| (self.subject.key.clone(), self.subject.version))
+        answered.map_or_else(
+            || (self.subject.key.clone(), self.subject.version),
+            |(id, version)| (Some(id.to_string()), Some(version)),
+        )
     }
 }
 
@@ -153,7 +151,7 @@ mod tests {
         };
         let s = Subject::of(&wrap);
         assert_eq!((s.op, s.key.as_deref(), s.plaintext_in), (Op::Wrap, Some("app"), 32));
-        let mut blob = BlobHeader {
+        let mut blob = kms_client::blob::BlobHeader {
             key_id: uuid::Uuid::nil(),
             version: 7,
             nonce: [0; 12],
@@ -175,6 +173,7 @@ mod tests {
             subject: &s,
             caller: &caller,
             response: &err,
+            sealed_with: None,
             elapsed: Duration::ZERO,
         };
         assert_eq!(o.outcome(), "decrypt-failed");
@@ -184,8 +183,16 @@ mod tests {
             subject: &s,
             caller: &caller,
             response: &ok,
+            sealed_with: None,
             elapsed: Duration::ZERO,
         };
         assert_eq!(o.outcome(), "ok");
+        // What the key service sealed under wins over the request's subject.
+        let id = uuid::Uuid::new_v4();
+        let sealed = Observation {
+            sealed_with: Some((id, 3)),
+            ..o
+        };
+        assert_eq!(sealed.key_and_version(), (Some(id.to_string()), Some(3)));
     }
 }

@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, Secret, StatusInfo, PROTOCOL_VERSION};
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::keys::crypto::Sealed;
+use crate::keys::service::DataKeyPair;
 use crate::keys::{self, Caller, KeyService};
 use crate::mounts::Mounts;
 use crate::observe::Observers;
@@ -74,24 +77,75 @@ pub fn server_version() -> String {
     format!("kmsd/{}", env!("CARGO_PKG_VERSION"))
 }
 
-fn reply<T>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
+/// A response and, when it carries blobs sealed just now (encrypt, wrap,
+/// generate, re-encrypt and their batches), the key and version the key
+/// service sealed them under, for the observers.
+#[derive(Debug, PartialEq)]
+pub struct Answer {
+    pub response: Response,
+    pub sealed_with: Option<(Uuid, u32)>,
+}
+
+impl From<Response> for Answer {
+    fn from(response: Response) -> Self {
+        Self {
+            response,
+            sealed_with: None,
+        }
+    }
+}
+
+fn reply<T>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Answer {
     match r {
-        Ok(v) => ok(v),
-        Err(e) => Response::Error(e.into()),
+        Ok(v) => ok(v).into(),
+        Err(e) => Response::Error(e.into()).into(),
+    }
+}
+
+/// What the key service sealed: a blob, a data key, or a batch of either,
+/// every blob of a batch under the same key version.
+trait SealedWith {
+    fn sealed_with(&self) -> Option<&Sealed>;
+}
+
+impl SealedWith for Sealed {
+    fn sealed_with(&self) -> Option<&Sealed> {
+        Some(self)
+    }
+}
+
+impl SealedWith for DataKeyPair {
+    fn sealed_with(&self) -> Option<&Sealed> {
+        Some(&self.1)
+    }
+}
+
+impl<T: SealedWith> SealedWith for Vec<T> {
+    fn sealed_with(&self) -> Option<&Sealed> {
+        self.first().and_then(SealedWith::sealed_with)
+    }
+}
+
+/// As [`reply`], for an operation that sealed, telling which key version.
+fn sealed<T: SealedWith>(r: keys::Result<T>, ok: impl FnOnce(T) -> Response) -> Answer {
+    let sealed_with = r.as_ref().ok().and_then(T::sealed_with).map(|s| (s.key_id, s.version));
+    Answer {
+        sealed_with,
+        ..reply(r, ok)
     }
 }
 
 /// Handles one request after the handshake, on whatever thread its
 /// [`Execution`](kms_client::proto::Execution) asks for; `progress(done,
 /// total)` hears how a long request (`fs rewrap`) advances.
-pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Response {
+pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Answer {
     let k = &*d.keys;
     match req {
-        Request::Hello { .. } => d.hello(),
-        Request::Status => d.status(),
+        Request::Hello { .. } => d.hello().into(),
+        Request::Status => d.status().into(),
         Request::CreateKey(c) => reply(k.create_key(caller, &c), Response::Key),
         Request::DescribeKey { key } => reply(k.describe(caller, &key), Response::Key),
-        Request::ListKeys => Response::Keys(k.list(caller)),
+        Request::ListKeys => Response::Keys(k.list(caller)).into(),
         Request::EnableKey { key } => reply(k.enable_key(caller, &key), Response::Key),
         Request::DisableKey { key } => reply(k.disable_key(caller, &key), Response::Key),
         Request::ScheduleDeletion { key, days } => reply(k.schedule_deletion(caller, &key, days), Response::Key),
@@ -107,11 +161,13 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
             key,
             plaintext,
             context,
-        } => reply(k.encrypt(caller, &key, &plaintext, &context), Response::Blob),
+        } => sealed(k.encrypt(caller, &key, &plaintext, &context), |s| {
+            Response::Blob(s.blob)
+        }),
         Request::Decrypt { blob, context } => {
             reply(k.decrypt(caller, &blob, &context), |p| Response::Plaintext(p.into()))
         }
-        Request::Wrap { key, dek, context } => reply(k.wrap(caller, &key, &dek, &context), Response::Blob),
+        Request::Wrap { key, dek, context } => sealed(k.wrap(caller, &key, &dek, &context), |s| Response::Blob(s.blob)),
         Request::Unwrap { blob, context } => {
             reply(k.unwrap(caller, &blob, &context), |p| Response::Plaintext(p.into()))
         }
@@ -119,7 +175,7 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
             key,
             context,
             with_plaintext,
-        } => reply(k.generate_data_key(caller, &key, &context), |dk| {
+        } => sealed(k.generate_data_key(caller, &key, &context), |dk| {
             Response::DataKey(data_key(dk, with_plaintext))
         }),
         Request::ReEncrypt {
@@ -127,12 +183,14 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
             context,
             to,
             to_context,
-        } => reply(
+        } => sealed(
             k.re_encrypt(caller, &blob, &context, to.as_deref(), to_context.as_ref()),
-            Response::Blob,
+            |s| Response::Blob(s.blob),
         ),
         Request::WrapBatch { key, deks, context } => {
-            reply(k.wrap_batch(caller, &key, &unwrapped(deks), &context), Response::Blobs)
+            sealed(k.wrap_batch(caller, &key, &unwrapped(deks), &context), |ss| {
+                Response::Blobs(ss.into_iter().map(|s| s.blob).collect())
+            })
         }
         Request::UnwrapBatch { blobs, context } => reply(k.unwrap_batch(caller, &blobs, &context), |rs| {
             Response::Plaintexts(
@@ -146,21 +204,22 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
             count,
             context,
             with_plaintext,
-        } => reply(
+        } => sealed(
             k.generate_data_key_batch(caller, &key, count as usize, &context),
             |dks| Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect()),
         ),
         // With peers configured the server hands these (`Execution::Peers`)
         // to the replicator.
         Request::ReplicateKey { .. } | Request::Replication(_) | Request::UnreplicateKey { .. } => {
-            unavailable("multi-zone replication is not configured here: no [[peer]]")
+            unavailable("multi-zone replication is not configured here: no [[peer]]").into()
         }
         Request::FsVersions { mount } => match d.mounts.versions(k, caller, &mount) {
             Ok(v) => Response::FsVersions(v),
             Err(e) => Response::Error(e),
-        },
-        Request::FsRewrap { mount } => rewrap(d, caller, &mount, progress),
-        Request::FsStats => Response::FsStats(d.mounts.stats()),
+        }
+        .into(),
+        Request::FsRewrap { mount } => rewrap(d, caller, &mount, progress).into(),
+        Request::FsStats => Response::FsStats(d.mounts.stats()).into(),
     }
 }
 
@@ -172,9 +231,9 @@ fn rewrap(d: &Daemon, caller: &Caller, mount: &str, progress: impl FnMut(u64, u6
     }
 }
 
-fn data_key((dek, blob): keys::service::DataKeyPair, with_plaintext: bool) -> DataKey {
+fn data_key((dek, sealed): DataKeyPair, with_plaintext: bool) -> DataKey {
     DataKey {
-        blob,
+        blob: sealed.blob,
         plaintext: with_plaintext.then(|| dek.into()),
     }
 }
@@ -195,14 +254,14 @@ fn unavailable(msg: &str) -> Response {
 
 /// Runs [`handle`], turning a panic into an `internal` error for this
 /// request only.
-pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Response {
+pub fn handle_guarded(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u64, u64)) -> Answer {
     let op = req.op().name();
     guarded(op, caller, || handle(d, caller, req, progress))
 }
 
 /// Runs `f`; a panic inside it is logged and answered `internal`, and the
 /// daemon goes on serving.
-fn guarded(op: &str, caller: &Caller, f: impl FnOnce() -> Response) -> Response {
+fn guarded(op: &str, caller: &Caller, f: impl FnOnce() -> Answer) -> Answer {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(_) => {
@@ -216,6 +275,7 @@ fn guarded(op: &str, caller: &Caller, f: impl FnOnce() -> Response) -> Response 
                 ErrorCode::Internal,
                 format!("internal error while handling {op}"),
             ))
+            .into()
         }
     }
 }
@@ -229,13 +289,16 @@ mod tests {
         let caller = Caller::process(1, 1, Some(1));
         let r = guarded("wrap", &caller, || panic!("bug in one request"));
         assert!(matches!(
-            r,
+            r.response,
             Response::Error(ErrorReply {
                 code: ErrorCode::Internal,
                 ..
             })
         ));
-        assert_eq!(guarded("status", &caller, || Response::Done), Response::Done);
+        assert_eq!(
+            guarded("status", &caller, || Response::Done.into()),
+            Response::Done.into()
+        );
     }
 
     #[test]

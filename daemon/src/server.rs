@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::keys::Caller;
 use crate::observe::{Observation, Subject};
-use crate::ops::{self, Daemon};
+use crate::ops::{self, Answer, Daemon};
 
 /// Why the listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -460,22 +460,23 @@ impl Session {
         }
         let subject = (!daemon.observers.is_empty()).then(|| Subject::of(&body));
         let started = Instant::now();
-        let response = self.answer(daemon, id, body).await?;
+        let answer = self.answer(daemon, id, body).await?;
         if let Some(subject) = &subject {
             daemon.observers.observe(&Observation {
                 subject,
                 caller: &self.caller,
-                response: &response,
+                response: &answer.response,
+                sealed_with: answer.sealed_with,
                 elapsed: started.elapsed(),
             });
         }
-        self.send(id, response).await?;
+        self.send(id, answer.response).await?;
         Ok(Next::Continue)
     }
 
     /// Runs a request after the handshake where its operation's
     /// [`Execution`] says.
-    async fn answer(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Response, CodecError> {
+    async fn answer(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Answer, CodecError> {
         let caller = &self.caller;
         Ok(match body.op().info().execution {
             Execution::Inline => ops::handle_guarded(daemon, caller, body, |_, _| {}),
@@ -483,11 +484,11 @@ impl Session {
                 let (d, c) = (daemon.clone(), caller.clone());
                 tokio::task::spawn_blocking(move || ops::handle_guarded(&d, &c, body, |_, _| {}))
                     .await
-                    .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed"))
+                    .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed").into())
             }
             Execution::BlockingWithProgress => return self.with_progress(daemon, id, body).await,
             Execution::Peers => match &daemon.replication {
-                Some(r) => r.handle(caller, body).await,
+                Some(r) => r.handle(caller, body).await.into(),
                 None => ops::handle_guarded(daemon, caller, body, |_, _| {}),
             },
         })
@@ -495,7 +496,7 @@ impl Session {
 
     /// A blocking request that sends `Progress` frames (at most five a
     /// second) before the final reply.
-    async fn with_progress(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Response, CodecError> {
+    async fn with_progress(&mut self, daemon: &Arc<Daemon>, id: u64, body: Request) -> Result<Answer, CodecError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (d, c) = (daemon.clone(), self.caller.clone());
         let task = tokio::task::spawn_blocking(move || {
@@ -513,7 +514,7 @@ impl Session {
         }
         Ok(task
             .await
-            .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed")))
+            .unwrap_or_else(|_| error(ErrorCode::Internal, "request task failed").into()))
     }
 
     async fn on_hello(&mut self, daemon: &Daemon, id: u64, body: Request) -> Result<Next, CodecError> {

@@ -23,8 +23,9 @@
 
 use aes::cipher::BlockEncrypt;
 use aes::Aes256;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use kms_client::aead;
 use rand::RngCore;
 use zeroize::Zeroizing;
 
@@ -33,7 +34,7 @@ use crate::keys::{Dek, FileId};
 /// Plaintext bytes per block.
 pub const BLOCK_SIZE: usize = 4096;
 /// GCM tag stored after each block's ciphertext.
-pub const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = aead::TAG_LEN;
 /// Random nonce stored in front of each block (current layout).
 pub const NONCE_LEN: usize = Layout::V2.nonce_len();
 /// Bytes a block adds to its plaintext on disk (current layout).
@@ -453,18 +454,14 @@ fn block_aad(file_id: &FileId, index: u64, last: bool) -> [u8; 25] {
 pub fn seal_block(key: &BlockKey, file_id: &FileId, index: u64, last: bool, plaintext: &[u8]) -> Vec<u8> {
     assert!(plaintext.len() <= BLOCK_SIZE, "block larger than BLOCK_SIZE");
     let nonce_len = key.layout.nonce_len();
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut nonce[..nonce_len]);
+    let nonce = &nonce[..nonce_len];
     let mut out = Vec::with_capacity(plaintext.len() + key.layout.overhead());
-    out.resize(nonce_len, 0);
-    rand::rngs::OsRng.fill_bytes(&mut out);
+    out.extend_from_slice(nonce);
     out.extend_from_slice(plaintext);
     let aad = block_aad(file_id, index, last);
-    let (nonce, body) = out.split_at_mut(nonce_len);
-    let tag = key
-        .with_gcm(nonce, |gcm, n| {
-            gcm.encrypt_in_place_detached(Nonce::from_slice(n), &aad, body)
-        })
-        .expect("GCM encrypts any block-sized message");
-    out.extend_from_slice(&tag);
+    key.with_gcm(nonce, |gcm, n| aead::seal_parts(gcm, n, &aad, &mut out, nonce_len));
     out
 }
 
@@ -504,14 +501,12 @@ pub fn open_block_in_place<'a>(
     if disk.len() < layout.overhead() || disk.len() > layout.disk_block_size() {
         return Err(FormatError::BlockTooShort(index));
     }
-    let (nonce, rest) = disk.split_at_mut(layout.nonce_len());
-    let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+    let (nonce, sealed) = disk.split_at_mut(layout.nonce_len());
     let aad = block_aad(file_id, index, last);
-    key.with_gcm(nonce, |gcm, n| {
-        gcm.decrypt_in_place_detached(Nonce::from_slice(n), &aad, ct, Tag::from_slice(tag))
-    })
-    .map_err(|_| FormatError::BlockAuth(index))?;
-    Ok(ct)
+    let plain = key
+        .with_gcm(nonce, |gcm, n| aead::open_parts(gcm, n, &aad, sealed))
+        .map_err(|_| FormatError::BlockAuth(index))?;
+    Ok(plain)
 }
 
 /// Whether the bytes of a full non-final block are a hole (all zero: never
@@ -738,10 +733,7 @@ mod tests {
             let nonce = b"ABCDEFGHIJKLMNOPQRSTUVWX";
             let mut buf = b"XAES-256-GCM".to_vec();
             let gcm = x.derive(&nonce[..12]);
-            let tag = gcm
-                .encrypt_in_place_detached(Nonce::from_slice(&nonce[12..]), aad, &mut buf)
-                .unwrap();
-            buf.extend_from_slice(&tag);
+            aead::seal_parts(&gcm, &nonce[12..], aad, &mut buf, 0);
             let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(hex, expect);
         }

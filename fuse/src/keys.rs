@@ -9,8 +9,8 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
 use kms_client::blob::{self, BlobHeader};
 use kms_client::proto::Context;
 use parking_lot::RwLock;
@@ -206,23 +206,7 @@ impl MemoryKeySource {
     fn wrap(&self, ctx: &Context, dek: &Dek) -> Result<Vec<u8>, KeyError> {
         let version = self.active_version()?;
         let cipher = self.cipher(version).expect("active version exists");
-        let mut nonce = [0u8; blob::NONCE_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let header = BlobHeader {
-            key_id: self.key_id,
-            version,
-            nonce,
-        }
-        .to_bytes();
-        let aad = blob::aad(&header, ctx);
-        let payload = Payload {
-            msg: dek.expose(),
-            aad: &aad,
-        };
-        let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), payload)
-            .map_err(|_| KeyError::Unavailable("encryption failed".into()))?;
-        Ok([header.as_slice(), &ct].concat())
+        Ok(blob::seal(&cipher, self.key_id, version, dek.expose(), ctx))
     }
 
     fn open(&self, ctx: &Context, blob_bytes: &[u8]) -> Result<Dek, KeyError> {
@@ -232,16 +216,7 @@ impl MemoryKeySource {
             return Err(fail("blob belongs to another key"));
         }
         let cipher = self.cipher(header.version).ok_or_else(|| fail("unknown key version"))?;
-        let aad = blob::aad(&header.to_bytes(), ctx);
-        let payload = Payload {
-            msg: &blob_bytes[blob::HEADER_LEN..],
-            aad: &aad,
-        };
-        let plain = Zeroizing::new(
-            cipher
-                .decrypt(Nonce::from_slice(&header.nonce), payload)
-                .map_err(|_| fail("authentication failed"))?,
-        );
+        let plain = blob::open(&cipher, blob_bytes, ctx).map_err(|_| fail("authentication failed"))?;
         let bytes: [u8; DEK_LEN] = plain.as_slice().try_into().map_err(|_| fail("wrong data key length"))?;
         Ok(Dek::from_bytes(bytes))
     }

@@ -7,11 +7,10 @@
 
 use std::sync::Arc;
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use kms_client::blob::{aad, BlobHeader, HEADER_LEN, NONCE_LEN, TAG_LEN};
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use kms_client::blob;
 use kms_client::proto::Context;
-use rand::RngCore;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -56,23 +55,37 @@ impl VersionCiphers {
     }
 }
 
+/// A blob and the key version that sealed it, so that whoever reports the
+/// operation (metrics, audit) is told them instead of parsing them back
+/// out of the bytes. Reads as the blob's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub blob: Vec<u8>,
+    pub key_id: Uuid,
+    pub version: u32,
+}
+
+impl std::ops::Deref for Sealed {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.blob
+    }
+}
+
+impl AsRef<[u8]> for Sealed {
+    fn as_ref(&self) -> &[u8] {
+        &self.blob
+    }
+}
+
 /// Encrypts `plaintext` under `cipher` (key `key_id`, `version`) into a blob.
-pub fn seal(cipher: &Aes256Gcm, key_id: Uuid, version: u32, plaintext: &[u8], context: &Context) -> Vec<u8> {
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::thread_rng().fill_bytes(&mut nonce);
-    let header = BlobHeader { key_id, version, nonce }.to_bytes();
-    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
-    out.extend_from_slice(&header);
-    out.extend_from_slice(plaintext);
-    let tag = cipher
-        .encrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
-            &aad(&header, context),
-            &mut out[HEADER_LEN..],
-        )
-        .expect("AES-GCM encryption fails only for inputs over 64 GiB");
-    out.extend_from_slice(&tag);
-    out
+pub fn seal(cipher: &Aes256Gcm, key_id: Uuid, version: u32, plaintext: &[u8], context: &Context) -> Sealed {
+    Sealed {
+        blob: blob::seal(cipher, key_id, version, plaintext, context),
+        key_id,
+        version,
+    }
 }
 
 /// Decrypts a blob whose header was already parsed and whose key version's
@@ -82,26 +95,15 @@ pub fn seal(cipher: &Aes256Gcm, key_id: Uuid, version: u32, plaintext: &[u8], co
 /// `DecryptFailed` when the tag does not verify: wrong context, altered
 /// bytes, or a blob made under other material.
 pub fn open(cipher: &Aes256Gcm, blob: &[u8], context: &Context) -> Result<Zeroizing<Vec<u8>>> {
-    let header: &[u8; HEADER_LEN] = blob[..HEADER_LEN].try_into().expect("caller parsed the header");
-    let (body, tag) = blob[HEADER_LEN..].split_at(blob.len() - HEADER_LEN - TAG_LEN);
-    let mut plain = Zeroizing::new(body.to_vec());
-    cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&header[21..33]),
-            &aad(header, context),
-            &mut plain,
-            Tag::from_slice(tag),
-        )
-        .map_err(|_| {
-            Error::DecryptFailed("authentication failed (wrong context, altered blob, or another key's blob)")
-        })?;
-    Ok(plain)
+    blob::open(cipher, blob, context)
+        .map_err(|_| Error::DecryptFailed("authentication failed (wrong context, altered blob, or another key's blob)"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::material::Material;
+    use kms_client::blob::{BlobHeader, HEADER_LEN, TAG_LEN};
 
     fn cipher(m: &Material) -> Aes256Gcm {
         Aes256Gcm::new(m.expose().into())
@@ -119,6 +121,7 @@ mod tests {
         assert_eq!(blob.len(), HEADER_LEN + 6 + TAG_LEN);
         let h = BlobHeader::parse(&blob).unwrap();
         assert_eq!((h.key_id, h.version), (id, 7));
+        assert_eq!((blob.key_id, blob.version), (id, 7), "seal says what it used");
         let out = open(&cipher(&m), &blob, &ctx(&[("app", "x")])).unwrap();
         assert_eq!(&out[..], b"secret");
     }
@@ -158,7 +161,7 @@ mod tests {
         let c = cipher(&m);
         let blob = seal(&c, Uuid::new_v4(), 1, b"0123456789", &Context::new());
         for i in 0..blob.len() * 8 {
-            let mut bad = blob.clone();
+            let mut bad = blob.to_vec();
             bad[i / 8] ^= 1 << (i % 8);
             assert!(open(&c, &bad, &Context::new()).is_err(), "bit {i}");
         }

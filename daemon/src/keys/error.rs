@@ -2,7 +2,7 @@
 
 use kms_client::proto::{ErrorCode, ErrorReply};
 
-use super::store::StoreError;
+use super::store::error::StoreError;
 
 /// Why a key operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -209,7 +209,7 @@ fn decrypt_failures_are_decrypt_failed() {
     );
     // A flipped bit anywhere.
     for i in [0, 5, 20, 30, 40, blob.len() - 1] {
-        let mut bad = blob.clone();
+        let mut bad = blob.to_vec();
         bad[i] ^= 0x10;
         assert_eq!(
             code(f.svc.decrypt(&alice(), &bad, &c)),
@@ -218,13 +218,13 @@ fn decrypt_failures_are_decrypt_failed() {
         );
     }
     // A version that does not exist.
-    let mut bad = blob.clone();
+    let mut bad = blob.to_vec();
     bad[17..21].copy_from_slice(&9u32.to_be_bytes());
     let err = f.svc.decrypt(&alice(), &bad, &c).unwrap_err();
     assert_eq!(err.code(), ErrorCode::DecryptFailed);
     assert!(err.to_string().contains("version"), "{err}");
     // Another key's blob: relabelled with the other key's id.
-    let mut bad = blob.clone();
+    let mut bad = blob.to_vec();
     bad[1..17].copy_from_slice(uuid::Uuid::parse_str(&other).unwrap().as_bytes());
     assert_eq!(code(f.svc.decrypt(&alice(), &bad, &c)), ErrorCode::DecryptFailed);
     // A blob expected to belong to one key but made by another.
@@ -428,7 +428,7 @@ fn batches_and_data_keys() {
     let c = ctx(&[("x", "y")]);
     let deks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 32]).collect();
     let blobs = f.svc.wrap_batch(&alice(), &k, &deks, &c).unwrap();
-    let mut mixed = blobs.clone();
+    let mut mixed: Vec<Vec<u8>> = blobs.iter().map(|s| s.to_vec()).collect();
     mixed.push(b"junk".to_vec());
     let out = f.svc.unwrap_batch(&alice(), &mixed, &c).unwrap();
     for (i, r) in out.iter().take(10).enumerate() {
@@ -549,7 +549,7 @@ mod prop {
                 if let Some(k) = pick(&m.keys, i) {
                     let dek = (i as u64).to_le_bytes().to_vec();
                     if let Ok(blob) = f.svc.wrap(&a, k, &dek, &Context::new()) {
-                        m.blobs.push((k.clone(), dek, blob));
+                        m.blobs.push((k.clone(), dek, blob.blob));
                     }
                 }
             }

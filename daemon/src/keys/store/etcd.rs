@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use super::root::RootKey;
 use super::schema::CURRENT;
-use super::{io_err, sealed, Change, ChangeStream, KeyStore, Revision, StoreError, Stored, MAX_RECORD_LEN};
+use super::{io_err, sealed, Change, ChangeStream, EtcdError, KeyStore, Revision, StoreError, Stored, MAX_RECORD_LEN};
 use crate::keys::model::KeyRecord;
 
 /// Magic of a sealed name-index value.
@@ -72,17 +72,6 @@ pub struct EtcdTls {
     pub ca: PathBuf,
     /// This daemon's client certificate and key, when etcd asks for one.
     pub identity: Option<(PathBuf, PathBuf)>,
-}
-
-/// Why etcd did not do what was asked.
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    #[error(transparent)]
-    Client(#[from] etcd_client::Error),
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Protocol(String),
 }
 
 /// The etcd store.

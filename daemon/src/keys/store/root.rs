@@ -7,9 +7,10 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
 use hmac::{Hmac, Mac};
+use kms_client::aead;
 use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -18,7 +19,6 @@ use super::file::sync_parent;
 use super::{io_err, StoreError};
 
 const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 /// Length of a root key.
 pub const ROOT_KEY_LEN: usize = 32;
 
@@ -99,32 +99,16 @@ impl RootKey {
     pub(super) fn seal(&self, magic: &[u8; 8], id: &[u8], plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let mut out = Vec::with_capacity(8 + NONCE_LEN + plain.len() + TAG_LEN);
+        let mut out = Vec::with_capacity(8 + NONCE_LEN + plain.len() + aead::TAG_LEN);
         out.extend_from_slice(magic);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
-        let aad = [&magic[..], id].concat();
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[8 + NONCE_LEN..])
-            .expect("AES-GCM encryption of a small record cannot fail");
-        out.extend_from_slice(&tag);
+        aead::seal(&self.cipher, &nonce, &[&magic[..], id].concat(), plain, &mut out);
         out
     }
 
     /// Opens a sealed file body; `None` when it does not authenticate.
     pub(super) fn open(&self, magic: &[u8; 8], id: &[u8], data: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        if data.len() < 8 + NONCE_LEN + TAG_LEN || &data[..8] != magic {
-            return None;
-        }
-        let (body, tag) = data[8 + NONCE_LEN..].split_at(data.len() - 8 - NONCE_LEN - TAG_LEN);
-        let mut plain = Zeroizing::new(body.to_vec());
-        let aad = [&magic[..], id].concat();
-        let nonce = Nonce::from_slice(&data[8..8 + NONCE_LEN]);
-        self.cipher
-            .decrypt_in_place_detached(nonce, &aad, &mut plain, Tag::from_slice(tag))
-            .ok()?;
-        Some(plain)
+        let sealed = data.strip_prefix(magic)?;
+        aead::open(&self.cipher, &[&magic[..], id].concat(), sealed).ok()
     }
 }
 

@@ -21,14 +21,15 @@
 mod convert;
 pub mod v1;
 pub mod v2;
+pub mod version;
 
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::keys::model::KeyRecord;
 
-/// The schema this build writes.
-pub const CURRENT: u32 = 2;
+pub use super::error::SchemaError;
+pub use version::CURRENT;
 
 /// First bytes of `store.meta` from schema 2 on. The format of the meta
 /// file itself never changes: this magic, a nonce, and sealed
@@ -47,21 +48,6 @@ impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret([redacted])")
     }
-}
-
-/// Why a record could not be decoded or encoded.
-#[derive(Debug, thiserror::Error)]
-pub enum SchemaError {
-    #[error("schema {0} is not one this kmsd knows (1..={CURRENT})")]
-    Unknown(u32),
-    #[error("cannot decode a schema {schema} record")]
-    Decode {
-        schema: u32,
-        #[source]
-        source: postcard::Error,
-    },
-    #[error("cannot encode a schema {CURRENT} record")]
-    Encode(#[source] postcard::Error),
 }
 
 /// A record read from a key file: its revision (schema 1 had none: 1) and
