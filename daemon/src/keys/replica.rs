@@ -233,6 +233,15 @@ pub fn apply(key: &mut KeyRecord, export: &KeyExport) -> Result<Vec<KeyVersion>>
             export.primary_zone
         )));
     }
+    // A new primary must be a zone this one knows holds the key (one of
+    // its replicas): a zone that never held it cannot take it over.
+    if newer_epoch && !same_primary && !key.replicas.iter().any(|r| r.zone == export.primary_zone) {
+        return Err(Error::InvalidArgument(format!(
+            "zone {} claims key {} in a new epoch, but it is not one of the key's replica zones here",
+            export.primary_zone,
+            key.label()
+        )));
+    }
     check_versions(export)?;
     if (export.epoch, export.serial) < (key.epoch, key.serial) {
         return Err(Error::Stale {
@@ -449,6 +458,29 @@ mod tests {
         let mut wrong_primary = export(&p);
         wrong_primary.primary_zone = "c".into();
         assert!(apply(&mut r, &wrong_primary).is_err());
+    }
+
+    #[test]
+    fn only_a_replica_zone_may_take_a_key_over_in_a_new_epoch() {
+        let mut p = primary();
+        add_replica(&mut p, "b").unwrap();
+        let mut r = replica_of(&p);
+        // Zone c, which never held the key, exports it with a higher epoch.
+        let mut e = export(&p);
+        e.primary_zone = "c".into();
+        e.epoch = 1;
+        assert_eq!(apply(&mut p, &e).unwrap_err().code(), ErrorCode::InvalidArgument);
+        assert_eq!(p.role, KeyRole::Primary);
+        // Zone b, a replica, promoted: the primary follows it.
+        promote(&mut r).unwrap();
+        let from_b = export(&r);
+        assert!(apply(&mut p, &from_b).unwrap().is_empty());
+        assert_eq!(
+            p.role,
+            KeyRole::Replica {
+                primary_zone: "b".into()
+            }
+        );
     }
 
     #[test]
