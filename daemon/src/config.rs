@@ -471,7 +471,15 @@ impl Config {
                     }
                     tls = true;
                 }
-                (None, Some(s), Some(_)) => require_absolute(&at("socket"), s)?,
+                (None, Some(s), Some(uid)) => {
+                    require_absolute(&at("socket"), s)?;
+                    if self.peers[..i].iter().any(|o| o.uid == Some(uid)) {
+                        return Err(invalid(
+                            &at("uid"),
+                            "shared with another peer zone: each zone's daemon needs its own uid",
+                        ));
+                    }
+                }
                 (None, Some(_), None) => {
                     return Err(invalid(
                         &at("uid"),
@@ -735,6 +743,10 @@ mod tests {
             ),
             ("[access]\npeers = [\"uid:990\"]", "access.peers"),
             ("peer_key = \"/etc/kmsd/peer-key\"", "peer_key"),
+            (
+                "[[peer]]\nzone=\"y\"\nsocket=\"/s\"\nuid=7\n[[peer]]\nzone=\"x\"\nsocket=\"/t\"\nuid=7",
+                "peer[1].uid",
+            ),
             ("[limits]\nmax_connections_per_uid = 0", "limits.max_connections"),
             ("[limits]\nframe_timeout_secs = 0", "limits.frame_timeout_secs"),
             (

@@ -329,6 +329,7 @@ async fn connection(
         caller,
         limits,
         trusted,
+        connected: Instant::now(),
     };
     let _place = place;
     if let Err(e) = conn.serve(&daemon, &shutdown).await {
@@ -343,6 +344,8 @@ struct Session {
     limits: Limits,
     /// kmsd's own mount processes: no idle timeout.
     trusted: bool,
+    /// For the handshake timeout, which frames before `Hello` do not reset.
+    connected: Instant,
 }
 
 /// What to do after a frame.
@@ -395,7 +398,7 @@ impl Session {
                 Ok(item) => return Ok(item),
                 Err(_) => {
                     let now = Instant::now();
-                    if self.framed.read_buffer().is_empty() {
+                    if self.framed.read_buffer().is_empty() && !self.framed.codec().in_frame() {
                         partial = None;
                     } else if partial.is_none() {
                         partial = Some(now);
@@ -403,7 +406,7 @@ impl Session {
                     if partial.is_some_and(|t| now - t >= self.limits.frame_timeout) {
                         return Err("a request did not arrive whole within the frame timeout");
                     }
-                    if !self.greeted && now - waiting >= self.limits.handshake_timeout {
+                    if !self.greeted && now - self.connected >= self.limits.handshake_timeout {
                         return Err("no Hello within the handshake timeout");
                     }
                     if !self.trusted && partial.is_none() && now - waiting >= self.limits.idle_timeout {

@@ -46,6 +46,10 @@ pub struct FrameCodec<E, D> {
     inner: LengthDelimitedCodec,
     max: usize,
     _types: PhantomData<fn(E) -> D>,
+    /// A length prefix has been read and its body has not: the inner
+    /// codec has taken the prefix out of the buffer, so the buffer alone
+    /// cannot tell.
+    in_frame: bool,
 }
 
 impl<E, D> FrameCodec<E, D> {
@@ -59,6 +63,7 @@ impl<E, D> FrameCodec<E, D> {
         Self {
             inner,
             max,
+            in_frame: false,
             _types: PhantomData,
         }
     }
@@ -66,6 +71,11 @@ impl<E, D> FrameCodec<E, D> {
     /// The configured limit.
     pub fn max_frame(&self) -> usize {
         self.max
+    }
+
+    /// Whether a frame has begun (its length prefix read) and not ended.
+    pub fn in_frame(&self) -> bool {
+        self.in_frame
     }
 }
 
@@ -111,9 +121,18 @@ impl<E, D: DeserializeOwned> Decoder for FrameCodec<E, D> {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Decoded<D>>, CodecError> {
+        let before = src.len();
         match self.inner.decode(src) {
-            Ok(Some(body)) => Ok(Some(decode_body(&body))),
-            Ok(None) => Ok(None),
+            Ok(Some(body)) => {
+                self.in_frame = false;
+                Ok(Some(decode_body(&body)))
+            }
+            Ok(None) => {
+                if src.len() < before {
+                    self.in_frame = true;
+                }
+                Ok(None)
+            }
             Err(e) if is_too_long(&e) => Err(CodecError::Oversized { max: self.max }),
             Err(e) => Err(CodecError::Io(e)),
         }
@@ -128,6 +147,30 @@ fn is_too_long(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
     use crate::proto::{Request, Response};
+
+    #[test]
+    fn a_frame_in_progress_is_seen_after_its_prefix_alone() {
+        let mut c = FrameCodec::<Response, Request>::new(1 << 20);
+        let mut buf = BytesMut::from(&1000u32.to_be_bytes()[..]);
+        assert!(c.decode(&mut buf).unwrap().is_none());
+        assert!(
+            buf.is_empty() && c.in_frame(),
+            "the prefix is consumed, the frame has begun"
+        );
+        let mut whole = BytesMut::new();
+        let mut enc = FrameCodec::<Request, Response>::new(1 << 20);
+        enc.encode(
+            Frame {
+                id: 1,
+                body: Request::Status,
+            },
+            &mut whole,
+        )
+        .unwrap();
+        let mut c = FrameCodec::<Response, Request>::new(1 << 20);
+        assert!(c.decode(&mut whole).unwrap().is_some());
+        assert!(!c.in_frame());
+    }
 
     fn server_codec(max: usize) -> FrameCodec<Response, Request> {
         FrameCodec::new(max)

@@ -27,6 +27,8 @@ pub enum Error {
     LimitExceeded { key: String, limit: u32 },
     #[error("uid {uid} already administers {limit} keys in this zone (limits.keys_per_uid)")]
     QuotaExceeded { uid: u32, limit: usize },
+    #[error("zone {zone} already has {limit} replicas here")]
+    ReplicaQuota { zone: String, limit: usize },
     #[error("{0}")]
     InvalidArgument(String),
     /// An export older than what this zone holds: a replayed frame, or an
@@ -57,7 +59,9 @@ impl Error {
             Error::Forbidden(_) => ErrorCode::Forbidden,
             Error::NotPrimary { .. } => ErrorCode::NotPrimary,
             Error::RotationEnabled { .. } => ErrorCode::RotationEnabled,
-            Error::LimitExceeded { .. } | Error::QuotaExceeded { .. } => ErrorCode::LimitExceeded,
+            Error::LimitExceeded { .. } | Error::QuotaExceeded { .. } | Error::ReplicaQuota { .. } => {
+                ErrorCode::LimitExceeded
+            }
             Error::InvalidArgument(_) | Error::Stale { .. } => ErrorCode::InvalidArgument,
             Error::DecryptFailed(_) => ErrorCode::DecryptFailed,
             Error::Unavailable(_) => ErrorCode::Unavailable,

@@ -156,7 +156,7 @@ impl KeyRecord {
             .checked_shl(EPOCH_SHIFT)
             .filter(|_| self.epoch <= MAX_EPOCH)?;
         let last = self.active().version;
-        let next = if last > base { last + 1 } else { base + 1 };
+        let next = if last > base { last.checked_add(1)? } else { base + 1 };
         (next >> EPOCH_SHIFT == self.epoch).then_some(next)
     }
 

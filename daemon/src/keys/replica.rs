@@ -110,14 +110,15 @@ pub fn drop_unconfirmed_replica(key: &mut KeyRecord, zone: &str) {
     }
 }
 
-/// Records that the replica in `zone` holds `version`. Confirmations only
-/// move forward, so a late acknowledgement never hides a newer one.
+/// Records that the replica in `zone` holds `version` (one the key has).
+/// Confirmations only move forward, so a late acknowledgement never hides
+/// a newer one.
 ///
 /// # Errors
 /// `InvalidArgument` when `zone` is not a replica of `key` or `version`
 /// is newer than the key's own.
 pub fn confirm(key: &mut KeyRecord, zone: &str, version: u32) -> Result<()> {
-    if version > key.active().version {
+    if key.version(version).is_none() {
         return Err(Error::InvalidArgument(format!(
             "zone {zone} confirmed version {version} of key {}, which has only {}",
             key.label(),
@@ -147,7 +148,15 @@ pub fn behind(key: &KeyRecord) -> Vec<(String, Option<u32>)> {
 /// Checks that an export's versions start at 1 and ascend (numbers jump
 /// at each promotion epoch: see `model::EPOCH_SHIFT`).
 fn check_versions(export: &KeyExport) -> Result<()> {
-    let ok = export.versions.first().is_some_and(|v| v.version == 1)
+    // No epoch past the last, and no version numbered in an epoch later
+    // than the export's own (see `model::EPOCH_SHIFT`).
+    let in_range = export.epoch <= super::model::MAX_EPOCH
+        && export
+            .versions
+            .iter()
+            .all(|v| v.version >> super::model::EPOCH_SHIFT <= export.epoch);
+    let ok = in_range
+        && export.versions.first().is_some_and(|v| v.version == 1)
         && export.versions.windows(2).all(|w| w[0].version < w[1].version);
     if ok {
         Ok(())
@@ -170,6 +179,10 @@ pub fn new_replica(export: &KeyExport, zone: &str) -> Result<KeyRecord> {
         ));
     }
     check_versions(export)?;
+    if let Some(name) = &export.name {
+        super::model::validate_name(name)?;
+    }
+    super::model::validate_description(&export.description)?;
     Ok(KeyRecord {
         id: export.id,
         name: export.name.clone(),
@@ -341,6 +354,15 @@ pub fn promote(key: &mut KeyRecord) -> Result<()> {
 /// `InvalidArgument` when one of them differs from a version held here.
 pub fn adopt(key: &mut KeyRecord, orphans: &[KeyVersion]) -> Result<bool> {
     let mut added = false;
+    // A former primary can only have made versions of an earlier epoch.
+    let first_of_epoch = key.epoch << super::model::EPOCH_SHIFT;
+    if let Some(v) = orphans.iter().find(|v| v.version == 0 || v.version > first_of_epoch) {
+        return Err(Error::InvalidArgument(format!(
+            "version {} of key {} sent back by a former primary is not of an earlier epoch",
+            v.version,
+            key.label()
+        )));
+    }
     for v in orphans {
         match key.version(v.version) {
             Some(held) if held == v => {}
@@ -480,6 +502,59 @@ mod tests {
             KeyRole::Replica {
                 primary_zone: "b".into()
             }
+        );
+    }
+
+    #[test]
+    fn exports_out_of_the_epoch_fences_and_bad_names_are_refused() {
+        let mut p = primary();
+        add_replica(&mut p, "b").unwrap();
+        let mut r = replica_of(&p);
+        // An epoch past the last.
+        let mut e = export(&p);
+        e.epoch = crate::keys::model::MAX_EPOCH + 1;
+        assert!(apply(&mut r, &e).is_err());
+        // A version numbered in a later epoch than the export's own.
+        let mut e = export(&p);
+        let mut v = e.versions[0].clone();
+        v.version = 1 << crate::keys::model::EPOCH_SHIFT;
+        e.versions.push(v);
+        assert!(apply(&mut r, &e).is_err());
+        assert!(new_replica(&e, "c").is_err());
+        // A name no key may have here.
+        let mut e = export(&p);
+        e.name = Some("bad\nname".into());
+        assert!(new_replica(&e, "c").is_err());
+        assert_eq!(r.versions, p.versions);
+    }
+
+    #[test]
+    fn a_primary_adopts_only_versions_of_an_earlier_epoch() {
+        let mut p = primary();
+        add_replica(&mut p, "b").unwrap();
+        let mut stray = p.versions[0].clone();
+        stray.version = 5;
+        // At epoch 0 there is no earlier epoch.
+        assert!(adopt(&mut p, std::slice::from_ref(&stray)).is_err());
+        p.epoch = 1;
+        assert!(adopt(&mut p, std::slice::from_ref(&stray)).unwrap());
+        stray.version = u32::MAX;
+        assert!(adopt(&mut p, std::slice::from_ref(&stray)).is_err());
+        assert_eq!(p.versions.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 5]);
+    }
+
+    #[test]
+    fn a_key_out_of_version_numbers_refuses_to_rotate_instead_of_panicking() {
+        let mut p = primary();
+        p.versions[0].version = u32::MAX;
+        assert_eq!(
+            rotation::rotate_manual(&mut p, 10).unwrap_err().code(),
+            ErrorCode::LimitExceeded
+        );
+        p.versions[0].version = (1 << crate::keys::model::EPOCH_SHIFT) - 1;
+        assert_eq!(
+            rotation::rotate_manual(&mut p, 10).unwrap_err().code(),
+            ErrorCode::LimitExceeded
         );
     }
 

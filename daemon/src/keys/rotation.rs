@@ -26,17 +26,19 @@ fn ensure_schedule_owner(key: &KeyRecord, what: &str) -> Result<()> {
 }
 
 /// Appends a fresh version; it becomes active at once.
-fn add_version(key: &mut KeyRecord, origin: Origin, now: UnixTime) -> u32 {
+fn add_version(key: &mut KeyRecord, origin: Origin, now: UnixTime) -> Option<u32> {
     // An epoch has room for 2^24 versions; at most 10 manual rotations
-    // and one automatic rotation a day cannot fill it.
-    let version = key.next_version().expect("the epoch's version range is not used up");
+    // and one automatic rotation a day cannot fill it, but a version
+    // numbered past the epoch's range (refused on arrival, see
+    // `replica::apply`) must not make this panic.
+    let version = key.next_version()?;
     key.versions.push(KeyVersion {
         version,
         created_at: now,
         origin,
         material: Material::random(),
     });
-    version
+    Some(version)
 }
 
 /// A manual rotation: the new version is active at once; the automatic
@@ -54,8 +56,12 @@ pub fn rotate_manual(key: &mut KeyRecord, now: UnixTime) -> Result<u32> {
             limit: MANUAL_ROTATION_LIMIT,
         });
     }
+    let version = add_version(key, Origin::Manual, now).ok_or_else(|| Error::LimitExceeded {
+        key: key.label(),
+        limit: 1 << super::model::EPOCH_SHIFT,
+    })?;
     key.manual_rotations += 1;
-    Ok(add_version(key, Origin::Manual, now))
+    Ok(version)
 }
 
 /// Is an automatic rotation due at `now`? Only enabled keys that own their
@@ -76,7 +82,11 @@ pub fn rotate_automatic(key: &mut KeyRecord, now: UnixTime) -> Option<u32> {
     if !rotation_due(key, now) {
         return None;
     }
-    let v = add_version(key, Origin::Automatic, now);
+    let Some(v) = add_version(key, Origin::Automatic, now) else {
+        tracing::error!(key = %key.label(), "no version number left in this epoch; automatic rotation skipped");
+        key.rotation.next_at = Some(now + u64::from(key.rotation.period_days) * DAY);
+        return None;
+    };
     key.rotation.next_at = Some(now + u64::from(key.rotation.period_days) * DAY);
     Some(v)
 }

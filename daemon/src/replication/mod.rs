@@ -181,6 +181,14 @@ impl Replicator {
     /// on the Unix socket; a panic becomes an `internal` error for this
     /// request only.
     pub async fn handle(&self, caller: &Caller, req: Request) -> Response {
+        // kmsd's own callers (the trusted channels of the mount processes
+        // it starts) never speak for a zone nor replicate.
+        if caller.is_internal() {
+            return error(
+                ErrorCode::PermissionDenied,
+                "replication is not for kmsd's internal callers",
+            );
+        }
         let fut = async {
             match req {
                 Request::ReplicateKey { key, zone } => match self.replicate(caller, &key, &zone).await {
@@ -194,7 +202,8 @@ impl Replicator {
                 Request::Replication(frame) => match self.zone_of_uid(caller.uid) {
                     Some(zone) => self.on_frame(zone, frame).await,
                     None => {
-                        let (uid, pid, claimed) = (caller.uid, caller.pid, &frame.from_zone);
+                        let (uid, pid) = (caller.uid, caller.pid);
+                        let claimed = crate::observe::bounded(&frame.from_zone);
                         self.stats.frames_rejected.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(uid, pid, claimed_zone = %claimed, "replication frame from a uid that is no peer zone's ([[peer]] uid); refused");
                         error(
@@ -491,7 +500,7 @@ impl Replicator {
 
     /// Checks that the frame claims the authenticated zone and is for us.
     fn admit(&self, from: &str, frame: &ReplicationFrame) -> Result<Message, ErrorReply> {
-        let claimed = &frame.from_zone;
+        let claimed = &crate::observe::bounded(&frame.from_zone);
         if !self.is_peer(from) {
             tracing::warn!(zone = %from, "replication frame from a zone that is not a configured peer; refused");
             return Err(ErrorReply::new(
@@ -507,10 +516,11 @@ impl Replicator {
             ));
         }
         if frame.to_zone != self.zone() {
-            tracing::warn!(zone = %from, to_zone = %frame.to_zone, "replication frame for another zone; refused");
+            let to = crate::observe::bounded(&frame.to_zone);
+            tracing::warn!(zone = %from, to_zone = %to, "replication frame for another zone; refused");
             return Err(ErrorReply::new(
                 ErrorCode::PermissionDenied,
-                format!("this is zone {}, not zone {}", self.zone(), frame.to_zone),
+                format!("this is zone {}, not zone {to}", self.zone()),
             ));
         }
         message::read(frame).map_err(|e| {

@@ -164,3 +164,16 @@ fn one_uid_administers_at_most_keys_per_uid_keys() {
     let out = kmsctl_as(&d, 3004, &["key", "create", "--name", "mine"], b"");
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_bare_length_prefix_is_held_no_longer_than_the_frame_timeout() {
+    // The codec takes the prefix out of its buffer and reserves the body:
+    // the server must still see a frame in progress.
+    let d = with_limits("frame_timeout_secs = 2\nhandshake_timeout_secs = 600\nidle_timeout_secs = 600\n");
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(&(1u32 << 20).to_be_bytes()).unwrap();
+    assert!(
+        closed_within(&s, Duration::from_secs(8)),
+        "a bare length prefix parked a buffer"
+    );
+}

@@ -23,6 +23,9 @@ pub struct Accepted {
     pub orphans: Vec<KeyVersion>,
 }
 
+/// Most replicas one peer zone may create in this zone.
+const MAX_REPLICAS_PER_ZONE: usize = 10_000;
+
 impl KeyService {
     /// Starts replicating a key to `zone`: adds `zone` as an unconfirmed
     /// replica, makes the key primary, persists that, and returns the
@@ -221,6 +224,15 @@ impl KeyService {
             }
         }
         let rec = replica::new_replica(export, &self.zone)?;
+        // A peer zone may create replicas here, but not without bound.
+        let from_zone = |e: &KeyEntry| matches!(&e.record.role, kms_client::proto::KeyRole::Replica { primary_zone } if *primary_zone == export.primary_zone);
+        let held = self.ring.load().by_id.values().filter(|s| from_zone(&s.load())).count();
+        if held >= MAX_REPLICAS_PER_ZONE {
+            return Err(Error::ReplicaQuota {
+                zone: export.primary_zone.clone(),
+                limit: MAX_REPLICAS_PER_ZONE,
+            });
+        }
         let active = rec.active().version;
         let revision = self.store.put(&rec, None).map_err(name_taken)?;
         tracing::info!(key = %rec.id, primary_zone = %export.primary_zone, version = active, "replica created");
