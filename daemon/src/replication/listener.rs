@@ -2,9 +2,10 @@
 //! mutual TLS ([`super::tls`]). The zone named by the client certificate
 //! is the caller; only `Hello` and replication frames are served.
 //!
-//! Bounded per the configuration: at most `max_connections` peers at once
-//! (more are closed at accept, logged), `handshake_timeout` for the TLS
-//! handshake, `idle_timeout` between frames, and frames of at most
+//! Bounded per the configuration: at most 4 TLS handshakes in progress per
+//! source address, `handshake_timeout` for each, then at most
+//! `max_connections` authenticated peers at once (more are closed and
+//! logged), `idle_timeout` between frames, and frames of at most
 //! `max_frame` bytes.
 
 use std::sync::Arc;
@@ -31,6 +32,41 @@ pub struct Limits {
     pub max_frame: usize,
 }
 
+/// Most TLS handshakes in progress from one source address.
+const HANDSHAKES_PER_ADDRESS: usize = 4;
+
+type Handshakes = Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One handshake in progress from an address, counted until dropped.
+struct Handshaking {
+    all: Handshakes,
+    ip: std::net::IpAddr,
+}
+
+impl Handshaking {
+    fn start(all: &Handshakes, ip: std::net::IpAddr) -> Option<Self> {
+        let mut m = all.lock();
+        let n = m.entry(ip).or_insert(0);
+        if *n >= HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Self { all: all.clone(), ip })
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut m = self.all.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Accepts peers until `shutdown`, then waits for their connections to end.
 pub async fn run(
     listener: TcpListener,
@@ -41,6 +77,7 @@ pub async fn run(
 ) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshaking = Arc::new(parking_lot::Mutex::new(std::collections::HashMap::new()));
     let acceptor = tls.acceptor();
     loop {
         let (tcp, addr) = tokio::select! {
@@ -54,15 +91,24 @@ pub async fn run(
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%addr, max = limits.max_connections, "peering connection refused: too many peer connections");
+        // A handshake is not yet a peer: each source address may have only
+        // a few in progress, and a connection slot is taken only once the
+        // peer has proved its zone, so silent TCP connections from one
+        // place cannot keep the zones out.
+        let Some(handshake) = Handshaking::start(&handshaking, addr.ip()) else {
+            tracing::debug!(%addr, "peering connection refused: too many handshakes from this address");
             continue;
         };
-        let (acceptor, r, shutdown) = (acceptor.clone(), replicator.clone(), shutdown.clone());
+        let (acceptor, r, shutdown, slots) = (acceptor.clone(), replicator.clone(), shutdown.clone(), slots.clone());
         tracker.spawn(async move {
-            let _permit = permit;
             let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+            let accepted = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+            drop(handshake);
+            let Ok(_permit) = slots.try_acquire_owned() else {
+                tracing::warn!(%addr, max = limits.max_connections, "peering connection refused: too many peer connections");
+                return;
+            };
+            let tls = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(%addr, error = %e, "peering TLS handshake failed; refused");

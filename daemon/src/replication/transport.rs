@@ -80,7 +80,9 @@ pub struct ZoneTransport {
     tls: Option<Arc<PeerTls>>,
     options: ClientOptions,
     timeout: Duration,
-    clients: tokio::sync::Mutex<HashMap<String, Client>>,
+    /// One slot per zone, each with its own lock: connecting to a slow
+    /// zone holds up only the calls to that zone.
+    clients: HashMap<String, tokio::sync::Mutex<Option<Client>>>,
 }
 
 impl ZoneTransport {
@@ -91,28 +93,31 @@ impl ZoneTransport {
             max_frame,
             client_name: format!("kmsd-replication/{}", env!("CARGO_PKG_VERSION")),
         };
+        let clients = routes
+            .keys()
+            .map(|z| (z.clone(), tokio::sync::Mutex::new(None)))
+            .collect();
         Self {
             routes,
             tls,
             options,
             timeout,
-            clients: tokio::sync::Mutex::new(HashMap::new()),
+            clients,
         }
     }
 
     async fn client(&self, zone: &str) -> Result<Client, PeerError> {
-        let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(zone).filter(|c| !c.is_closed()) {
+        let (Some(slot), Some(route)) = (self.clients.get(zone), self.routes.get(zone)) else {
+            return Err(PeerError::UnknownZone(zone.to_string()));
+        };
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let route = self
-            .routes
-            .get(zone)
-            .ok_or_else(|| PeerError::UnknownZone(zone.to_string()))?;
         let client = tokio::time::timeout(self.timeout, self.connect(zone, route))
             .await
             .map_err(|_| self.timed_out(zone))??;
-        clients.insert(zone.to_string(), client.clone());
+        *slot = Some(client.clone());
         Ok(client)
     }
 
@@ -173,7 +178,9 @@ impl ZoneTransport {
             Ok(r) => read_answer(zone, r),
         };
         if matches!(result, Err(PeerError::Unreachable { .. } | PeerError::Timeout { .. })) {
-            self.clients.lock().await.remove(zone);
+            if let Some(slot) = self.clients.get(zone) {
+                *slot.lock().await = None;
+            }
         }
         result
     }

@@ -601,3 +601,46 @@ fn promote_a_replica_when_the_primary_is_killed() {
         assert_eq!(&d.client().unwrap(&after, &ctx).unwrap()[..], b"after");
     }
 }
+
+/// Silent TCP connections to a zone's peering port, all from one address,
+/// take at most four handshake places and no peer slot: a real zone (from
+/// another address) still replicates while they hang.
+#[test]
+fn silent_connections_from_one_address_do_not_keep_zones_out() {
+    let site = Site::new();
+    let [a, b, _c] = start_abc(&site);
+    create(&a, "app");
+    let from = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let attacker: Vec<std::net::TcpStream> = (0..20).filter_map(|_| connect_from(from, site.addr("b"))).collect();
+    assert_eq!(attacker.len(), 20, "could not connect from {from}");
+    // All but four are closed at once.
+    let open = attacker.iter().filter(|s| !closed(s)).count();
+    assert!(open <= 4, "{open} handshakes from one address stayed open");
+    // Zone a (from 127.0.0.1) still replicates to b meanwhile.
+    replicate(&a, "app", "b");
+    assert_eq!(b.client().describe_key("app").unwrap().name.as_deref(), Some("app"));
+    drop(attacker);
+}
+
+/// Whether the other end closed `s` (EOF or reset) within 300 ms.
+fn closed(mut s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+/// A TCP connection to `to` from the local address `from`.
+fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> Option<std::net::TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(to) = to else { return None };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).ok()?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0))).ok()?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).ok()?;
+    Some(std::net::TcpStream::from(fd))
+}
