@@ -262,6 +262,62 @@ pub enum RunError {
     },
     #[error("cannot wait for signals")]
     Signals(#[source] nix::Error),
+    #[error("mount {name}: {} was unmounted from outside", target.display())]
+    Lost { name: String, target: PathBuf },
+}
+
+/// How often the mount process looks whether its filesystem is still
+/// mounted while it waits for a signal.
+const SERVING_CHECK: Duration = Duration::from_millis(250);
+
+/// Waits for SIGTERM or SIGINT (blocked in every thread) while the mount
+/// serves. `None`: the mount stopped serving first (unmounted from outside,
+/// or its session failed), and this process should exit so that systemd, or
+/// kmsd for its child, mounts it again instead of leaving a process that
+/// serves nothing.
+fn wait_while_serving(signals: &SigSet, handle: &MountHandle) -> Result<Option<Signal>, RunError> {
+    let pause = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: i64::try_from(SERVING_CHECK.as_nanos()).unwrap_or(250_000_000),
+    };
+    loop {
+        // SAFETY: `signals` is a valid, initialised sigset_t and `pause` a
+        // valid timespec, both alive for the call; no siginfo is asked for.
+        let n = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &pause) };
+        if n > 0 {
+            return Signal::try_from(n).map(Some).map_err(RunError::Signals);
+        }
+        match nix::Error::last() {
+            nix::Error::EAGAIN | nix::Error::EINTR => {}
+            e => return Err(RunError::Signals(e)),
+        }
+        if !handle.is_serving() {
+            return Ok(None);
+        }
+    }
+}
+
+/// Under a systemd watchdog (`WatchdogSec=`), pings it only while the
+/// filesystem answers: each round asks the mount itself for `statfs`, which
+/// the kernel never caches, so a mount whose serving threads are all stuck,
+/// or that is gone, stops the pings and systemd restarts the process.
+fn start_watchdog(target: &Path) {
+    let Some(every) = crate::notify::watchdog_interval() else {
+        return;
+    };
+    let target = target.to_path_buf();
+    let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || loop {
+        match nix::sys::statfs::statfs(&target) {
+            Ok(_) => crate::notify::watchdog(),
+            Err(e) => {
+                tracing::warn!(target = %target.display(), error = %e, "the mount does not answer; no watchdog ping")
+            }
+        }
+        std::thread::sleep(every);
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the watchdog thread; systemd will restart this process");
+    }
 }
 
 /// Runs the mount named `name` until SIGTERM or SIGINT; its key requests
@@ -319,10 +375,20 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
         })?;
     tracing::info!(name, target = %s.target.display(), admin = %path.display(), "mount process ready");
     crate::notify::ready(&format!("serving {}", s.target.display()));
-    let got = signals.wait().map_err(RunError::Signals)?;
-    tracing::info!(signal = %got, "unmounting");
+    start_watchdog(&s.target);
+    let got = wait_while_serving(&signals, &handle);
     crate::notify::stopping();
     let _ = std::fs::remove_file(&path);
+    match got? {
+        Some(signal) => tracing::info!(%signal, "unmounting"),
+        None => {
+            tracing::error!(target = %s.target.display(), "the filesystem was unmounted from outside; exiting so that it is mounted again");
+            return Err(RunError::Lost {
+                name: name.into(),
+                target: s.target.clone(),
+            });
+        }
+    }
     match handle.unmount() {
         Ok(()) => tracing::info!(target = %s.target.display(), "unmounted"),
         Err(e) => tracing::warn!(target = %s.target.display(), error = %e, "mount busy; detached lazily"),

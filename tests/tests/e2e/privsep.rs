@@ -263,3 +263,27 @@ fn kmsd_restarts_a_child_that_dies_and_takes_them_down_when_killed() {
     });
     assert!(gone.is_some(), "the child outlived a SIGKILLed kmsd");
 }
+
+/// `umount` of a mount from outside (an operator, a stray script) ends its
+/// FUSE session: the mount process must not linger serving nothing, but
+/// exit, so that kmsd (here) or systemd (kmsd-mount@.service) mounts the
+/// filesystem again.
+#[test]
+fn a_mount_unmounted_from_outside_comes_back() {
+    if !fuse_available() {
+        return;
+    }
+    let d = TestDaemon::start_with_mount();
+    fs::write(d.mnt().join("kept"), b"across an outside umount").unwrap();
+    let first = d.mount_pids();
+    assert_eq!(first.len(), 1, "{first:?}");
+    nix::mount::umount2(&d.mnt(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let back = wait_for(Duration::from_secs(20), || {
+        let now = d.mount_pids();
+        let fresh = now.len() == 1 && now != first;
+        (fresh && fs::read(d.mnt().join("kept")).is_ok()).then_some(now)
+    });
+    assert!(back.is_some(), "the mount did not come back:\n{}", d.logs());
+    assert_eq!(fs::read(d.mnt().join("kept")).unwrap(), b"across an outside umount");
+    assert!(d.logs().contains("unmounted from outside"), "{}", d.logs());
+}

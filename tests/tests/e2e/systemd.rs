@@ -568,6 +568,27 @@ fn scenario(c: &Container) {
     assert_eq!(c.ok(theirs), "mine\n");
     assert_eq!(c.ok("kmsctl decrypt < /root/blob"), "secret\n");
 
+    // Unmounted from outside: the mount process exits rather than serve
+    // nothing, and systemd mounts it again.
+    let before = c
+        .ok(&format!("systemctl show -P MainPID {MOUNT_UNIT}"))
+        .trim()
+        .to_string();
+    c.ok("umount -l /srv/app");
+    let back = kms_tests::wait_for(Duration::from_secs(20), || {
+        let pid = c
+            .ok(&format!("systemctl show -P MainPID {MOUNT_UNIT}"))
+            .trim()
+            .to_string();
+        (pid != "0" && pid != before && c.sh("cat /srv/app/hello.txt").status.success()).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the mount did not come back after an outside umount:\n{}",
+        c.ok(&format!("journalctl -u {MOUNT_UNIT} --no-pager | tail -30"))
+    );
+    assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
+
     // The exposure figures.
     let (figure, report) = exposure(c, "kmsd.service");
     assert!(figure <= KMSD_EXPOSURE_MAX, "kmsd.service exposure {figure}:\n{report}");
