@@ -145,7 +145,7 @@ impl MountHandle {
         match session.umount_and_join() {
             Ok(()) => Ok(()),
             Err(source) => {
-                let _ = umount2(&self.target, MntFlags::MNT_DETACH);
+                let _ = umount2(&self.target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
                 Err(mount_error(&self.target)(source))
             }
         }
@@ -170,7 +170,7 @@ pub fn recover_stale_mount(target: &Path) -> Result<bool> {
     if !is_dead_fuse_mount(target) {
         return Ok(false);
     }
-    umount2(target, MntFlags::MNT_DETACH)?;
+    umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)?;
     tracing::warn!(target = %target.display(), "detached stale FUSE mount");
     Ok(true)
 }

@@ -83,6 +83,15 @@ fn dev_mount_is_served_by_a_child_not_by_the_key_process() {
         "the child does not listen on kmsd's socket"
     );
     assert!(holds_fuse_device(child), "the mount process holds /dev/fuse");
+    // kmsd's channel to its child (fd 3) is close-on-exec: fusermount3 and
+    // any other program the child runs do not inherit kmsd's authority.
+    let flags = fs::read_to_string(format!("/proc/{child}/fdinfo/3")).unwrap();
+    let flags = flags
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+        .unwrap();
+    assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "fd 3 flags {flags:o}");
     assert!(!holds_fuse_device(pid), "kmsd holds no FUSE device");
 
     kill(pid, Signal::SIGTERM).unwrap();
@@ -286,4 +295,50 @@ fn a_mount_unmounted_from_outside_comes_back() {
     assert!(back.is_some(), "the mount did not come back:\n{}", d.logs());
     assert_eq!(fs::read(d.mnt().join("kept")).unwrap(), b"across an outside umount");
     assert!(d.logs().contains("unmounted from outside"), "{}", d.logs());
+}
+
+/// Every mount process under systemd is root to kmsd, which allows one uid
+/// `limits.max_connections_per_uid` connections. A busy mount holds at most
+/// four (more opens at once wait for one), so it leaves root's other
+/// clients, and other mounts, their share: with 6 allowed, 24 cold opens at
+/// once all succeed and root's kmsctl still gets in.
+#[test]
+fn a_busy_mount_process_leaves_its_uid_connections_to_spare() {
+    if !fuse_available() {
+        return;
+    }
+    let d = TestDaemon::start_with(kms_tests::DaemonOptions {
+        env: vec![("KMSD_LIMITS__MAX_CONNECTIONS_PER_UID".into(), "6".into())],
+        ..Default::default()
+    });
+    d.client()
+        .create_key(kms_client::proto::CreateKey {
+            name: Some("fs".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let solo = Solo::start(&d, 10);
+    let mnt = d.mnt();
+    for i in 0..24 {
+        fs::write(mnt.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    // Cold opens: a fresh mount process knows no file and holds no key.
+    drop(solo);
+    let _solo = Solo::start(&d, 10);
+    let readers: Vec<_> = (0..24)
+        .map(|i| {
+            let p = mnt.join(format!("f{i}"));
+            std::thread::spawn(move || fs::read(&p).map(|b| (i, b)))
+        })
+        .collect();
+    for r in readers {
+        let (i, body) = r.join().unwrap().expect("a cold open failed");
+        assert_eq!(body, format!("file {i}").into_bytes());
+    }
+    // The mount keeps its idle connections for the next opens; root's
+    // kmsctl must still fit beside them.
+    let status = d.kmsctl(&["status"], b"");
+    assert!(status.status.success(), "{}", kms_tests::stderr(&status));
+    let mut c = d.client();
+    assert!(c.status().is_ok());
 }
