@@ -470,7 +470,8 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
     let admin = Arc::new(admin::Admin {
         info: MountInfo {
             source: s.source.display().to_string(),
-            target: s.target.display().to_string(),
+            // Resolved, as kmsctl resolves the path it is given.
+            target: handle.target().display().to_string(),
             key: s.key.clone(),
         },
         source: s.source.clone(),
