@@ -8,6 +8,7 @@
 pub mod envelope;
 pub mod plugin;
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -89,10 +90,28 @@ fn group_id(group: &str) -> io::Result<u32> {
 
 /// A connection with the caller the kernel named when it connected, and
 /// its place among the admitted connections (given back when it closes).
+/// It must send its first bytes within `handshake_timeout` and then at
+/// least every `idle_timeout` (kube-apiserver polls `Status` every minute
+/// at most, and reconnects when it needs to): a peer that holds a place
+/// and says nothing loses it.
 struct PeerStream {
     stream: UnixStream,
     caller: Caller,
     _place: Admitted,
+    quiet: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
+}
+
+impl PeerStream {
+    fn new(stream: UnixStream, caller: Caller, place: Admitted, limits: &Limits) -> Self {
+        Self {
+            stream,
+            caller,
+            _place: place,
+            quiet: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
+            idle_timeout: limits.idle_timeout,
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for PeerStream {
@@ -106,7 +125,22 @@ impl tonic::transport::server::Connected for PeerStream {
 
 impl AsyncRead for PeerStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let next = tokio::time::Instant::now() + self.idle_timeout;
+                self.quiet.as_mut().reset(next);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.quiet.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within the handshake or idle timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -168,12 +202,7 @@ fn incoming(
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 };
-                let conn = PeerStream {
-                    stream,
-                    caller,
-                    _place: place,
-                };
-                return Some((Ok(conn), listener));
+                return Some((Ok(PeerStream::new(stream, caller, place, &limits)), listener));
             }
         }
     })
@@ -191,8 +220,6 @@ pub async fn run(listener: Listener, daemon: Arc<Daemon>, limits: Limits, shutdo
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .http2_max_header_list_size(16 * 1024)
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .serve_with_incoming_shutdown(service, incoming(listener, daemon, limits), shutdown.cancelled_owned())
         .await;
     if let Err(e) = served {

@@ -241,6 +241,21 @@ fn plugin_connections_are_bounded_per_uid() {
 }
 
 #[test]
+fn a_silent_plugin_connection_loses_its_place() {
+    let c = Cluster::start(&[("KMSD_LIMITS__HANDSHAKE_TIMEOUT_SECS", "1")]);
+    let mut s = UnixStream::connect(&c.plugin).unwrap();
+    assert!(served(&mut s), "the connection was not served");
+    // Says nothing: closed after the handshake timeout, not kept.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    let r = s.read_to_end(&mut rest);
+    assert!(
+        matches!(&r, Ok(_)) || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a silent connection stayed open: {r:?}"
+    );
+}
+
+#[test]
 fn the_plugin_socket_is_off_unless_configured_and_never_kmsds_own() {
     let d = TestDaemon::start();
     let entries: Vec<_> = std::fs::read_dir(d.dir.path())
