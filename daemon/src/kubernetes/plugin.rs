@@ -233,3 +233,150 @@ impl KeyManagementService for Plugin {
         r.map(tonic::Response::new)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use kms_client::proto::CreateKey;
+
+    use super::*;
+    use crate::keys::{KeyService, ManualClock, RootKey};
+
+    const OWNER: u32 = 1000;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        keys: Arc<KeyService>,
+        plugin: Plugin,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = crate::testutil::private_dir().unwrap();
+        let clock = Arc::new(ManualClock::at(1_750_000_000));
+        let keys = Arc::new(KeyService::open(dir.path(), RootKey::from_bytes(&[9; 32]), "zone-a", clock).unwrap());
+        let create = CreateKey {
+            name: Some("cluster".into()),
+            ..CreateKey::default()
+        };
+        keys.create_key(&owner(), &create).unwrap();
+        let mounts = Arc::new(crate::mounts::Mounts::new(dir.path().join("mounts")));
+        let daemon = Arc::new(Daemon::new(keys.clone(), mounts));
+        Fixture {
+            _dir: dir,
+            keys,
+            plugin: Plugin::new(daemon, "cluster".into()),
+        }
+    }
+
+    fn owner() -> Caller {
+        Caller::process(OWNER, OWNER, Some(1))
+    }
+
+    fn as_caller<T>(caller: Option<Caller>, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(c) = caller {
+            req.extensions_mut().insert(c);
+        }
+        req
+    }
+
+    async fn status(f: &Fixture, caller: Caller) -> StatusResponse {
+        f.plugin
+            .status(as_caller(Some(caller), StatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn encrypt(f: &Fixture, plaintext: &[u8]) -> Result<EncryptResponse, Status> {
+        let req = EncryptRequest {
+            plaintext: plaintext.to_vec(),
+            uid: "r1".into(),
+        };
+        f.plugin
+            .encrypt(as_caller(Some(owner()), req))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn decrypt(
+        f: &Fixture,
+        sealed: &EncryptResponse,
+        annotations: HashMap<String, Vec<u8>>,
+    ) -> Result<Vec<u8>, Status> {
+        let req = DecryptRequest {
+            ciphertext: sealed.ciphertext.clone(),
+            uid: "r2".into(),
+            key_id: sealed.key_id.clone(),
+            annotations,
+        };
+        f.plugin
+            .decrypt(as_caller(Some(owner()), req))
+            .await
+            .map(|r| r.into_inner().plaintext)
+    }
+
+    #[tokio::test]
+    async fn status_follows_rotation_and_the_key_state() {
+        let f = fixture();
+        let s = status(&f, owner()).await;
+        assert_eq!((s.version.as_str(), s.healthz.as_str()), ("v2", "ok"));
+        let first = s.key_id;
+        f.keys.rotate(&owner(), "cluster").unwrap();
+        let s = status(&f, owner()).await;
+        assert_eq!(s.healthz, "ok");
+        assert_ne!(s.key_id, first, "a rotation must change key_id");
+        f.keys.disable_key(&owner(), "cluster").unwrap();
+        let s = status(&f, owner()).await;
+        assert!(s.healthz.contains("disabled"), "{}", s.healthz);
+        assert_eq!(s.key_id, "");
+        let stranger = status(&f, Caller::process(OWNER + 1, OWNER + 1, Some(2))).await;
+        assert!(stranger.healthz.contains("permission-denied"), "{}", stranger.healthz);
+    }
+
+    #[tokio::test]
+    async fn encrypt_and_decrypt_across_a_rotation() {
+        let f = fixture();
+        let old = encrypt(&f, &[1; 32]).await.unwrap();
+        assert_eq!(old.key_id, status(&f, owner()).await.key_id);
+        assert!(old.ciphertext.len() <= envelope::MAX_CIPHERTEXT);
+        f.keys.rotate(&owner(), "cluster").unwrap();
+        let new = encrypt(&f, &[2; 32]).await.unwrap();
+        assert_ne!(new.key_id, old.key_id);
+        assert_eq!(decrypt(&f, &old, old.annotations.clone()).await.unwrap(), [1; 32]);
+        assert_eq!(decrypt(&f, &new, new.annotations.clone()).await.unwrap(), [2; 32]);
+        let mut tampered = old.clone();
+        *tampered.ciphertext.last_mut().unwrap() ^= 1;
+        let err = decrypt(&f, &tampered, HashMap::new()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        let err = encrypt(&f, &[0; envelope::MAX_PLAINTEXT + 1]).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_blob_wrapped_with_another_context_does_not_open() {
+        let f = fixture();
+        let other = kms_client::proto::Context::from([("app".to_string(), "db".to_string())]);
+        let sealed = f.keys.wrap(&owner(), "cluster", &[3; 32], &other).unwrap();
+        let made = EncryptResponse {
+            ciphertext: sealed.blob,
+            key_id: String::new(),
+            annotations: HashMap::new(),
+        };
+        let err = decrypt(&f, &made, HashMap::new()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("decrypt-failed"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_call_without_peer_credentials_is_refused() {
+        let f = fixture();
+        let req = EncryptRequest {
+            plaintext: vec![1; 32],
+            uid: String::new(),
+        };
+        let err = f.plugin.encrypt(as_caller(None, req)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+}
