@@ -459,6 +459,10 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         None => Listener::bind(&cfg.socket)?,
     };
     let _socket_file = SocketFile(listener.path.clone());
+    let kubernetes = match &cfg.kubernetes.socket {
+        Some(path) => Some(crate::kubernetes::Listener::bind(&cfg.kubernetes, path)?),
+        None => None,
+    };
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
     tasks.spawn(keys.clone().follow(shutdown.clone()));
@@ -501,6 +505,19 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     };
     tasks.spawn(reloading.run(hup, shutdown.clone()));
     tasks.spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
+    let l = &cfg.limits;
+    let limits = server::Limits {
+        max_frame: cfg.max_frame,
+        max_connections: l.max_connections,
+        max_connections_per_uid: l.max_connections_per_uid,
+        handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
+        idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+        frame_timeout: Duration::from_secs(l.frame_timeout_secs),
+    };
+    if let Some(k) = kubernetes {
+        tracing::info!(socket = ?cfg.kubernetes.socket, key = %cfg.kubernetes.key, "serving the Kubernetes KMS v2 plugin API");
+        tasks.spawn(crate::kubernetes::run(k, daemon.clone(), limits, shutdown.clone()));
+    }
     tasks.close();
     // The mount processes kmsd starts are its clients over socket pairs,
     // served at once; other clients are accepted only once they have
@@ -513,15 +530,6 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         .map_or("inherited socket".to_string(), |p| p.display().to_string());
     let (trusted, to_serve) = tokio::sync::mpsc::unbounded_channel();
     let open = CancellationToken::new();
-    let l = &cfg.limits;
-    let limits = server::Limits {
-        max_frame: cfg.max_frame,
-        max_connections: l.max_connections,
-        max_connections_per_uid: l.max_connections_per_uid,
-        handshake_timeout: Duration::from_secs(l.handshake_timeout_secs),
-        idle_timeout: Duration::from_secs(l.idle_timeout_secs),
-        frame_timeout: Duration::from_secs(l.frame_timeout_secs),
-    };
     let serving = server::run(
         listener.listener,
         daemon.clone(),
@@ -702,6 +710,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
             },
         ),
         ("store", old.store != new.store),
+        ("kubernetes", old.kubernetes != new.kubernetes),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(

@@ -12,6 +12,7 @@ pub mod children;
 pub mod config;
 pub mod harden;
 pub mod keys;
+pub mod kubernetes;
 pub mod logging;
 pub mod metrics;
 pub mod mount;

@@ -10,6 +10,7 @@ mod disk;
 mod etcd;
 mod fs;
 mod hardening;
+mod kubernetes;
 mod lifecycle;
 mod limits;
 mod metrics;

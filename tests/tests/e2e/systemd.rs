@@ -382,6 +382,10 @@ fn install(root: &Path) {
     let example = std::fs::read_to_string(units.join("kmsd.toml")).unwrap();
     let config = example.replace("listen = \"127.0.0.1:9464\"", "listen = \"\"");
     assert_ne!(config, example, "metrics.listen in the example config");
+    // The README's Kubernetes plugin socket, with the example's path.
+    let plugin = "# socket = \"/run/kmsd/kubernetes/kms-v2.sock\"\n# key = \"cluster\"\n";
+    assert!(config.contains(plugin), "[kubernetes] in the example config");
+    let config = config.replace(plugin, &plugin.replace("# ", ""));
     std::fs::create_dir_all(root.join("etc/kmsd")).unwrap();
     std::fs::write(root.join("etc/kmsd/kmsd.toml"), config).unwrap();
     kms_tests::write_root_key(&root.join("etc/kmsd/root-key"));
@@ -463,6 +467,12 @@ fn scenario(c: &Container) {
     // root's: the mount process (root) uses it.
     c.ok("kmsctl key create --name app >/dev/null");
     assert_eq!(c.ok("systemctl is-active kmsd.service").trim(), "active");
+    // The sandboxed kmsd can create the Kubernetes plugin socket, in its
+    // RuntimeDirectory, with the configured mode.
+    assert_eq!(
+        c.ok("stat -c '%U:%G %a' /run/kmsd/kubernetes/kms-v2.sock").trim(),
+        "kmsd:kmsd 600"
+    );
     let status = wait_status(c, "2 keys, 0 mounts");
     assert!(
         status
