@@ -454,11 +454,24 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let tasks = TaskTracker::new();
     let metrics = crate::metrics::install(cfg.metrics_addr()?, &tasks)?;
     let mounts = Arc::new(Mounts::new(crate::mount::admin_dir(&cfg.socket)));
+    let changes = crate::changes::dir(&cfg.socket);
+    // Removed at exit: while no kmsd publishes changes, mount processes
+    // make no key ahead.
+    let _change_file = match crate::changes::ChangeFile::create(&changes) {
+        Ok(file) => {
+            keys.on_change(move |generation| file.publish(generation));
+            RemovedAtExit(Some(changes.join(crate::changes::FILE)))
+        }
+        Err(e) => {
+            tracing::warn!(dir = %changes.display(), error = %e, "cannot publish key changes; mount processes will ask kmsd for each new file's data key");
+            RemovedAtExit(None)
+        }
+    };
     let listener = match Listener::inherited()? {
         Some(l) => l,
         None => Listener::bind(&cfg.socket)?,
     };
-    let _socket_file = SocketFile(listener.path.clone());
+    let _socket_file = RemovedAtExit(listener.path.clone());
     let kubernetes = match &cfg.kubernetes.socket {
         Some(path) => Some(crate::kubernetes::Listener::bind(&cfg.kubernetes, path)?),
         None => None,
@@ -523,7 +536,7 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     // served at once; other clients are accepted only once they have
     // mounted and kmsd has said it is ready, so that none reaches a
     // half-started daemon. A failure stops the server again and removes
-    // the socket (SocketFile).
+    // the socket (RemovedAtExit).
     let where_ = listener
         .path
         .as_ref()
@@ -568,13 +581,13 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
 }
 
 /// The socket file kmsd bound; removed when kmsd stops or fails to start.
-struct SocketFile(Option<PathBuf>);
+struct RemovedAtExit(Option<PathBuf>);
 
-impl Drop for SocketFile {
+impl Drop for RemovedAtExit {
     fn drop(&mut self) {
         if let Some(p) = &self.0 {
             if let Err(e) = std::fs::remove_file(p) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove socket");
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove at exit");
             }
         }
     }

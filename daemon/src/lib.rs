@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod changes;
 pub mod children;
 pub mod config;
 pub mod harden;

@@ -65,6 +65,7 @@ operations! {
         UnreplicateKey,
         PromoteKey,
         FsStats,
+        GenerateDataKeys,
     }
 }
 
@@ -156,6 +157,7 @@ impl Op {
             Op::UnreplicateKey => info("key-unreplicate", Peers, Management),
             Op::PromoteKey => info("key-promote", Blocking, Management),
             Op::FsStats => info("fs-stats", Blocking, Unaudited),
+            Op::GenerateDataKeys => info("generate-data-keys", Inline, Data),
         }
     }
 
@@ -247,6 +249,7 @@ impl Request {
             Request::UnreplicateKey { key, .. } => (Op::UnreplicateKey, Key(key)),
             Request::PromoteKey { key } => (Op::PromoteKey, Key(key)),
             Request::FsStats => (Op::FsStats, Nothing),
+            Request::GenerateDataKeys { key, .. } => (Op::GenerateDataKeys, Key(key)),
         }
     }
 
@@ -369,6 +372,11 @@ mod tests {
             },
             Op::PromoteKey => Request::PromoteKey { key: key() },
             Op::FsStats => Request::FsStats,
+            Op::GenerateDataKeys => Request::GenerateDataKeys {
+                key: key(),
+                contexts: vec![ctx(), ctx()],
+                with_plaintext: true,
+            },
         }
     }
 

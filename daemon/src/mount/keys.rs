@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use kms_client::blob::BlobHeader;
 use kms_client::proto::{Context, ErrorCode};
 use kms_client::{BlockingClient, ClientError, ClientOptions};
+use kms_fuse::keys::{file_context, FileId};
 use kms_fuse::{Dek, KeyError, KeySource};
 use parking_lot::{Condvar, Mutex};
+use rand::RngCore;
 use uuid::Uuid;
 
 /// Pause between attempts to reach kmsd.
@@ -58,7 +60,40 @@ pub struct ClientKeys {
     conns: Conns,
     key_id: Uuid,
     timeout: Duration,
+    /// kmsd's change file (`crate::changes`); without it no key is made
+    /// ahead.
+    changes: Option<PathBuf>,
+    ahead: Mutex<Ahead>,
 }
+
+/// Keys of new files made ahead, in one request, valid while kmsd's change
+/// file reads as `token` and for [`AHEAD_MAX_AGE`] at most.
+struct Ahead {
+    token: Vec<u8>,
+    format: u16,
+    made: Instant,
+    /// The next batch's size: doubles each time one is used up, halves when
+    /// one expires unused.
+    batch: usize,
+    keys: Vec<(FileId, Dek, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Ahead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ahead")
+            .field("keys", &self.keys.len())
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Smallest and largest batch of keys made ahead.
+const AHEAD_MIN: usize = 4;
+const AHEAD_MAX: usize = 64;
+
+/// How long a key made ahead may wait for its file. Keys made ahead are
+/// data keys of files that do not exist yet; they are zeroized when dropped.
+const AHEAD_MAX_AGE: Duration = Duration::from_secs(30);
 
 impl ClientKeys {
     /// Reaches kmsd at `socket` (waiting up to `timeout` for it) and finds
@@ -97,9 +132,63 @@ impl ClientKeys {
             conns,
             key_id: Uuid::nil(),
             timeout,
+            changes: None,
+            ahead: Mutex::new(Ahead {
+                token: Vec::new(),
+                format: 0,
+                made: Instant::now(),
+                batch: AHEAD_MIN,
+                keys: Vec::new(),
+            }),
         };
         keys.key_id = keys.probe(key)?.key_id;
         Ok(keys)
+    }
+
+    /// Makes the keys of new files ahead, in batches, while kmsd's change
+    /// file at `path` (`crate::changes`) says no key changed since.
+    pub fn with_changes(mut self, path: PathBuf) -> Self {
+        self.changes = Some(path);
+        self
+    }
+
+    /// A new file's key made now, in its own request.
+    fn one_file_key(&self, format_version: u16) -> Result<(FileId, Dek, Vec<u8>), KeyError> {
+        let mut file_id = FileId::default();
+        rand::rngs::OsRng.fill_bytes(&mut file_id);
+        let (dek, blob) = self.new_dek(&file_context(&file_id, format_version))?;
+        Ok((file_id, dek, blob))
+    }
+
+    /// `batch` new files' keys in one request.
+    fn file_keys(&self, format_version: u16, batch: usize) -> Result<Vec<(FileId, Dek, Vec<u8>)>, KeyError> {
+        let ids: Vec<FileId> = (0..batch)
+            .map(|_| {
+                let mut id = FileId::default();
+                rand::rngs::OsRng.fill_bytes(&mut id);
+                id
+            })
+            .collect();
+        let contexts: Vec<Context> = ids.iter().map(|id| file_context(id, format_version)).collect();
+        let key = self.key_id.to_string();
+        let made = self.call(|c| c.generate_data_keys(&key, &contexts, true))?;
+        if made.len() != batch {
+            return Err(KeyError::Unavailable(format!(
+                "kmsd made {} data keys for {batch} files",
+                made.len()
+            )));
+        }
+        ids.into_iter()
+            .zip(made)
+            .map(|(id, dk)| {
+                self.check_key(&dk.blob)?;
+                let plain = dk
+                    .plaintext
+                    .as_ref()
+                    .ok_or_else(|| KeyError::Unavailable("kmsd sent no data key".into()))?;
+                Ok((id, dek_from(plain)?, dk.blob.clone()))
+            })
+            .collect()
     }
 
     /// The header of a fresh blob of `key`'s active version.
@@ -276,6 +365,37 @@ impl KeySource for ClientKeys {
             .as_ref()
             .ok_or_else(|| KeyError::Unavailable("kmsd sent no data key".into()))?;
         Ok((dek_from(plain)?, dk.blob.clone()))
+    }
+
+    /// A key made ahead if one is valid, else a new batch (the first of it
+    /// for this file). The change file is read first, and a key is used
+    /// only if the file still reads as when the key was asked for: kmsd
+    /// replaces it after any change to any key, before it answers the
+    /// request that made the change, so a file created after `key rotate`
+    /// or `key disable` has returned never gets a key made before.
+    fn new_file_key(&self, format_version: u16) -> Result<(FileId, Dek, Vec<u8>), KeyError> {
+        let Some(token) = self.changes.as_deref().and_then(crate::changes::read) else {
+            return self.one_file_key(format_version);
+        };
+        let mut ahead = self.ahead.lock();
+        if ahead.token != token || ahead.format != format_version {
+            ahead.keys.clear();
+        } else if ahead.made.elapsed() > AHEAD_MAX_AGE && !ahead.keys.is_empty() {
+            ahead.keys.clear();
+            ahead.batch = (ahead.batch / 2).max(AHEAD_MIN);
+        }
+        if let Some(k) = ahead.keys.pop() {
+            return Ok(k);
+        }
+        let batch = ahead.batch;
+        let mut keys = self.file_keys(format_version, batch)?;
+        let first = keys.pop().expect("a batch has at least one key");
+        ahead.keys = keys;
+        ahead.token = token;
+        ahead.format = format_version;
+        ahead.made = Instant::now();
+        ahead.batch = (batch * 2).min(AHEAD_MAX);
+        Ok(first)
     }
 
     fn unwrap_dek(&self, ctx: &Context, blob: &[u8]) -> Result<Dek, KeyError> {

@@ -452,11 +452,13 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
         Some(stream) => keys::ClientKeys::given(stream, &s.key, timeout),
         None => keys::ClientKeys::connect(&s.socket, &s.key, timeout),
     };
-    let keys = keys.map_err(|source| RunError::Keys {
-        name: name.into(),
-        key: s.key.clone(),
-        source,
-    })?;
+    let keys = keys
+        .map_err(|source| RunError::Keys {
+            name: name.into(),
+            key: s.key.clone(),
+            source,
+        })?
+        .with_changes(crate::changes::dir(&s.socket).join(crate::changes::FILE));
     let keys: Arc<dyn KeySource> = Arc::new(keys);
     let handle = mount_fs(&s.source, &s.target, &format!("kmsd:{}", s.key), keys.clone())?;
     let path = s.admin_socket(name);

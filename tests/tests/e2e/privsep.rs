@@ -342,3 +342,66 @@ fn a_busy_mount_process_leaves_its_uid_connections_to_spare() {
     let mut c = d.client();
     assert!(c.status().is_ok());
 }
+
+/// The value of the counter `kmsd_requests_total{op,outcome="ok"}`.
+fn ok_requests(metrics: &str, op: &str) -> u64 {
+    let want = format!("kmsd_requests_total{{op=\"{op}\",outcome=\"ok\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// A mount process makes new files' data keys ahead, in batches (one
+/// request for many creates), yet a file created after `key rotate` has
+/// returned is wrapped by the new version, and one created after `key
+/// disable` has returned fails: kmsd's change file tells the mount process
+/// to drop what it made ahead.
+#[test]
+fn keys_made_ahead_never_outlive_a_change_of_the_key() {
+    if !fuse_available() {
+        return;
+    }
+    let addr = kms_tests::free_tcp_addr();
+    let d = TestDaemon::start_with(kms_tests::DaemonOptions::with_metrics(addr));
+    d.client()
+        .create_key(kms_client::proto::CreateKey {
+            name: Some("fs".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let _solo = Solo::start(&d, 5);
+    let mnt = d.mnt();
+    let target = mnt.to_str().unwrap().to_string();
+    let mut created = 0;
+    for round in 1..=3u32 {
+        // Enough creates that keys are left over, made under this version.
+        for i in 0..40 {
+            fs::write(mnt.join(format!("r{round}-{i}")), b"x").unwrap();
+            created += 1;
+        }
+        let v = d.client().rotate_key("fs").unwrap().expect("rotated").active_version;
+        assert_eq!(v, round + 1);
+        fs::write(mnt.join(format!("after-{round}")), b"y").unwrap();
+        created += 1;
+        let counts = d.client().fs_versions(&target).unwrap().counts;
+        assert_eq!(
+            counts.iter().find(|(ver, _)| *ver == v).map(|c| c.1),
+            Some(1),
+            "the file created after rotating to version {v} is not at {v}: {counts:?}"
+        );
+    }
+    let (_, metrics) = kms_tests::scrape(addr).unwrap();
+    let batches = ok_requests(&metrics, "generate-data-keys");
+    let singles = ok_requests(&metrics, "generate-data-key");
+    assert!(
+        batches * 4 <= created && batches > 0,
+        "{created} creates took {batches} batch requests ({singles} single; the probe is one)"
+    );
+    // Disabled: the next create fails although keys made ahead are left.
+    fs::write(mnt.join("fill"), b"z").unwrap();
+    let out = d.kmsctl(&["key", "disable", "fs"], b"");
+    assert!(out.status.success(), "{}", kms_tests::stderr(&out));
+    let err = fs::write(mnt.join("after-disable"), b"n").expect_err("created with a disabled key");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+}
