@@ -216,14 +216,33 @@ pub async fn run(listener: Listener, daemon: Arc<Daemon>, limits: Limits, shutdo
         proto::key_management_service_server::KeyManagementServiceServer::new(plugin::Plugin::new(daemon.clone(), key))
             .max_decoding_message_size(envelope::MAX_MESSAGE)
             .max_encoding_message_size(envelope::MAX_MESSAGE);
+    // A call must arrive whole and be answered within the frame timeout,
+    // like a request on kmsd's socket: a caller that stalls a call half
+    // sent holds neither its buffers nor kmsd's shutdown. Windows sized to
+    // the largest message keep what a stalled call may park small.
+    let call_timeout = limits.frame_timeout;
+    let window = u32::try_from(envelope::MAX_MESSAGE).unwrap_or(u32::MAX);
+    let drain = shutdown.clone();
     let served = tonic::transport::Server::builder()
+        .timeout(call_timeout)
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window.saturating_mul(4))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .http2_max_header_list_size(16 * 1024)
-        .serve_with_incoming_shutdown(service, incoming(listener, daemon, limits), shutdown.cancelled_owned())
-        .await;
-    if let Err(e) = served {
-        tracing::error!(error = %e, "kubernetes plugin server failed");
+        .serve_with_incoming_shutdown(service, incoming(listener, daemon, limits), shutdown.cancelled_owned());
+    // After shutdown, calls in flight get one call timeout more to finish.
+    let bounded = async {
+        tokio::pin!(served);
+        tokio::select! {
+            r = &mut served => Some(r),
+            () = async { drain.cancelled().await; tokio::time::sleep(call_timeout).await } => None,
+        }
+    };
+    match bounded.await {
+        Some(Err(e)) => tracing::error!(error = %e, "kubernetes plugin server failed"),
+        Some(Ok(())) => {}
+        None => tracing::warn!("kubernetes plugin: calls still open after the shutdown grace; dropped"),
     }
     if let Err(e) = std::fs::remove_file(&path) {
         tracing::debug!(path = %path.display(), error = %e, "cannot remove the kubernetes socket");

@@ -536,9 +536,22 @@ fn scenario(c: &Container) {
         "setsid sh -c 'exec 3</srv/app/hello.txt; while [ ! -e /root/go ]; do sleep 0.1; done; \
           cat <&3 > /root/read-after-restart' </dev/null >/dev/null 2>&1 &",
     );
+    // A kube-apiserver pod bind-mounts /run/kmsd/kubernetes: the folder
+    // itself must survive kmsd's restart, not be made anew.
+    let folder = c.ok("stat -c %i /run/kmsd/kubernetes");
     c.ok("systemctl restart kmsd");
     wait_status(c, "2 keys, 1 mounts");
     assert_ne!(main_pid(c, "kmsd"), kmsd, "kmsd restarted");
+    assert_eq!(
+        c.ok("stat -c %i /run/kmsd/kubernetes"),
+        folder,
+        "the plugin socket's folder was made anew"
+    );
+    assert_eq!(c.ok("stat -c %F /run/kmsd/kubernetes/kms-v2.sock").trim(), "socket");
+    assert!(
+        c.sh("test -s /run/kmsd/changes/generation").status.success(),
+        "no change file"
+    );
     assert_eq!(main_pid(c, MOUNT_UNIT), mounter, "the mount process is not");
     c.ok("touch /root/go");
     let read = kms_tests::wait_for(Duration::from_secs(10), || {
