@@ -60,6 +60,11 @@ impl Listener {
         };
         if let Some(parent) = socket.parent() {
             std::fs::create_dir_all(parent).map_err(io("cannot create parent directory"))?;
+            // kube-apiserver sends its DEK seeds to whatever listens here,
+            // and kmsd replaces a stale socket and chmods the path: no other
+            // user may be able to swap what the path names.
+            crate::mount::trusted_path(parent, false)
+                .map_err(|reason| io("the socket's folder is not safe")(io::Error::other(reason)))?;
         }
         crate::server::remove_stale(socket)?;
         let listener = UnixListener::bind(socket).map_err(io("cannot bind"))?;
@@ -246,5 +251,28 @@ pub async fn run(listener: Listener, daemon: Arc<Daemon>, limits: Limits, shutdo
     }
     if let Err(e) = std::fs::remove_file(&path) {
         tracing::debug!(path = %path.display(), error = %e, "cannot remove the kubernetes socket");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket folder another user could write: kmsd would hand
+    /// kube-apiserver's DEK seeds to whatever that user puts at the path.
+    #[tokio::test]
+    async fn the_socket_is_refused_in_a_folder_others_can_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let cfg = KubernetesConfig {
+            key: "cluster".into(),
+            ..KubernetesConfig::default()
+        };
+        let e = Listener::bind(&cfg, &open.join("kms.sock")).unwrap_err();
+        assert!(format!("{e:?}").contains("writable by others"), "{e:?}");
+        assert!(!open.join("kms.sock").exists());
+        Listener::bind(&cfg, &dir.path().join("fine/kms.sock")).unwrap();
     }
 }
