@@ -39,7 +39,8 @@ const RESTART_PAUSE: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(100);
 
 /// Where the supervisor hands kmsd's end of each child's connection.
-pub type ToServe = tokio::sync::mpsc::UnboundedSender<UnixStream>;
+/// kmsd's end of a child's channel, with the key the child may use.
+pub type ToServe = tokio::sync::mpsc::UnboundedSender<(UnixStream, String)>;
 
 /// The descriptor a child finds its kmsd connection on.
 const KMSD_FD: i32 = 3;
@@ -288,7 +289,7 @@ fn spawn(spec: &Spec, to_serve: &ToServe) -> Result<Child, ChildError> {
     let (ours, theirs) = UnixStream::pair().map_err(failed)?;
     let child = spec.command(&theirs).and_then(|mut c| c.spawn()).map_err(failed)?;
     drop(theirs);
-    if to_serve.send(ours).is_err() {
+    if to_serve.send((ours, spec.key.clone())).is_err() {
         tracing::warn!(name = %spec.name, "kmsd is stopping; the mount process gets no connection");
     }
     tracing::info!(name = %spec.name, pid = child.id(), target = %spec.target.display(), "mount process started");

@@ -195,12 +195,22 @@ impl Drop for Admitted {
     }
 }
 
+/// What a mount process kmsd started may ask on its channel: what a
+/// filesystem needs of its key, nothing else.
+const MOUNT_CHANNEL_OPS: [kms_client::proto::op::Op; 4] = {
+    use kms_client::proto::op::Op;
+    [Op::GenerateDataKey, Op::GenerateDataKeys, Op::Unwrap, Op::ReEncrypt]
+};
+
 /// Connections kmsd made itself for the mount processes it started
-/// (`children.rs`): served with kmsd's own authority
-/// ([`Caller::internal`]), as the filesystems of `[[mount]]` were when
-/// kmsd served them in-process. Nothing else can reach such a stream, so
-/// they are outside the per-uid limits and the idle timeout.
-pub type Trusted = tokio::sync::mpsc::UnboundedReceiver<std::os::unix::net::UnixStream>;
+/// (`children.rs`), each with the key of the child's filesystem: served
+/// with kmsd's own authority over that key only
+/// ([`Caller::internal_for_key`]: it may use the key whatever its policy,
+/// as the filesystems of `[[mount]]` could when kmsd served them
+/// in-process) and only for [`MOUNT_CHANNEL_OPS`]. Nothing else can reach
+/// such a stream, so they are outside the per-uid limits and the idle
+/// timeout.
+pub type Trusted = tokio::sync::mpsc::UnboundedReceiver<(std::os::unix::net::UnixStream, String)>;
 
 /// Takes `trusted` connections at once, accepts others once `open` is
 /// cancelled (kmsd has started: clients connecting earlier wait in the
@@ -221,10 +231,11 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = open.cancelled(), if !accepting => accepting = true,
-            Some(stream) = trusted.recv() => {
+            Some((stream, key)) = trusted.recv() => {
                 match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
                     Ok(stream) => {
-                        let conn = connection(stream, Caller::internal(), None, daemon.clone(), limits, shutdown.clone());
+                        let caller = Caller::internal_for_key(&key);
+                        let conn = connection(stream, caller, None, daemon.clone(), limits, shutdown.clone());
                         tracker.spawn(conn);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot serve a mount process's connection"),
@@ -461,6 +472,14 @@ impl Session {
         if !self.greeted {
             return self.on_hello(daemon, id, body).await;
         }
+        if self.caller.key_scope().is_some() && !MOUNT_CHANNEL_OPS.contains(&body.op()) {
+            let msg = format!(
+                "{} is not served on a mount process's channel: it serves its key's data operations only",
+                body.op()
+            );
+            self.send(id, error(ErrorCode::PermissionDenied, msg)).await?;
+            return Ok(Next::Continue);
+        }
         let subject = (!daemon.observers.is_empty()).then(|| Subject::of(&body));
         let started = Instant::now();
         let answer = self.answer(daemon, id, body).await?;
@@ -559,4 +578,80 @@ impl Session {
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error(ErrorReply::new(code, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeyService, ManualClock, RootKey};
+    use kms_client::proto::{Context, CreateKey};
+
+    /// A mount process kmsd started may use its filesystem's key, whatever
+    /// its policy, and nothing else: no other key, no key management.
+    #[tokio::test]
+    async fn a_childs_channel_serves_its_keys_data_operations_only() {
+        let dir = crate::testutil::private_dir().unwrap();
+        let clock = Arc::new(ManualClock::at(1_750_000_000));
+        let keys = Arc::new(KeyService::open(dir.path(), RootKey::from_bytes(&[9; 32]), "z", clock).unwrap());
+        let owner = Caller::process(1000, 1000, Some(1));
+        for name in ["fs", "other"] {
+            let create = CreateKey {
+                name: Some(name.into()),
+                ..CreateKey::default()
+            };
+            keys.create_key(&owner, &create).unwrap();
+        }
+        let other_blob = keys.wrap(&owner, "other", &[1; 32], &Context::new()).unwrap().blob;
+        let daemon = Arc::new(Daemon::new(keys, Arc::new(crate::mounts::Mounts::default())));
+        let listener = UnixListener::bind(dir.path().join("s.sock")).unwrap();
+        let limits = Limits {
+            max_frame: 1 << 20,
+            max_connections: 8,
+            max_connections_per_uid: 8,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(5),
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(run(
+            listener,
+            daemon,
+            limits,
+            shutdown.clone(),
+            rx,
+            CancellationToken::new(),
+        ));
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        tx.send((ours, "fs".to_string())).unwrap();
+        let client = tokio::task::spawn_blocking(move || {
+            let mut c = kms_client::BlockingClient::handshake(theirs, &kms_client::ClientOptions::default()).unwrap();
+            let ctx = Context::new();
+            let dk = c
+                .generate_data_key("fs", &ctx, true)
+                .expect("its own key, whatever the policy");
+            c.unwrap(&dk.blob, &ctx).expect("its own blob");
+            let code = |e: kms_client::ClientError| e.code();
+            assert_eq!(
+                code(c.generate_data_key("other", &ctx, true).unwrap_err()),
+                Some(ErrorCode::PermissionDenied)
+            );
+            assert_eq!(
+                code(c.unwrap(&other_blob, &ctx).unwrap_err()),
+                Some(ErrorCode::PermissionDenied)
+            );
+            assert_eq!(
+                code(c.schedule_deletion("fs", None).unwrap_err()),
+                Some(ErrorCode::PermissionDenied)
+            );
+            assert_eq!(
+                code(c.disable_key("other").unwrap_err()),
+                Some(ErrorCode::PermissionDenied)
+            );
+            assert_eq!(code(c.list_keys().unwrap_err()), Some(ErrorCode::PermissionDenied));
+        });
+        client.await.unwrap();
+        shutdown.cancel();
+        server.await.unwrap();
+    }
 }

@@ -23,6 +23,9 @@ pub struct Caller {
     pub groups: Vec<u32>,
     pub pid: Option<i32>,
     internal: bool,
+    /// For kmsd's own mount processes: the one key (name or id) they act
+    /// on, and only to use it.
+    scope: Option<String>,
 }
 
 impl Caller {
@@ -34,6 +37,7 @@ impl Caller {
             groups: Vec::new(),
             pid,
             internal: false,
+            scope: None,
         }
     }
 
@@ -46,7 +50,23 @@ impl Caller {
             groups: Vec::new(),
             pid: None,
             internal: true,
+            scope: None,
         }
+    }
+
+    /// A mount process kmsd started itself, on the channel kmsd gave it:
+    /// it may use `key` (a name or an id) whatever the key's policy, as
+    /// when kmsd served its filesystems in-process, and nothing else.
+    pub fn internal_for_key(key: &str) -> Self {
+        Self {
+            scope: Some(key.to_string()),
+            ..Self::internal()
+        }
+    }
+
+    /// The one key this caller may act on, if it is limited to one.
+    pub fn key_scope(&self) -> Option<&str> {
+        self.scope.as_deref()
     }
 
     /// True for the daemon's own requests.
@@ -85,7 +105,12 @@ impl Access {
 /// May `caller` have `access` to `key`, given the global `admins`?
 pub fn allowed(caller: &Caller, key: &KeyRecord, admins: &[Principal], access: Access) -> bool {
     if caller.internal {
-        return true;
+        return match &caller.scope {
+            None => true,
+            Some(only) => {
+                access == Access::Use && (key.id.to_string() == *only || key.name.as_deref() == Some(only.as_str()))
+            }
+        };
     }
     let can_use = key.policy.public_use || caller.matches(&key.policy.users);
     let can_admin = caller.matches(&key.policy.admins) || caller.matches(admins);
