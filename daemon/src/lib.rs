@@ -12,6 +12,7 @@ pub mod children;
 pub mod config;
 pub mod harden;
 pub mod keys;
+pub mod leader;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
@@ -20,6 +21,7 @@ pub mod notify;
 pub mod observe;
 pub mod ops;
 pub mod replication;
+pub mod restore;
 pub mod scheduler;
 pub mod server;
 

@@ -65,6 +65,8 @@ operations! {
         UnreplicateKey,
         PromoteKey,
         FsStats,
+        StoreStatus,
+        Backup,
     }
 }
 
@@ -156,6 +158,9 @@ impl Op {
             Op::UnreplicateKey => info("key-unreplicate", Peers, Management),
             Op::PromoteKey => info("key-promote", Blocking, Management),
             Op::FsStats => info("fs-stats", Blocking, Unaudited),
+            Op::StoreStatus => info("store-status", Inline, Unaudited),
+            // Reads the whole store (etcd: one consistent read).
+            Op::Backup => info("backup", Blocking, Management),
         }
     }
 
@@ -247,6 +252,8 @@ impl Request {
             Request::UnreplicateKey { key, .. } => (Op::UnreplicateKey, Key(key)),
             Request::PromoteKey { key } => (Op::PromoteKey, Key(key)),
             Request::FsStats => (Op::FsStats, Nothing),
+            Request::StoreStatus => (Op::StoreStatus, Nothing),
+            Request::Backup => (Op::Backup, Nothing),
         }
     }
 
@@ -369,6 +376,8 @@ mod tests {
             },
             Op::PromoteKey => Request::PromoteKey { key: key() },
             Op::FsStats => Request::FsStats,
+            Op::StoreStatus => Request::StoreStatus,
+            Op::Backup => Request::Backup,
         }
     }
 

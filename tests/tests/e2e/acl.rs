@@ -894,6 +894,30 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
+            op: Op::StoreStatus,
+            case: "",
+            want: ANYONE,
+            rule: "code: no check; the store's kind and health and leadership, as the metrics show them to anyone",
+            run: |fx, who| {
+                judge(fx.client(who).store_status(), |s| {
+                    expect(s.backend == "file" && s.leader && s.problem.is_none(), || {
+                        format!("{s:?}")
+                    })
+                })
+            },
+        },
+        Row {
+            op: Op::Backup,
+            case: "",
+            want: [DENIED, DENIED, OK, DENIED],
+            rule: "README Backup: global admins only (a snapshot holds every key's material)",
+            run: |fx, who| {
+                judge(fx.client(who).backup(), |s| {
+                    expect(s.starts_with(b"KMSDSNAP"), || format!("{} bytes", s.len()))
+                })
+            },
+        },
+        Row {
             op: Op::Replication,
             case: "pull from zone b",
             want: [DENIED, DENIED, DENIED, OK],

@@ -5,6 +5,7 @@
 //! the daemon and a usage mistake does not depend on the daemon running.
 
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -114,9 +115,14 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
     let secret = Output::Secret;
     match command {
         Command::Status => {
-            let info = s.client()?.status()?;
+            let c = s.client()?;
+            let status = c.status()?;
+            // A kmsd older than the store status answers `malformed`.
+            let store = c.store_status().ok();
+            let info = output::FullStatus { status, store };
             Ok(Output::Text(output::render(format, &info, output::status)))
         }
+        Command::Backup { out, backup_key } => backup(s, &out, &backup_key).map(Output::Text),
         Command::Key(cmd) => key_command(cmd, format, s.client()?).map(Output::Text),
         Command::Fs(cmd) => fs_command(cmd, format, s).map(Output::Text),
         Command::Audit(AuditCommand::Verify { file }) => {
@@ -141,6 +147,35 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
             to_context,
         } => re_encrypt(s, to.as_deref(), &context, &to_context, stdin()).map(secret),
     }
+}
+
+/// `backup`: the key is read before connecting; the file is created new
+/// (never through a link, never over another), mode 0600, written and
+/// synced, and removed again if that fails.
+fn backup(s: &mut Session, out: &Path, key_file: &Path) -> Result<String, CliError> {
+    let key = kms_client::backup::read_key_file(key_file).map_err(|e| CliError::Input(crate::error::chain(&e)))?;
+    let snapshot = s.client()?.backup()?;
+    let sealed = kms_client::backup::seal(&key, &snapshot);
+    drop(snapshot);
+    let write_err = |source| CliError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(write_err)?;
+    if let Err(e) = f.write_all(&sealed).and_then(|()| f.sync_all()) {
+        let _ = std::fs::remove_file(out);
+        return Err(write_err(e));
+    }
+    Ok(format!(
+        "backup written to {} ({} bytes)\n",
+        out.display(),
+        sealed.len()
+    ))
 }
 
 fn key_command(cmd: KeyCommand, format: Format, c: &mut BlockingClient) -> Result<String, CliError> {
