@@ -218,6 +218,12 @@ impl Election {
                 client.insert(c).clone()
             }
         };
+        // A lease left by the last term may still make this daemon's old
+        // candidate the leader at etcd: give it up so that the election
+        // moves on now, not after the TTL.
+        if let Some(old) = lease.take() {
+            let _ = tokio::time::timeout(REVOKE_TIMEOUT, c.lease_client().revoke(old)).await;
+        }
         let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let granted_at = Instant::now();
         let id = c.lease_client().grant(ttl_secs, None).await?.id();

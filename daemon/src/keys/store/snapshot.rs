@@ -117,7 +117,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     let mut records = Vec::with_capacity(body.records.len());
     let mut seen = std::collections::HashSet::new();
     for (index, raw) in body.records.iter().enumerate() {
-        let at = std::path::PathBuf::from(format!("snapshot record {index}"));
+        let at = std::path::PathBuf::from("the snapshot");
         let record = schema::decode(body.schema, raw)
             .map_err(|source| StoreError::Schema {
                 path: at.clone(),
