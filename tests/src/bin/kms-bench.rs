@@ -374,17 +374,31 @@ fn etcd_store(secs: f64) {
         .expect("runtime");
     let mut t = Table(Vec::new());
     println!("\netcd store (3-member etcd on loopback) beside the file store, {secs} s per throughput figure:");
+    // The two run in turns, ROUNDS times, and each row is the median of
+    // its rounds: the machine's other load falls on both alike.
+    const ROUNDS: usize = 3;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     rt.block_on(async {
         let (on_file, _) = targets(&file, &file.socket).await;
         let (on_etcd, _) = targets(&a, &a.socket).await;
         for (op, name) in [(Op::Wrap, "wrap"), (Op::Unwrap, "unwrap")] {
-            let (e50, _) = latency(&on_etcd, op).await;
-            let (f50, _) = latency(&on_file, op).await;
-            t.row(format!("{name} p50 latency, 1 connection"), e50, f50, "µs");
+            let (mut e, mut f) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                e.push(latency(&on_etcd, op).await.0);
+                f.push(latency(&on_file, op).await.0);
+            }
+            t.row(format!("{name} p50 latency, 1 connection"), median(e), median(f), "µs");
             for conns in [1, 16] {
-                let e = throughput(&on_etcd, op, conns, secs).await;
-                let f = throughput(&on_file, op, conns, secs).await;
-                t.row(format!("{name} throughput, {conns} connections"), e, f, "req/s");
+                let (mut e, mut f) = (Vec::new(), Vec::new());
+                for _ in 0..ROUNDS {
+                    e.push(throughput(&on_etcd, op, conns, secs).await);
+                    f.push(throughput(&on_file, op, conns, secs).await);
+                }
+                let row = format!("{name} throughput, {conns} connections (median of {ROUNDS})");
+                t.row(row, median(e), median(f), "req/s");
             }
         }
     });
