@@ -853,3 +853,84 @@ fn migrate_a_file_store_into_etcd_every_blob_unwraps_on_three_daemons() {
         });
     }
 }
+
+/// Zone a is a fleet of two daemons on etcd, zone b one daemon; a key of
+/// zone a is replicated to b. A rotation made on the daemon that does not
+/// lead is pushed to b by the one that leads (the follower pushes
+/// nothing); SIGKILL the leader, and the other daemon takes over the
+/// pushes.
+#[test]
+fn replication_is_run_by_the_zones_elected_daemon() {
+    use crate::zones::{create, replicate, Site};
+    use kms_tests::{free_tcp_addr, metric, scrape};
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let site = Site::new();
+    let root = site.dir.path().join("root-a");
+    write_root_key(&root);
+    let cert = site.cert("a");
+    let metrics = [free_tcp_addr(), free_tcp_addr()];
+    let daemon_of_a = |i: usize| {
+        // Each listens for peers on an address of its own; zone b dials
+        // the first, which is enough for its pulls.
+        let listen = if i == 0 { site.addr("a") } else { free_tcp_addr() };
+        let mut extra = "[replication]\npull_interval_secs = 3600\nretry_max_secs = 1\n".to_string();
+        extra.push_str(&cert.peering_toml(&listen.to_string()));
+        extra.push_str(&format!("[[peer]]\nzone = \"b\"\naddress = \"{}\"\n", site.addr("b")));
+        extra.push_str(&etcd.store_toml(None));
+        extra.push_str(&format!("lease_ttl_secs = {LEASE_TTL}\n"));
+        TestDaemon::start_with(DaemonOptions {
+            zone: "a".into(),
+            extra_config: extra,
+            root_key: Some(root.clone()),
+            env: vec![("KMSD_METRICS__LISTEN".into(), metrics[i].to_string())],
+            ..DaemonOptions::default()
+        })
+    };
+    let mut fleet = Fleet::new(&etcd);
+    fleet.daemons = vec![daemon_of_a(0), daemon_of_a(1)];
+    let b = site.start("b", &["a", "b"]);
+    let (leader, _) = fleet.one_leader(Duration::from_secs(20));
+    let follower = 1 - leader;
+    let pushed = |i: usize| {
+        let (_, body) = scrape(metrics[i]).expect("metrics");
+        metric(&body, r#"kmsd_replication_pushes_total{outcome="ok"}"#).unwrap_or(0.0)
+    };
+    let served_in_b = |version: u32| {
+        let mut c = b.client();
+        eventually(&format!("version {version} in zone b"), Duration::from_secs(20), || {
+            c.describe_key("app").is_ok_and(|k| k.active_version == version)
+        });
+    };
+    create(&fleet.daemons[follower], "app");
+    replicate(&fleet.daemons[follower], "app", "b");
+    served_in_b(1);
+    std::thread::sleep(Duration::from_secs(6)); // a metrics refresh
+    let before = (pushed(leader), pushed(follower));
+    fleet.daemons[follower].client().rotate_key("app").unwrap();
+    served_in_b(2);
+    let mut after = before;
+    eventually("the leader's push counted", Duration::from_secs(15), || {
+        after = (pushed(leader), pushed(follower));
+        after.0 > before.0
+    });
+    assert_eq!(
+        after.1, before.1,
+        "the follower pushes nothing: {before:?} -> {after:?}"
+    );
+
+    fleet.daemons[leader].kill9();
+    eventually("the other daemon leads", Duration::from_secs(LEASE_TTL + 5), || {
+        BlockingClient::connect(&fleet.daemons[follower].socket)
+            .is_ok_and(|mut c| c.store_status().is_ok_and(|s| s.leader))
+    });
+    fleet.daemons[follower].client().rotate_key("app").unwrap();
+    served_in_b(3);
+    // Zone b may also have pulled it (from daemon 0, if alive): the count
+    // says the new leader pushed.
+    eventually("the new leader's push counted", Duration::from_secs(15), || {
+        pushed(follower) > after.1
+    });
+}
