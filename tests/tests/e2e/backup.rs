@@ -170,6 +170,13 @@ fn backup_wipe_restore_under_another_root_key_on_the_file_store() {
 
     // Restoring over the live store is refused and changes nothing.
     assert!(d.terminate().success());
+    let audit = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    let backups: Vec<serde_json::Value> = (audit.lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["op"] == "backup")
+        .collect();
+    assert_eq!(backups.len(), 1, "each backup is audited: {backups:?}");
+    assert_eq!(backups[0]["outcome"], "ok");
     let o = restore(&d.config, &file, &key);
     assert!(
         !o.status.success() && stderr(&o).contains("already holds"),

@@ -149,14 +149,13 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
     }
 }
 
-/// `backup`: the key is read before connecting; the file is created new
-/// (never through a link, never over another), mode 0600, written and
-/// synced, and removed again if that fails.
+/// `backup`: the key is read and the file created (new, never through a
+/// link or over another, mode 0600) before the daemon is asked for the
+/// snapshot, so that nothing is fetched for a file that cannot be written;
+/// the sealed snapshot is written and synced, and the file removed again
+/// if anything fails.
 fn backup(s: &mut Session, out: &Path, key_file: &Path) -> Result<String, CliError> {
     let key = kms_client::backup::read_key_file(key_file).map_err(|e| CliError::Input(crate::error::chain(&e)))?;
-    let snapshot = s.client()?.backup()?;
-    let sealed = kms_client::backup::seal(&key, &snapshot);
-    drop(snapshot);
     let write_err = |source| CliError::Write {
         path: out.to_path_buf(),
         source,
@@ -167,15 +166,20 @@ fn backup(s: &mut Session, out: &Path, key_file: &Path) -> Result<String, CliErr
         .mode(0o600)
         .open(out)
         .map_err(write_err)?;
-    if let Err(e) = f.write_all(&sealed).and_then(|()| f.sync_all()) {
-        let _ = std::fs::remove_file(out);
-        return Err(write_err(e));
+    let written = (|| {
+        let snapshot = s.client()?.backup()?;
+        let sealed = kms_client::backup::seal(&key, &snapshot);
+        drop(snapshot);
+        f.write_all(&sealed).and_then(|()| f.sync_all()).map_err(write_err)?;
+        Ok(sealed.len())
+    })();
+    match written {
+        Ok(len) => Ok(format!("backup written to {} ({len} bytes)\n", out.display())),
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            Err(e)
+        }
     }
-    Ok(format!(
-        "backup written to {} ({} bytes)\n",
-        out.display(),
-        sealed.len()
-    ))
 }
 
 fn key_command(cmd: KeyCommand, format: Format, c: &mut BlockingClient) -> Result<String, CliError> {
