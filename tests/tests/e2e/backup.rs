@@ -219,3 +219,43 @@ fn backup_wipe_restore_under_another_root_key_on_the_file_store() {
     let info = d.client().rotate_key("k3").unwrap().unwrap();
     assert_eq!(info.active_version, 5);
 }
+
+/// A snapshot larger than the daemon's frame limit is refused with a
+/// message naming `max_frame`, and no file is left behind; with the limit
+/// raised the backup is taken.
+#[test]
+fn a_snapshot_over_the_frame_limit_says_to_raise_max_frame() {
+    let mut d = TestDaemon::start_with(DaemonOptions {
+        env: vec![("KMSD_MAX_FRAME".into(), "4096".into())],
+        ..DaemonOptions::default()
+    });
+    let mut c = d.client();
+    for i in 0..40 {
+        c.create_key(CreateKey {
+            name: Some(format!("key-{i}")),
+            ..CreateKey::default()
+        })
+        .unwrap();
+    }
+    drop(c);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, key) = (dir.path().join("zone.kmsbak"), backup_key(dir.path(), "backup-key"));
+    let args = [
+        "backup",
+        "--out",
+        file.to_str().unwrap(),
+        "--backup-key",
+        key.to_str().unwrap(),
+    ];
+    let o = d.kmsctl(&args, b"");
+    assert!(
+        !o.status.success() && stderr(&o).contains("raise max_frame"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!file.exists(), "no file left behind");
+    assert!(d.terminate().success());
+    d.opts.env = vec![("KMSD_MAX_FRAME".into(), "1048576".into())];
+    d.restart();
+    backup(&d, &file, &key);
+}

@@ -25,6 +25,9 @@ const MAX_DATA_BLOB: usize = MAX_PLAINTEXT + blob::MIN_BLOB_LEN;
 const DEV_AUDIT_LOG: &str = "kmsd-dev/state/audit.log";
 /// The audit log of the system daemon.
 const SYSTEM_AUDIT_LOG: &str = "/var/lib/kmsd/audit.log";
+/// Largest snapshot `backup` accepts from the daemon (whose own
+/// `max_frame` is the limit that matters).
+const MAX_SNAPSHOT_FRAME: usize = 64 << 20;
 /// Largest blob `unwrap` may read.
 const MAX_DEK_BLOB: usize = MAX_DEK + blob::MIN_BLOB_LEN;
 
@@ -167,7 +170,13 @@ fn backup(s: &mut Session, out: &Path, key_file: &Path) -> Result<String, CliErr
         .open(out)
         .map_err(write_err)?;
     let written = (|| {
-        let snapshot = s.client()?.backup()?;
+        // Its own connection: a snapshot may exceed the default frame
+        // limit when the daemon's max_frame was raised for it.
+        let options = kms_client::ClientOptions {
+            max_frame: MAX_SNAPSHOT_FRAME,
+            ..kms_client::ClientOptions::default()
+        };
+        let snapshot = BlockingClient::connect_with(&s.socket, &options)?.backup()?;
         let sealed = kms_client::backup::seal(&key, &snapshot);
         drop(snapshot);
         f.write_all(&sealed).and_then(|()| f.sync_all()).map_err(write_err)?;
