@@ -145,10 +145,17 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_every_record_whole() {
-        let mut a = record("a");
+        use crate::keys::store::conformance::changed;
+        let mut a = changed(&changed(&record("a")));
         a.serial = 7;
         a.epoch = 2;
-        let b = record("b");
+        // A tombstone: a replica deleted in this zone, no versions.
+        let mut b = record("b");
+        b.role = kms_client::proto::KeyRole::Replica {
+            primary_zone: "zone-p".into(),
+        };
+        b.versions.clear();
+        b.deleted_at = Some(5_000);
         let stored: Vec<Stored> = [a.clone(), b.clone()]
             .into_iter()
             .map(|record| Stored {
