@@ -669,10 +669,15 @@ fn the_scheduling_daemon_killed_another_takes_over_and_a_due_rotation_happens_on
 
     // Two days later for every daemon.
     std::fs::write(&clock, "+2d\n").unwrap();
-    std::thread::sleep(Duration::from_millis(1500)); // libfaketime's cache
-                                                     // A change makes every scheduler plan again at once (else within its
-                                                     // longest sleep, 10 minutes).
-    fleet.daemons[0].client().create_key(CreateKey::default()).unwrap();
+    // A change makes the leader's scheduler plan again at once (else within
+    // its longest sleep, 10 minutes); repeated, because libfaketime reads
+    // the file again only when its cache (1 s) has run out.
+    let mut c = fleet.daemons[0].client();
+    eventually("the due rotation on the leader", Duration::from_secs(30), || {
+        c.create_key(CreateKey::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        c.describe_key(&id).unwrap().active_version == 2
+    });
     for d in &fleet.daemons {
         let mut c = d.client();
         eventually("the due rotation", Duration::from_secs(15), || {
