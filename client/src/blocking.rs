@@ -442,6 +442,20 @@ impl BlockingClient {
         self.run(ops::generate_data_key_batch(key, count, context, with_plaintext))
     }
 
+    /// Generates one data key per context in one request, each bound to
+    /// its own context, all under the key's active version.
+    ///
+    /// # Errors
+    /// As [`BlockingClient::status`].
+    pub fn generate_data_keys(
+        &mut self,
+        key: &str,
+        contexts: &[Context],
+        with_plaintext: bool,
+    ) -> Result<Vec<GeneratedDataKey>, ClientError> {
+        self.run(ops::generate_data_keys(key, contexts, with_plaintext))
+    }
+
     /// Counts files per key version under a mount.
     ///
     /// # Errors

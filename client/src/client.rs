@@ -565,6 +565,20 @@ impl Client {
             .await
     }
 
+    /// Generates one data key per context in one request, each bound to
+    /// its own context, all under the key's active version.
+    ///
+    /// # Errors
+    /// As [`Client::status`].
+    pub async fn generate_data_keys(
+        &self,
+        key: &str,
+        contexts: &[Context],
+        with_plaintext: bool,
+    ) -> Result<Vec<GeneratedDataKey>, ClientError> {
+        self.run(ops::generate_data_keys(key, contexts, with_plaintext)).await
+    }
+
     /// Counts files per key version under a mount.
     ///
     /// # Errors

@@ -331,6 +331,15 @@ pub(crate) fn generate_data_key_batch(
     Op::new(request, data_key_list)
 }
 
+pub(crate) fn generate_data_keys(k: &str, contexts: &[Context], with_plaintext: bool) -> Op<Vec<GeneratedDataKey>> {
+    let request = Request::GenerateDataKeys {
+        key: key(k),
+        contexts: contexts.to_vec(),
+        with_plaintext,
+    };
+    Op::new(request, data_key_list)
+}
+
 pub(crate) fn fs_versions(mount: &str) -> Op<FsVersionsInfo> {
     let mount = mount.to_owned();
     Op::new(Request::FsVersions { mount }, fs_versions_info)

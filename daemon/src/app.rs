@@ -455,11 +455,28 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let tasks = TaskTracker::new();
     let metrics = crate::metrics::install(cfg.metrics_addr()?, &tasks)?;
     let mounts = Arc::new(Mounts::new(crate::mount::admin_dir(&cfg.socket)));
+    let changes = crate::changes::dir(&cfg.socket);
+    // Removed at exit: while no kmsd publishes changes, mount processes
+    // make no key ahead.
+    let _change_file = match crate::changes::ChangeFile::create(&changes) {
+        Ok(file) => {
+            keys.on_change(move |generation| file.publish(generation));
+            RemovedAtExit(Some(changes.join(crate::changes::FILE)))
+        }
+        Err(e) => {
+            tracing::warn!(dir = %changes.display(), error = %e, "cannot publish key changes; mount processes will ask kmsd for each new file's data key");
+            RemovedAtExit(None)
+        }
+    };
     let listener = match Listener::inherited()? {
         Some(l) => l,
         None => Listener::bind(&cfg.socket)?,
     };
-    let _socket_file = SocketFile(listener.path.clone());
+    let _socket_file = RemovedAtExit(listener.path.clone());
+    let kubernetes = match &cfg.kubernetes.socket {
+        Some(path) => Some(crate::kubernetes::Listener::bind(&cfg.kubernetes, path)?),
+        None => None,
+    };
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
     tasks.spawn(keys.clone().follow(shutdown.clone()));
@@ -514,18 +531,6 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     tasks.spawn(leader::while_leading(leadership, shutdown.clone(), move |stop| {
         crate::scheduler::run(k.clone(), a.clone(), stop)
     }));
-    tasks.close();
-    // The mount processes kmsd starts are its clients over socket pairs,
-    // served at once; other clients are accepted only once they have
-    // mounted and kmsd has said it is ready, so that none reaches a
-    // half-started daemon. A failure stops the server again and removes
-    // the socket (SocketFile).
-    let where_ = listener
-        .path
-        .as_ref()
-        .map_or("inherited socket".to_string(), |p| p.display().to_string());
-    let (trusted, to_serve) = tokio::sync::mpsc::unbounded_channel();
-    let open = CancellationToken::new();
     let l = &cfg.limits;
     let limits = server::Limits {
         max_frame: cfg.max_frame,
@@ -535,6 +540,22 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         idle_timeout: Duration::from_secs(l.idle_timeout_secs),
         frame_timeout: Duration::from_secs(l.frame_timeout_secs),
     };
+    if let Some(k) = kubernetes {
+        tracing::info!(socket = ?cfg.kubernetes.socket, key = %cfg.kubernetes.key, "serving the Kubernetes KMS v2 plugin API");
+        tasks.spawn(crate::kubernetes::run(k, daemon.clone(), limits, shutdown.clone()));
+    }
+    tasks.close();
+    // The mount processes kmsd starts are its clients over socket pairs,
+    // served at once; other clients are accepted only once they have
+    // mounted and kmsd has said it is ready, so that none reaches a
+    // half-started daemon. A failure stops the server again and removes
+    // the socket (RemovedAtExit).
+    let where_ = listener
+        .path
+        .as_ref()
+        .map_or("inherited socket".to_string(), |p| p.display().to_string());
+    let (trusted, to_serve) = tokio::sync::mpsc::unbounded_channel();
+    let open = CancellationToken::new();
     let serving = server::run(
         listener.listener,
         daemon.clone(),
@@ -588,13 +609,13 @@ fn elect(cfg: &Config, tasks: &TaskTracker, shutdown: &CancellationToken) -> Lea
 }
 
 /// The socket file kmsd bound; removed when kmsd stops or fails to start.
-struct SocketFile(Option<PathBuf>);
+struct RemovedAtExit(Option<PathBuf>);
 
-impl Drop for SocketFile {
+impl Drop for RemovedAtExit {
     fn drop(&mut self) {
         if let Some(p) = &self.0 {
             if let Err(e) = std::fs::remove_file(p) {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove socket");
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove at exit");
             }
         }
     }
@@ -730,6 +751,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
             },
         ),
         ("store", old.store != new.store),
+        ("kubernetes", old.kubernetes != new.kubernetes),
     ];
     for (name, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(

@@ -140,6 +140,25 @@ struct Running {
     child: Option<Child>,
     /// When a dead child may be started again.
     restart_at: Option<Instant>,
+    /// When the child was last started, and how many times in a row it
+    /// died within [`STEADY`] of starting.
+    started: Instant,
+    quick_deaths: u32,
+}
+
+/// A child that lived this long was healthy: its next death is not counted
+/// against it.
+const STEADY: Duration = Duration::from_secs(60);
+
+/// Longest pause before a restart.
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// The pause before restarting a child that died quickly `quick_deaths`
+/// times in a row: 1 s, doubling up to a minute, so that a child that
+/// cannot run (a bad backing folder, a key it may not use) is not started
+/// and logged every second forever.
+fn restart_pause(quick_deaths: u32) -> Duration {
+    RESTART_PAUSE.saturating_mul(1 << quick_deaths.min(10)).min(MAX_PAUSE)
 }
 
 /// Messages to the supervisor thread.
@@ -213,6 +232,8 @@ fn supervise(orders: &Receiver<Order>, to_serve: &ToServe) {
                         spec,
                         child: Some(child),
                         restart_at: None,
+                        started: Instant::now(),
+                        quick_deaths: 0,
                     });
                     let _ = reply.send(Ok(()));
                 }
@@ -278,9 +299,14 @@ fn spawn(spec: &Spec, to_serve: &ToServe) -> Result<Child, ChildError> {
 fn look_after(r: &mut Running, to_serve: &ToServe) {
     if let Some(child) = &mut r.child {
         if let Ok(Some(status)) = child.try_wait() {
-            tracing::warn!(name = %r.spec.name, %status, "mount process died; starting it again");
+            if r.started.elapsed() >= STEADY {
+                r.quick_deaths = 0;
+            }
+            let pause = restart_pause(r.quick_deaths);
+            r.quick_deaths = r.quick_deaths.saturating_add(1);
+            tracing::warn!(name = %r.spec.name, %status, ?pause, "mount process died; starting it again");
             r.child = None;
-            r.restart_at = Some(Instant::now() + RESTART_PAUSE);
+            r.restart_at = Some(Instant::now() + pause);
         }
         return;
     }
@@ -289,10 +315,13 @@ fn look_after(r: &mut Running, to_serve: &ToServe) {
             Ok(child) => {
                 r.child = Some(child);
                 r.restart_at = None;
+                r.started = Instant::now();
             }
             Err(e) => {
-                tracing::warn!(error = %crate::keys::error::error_chain(&e), "mount process not restarted; trying again");
-                r.restart_at = Some(Instant::now() + RESTART_PAUSE);
+                let pause = restart_pause(r.quick_deaths);
+                r.quick_deaths = r.quick_deaths.saturating_add(1);
+                tracing::warn!(error = %crate::keys::error::error_chain(&e), ?pause, "mount process not restarted; trying again");
+                r.restart_at = Some(Instant::now() + pause);
             }
         }
     }
@@ -324,4 +353,16 @@ fn stop_child(name: &str, child: &mut Child) {
     tracing::warn!(name, "mount process did not stop within 10 s; killed");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_to_a_minute() {
+        let pauses: Vec<u64> = (0..9).map(|n| restart_pause(n).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(restart_pause(u32::MAX), MAX_PAUSE);
+    }
 }

@@ -61,6 +61,7 @@ pub struct Config {
     pub peering: PeeringConfig,
     pub limits: LimitsConfig,
     pub store: StoreConfig,
+    pub kubernetes: KubernetesConfig,
     /// Gone: the shared peering key of earlier releases. Still parsed, so
     /// that an old configuration gets an error saying what replaced it.
     pub peer_key: Option<PathBuf>,
@@ -84,6 +85,7 @@ impl Default for Config {
             peering: PeeringConfig::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             peer_key: None,
         }
     }
@@ -160,6 +162,34 @@ impl Default for PeeringConfig {
             max_connections: 64,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 300,
+        }
+    }
+}
+
+/// `[kubernetes]`: the Kubernetes KMS v2 plugin API on its own socket
+/// (`daemon/src/kubernetes/`); off while `socket` is unset.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Unix socket kube-apiserver dials (`endpoint: unix://...`).
+    pub socket: Option<PathBuf>,
+    /// The key (name or id) whose active version seals kube-apiserver's
+    /// DEK seeds.
+    pub key: String,
+    /// The socket's mode (0o600 by default: only kmsd's user and root).
+    pub mode: u32,
+    /// The socket's group (name or number), given to it at bind; kmsd's
+    /// user must be a member of it.
+    pub group: Option<String>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            key: String::new(),
+            mode: 0o600,
+            group: None,
         }
     }
 }
@@ -353,7 +383,38 @@ impl Config {
         self.metrics_addr()?;
         self.validate_mounts()?;
         self.validate_store()?;
+        self.validate_kubernetes()?;
         self.validate_peers()
+    }
+
+    fn validate_kubernetes(&self) -> Result<(), ConfigError> {
+        let k = &self.kubernetes;
+        let Some(socket) = &k.socket else {
+            return Ok(());
+        };
+        require_absolute("kubernetes.socket", socket)?;
+        if *socket == self.socket {
+            return Err(invalid(
+                "kubernetes.socket",
+                "is kmsd's own socket; give the plugin its own",
+            ));
+        }
+        if k.key.is_empty() {
+            return Err(invalid(
+                "kubernetes.key",
+                "must name the key that seals the cluster's secrets",
+            ));
+        }
+        if k.mode & !0o777 != 0 || k.mode & 0o600 != 0o600 {
+            return Err(invalid(
+                "kubernetes.mode",
+                "must be permission bits (0o600 ..= 0o777) that let kmsd's own user read and write",
+            ));
+        }
+        if k.group.as_deref().is_some_and(str::is_empty) {
+            return Err(invalid("kubernetes.group", "must name a group or be left out"));
+        }
+        Ok(())
     }
 
     fn validate_store(&self) -> Result<(), ConfigError> {
@@ -659,6 +720,11 @@ mod tests {
             cert = "/etc/kmsd/etcd.pem"
             key = "/etc/kmsd/etcd.key"
             request_timeout_secs = 3
+            [kubernetes]
+            socket = "/run/kmsd/kubernetes/kms-v2.sock"
+            key = "cluster"
+            mode = 0o660
+            group = "kube"
             "#,
         )
         .unwrap();
@@ -677,6 +743,9 @@ mod tests {
         assert_eq!(cfg.peers[1].address.as_deref(), Some("kms-c.example.net:7443"));
         assert!(cfg.uses_tls());
         assert_eq!(cfg.replication.pull_interval_secs, 10);
+        assert_eq!(cfg.kubernetes.key, "cluster");
+        assert_eq!(cfg.kubernetes.mode, 0o660);
+        assert_eq!(cfg.kubernetes.group.as_deref(), Some("kube"));
     }
 
     #[test]
@@ -771,6 +840,24 @@ mod tests {
             ("[store]\nca = \"ca.pem\"", "store.ca"),
             ("[store]\nprefix = \"kmsd\"", "store.prefix"),
             ("[store]\nrequest_timeout_secs = 0", "store.request_timeout_secs"),
+            ("[kubernetes]\nsocket = \"k.sock\"\nkey = \"k\"", "kubernetes.socket"),
+            (
+                "[kubernetes]\nsocket = \"/run/kmsd/kmsd.sock\"\nkey = \"k\"",
+                "kubernetes.socket",
+            ),
+            ("[kubernetes]\nsocket = \"/k.sock\"", "kubernetes.key"),
+            (
+                "[kubernetes]\nsocket = \"/k.sock\"\nkey = \"k\"\nmode = 0o4777",
+                "kubernetes.mode",
+            ),
+            (
+                "[kubernetes]\nsocket = \"/k.sock\"\nkey = \"k\"\nmode = 0o066",
+                "kubernetes.mode",
+            ),
+            (
+                "[kubernetes]\nsocket = \"/k.sock\"\nkey = \"k\"\ngroup = \"\"",
+                "kubernetes.group",
+            ),
             ("[store]\nlease_ttl_secs = 1", "store.lease_ttl_secs"),
         ];
         for (toml, key) in cases {

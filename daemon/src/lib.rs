@@ -8,10 +8,12 @@
 
 pub mod app;
 pub mod audit;
+pub mod changes;
 pub mod children;
 pub mod config;
 pub mod harden;
 pub mod keys;
+pub mod kubernetes;
 pub mod leader;
 pub mod logging;
 pub mod metrics;

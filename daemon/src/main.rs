@@ -139,6 +139,12 @@ fn given_connection(fd: Option<i32>) -> anyhow::Result<Option<std::os::unix::net
         st.assume_init().st_mode
     };
     anyhow::ensure!(mode & libc::S_IFMT == libc::S_IFSOCK, "--kmsd-fd {fd} is not a socket");
+    // The channel carries kmsd's authority: no program this process runs
+    // (fusermount3, to mount or unmount) inherits it.
+    // SAFETY: fcntl on an open descriptor with an integer flag argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("--kmsd-fd {fd}: close-on-exec"));
+    }
     // SAFETY: `fd` is an open socket (checked above) that kmsd handed this
     // process for it alone; nothing else in the process owns it.
     Ok(Some(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) }))

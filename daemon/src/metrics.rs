@@ -17,7 +17,9 @@
 //! `replication_pulls_total{outcome}`, `replication_frames_rejected_total`,
 //! `replica_lag_versions{key,zone}`, `fs_operations_total{mount,op}`,
 //! `fs_dek_cache_total{mount,result}`, `fs_tamper_detections_total{mount}`,
-//! `fs_bytes_total{mount,direction}`, `build_info{version}`.
+//! `fs_bytes_total{mount,direction}`, `build_info{version}`; and
+//! `kubernetes_requests_total{method,outcome}`, counted by the Kubernetes
+//! plugin (`kubernetes/plugin.rs`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use kms_client::blob::BlobHeader;
 use kms_client::proto::{Context, ErrorCode, ErrorReply, FsRewrapInfo, FsStatsInfo, FsVersionsInfo, MountInfo};
-use kms_client::{BlockingClient, ClientError};
+use kms_client::{BlockingClient, ClientError, ClientOptions};
 use kms_fuse::{Dek, KeyError, KeySource};
 use uuid::Uuid;
 
@@ -98,6 +98,22 @@ impl KeySource for ServiceKeys {
     }
 }
 
+/// Whether a listener accepts connections at `path`, without blocking:
+/// a listener whose backlog is full counts as not answering instead of
+/// holding the caller (this runs beside kmsd's watchdog pings).
+fn answers(path: &Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    UnixAddr::new(path).is_ok_and(|addr| connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).is_ok())
+}
+
 /// The mount processes kmsd relays to, found by their admin sockets.
 #[derive(Debug, Default)]
 pub struct Mounts {
@@ -138,8 +154,12 @@ impl Mounts {
     }
 
     fn ask(path: &Path) -> Option<Found> {
-        let mut client = BlockingClient::connect(path).ok()?;
-        client.set_read_timeout(Some(ADMIN_TIMEOUT)).ok()?;
+        // Timeouts before the handshake: a socket that accepts into its
+        // backlog and never answers must not hold this thread.
+        let stream = UnixStream::connect(path).ok()?;
+        stream.set_read_timeout(Some(ADMIN_TIMEOUT)).ok()?;
+        stream.set_write_timeout(Some(ADMIN_TIMEOUT)).ok()?;
+        let mut client = BlockingClient::handshake(stream, &ClientOptions::default()).ok()?;
         let info = client.status().ok()?.mounts.into_iter().next()?;
         Some(Found { info, client })
     }
@@ -147,7 +167,7 @@ impl Mounts {
     /// How many mount processes accept connections (no handshake: this is
     /// the STATUS= line, checked every second).
     pub fn count(&self) -> usize {
-        self.sockets().iter().filter(|p| UnixStream::connect(p).is_ok()).count()
+        self.sockets().iter().filter(|p| answers(p)).count()
     }
 
     /// What is mounted, for `status`.
@@ -172,10 +192,10 @@ impl Mounts {
         let found = self
             .found()
             .into_iter()
-            .find(|f| {
-                let t = Path::new(&f.info.target);
-                t == wanted || t.canonicalize().is_ok_and(|t| t == wanted)
-            })
+            // Mount processes report their target resolved, and kmsctl
+            // resolves its argument: a string comparison, no lookup from
+            // here (one under a mountpoint would wait for that mount).
+            .find(|f| Path::new(&f.info.target) == wanted)
             .ok_or_else(|| {
                 ErrorReply::new(
                     ErrorCode::Unavailable,
@@ -225,5 +245,32 @@ fn relay_error(e: impl Into<ClientError>) -> ErrorReply {
                 crate::keys::error::error_chain(&other)
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A socket that accepts into its backlog and never answers (a hung
+    /// or half-started mount process) costs the relay its timeout, not
+    /// the thread.
+    #[test]
+    fn a_mount_socket_that_never_answers_does_not_hold_the_relay() {
+        let dir = tempfile::tempdir().unwrap();
+        let _silent = std::os::unix::net::UnixListener::bind(dir.path().join("x.sock")).unwrap();
+        let mounts = Mounts::new(dir.path().to_path_buf());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let infos = mounts.infos();
+            tx.send((infos.len(), mounts.count(), start.elapsed())).unwrap();
+        });
+        let (found, _, took) = rx
+            .recv_timeout(ADMIN_TIMEOUT * 3)
+            .expect("the relay is still waiting for a socket that never answers");
+        assert_eq!(found, 0);
+        assert!(took >= ADMIN_TIMEOUT / 2, "{took:?}");
     }
 }

@@ -238,6 +238,13 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
         .into(),
         Request::FsRewrap { mount } => rewrap(d, caller, &mount, progress).into(),
         Request::FsStats => Response::FsStats(d.mounts.stats()).into(),
+        Request::GenerateDataKeys {
+            key,
+            contexts,
+            with_plaintext,
+        } => sealed(k.generate_data_keys(caller, &key, &contexts), |dks| {
+            Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect())
+        }),
         Request::StoreStatus => d.store_status().into(),
         Request::Backup => reply(k.snapshot(caller), |s| Response::Backup(s.into())),
     }

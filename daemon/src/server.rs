@@ -90,7 +90,7 @@ impl Listener {
     }
 }
 
-fn remove_stale(path: &Path) -> Result<(), BindError> {
+pub(crate) fn remove_stale(path: &Path) -> Result<(), BindError> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
@@ -133,7 +133,7 @@ pub struct Limits {
 
 /// Open connections per uid, and refusals not yet logged.
 #[derive(Debug, Default)]
-struct Admission {
+pub(crate) struct Admission {
     per_uid: parking_lot::Mutex<HashMap<u32, usize>>,
     total: std::sync::atomic::AtomicUsize,
     refused: AtomicU64,
@@ -141,13 +141,13 @@ struct Admission {
 }
 
 /// A connection's place in [`Admission`], given back on drop.
-struct Admitted {
+pub(crate) struct Admitted {
     admission: Arc<Admission>,
     uid: u32,
 }
 
 impl Admission {
-    fn admit(self: &Arc<Self>, uid: u32, limits: &Limits) -> Option<Admitted> {
+    pub(crate) fn admit(self: &Arc<Self>, uid: u32, limits: &Limits) -> Option<Admitted> {
         let mut per_uid = self.per_uid.lock();
         let mine = per_uid.entry(uid).or_insert(0);
         if *mine >= limits.max_connections_per_uid || self.total.load(Ordering::Relaxed) >= limits.max_connections {
@@ -165,7 +165,7 @@ impl Admission {
     }
 
     /// Counts a refusal; logs at most one line a second, with the count.
-    fn refused(&self, uid: u32, limits: &Limits) {
+    pub(crate) fn refused(&self, uid: u32, limits: &Limits) {
         let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         let mut last = self.last_log.lock();
         if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -260,7 +260,7 @@ pub async fn run(
 /// the supplementary groups from `SO_PEERGROUPS`, both captured by the
 /// kernel when the peer connected (reading `/proc/PID` after accept would
 /// lend a reused pid's groups).
-fn caller_of(stream: &UnixStream) -> Option<Caller> {
+pub(crate) fn caller_of(stream: &UnixStream) -> Option<Caller> {
     let cred = stream.peer_cred().ok()?;
     let mut caller = Caller::process(cred.uid(), cred.gid(), cred.pid());
     caller.groups = peer_groups(stream).ok()?;

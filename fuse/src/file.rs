@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
-use rand::RngCore;
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -62,10 +61,7 @@ impl EncryptedFile {
     /// # Errors
     /// The key source refuses, or the header cannot be written.
     pub fn create(file: File, path: PathBuf, keys: &dyn KeySource) -> Result<Self> {
-        let mut file_id = FileId::default();
-        rand::rngs::OsRng.fill_bytes(&mut file_id);
-        let ctx = file_context(&file_id, FORMAT_VERSION);
-        let (dek, blob) = keys.new_dek(&ctx).map_err(|source| Error::Key {
+        let (file_id, dek, blob) = keys.new_file_key(FORMAT_VERSION).map_err(|source| Error::Key {
             path: path.clone(),
             source,
         })?;

@@ -89,6 +89,20 @@ pub trait KeySource: Send + Sync + 'static {
     /// The key is unavailable or access is denied.
     fn new_dek(&self, ctx: &Context) -> Result<(Dek, Vec<u8>), KeyError>;
 
+    /// The key of a new file of format `format_version`: a fresh file id,
+    /// and a fresh DEK wrapped by the active version under that file's
+    /// [`file_context`]. A source may make these ahead (the mount process
+    /// does, in batches), as long as none outlives a change of the key.
+    ///
+    /// # Errors
+    /// As [`KeySource::new_dek`].
+    fn new_file_key(&self, format_version: u16) -> Result<(FileId, Dek, Vec<u8>), KeyError> {
+        let mut file_id = FileId::default();
+        rand::rngs::OsRng.fill_bytes(&mut file_id);
+        let (dek, blob) = self.new_dek(&file_context(&file_id, format_version))?;
+        Ok((file_id, dek, blob))
+    }
+
     /// Unwraps a header's blob under the encryption context `ctx`.
     ///
     /// # Errors

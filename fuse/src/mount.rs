@@ -111,6 +111,14 @@ impl MountHandle {
         &self.stats
     }
 
+    /// Whether the kernel still sends this mount requests: false once it
+    /// was unmounted, from outside too (`umount`, `fusermount -u`), or its
+    /// session failed. A process serving only this mount should then exit,
+    /// so that its supervisor mounts it again.
+    pub fn is_serving(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| !s.guard.is_finished())
+    }
+
     /// The filesystem's counters, to read from another thread.
     pub fn shared_stats(&self) -> Arc<FsStats> {
         self.stats.clone()
@@ -129,10 +137,15 @@ impl MountHandle {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        if session.guard.is_finished() {
+            // Unmounted from outside already: no unmount to make (it would
+            // fail), and no lazy detach of whatever the mountpoint shows now.
+            return session.join().map_err(mount_error(&self.target));
+        }
         match session.umount_and_join() {
             Ok(()) => Ok(()),
             Err(source) => {
-                let _ = umount2(&self.target, MntFlags::MNT_DETACH);
+                let _ = umount2(&self.target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
                 Err(mount_error(&self.target)(source))
             }
         }
@@ -157,7 +170,7 @@ pub fn recover_stale_mount(target: &Path) -> Result<bool> {
     if !is_dead_fuse_mount(target) {
         return Ok(false);
     }
-    umount2(target, MntFlags::MNT_DETACH)?;
+    umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)?;
     tracing::warn!(target = %target.display(), "detached stale FUSE mount");
     Ok(true)
 }

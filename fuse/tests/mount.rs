@@ -582,3 +582,18 @@ fn fsync_of_a_directory_reaches_the_backing_directory() {
     // what it makes durable is for a power-loss test to show.
     assert_eq!(fsyncs() - before, 4);
 }
+
+#[test]
+fn a_mount_unmounted_from_outside_says_it_no_longer_serves() {
+    let Some(mut fx) = fixture() else { return };
+    fs::write(fx.path("f"), b"x").unwrap();
+    assert!(fx.handle.as_ref().unwrap().is_serving());
+    nix::mount::umount2(&fx.mnt, nix::mount::MntFlags::empty()).unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while fx.handle.as_ref().unwrap().is_serving() {
+        assert!(Instant::now() < deadline, "still serving 10 s after umount");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Dropping the handle of a mount that is gone is quiet and harmless.
+    fx.handle.take().unwrap().unmount().unwrap();
+}

@@ -14,6 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 pub mod etcd;
+pub mod kubernetes;
 pub mod lazyfs;
 pub mod pki;
 

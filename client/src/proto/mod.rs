@@ -177,6 +177,14 @@ pub enum Request {
     /// The counters of every mounted filesystem (kmsd asks its mount
     /// processes; a mount process answers for itself).
     FsStats,
+    /// One data key per context, all under `key`'s active version (a mount
+    /// process makes the keys of its next new files in one request, each
+    /// bound to its own file id).
+    GenerateDataKeys {
+        key: String,
+        contexts: Vec<Context>,
+        with_plaintext: bool,
+    },
     /// The key store's health and whether this daemon leads its zone's
     /// scheduled work (etcd fleets).
     StoreStatus,

@@ -65,6 +65,7 @@ operations! {
         UnreplicateKey,
         PromoteKey,
         FsStats,
+        GenerateDataKeys,
         StoreStatus,
         Backup,
     }
@@ -158,6 +159,7 @@ impl Op {
             Op::UnreplicateKey => info("key-unreplicate", Peers, Management),
             Op::PromoteKey => info("key-promote", Blocking, Management),
             Op::FsStats => info("fs-stats", Blocking, Unaudited),
+            Op::GenerateDataKeys => info("generate-data-keys", Inline, Data),
             Op::StoreStatus => info("store-status", Inline, Unaudited),
             // Reads the whole store (etcd: one consistent read).
             Op::Backup => info("backup", Blocking, Management),
@@ -252,6 +254,7 @@ impl Request {
             Request::UnreplicateKey { key, .. } => (Op::UnreplicateKey, Key(key)),
             Request::PromoteKey { key } => (Op::PromoteKey, Key(key)),
             Request::FsStats => (Op::FsStats, Nothing),
+            Request::GenerateDataKeys { key, .. } => (Op::GenerateDataKeys, Key(key)),
             Request::StoreStatus => (Op::StoreStatus, Nothing),
             Request::Backup => (Op::Backup, Nothing),
         }
@@ -376,6 +379,11 @@ mod tests {
             },
             Op::PromoteKey => Request::PromoteKey { key: key() },
             Op::FsStats => Request::FsStats,
+            Op::GenerateDataKeys => Request::GenerateDataKeys {
+                key: key(),
+                contexts: vec![ctx(), ctx()],
+                with_plaintext: true,
+            },
             Op::StoreStatus => Request::StoreStatus,
             Op::Backup => Request::Backup,
         }

@@ -441,6 +441,25 @@ fn batches_and_data_keys() {
     let many = f.svc.generate_data_key_batch(&alice(), &k, 5, &c).unwrap();
     assert_eq!(many.len(), 5);
     assert_ne!(many[0].0, many[1].0);
+    // One key per context, each bound to its own.
+    let ctxs: Vec<Context> = (0..3).map(|i| ctx(&[("file", &i.to_string())])).collect();
+    let each = f.svc.generate_data_keys(&alice(), &k, &ctxs).unwrap();
+    assert_eq!(each.len(), 3);
+    for (i, (dek, blob)) in each.iter().enumerate() {
+        assert_eq!(f.svc.unwrap(&alice(), blob, &ctxs[i]).unwrap(), *dek);
+        let other = &ctxs[(i + 1) % 3];
+        assert_eq!(
+            f.svc.unwrap(&alice(), blob, other).unwrap_err().code(),
+            ErrorCode::DecryptFailed
+        );
+    }
+    assert_ne!(each[0].0, each[1].0);
+    for bad in [Vec::new(), vec![c.clone(); kms_client::proto::MAX_BATCH + 1]] {
+        let e = f.svc.generate_data_keys(&alice(), &k, &bad).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidArgument);
+    }
+    let e = f.svc.generate_data_keys(&bob(), &k, &ctxs).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::PermissionDenied);
 }
 
 #[test]

@@ -168,6 +168,12 @@ pub enum MountError {
         #[source]
         source: kms_fuse::Error,
     },
+    #[error("mount {target}: {} is not safe to mount by: {reason}", path.display())]
+    Untrusted {
+        target: PathBuf,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("mount {target}: the kernel refused the mount (is /dev/fuse available and is the target busy?)")]
     Mount {
         target: PathBuf,
@@ -204,6 +210,99 @@ fn clear_stale(target: &Path) -> Result<(), MountError> {
         })
 }
 
+/// Resolves `path` (absolute) one component at a time and refuses it unless
+/// no other user can redirect it: every directory on the way (and every
+/// symlink, which is followed) is owned by root or by this process's user,
+/// and no directory is writable by group or others unless it is sticky
+/// (like `/tmp`, where only the owner of an entry may rename it, and the
+/// entry itself must then pass). Returns the path with every symlink
+/// resolved. With `missing_ok`, components from the first missing one on
+/// are appended as they are (the caller creates them, then checks again).
+///
+/// Root mounts, creates, detaches and later walks these paths by name: a
+/// directory a user could swap for a symlink would let that user choose
+/// where root mounts or what it detaches (over `/etc`, say).
+pub fn trusted_path(path: &Path, missing_ok: bool) -> Result<PathBuf, String> {
+    use std::collections::VecDeque;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::Component;
+    const MAX_LINKS: usize = 40;
+    let euid = nix::unistd::geteuid().as_raw();
+    let check = |p: &Path, m: &std::fs::Metadata| -> Result<(), String> {
+        if m.uid() != 0 && m.uid() != euid {
+            return Err(format!("{} is owned by uid {}", p.display(), m.uid()));
+        }
+        let mode = m.permissions().mode();
+        if !m.file_type().is_symlink() && mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(format!(
+                "{} is writable by others (mode {:o})",
+                p.display(),
+                mode & 0o7777
+            ));
+        }
+        Ok(())
+    };
+    if !path.is_absolute() {
+        return Err("the path is not absolute".into());
+    }
+    let root = Path::new("/");
+    check(root, &std::fs::symlink_metadata(root).map_err(|e| e.to_string())?)?;
+    let mut resolved = PathBuf::from("/");
+    let mut pending: VecDeque<std::ffi::OsString> = VecDeque::new();
+    let push = |pending: &mut VecDeque<std::ffi::OsString>, p: &Path, front: bool| {
+        let parts: Vec<_> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_os_string()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            })
+            .collect();
+        if front {
+            for part in parts.into_iter().rev() {
+                pending.push_front(part);
+            }
+        } else {
+            pending.extend(parts);
+        }
+    };
+    push(&mut pending, path, false);
+    let mut links = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let next = resolved.join(&part);
+        let m = match std::fs::symlink_metadata(&next) {
+            Ok(m) => m,
+            Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => {
+                resolved.push(part);
+                resolved.extend(pending.drain(..));
+                return Ok(resolved);
+            }
+            Err(e) => return Err(format!("{}: {e}", next.display())),
+        };
+        check(&next, &m)?;
+        if m.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err("too many symbolic links".into());
+            }
+            let to = std::fs::read_link(&next).map_err(|e| format!("{}: {e}", next.display()))?;
+            if to.is_absolute() {
+                resolved = PathBuf::from("/");
+            }
+            push(&mut pending, &to, true);
+        } else if m.is_dir() {
+            resolved = next;
+        } else {
+            return Err(format!("{} is not a directory", next.display()));
+        }
+    }
+    Ok(resolved)
+}
+
 /// Mounts `source` at `target` with data keys from `keys`, after clearing
 /// a mountpoint a dead mount process left behind and creating both
 /// folders (mode 0700) if needed. `fs_name` shows in the mount table.
@@ -216,7 +315,18 @@ pub fn mount_fs(
     fs_name: &str,
     keys: Arc<dyn KeySource>,
 ) -> Result<MountHandle, MountError> {
-    // First: a mountpoint left by a crash cannot even be stat'ed.
+    let untrusted = |path: &Path| {
+        let target = target.to_path_buf();
+        let path = path.to_path_buf();
+        move |reason| MountError::Untrusted { target, path, reason }
+    };
+    // The folder that holds the mountpoint first: the mountpoint itself may
+    // be a stale mount left by a crash, which cannot even be stat'ed.
+    let (Some(parent), Some(leaf)) = (target.parent(), target.file_name()) else {
+        return Err(untrusted(target)("it has no parent folder".into()));
+    };
+    let target = &trusted_path(parent, true).map_err(untrusted(parent))?.join(leaf);
+    let source = &trusted_path(source, true).map_err(untrusted(source))?;
     clear_stale(target)?;
     for dir in [source, target] {
         std::fs::DirBuilder::new()
@@ -229,6 +339,10 @@ pub fn mount_fs(
                 source: e,
             })?;
     }
+    // Again, now that every component exists (one a user created first, in
+    // a sticky folder, is refused here), and mount by the resolved paths.
+    let target = &trusted_path(target, false).map_err(untrusted(target))?;
+    let source = &trusted_path(source, false).map_err(untrusted(source))?;
     clear_stale(target)?;
     check_free(target)?;
     let opts = MountOptions {
@@ -262,6 +376,62 @@ pub enum RunError {
     },
     #[error("cannot wait for signals")]
     Signals(#[source] nix::Error),
+    #[error("mount {name}: {} was unmounted from outside", target.display())]
+    Lost { name: String, target: PathBuf },
+}
+
+/// How often the mount process looks whether its filesystem is still
+/// mounted while it waits for a signal.
+const SERVING_CHECK: Duration = Duration::from_millis(250);
+
+/// Waits for SIGTERM or SIGINT (blocked in every thread) while the mount
+/// serves. `None`: the mount stopped serving first (unmounted from outside,
+/// or its session failed), and this process should exit so that systemd, or
+/// kmsd for its child, mounts it again instead of leaving a process that
+/// serves nothing.
+fn wait_while_serving(signals: &SigSet, handle: &MountHandle) -> Result<Option<Signal>, RunError> {
+    let pause = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: i64::try_from(SERVING_CHECK.as_nanos()).unwrap_or(250_000_000),
+    };
+    loop {
+        // SAFETY: `signals` is a valid, initialised sigset_t and `pause` a
+        // valid timespec, both alive for the call; no siginfo is asked for.
+        let n = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &pause) };
+        if n > 0 {
+            return Signal::try_from(n).map(Some).map_err(RunError::Signals);
+        }
+        match nix::Error::last() {
+            nix::Error::EAGAIN | nix::Error::EINTR => {}
+            e => return Err(RunError::Signals(e)),
+        }
+        if !handle.is_serving() {
+            return Ok(None);
+        }
+    }
+}
+
+/// Under a systemd watchdog (`WatchdogSec=`), pings it only while the
+/// filesystem answers: each round asks the mount itself for `statfs`, which
+/// the kernel never caches, so a mount whose serving threads are all stuck,
+/// or that is gone, stops the pings and systemd restarts the process.
+fn start_watchdog(target: &Path) {
+    let Some(every) = crate::notify::watchdog_interval() else {
+        return;
+    };
+    let target = target.to_path_buf();
+    let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || loop {
+        match nix::sys::statfs::statfs(&target) {
+            Ok(_) => crate::notify::watchdog(),
+            Err(e) => {
+                tracing::warn!(target = %target.display(), error = %e, "the mount does not answer; no watchdog ping")
+            }
+        }
+        std::thread::sleep(every);
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the watchdog thread; systemd will restart this process");
+    }
 }
 
 /// Runs the mount named `name` until SIGTERM or SIGINT; its key requests
@@ -282,11 +452,13 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
         Some(stream) => keys::ClientKeys::given(stream, &s.key, timeout),
         None => keys::ClientKeys::connect(&s.socket, &s.key, timeout),
     };
-    let keys = keys.map_err(|source| RunError::Keys {
-        name: name.into(),
-        key: s.key.clone(),
-        source,
-    })?;
+    let keys = keys
+        .map_err(|source| RunError::Keys {
+            name: name.into(),
+            key: s.key.clone(),
+            source,
+        })?
+        .with_changes(crate::changes::dir(&s.socket).join(crate::changes::FILE));
     let keys: Arc<dyn KeySource> = Arc::new(keys);
     let handle = mount_fs(&s.source, &s.target, &format!("kmsd:{}", s.key), keys.clone())?;
     let path = s.admin_socket(name);
@@ -300,7 +472,8 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
     let admin = Arc::new(admin::Admin {
         info: MountInfo {
             source: s.source.display().to_string(),
-            target: s.target.display().to_string(),
+            // Resolved, as kmsctl resolves the path it is given.
+            target: handle.target().display().to_string(),
             key: s.key.clone(),
         },
         source: s.source.clone(),
@@ -319,10 +492,20 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
         })?;
     tracing::info!(name, target = %s.target.display(), admin = %path.display(), "mount process ready");
     crate::notify::ready(&format!("serving {}", s.target.display()));
-    let got = signals.wait().map_err(RunError::Signals)?;
-    tracing::info!(signal = %got, "unmounting");
+    start_watchdog(&s.target);
+    let got = wait_while_serving(&signals, &handle);
     crate::notify::stopping();
     let _ = std::fs::remove_file(&path);
+    match got? {
+        Some(signal) => tracing::info!(%signal, "unmounting"),
+        None => {
+            tracing::error!(target = %s.target.display(), "the filesystem was unmounted from outside; exiting so that it is mounted again");
+            return Err(RunError::Lost {
+                name: name.into(),
+                target: s.target.clone(),
+            });
+        }
+    }
     match handle.unmount() {
         Ok(()) => tracing::info!(target = %s.target.display(), "unmounted"),
         Err(e) => tracing::warn!(target = %s.target.display(), error = %e, "mount busy; detached lazily"),
@@ -352,6 +535,60 @@ mod tests {
         assert!(e.to_string().contains("source"), "{e}");
         let e = settings("source = \"/a\"\ntarget = \"/a/b\"\nkey = \"k\"\n").unwrap_err();
         assert!(e.to_string().contains("target"), "{e}");
+    }
+
+    /// Paths a user other than root (and this process's user) could
+    /// redirect are refused; root-owned symlinks are followed.
+    #[test]
+    fn mount_paths_another_user_could_redirect_are_refused() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI is set but this test needs root");
+            eprintln!("skipping: needs root to give folders to another user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let chown = |p: &Path| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+        // Fine: own folders, a root-owned symlink, missing components.
+        std::fs::create_dir_all(base.join("ok/real")).unwrap();
+        symlink(base.join("ok/real"), base.join("ok/link")).unwrap();
+        assert_eq!(
+            trusted_path(&base.join("ok/link"), false).unwrap(),
+            base.join("ok/real")
+        );
+        assert_eq!(
+            trusted_path(&base.join("ok/link/new/deeper"), true).unwrap(),
+            base.join("ok/real/new/deeper")
+        );
+        assert!(trusted_path(&base.join("ok/link/new"), false).is_err());
+        // A folder of another user: they could swap what is below it.
+        std::fs::create_dir_all(base.join("theirs/mnt")).unwrap();
+        chown(&base.join("theirs"));
+        let e = trusted_path(&base.join("theirs/mnt"), false).unwrap_err();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        // A symlink another user made (in a sticky folder, as in /tmp).
+        std::fs::create_dir(base.join("sticky")).unwrap();
+        std::fs::set_permissions(base.join("sticky"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        symlink("/etc", base.join("sticky/mnt")).unwrap();
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &base.join("sticky/mnt"),
+            Some(nix::unistd::Uid::from_raw(65534)),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        assert!(trusted_path(&base.join("sticky/mnt"), false).is_err());
+        // The sticky folder itself is fine, and so is root's entry in it.
+        std::fs::create_dir(base.join("sticky/mine")).unwrap();
+        assert!(trusted_path(&base.join("sticky/mine"), false).is_ok());
+        // Writable by others without the sticky bit: anyone can rename.
+        std::fs::create_dir_all(base.join("open/mnt")).unwrap();
+        std::fs::set_permissions(base.join("open"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = trusted_path(&base.join("open/mnt"), false).unwrap_err();
+        assert!(e.contains("writable by others"), "{e}");
+        assert!(trusted_path(Path::new("relative"), true).is_err());
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! Run: `cargo run --release -p kms-tests --bin kms-bench [-- --secs N]
 //! [--only etcd]`. Prints tables whose last column is measured / baseline.
 //! kmsd runs with its Prometheus endpoint on, so the figures include
-//! recording metrics. The etcd section (a 3-member etcd on loopback, Debian
-//! `etcd-server`) sets daemons on the etcd store beside one on the file
-//! store: hot-path throughput, rotation commit latency, and how long a
-//! rotation on one daemon takes to be served by another.
+//! recording metrics. A second table puts the Kubernetes KMS v2 plugin
+//! socket's Encrypt and Decrypt (gRPC, tonic client) beside wrap and unwrap
+//! on kmsd's own socket, measured on the same daemon in the same run. The
+//! etcd section (a 3-member etcd on loopback, Debian `etcd-server`) sets
+//! daemons on the etcd store beside one on the file store: hot-path
+//! throughput, rotation commit latency, and how long a rotation on one
+//! daemon takes to be served by another.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +21,7 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use kms_client::client::Client;
 use kms_client::proto::codec::Decoded;
 use kms_client::proto::{Context, CreateKey, Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
+use kms_tests::kubernetes::{self, v2, PluginClient};
 use kms_tests::{free_tcp_addr, DaemonOptions, TestDaemon};
 use tokio::net::UnixListener;
 use tokio_util::codec::Framed;
@@ -287,10 +291,13 @@ fn main() {
     }
     // Metrics on, as in production: recording must not cost throughput.
     // The benchmark opens up to 64 connections as one uid.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plugin = dir.path().join("kms-v2.sock");
     let mut opts = DaemonOptions::with_metrics(free_tcp_addr());
     opts.extra_config.push_str("[limits]\nmax_connections_per_uid = 128\n");
+    opts.extra_config
+        .push_str(&format!("[kubernetes]\nsocket = {plugin:?}\nkey = \"bench\"\n"));
     let daemon = TestDaemon::start_with(opts);
-    let dir = tempfile::tempdir().expect("tempdir");
     let echo_path = dir.path().join("echo.sock");
     let _echo = EchoProcess::start(&echo_path);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -320,6 +327,9 @@ fn main() {
         let e = batched(&echo, 2, secs).await;
         t.row(format!("wrap batches of {BATCH}, 2 connections"), k, e, "DEKs/s");
         t.print();
+        plugin_table(&plugin, &kmsd, secs)
+            .await
+            .print_as("plugin (gRPC)", "kmsd socket");
     });
     println!(
         "\nkmsd peak RSS: {} KiB",
@@ -469,6 +479,94 @@ fn etcd_store(secs: f64) {
     v.row("fleet visibility max".to_string(), max, 1000.0, "ms");
     println!("\nFleet visibility (includes the rotation's own commit), against the issue's bound:");
     v.print_as("measured", "bound");
+}
+
+/// One call of the plugin: Encrypt a 32-byte DEK seed, or Decrypt what an
+/// Encrypt returned.
+async fn plugin_once(c: &mut PluginClient, op: Op, sealed: &v2::EncryptResponse) {
+    match op {
+        Op::Wrap => {
+            let req = v2::EncryptRequest {
+                plaintext: vec![7; 32],
+                uid: "bench".into(),
+            };
+            drop(c.encrypt(req).await.expect("Encrypt"));
+        }
+        Op::Unwrap => {
+            let req = v2::DecryptRequest {
+                ciphertext: sealed.ciphertext.clone(),
+                uid: "bench".into(),
+                key_id: sealed.key_id.clone(),
+                annotations: sealed.annotations.clone(),
+            };
+            drop(c.decrypt(req).await.expect("Decrypt"));
+        }
+    }
+}
+
+/// p50 and p99 of one plugin connection doing one call at a time, in µs.
+async fn plugin_latency(path: &Path, op: Op, sealed: &v2::EncryptResponse) -> (f64, f64) {
+    let mut c = kubernetes::connect(path).await.expect("connect plugin");
+    for _ in 0..1000 {
+        plugin_once(&mut c, op, sealed).await;
+    }
+    let mut samples = Vec::with_capacity(LATENCY_OPS);
+    for _ in 0..LATENCY_OPS {
+        let start = Instant::now();
+        plugin_once(&mut c, op, sealed).await;
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
+}
+
+/// Calls per second on `conns` plugin connections, one call at a time each.
+async fn plugin_throughput(path: &Path, op: Op, conns: usize, secs: f64, sealed: &v2::EncryptResponse) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let mut c = kubernetes::connect(path).await.expect("connect plugin");
+        let (stop, count, sealed) = (stop.clone(), count.clone(), sealed.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                plugin_once(&mut c, op, &sealed).await;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The plugin's Encrypt and Decrypt beside wrap and unwrap on kmsd's own
+/// socket (the same key, the same daemon).
+async fn plugin_table(path: &Path, kmsd: &Target, secs: f64) -> Table {
+    let mut c = kubernetes::connect(path).await.expect("connect plugin");
+    let status = c.status(v2::StatusRequest {}).await.expect("Status").into_inner();
+    assert_eq!(status.healthz, "ok", "plugin Status");
+    let req = v2::EncryptRequest {
+        plaintext: vec![7; 32],
+        uid: "bench".into(),
+    };
+    let sealed = c.encrypt(req).await.expect("Encrypt").into_inner();
+    println!("\nkms-bench: Kubernetes KMS v2 plugin socket (tonic client) beside kmsd's socket");
+    let mut t = Table(Vec::new());
+    for (op, name, base) in [(Op::Wrap, "Encrypt", "wrap"), (Op::Unwrap, "Decrypt", "unwrap")] {
+        let (p50, p99) = plugin_latency(path, op, &sealed).await;
+        let (k50, k99) = latency(kmsd, op).await;
+        t.row(format!("{name} (vs {base}) p50 latency, 1 connection"), p50, k50, "µs");
+        t.row(format!("{name} (vs {base}) p99 latency, 1 connection"), p99, k99, "µs");
+        let p = plugin_throughput(path, op, 16, secs, &sealed).await;
+        let k = throughput(kmsd, op, 16, secs).await;
+        t.row(format!("{name} (vs {base}) throughput, 16 connections"), p, k, "req/s");
+    }
+    t
 }
 
 /// Replication latency: from `key rotate` on zone a's daemon until zone

@@ -11,6 +11,7 @@ mod disk;
 mod etcd;
 mod fs;
 mod hardening;
+mod kubernetes;
 mod lifecycle;
 mod limits;
 mod metrics;

@@ -83,6 +83,15 @@ fn dev_mount_is_served_by_a_child_not_by_the_key_process() {
         "the child does not listen on kmsd's socket"
     );
     assert!(holds_fuse_device(child), "the mount process holds /dev/fuse");
+    // kmsd's channel to its child (fd 3) is close-on-exec: fusermount3 and
+    // any other program the child runs do not inherit kmsd's authority.
+    let flags = fs::read_to_string(format!("/proc/{child}/fdinfo/3")).unwrap();
+    let flags = flags
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+        .unwrap();
+    assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "fd 3 flags {flags:o}");
     assert!(!holds_fuse_device(pid), "kmsd holds no FUSE device");
 
     kill(pid, Signal::SIGTERM).unwrap();
@@ -262,4 +271,137 @@ fn kmsd_restarts_a_child_that_dies_and_takes_them_down_when_killed() {
         (!Path::new(&format!("/proc/{}", second[0])).exists()).then_some(())
     });
     assert!(gone.is_some(), "the child outlived a SIGKILLed kmsd");
+}
+
+/// `umount` of a mount from outside (an operator, a stray script) ends its
+/// FUSE session: the mount process must not linger serving nothing, but
+/// exit, so that kmsd (here) or systemd (kmsd-mount@.service) mounts the
+/// filesystem again.
+#[test]
+fn a_mount_unmounted_from_outside_comes_back() {
+    if !fuse_available() {
+        return;
+    }
+    let d = TestDaemon::start_with_mount();
+    fs::write(d.mnt().join("kept"), b"across an outside umount").unwrap();
+    let first = d.mount_pids();
+    assert_eq!(first.len(), 1, "{first:?}");
+    nix::mount::umount2(&d.mnt(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let back = wait_for(Duration::from_secs(20), || {
+        let now = d.mount_pids();
+        let fresh = now.len() == 1 && now != first;
+        (fresh && fs::read(d.mnt().join("kept")).is_ok()).then_some(now)
+    });
+    assert!(back.is_some(), "the mount did not come back:\n{}", d.logs());
+    assert_eq!(fs::read(d.mnt().join("kept")).unwrap(), b"across an outside umount");
+    assert!(d.logs().contains("unmounted from outside"), "{}", d.logs());
+}
+
+/// Every mount process under systemd is root to kmsd, which allows one uid
+/// `limits.max_connections_per_uid` connections. A busy mount holds at most
+/// four (more opens at once wait for one), so it leaves root's other
+/// clients, and other mounts, their share: with 6 allowed, 24 cold opens at
+/// once all succeed and root's kmsctl still gets in.
+#[test]
+fn a_busy_mount_process_leaves_its_uid_connections_to_spare() {
+    if !fuse_available() {
+        return;
+    }
+    let d = TestDaemon::start_with(kms_tests::DaemonOptions {
+        env: vec![("KMSD_LIMITS__MAX_CONNECTIONS_PER_UID".into(), "6".into())],
+        ..Default::default()
+    });
+    d.client()
+        .create_key(kms_client::proto::CreateKey {
+            name: Some("fs".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let solo = Solo::start(&d, 10);
+    let mnt = d.mnt();
+    for i in 0..24 {
+        fs::write(mnt.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    // Cold opens: a fresh mount process knows no file and holds no key.
+    drop(solo);
+    let _solo = Solo::start(&d, 10);
+    let readers: Vec<_> = (0..24)
+        .map(|i| {
+            let p = mnt.join(format!("f{i}"));
+            std::thread::spawn(move || fs::read(&p).map(|b| (i, b)))
+        })
+        .collect();
+    for r in readers {
+        let (i, body) = r.join().unwrap().expect("a cold open failed");
+        assert_eq!(body, format!("file {i}").into_bytes());
+    }
+    // The mount keeps its idle connections for the next opens; root's
+    // kmsctl must still fit beside them.
+    let status = d.kmsctl(&["status"], b"");
+    assert!(status.status.success(), "{}", kms_tests::stderr(&status));
+    let mut c = d.client();
+    assert!(c.status().is_ok());
+}
+
+/// The value of the counter `kmsd_requests_total{op,outcome="ok"}`.
+fn ok_requests(metrics: &str, op: &str) -> u64 {
+    let want = format!("kmsd_requests_total{{op=\"{op}\",outcome=\"ok\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// A mount process makes new files' data keys ahead, in batches (one
+/// request for many creates), yet a file created after `key rotate` has
+/// returned is wrapped by the new version, and one created after `key
+/// disable` has returned fails: kmsd's change file tells the mount process
+/// to drop what it made ahead.
+#[test]
+fn keys_made_ahead_never_outlive_a_change_of_the_key() {
+    if !fuse_available() {
+        return;
+    }
+    let addr = kms_tests::free_tcp_addr();
+    let d = TestDaemon::start_with(kms_tests::DaemonOptions::with_metrics(addr));
+    d.client()
+        .create_key(kms_client::proto::CreateKey {
+            name: Some("fs".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let _solo = Solo::start(&d, 5);
+    let mnt = d.mnt();
+    let target = mnt.to_str().unwrap().to_string();
+    let mut created = 0;
+    for round in 1..=3u32 {
+        // Enough creates that keys are left over, made under this version.
+        for i in 0..40 {
+            fs::write(mnt.join(format!("r{round}-{i}")), b"x").unwrap();
+            created += 1;
+        }
+        let v = d.client().rotate_key("fs").unwrap().expect("rotated").active_version;
+        assert_eq!(v, round + 1);
+        fs::write(mnt.join(format!("after-{round}")), b"y").unwrap();
+        created += 1;
+        let counts = d.client().fs_versions(&target).unwrap().counts;
+        assert_eq!(
+            counts.iter().find(|(ver, _)| *ver == v).map(|c| c.1),
+            Some(1),
+            "the file created after rotating to version {v} is not at {v}: {counts:?}"
+        );
+    }
+    let (_, metrics) = kms_tests::scrape(addr).unwrap();
+    let batches = ok_requests(&metrics, "generate-data-keys");
+    let singles = ok_requests(&metrics, "generate-data-key");
+    assert!(
+        batches * 4 <= created && batches > 0,
+        "{created} creates took {batches} batch requests ({singles} single; the probe is one)"
+    );
+    // Disabled: the next create fails although keys made ahead are left.
+    fs::write(mnt.join("fill"), b"z").unwrap();
+    let out = d.kmsctl(&["key", "disable", "fs"], b"");
+    assert!(out.status.success(), "{}", kms_tests::stderr(&out));
+    let err = fs::write(mnt.join("after-disable"), b"n").expect_err("created with a disabled key");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }

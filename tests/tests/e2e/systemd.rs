@@ -382,6 +382,10 @@ fn install(root: &Path) {
     let example = std::fs::read_to_string(units.join("kmsd.toml")).unwrap();
     let config = example.replace("listen = \"127.0.0.1:9464\"", "listen = \"\"");
     assert_ne!(config, example, "metrics.listen in the example config");
+    // The README's Kubernetes plugin socket, with the example's path.
+    let plugin = "# socket = \"/run/kmsd/kubernetes/kms-v2.sock\"\n# key = \"cluster\"\n";
+    assert!(config.contains(plugin), "[kubernetes] in the example config");
+    let config = config.replace(plugin, &plugin.replace("# ", ""));
     std::fs::create_dir_all(root.join("etc/kmsd")).unwrap();
     std::fs::write(root.join("etc/kmsd/kmsd.toml"), config).unwrap();
     kms_tests::write_root_key(&root.join("etc/kmsd/root-key"));
@@ -463,6 +467,12 @@ fn scenario(c: &Container) {
     // root's: the mount process (root) uses it.
     c.ok("kmsctl key create --name app >/dev/null");
     assert_eq!(c.ok("systemctl is-active kmsd.service").trim(), "active");
+    // The sandboxed kmsd can create the Kubernetes plugin socket, in its
+    // RuntimeDirectory, with the configured mode.
+    assert_eq!(
+        c.ok("stat -c '%U:%G %a' /run/kmsd/kubernetes/kms-v2.sock").trim(),
+        "kmsd:kmsd 600"
+    );
     let status = wait_status(c, "2 keys, 0 mounts");
     assert!(
         status
@@ -482,7 +492,7 @@ fn scenario(c: &Container) {
 
     // The mount: its own unit, in the host's mount namespace, with only the
     // capabilities the unit names (CHOWN DAC_OVERRIDE DAC_READ_SEARCH
-    // FOWNER FSETID SYS_ADMIN).
+    // FOWNER FSETID MKNOD SYS_ADMIN).
     c.ok(&format!("systemctl enable --now {MOUNT_UNIT}"));
     assert_eq!(c.ok(&format!("systemctl is-active {MOUNT_UNIT}")).trim(), "active");
     wait_status(c, "2 keys, 1 mounts");
@@ -491,7 +501,7 @@ fn scenario(c: &Container) {
         "test \"$(readlink /proc/1/ns/mnt)\" = \"$(readlink /proc/{mounter}/ns/mnt)\""
     ));
     let caps = c.ok(&format!("grep CapBnd /proc/{mounter}/status"));
-    assert!(caps.contains("000000000020001f"), "{caps}");
+    assert!(caps.contains("000000000820001f"), "{caps}");
     // kmsd holds no FUSE device; the mount process does.
     let fuse_fds = |pid: &str| c.ok(&format!("ls -l /proc/{pid}/fd | grep -c /dev/fuse || true"));
     assert_eq!(fuse_fds(&kmsd).trim(), "0");
@@ -568,6 +578,27 @@ fn scenario(c: &Container) {
     assert_eq!(c.ok(theirs), "mine\n");
     assert_eq!(c.ok("kmsctl decrypt < /root/blob"), "secret\n");
 
+    // Unmounted from outside: the mount process exits rather than serve
+    // nothing, and systemd mounts it again.
+    let before = c
+        .ok(&format!("systemctl show -P MainPID {MOUNT_UNIT}"))
+        .trim()
+        .to_string();
+    c.ok("umount -l /srv/app");
+    let back = kms_tests::wait_for(Duration::from_secs(20), || {
+        let pid = c
+            .ok(&format!("systemctl show -P MainPID {MOUNT_UNIT}"))
+            .trim()
+            .to_string();
+        (pid != "0" && pid != before && c.sh("cat /srv/app/hello.txt").status.success()).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the mount did not come back after an outside umount:\n{}",
+        c.ok(&format!("journalctl -u {MOUNT_UNIT} --no-pager | tail -30"))
+    );
+    assert_eq!(c.ok("cat /srv/app/hello.txt"), "hello through systemd\n");
+
     // The exposure figures.
     let (figure, report) = exposure(c, "kmsd.service");
     assert!(figure <= KMSD_EXPOSURE_MAX, "kmsd.service exposure {figure}:\n{report}");
@@ -638,6 +669,16 @@ fn capability_use_works(c: &Container, cap: &str, tag: &str, unbounded_before: u
             });
             quiet.is_none()
         }
+        "CAP_MKNOD" => {
+            // Root's mknod of device nodes through the mount, as on ext4
+            // (the mount is nodev: the nodes are inert there).
+            let (chr, blk) = (format!("/srv/app/null-{tag}"), format!("/srv/app/loop-{tag}"));
+            c.sh(&format!("mknod {chr} c 1 3 && mknod {blk} b 7 200"))
+                .status
+                .success()
+                && c.ok(&format!("stat -c '%F %t:%T' {chr} {blk}"))
+                    == "character special file 1:3\nblock special file 7:c8\n"
+        }
         "CAP_FSETID" => {
             let f = format!("/srv/app/setgid-{tag}");
             c.ok(&format!("touch {f} && chown 65534:65534 {f} && chmod 2755 {f}"));
@@ -659,13 +700,14 @@ fn capability_use_works(c: &Container, cap: &str, tag: &str, unbounded_before: u
 /// unit as shipped every use works, and without any one of them its use
 /// stops working.
 fn each_capability_is_needed(c: &Container) {
-    const KEPT: [&str; 6] = [
+    const KEPT: [&str; 7] = [
         "CAP_SYS_ADMIN",
         "CAP_CHOWN",
         "CAP_FOWNER",
         "CAP_DAC_OVERRIDE",
         "CAP_DAC_READ_SEARCH",
         "CAP_FSETID",
+        "CAP_MKNOD",
     ];
     let baseline = unbounded_lines(c);
     assert_eq!(

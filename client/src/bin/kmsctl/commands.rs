@@ -340,10 +340,14 @@ fn fs_command(cmd: FsCommand, format: Format, s: &mut Session) -> Result<String,
     })
 }
 
-/// The mount as an absolute path: the daemon does not share our cwd.
+/// The mount as an absolute path with symlinks resolved, as mount
+/// processes report theirs: the daemon does not share our cwd, and does
+/// not look paths up itself (a lookup under a mountpoint is a request to
+/// that mount). A path that does not resolve (a dead mount) is sent as
+/// given, made absolute.
 fn mount_arg(mount: &Path) -> Result<String, CliError> {
-    let absolute =
-        std::path::absolute(mount).map_err(|e| CliError::Usage(format!("bad mount path {}: {e}", mount.display())))?;
+    let absolute = std::fs::canonicalize(mount).or_else(|_| std::path::absolute(mount));
+    let absolute = absolute.map_err(|e| CliError::Usage(format!("bad mount path {}: {e}", mount.display())))?;
     absolute
         .into_os_string()
         .into_string()

@@ -88,6 +88,18 @@ impl KeyService {
         Ok((0..count).map(|_| new_data_key(&e, ctx)).collect())
     }
 
+    /// Generates one data key per context, all under one key with one
+    /// lookup and one access check, each bound to its own context.
+    ///
+    /// # Errors
+    /// As [`generate_data_key`](Self::generate_data_key); `InvalidArgument`
+    /// for no context or more than the batch limit.
+    pub fn generate_data_keys(&self, caller: &Caller, key_ref: &str, ctxs: &[Context]) -> Result<Vec<DataKeyPair>> {
+        check_len("batch", ctxs.len(), 1, kms_client::proto::MAX_BATCH)?;
+        let e = self.usable(caller, key_ref)?;
+        Ok(ctxs.iter().map(|ctx| new_data_key(&e, ctx)).collect())
+    }
+
     /// Decrypts a blob with whichever version of whichever key it names.
     ///
     /// # Errors

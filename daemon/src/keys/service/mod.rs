@@ -140,6 +140,9 @@ pub struct KeyService {
     changed: tokio::sync::Notify,
     /// Bumped after every persisted change; replication watches it.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Told of every change before the request that made it is answered
+    /// (kmsd publishes it to mount processes: `crate::changes`).
+    on_change: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -178,6 +181,7 @@ impl KeyService {
             writer: Mutex::new(()),
             changed: tokio::sync::Notify::new(),
             generation: tokio::sync::watch::Sender::new(0),
+            on_change: std::sync::OnceLock::new(),
         };
         svc.load_all()?;
         svc.ensure_default_key()?;
@@ -266,9 +270,23 @@ impl KeyService {
         self.generation.subscribe()
     }
 
+    /// Calls `hook` after every change to any key held in memory, on the
+    /// thread that made it, before the request that made it is answered.
+    /// Set once; later calls are ignored.
+    pub fn on_change(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(hook));
+    }
+
     fn notify_changed(&self) {
         self.changed.notify_one();
-        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+        let mut now = 0;
+        self.generation.send_modify(|g| {
+            *g = g.wrapping_add(1);
+            now = *g;
+        });
+        if let Some(hook) = self.on_change.get() {
+            hook(now);
+        }
     }
 
     /// Resolves a UUID or a name to the key's current entry.
