@@ -834,6 +834,24 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
+            op: Op::GenerateDataKeys,
+            case: "2 contexts",
+            want: USE,
+            rule: "admins use only keys whose policy names them",
+            run: |fx, who| {
+                judge(
+                    fx.client(who).generate_data_keys("shared", &[ctx(), ctx()], true),
+                    |dks| {
+                        expect(dks.len() == 2, || format!("{} keys", dks.len()))?;
+                        for dk in dks {
+                            opens_to(fx, &dk.blob, &dk.plaintext.ok_or("no plaintext")?)?;
+                        }
+                        Ok(())
+                    },
+                )
+            },
+        },
+        Row {
             op: Op::FsVersions,
             case: "the mount's key is the owner's",
             want: ADMINISTER,
