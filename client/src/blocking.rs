@@ -22,7 +22,7 @@ use crate::ops::{self, ClientOptions, GeneratedDataKey, Op, ServerInfo, UnwrapIt
 use crate::proto::codec::{decode_body, encode_body, Decoded};
 use crate::proto::{
     CodecError, Context, CreateKey, Frame, FsRewrapInfo, FsStatsInfo, FsVersionsInfo, KeyInfo, Request, Response,
-    RotationEntry, StatusInfo,
+    RotationEntry, StatusInfo, StoreStatusInfo,
 };
 
 /// Length of the frame length prefix.
@@ -470,6 +470,24 @@ impl BlockingClient {
     /// As [`BlockingClient::status`].
     pub fn fs_stats(&mut self) -> Result<Vec<FsStatsInfo>, ClientError> {
         self.run(ops::fs_stats())
+    }
+
+    /// The key store's health and whether this daemon leads its zone.
+    ///
+    /// # Errors
+    /// As [`BlockingClient::status`].
+    pub fn store_status(&mut self) -> Result<StoreStatusInfo, ClientError> {
+        self.run(ops::store_status())
+    }
+
+    /// A consistent snapshot of the zone's keys, material included (global
+    /// admins only): seal it at once with [`crate::backup::seal`].
+    ///
+    /// # Errors
+    /// As [`BlockingClient::status`]; `permission-denied` for anyone but a
+    /// global admin.
+    pub fn backup(&mut self) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        self.run(ops::backup())
     }
 
     /// Re-wraps every file header under a mount to the active version.

@@ -5,6 +5,7 @@
 
 pub mod aead;
 pub mod audit;
+pub mod backup;
 pub mod blob;
 pub mod blocking;
 pub mod client;

@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use crate::error::ClientError;
 use crate::proto::{
     Context, CreateKey, DataKey, ErrorCode, ErrorReply, FsRewrapInfo, FsStatsInfo, FsVersionsInfo, KeyInfo, Request,
-    Response, RotationEntry, Secret, StatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Response, RotationEntry, Secret, StatusInfo, StoreStatusInfo, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Connection settings common to both clients.
@@ -131,6 +131,8 @@ parser!(data_key_list -> Vec<GeneratedDataKey> {
 parser!(fs_versions_info -> FsVersionsInfo { Response::FsVersions(i) => i });
 parser!(fs_rewrap_info -> FsRewrapInfo { Response::FsRewrap(i) => i });
 parser!(fs_stats_list -> Vec<FsStatsInfo> { Response::FsStats(v) => v });
+parser!(store_status_info -> StoreStatusInfo { Response::StoreStatus(s) => s });
+parser!(snapshot -> Zeroizing<Vec<u8>> { Response::Backup(s) => s.into_zeroizing() });
 parser!(hello_reply -> ServerInfo {
     Response::Hello { server, protocol, zone } => ServerInfo { server, protocol, zone }
 });
@@ -345,6 +347,14 @@ pub(crate) fn fs_versions(mount: &str) -> Op<FsVersionsInfo> {
 
 pub(crate) fn fs_stats() -> Op<Vec<FsStatsInfo>> {
     Op::new(Request::FsStats, fs_stats_list)
+}
+
+pub(crate) fn store_status() -> Op<StoreStatusInfo> {
+    Op::new(Request::StoreStatus, store_status_info)
+}
+
+pub(crate) fn backup() -> Op<Zeroizing<Vec<u8>>> {
+    Op::new(Request::Backup, snapshot)
 }
 
 pub(crate) fn fs_rewrap(mount: &str) -> Op<FsRewrapInfo> {

@@ -21,6 +21,7 @@ use crate::config::{self, Backend, Config, ConfigError, MountConfig};
 use crate::keys::error::error_chain;
 use crate::keys::store::{lock_state_dir, EtcdStore, StoreError};
 use crate::keys::{KeyService, RootKey, SystemClock};
+use crate::leader::{self, Leadership};
 use crate::metrics::MetricsError;
 use crate::mounts::Mounts;
 use crate::notify;
@@ -479,10 +480,19 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     let mut daemon = Daemon::new(keys.clone(), mounts.clone());
     daemon.observers.push(audit.clone());
     tasks.spawn(keys.clone().follow(shutdown.clone()));
+    let leadership = elect(&cfg, &tasks, &shutdown);
+    daemon.leadership = leadership.clone();
     if let Some(Replication { replicator: r, tls }) = &replication {
         daemon = daemon.with_replication(r.clone());
-        tasks.spawn(tasks::run_pushes(r.clone(), shutdown.clone()));
-        tasks.spawn(tasks::run_pulls(r.clone(), shutdown.clone()));
+        let (r1, r2) = (r.clone(), r.clone());
+        let (l, s) = (leadership.clone(), shutdown.clone());
+        tasks.spawn(leader::while_leading(l, s, move |stop| {
+            tasks::run_pushes(r1.clone(), stop)
+        }));
+        let (l, s) = (leadership.clone(), shutdown.clone());
+        tasks.spawn(leader::while_leading(l, s, move |stop| {
+            tasks::run_pulls(r2.clone(), stop)
+        }));
         if let (Some(tls), false) = (tls, cfg.peering.listen.is_empty()) {
             let addr = &cfg.peering.listen;
             let tcp = tokio::net::TcpListener::bind(addr)
@@ -517,7 +527,10 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
         audit: audit.clone(),
     };
     tasks.spawn(reloading.run(hup, shutdown.clone()));
-    tasks.spawn(crate::scheduler::run(keys.clone(), audit.clone(), shutdown.clone()));
+    let (k, a) = (keys.clone(), audit.clone());
+    tasks.spawn(leader::while_leading(leadership, shutdown.clone(), move |stop| {
+        crate::scheduler::run(k.clone(), a.clone(), stop)
+    }));
     let l = &cfg.limits;
     let limits = server::Limits {
         max_frame: cfg.max_frame,
@@ -578,6 +591,21 @@ pub async fn run(cfg: Config, dev_dir: Option<PathBuf>, reload: Reloader) -> Res
     watchdog.wait().await;
     tracing::info!("kmsd stopped");
     Ok(())
+}
+
+/// This daemon's leadership of its zone's scheduled work (rotations,
+/// deletions, replication): always with the file store; with etcd, won in
+/// an election that runs on `tasks` until `shutdown`.
+fn elect(cfg: &Config, tasks: &TaskTracker, shutdown: &CancellationToken) -> Leadership {
+    match cfg.store.backend {
+        Backend::File => Leadership::sole(),
+        Backend::Etcd => {
+            let ttl = Duration::from_secs(cfg.store.lease_ttl_secs);
+            let (leadership, election) = leader::campaign(&cfg.etcd_settings(), ttl, shutdown.clone());
+            tasks.spawn(election);
+            leadership
+        }
+    }
 }
 
 /// The socket file kmsd bound; removed when kmsd stops or fails to start.

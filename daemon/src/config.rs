@@ -223,6 +223,10 @@ pub struct StoreConfig {
     pub connect_timeout_secs: u64,
     /// Seconds an etcd request may take before the change fails.
     pub request_timeout_secs: u64,
+    /// TTL in seconds of the etcd lease behind the election of the daemon
+    /// that runs the zone's scheduled work: another daemon takes over
+    /// within it when the leader dies.
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -236,6 +240,7 @@ impl Default for StoreConfig {
             key: None,
             connect_timeout_secs: 5,
             request_timeout_secs: 5,
+            lease_ttl_secs: 10,
         }
     }
 }
@@ -429,6 +434,10 @@ impl Config {
             if !(1..=600).contains(&v) {
                 return Err(invalid(k, "must be within 1..=600"));
             }
+        }
+        // etcd grants no lease shorter than about 2 s (1.5 election timeouts).
+        if !(2..=600).contains(&s.lease_ttl_secs) {
+            return Err(invalid("store.lease_ttl_secs", "must be within 2..=600"));
         }
         if let Some(p) = &s.prefix {
             if !p.starts_with('/') || !p.ends_with('/') {
@@ -849,6 +858,7 @@ mod tests {
                 "[kubernetes]\nsocket = \"/k.sock\"\nkey = \"k\"\ngroup = \"\"",
                 "kubernetes.group",
             ),
+            ("[store]\nlease_ttl_secs = 1", "store.lease_ttl_secs"),
         ];
         for (toml, key) in cases {
             let err = crate::keys::error::error_chain(&parse(toml).unwrap_err());

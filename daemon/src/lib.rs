@@ -14,6 +14,7 @@ pub mod config;
 pub mod harden;
 pub mod keys;
 pub mod kubernetes;
+pub mod leader;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
@@ -22,6 +23,7 @@ pub mod notify;
 pub mod observe;
 pub mod ops;
 pub mod replication;
+pub mod restore;
 pub mod scheduler;
 pub mod server;
 

@@ -33,6 +33,20 @@ enum Command {
     /// Serve one encrypted filesystem as a client of kmsd (a mount
     /// process: kmsd-mount@NAME.service, or a child of kmsd).
     Mount(MountArgs),
+    /// Fill the empty key store that --config names (file or etcd) from a
+    /// backup made by `kmsctl backup`, sealed again under the config's root
+    /// key. Run it with kmsd stopped.
+    Restore {
+        /// The backup file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The 32-byte backup key file the backup was made with.
+        #[arg(long, value_name = "KEYFILE")]
+        backup_key: PathBuf,
+    },
+    /// Copy the file store in state_dir into the empty etcd prefix that
+    /// --config's [store] names. Run it with kmsd stopped.
+    Migrate,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -65,6 +79,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let (who, done) = match &args.command {
         Some(Command::Mount(m)) => ("kmsd mount", mount(m)),
+        Some(Command::Restore { from, backup_key }) => (
+            "kmsd restore",
+            offline(&args, |cfg| kmsd::restore::restore(cfg, from, backup_key)),
+        ),
+        Some(Command::Migrate) => ("kmsd migrate", offline(&args, kmsd::restore::migrate)),
         None => ("kmsd", start(&args)),
     };
     match done {
@@ -129,6 +148,20 @@ fn given_connection(fd: Option<i32>) -> anyhow::Result<Option<std::os::unix::net
     // SAFETY: `fd` is an open socket (checked above) that kmsd handed this
     // process for it alone; nothing else in the process owns it.
     Ok(Some(unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) }))
+}
+
+/// Restore or migrate: with the configuration, no runtime of kmsd's own
+/// (the etcd store runs its client on a thread of its own).
+fn offline(
+    args: &Args,
+    run: impl FnOnce(&Config) -> Result<kmsd::restore::Report, kmsd::restore::RestoreError>,
+) -> anyhow::Result<()> {
+    let _log = logging::init("info");
+    anyhow::ensure!(!args.dev, "restore and migrate take --config, not --dev");
+    let (cfg, _) = load(args)?;
+    let report = run(&cfg)?;
+    println!("{} keys written into the {}", report.keys, report.target);
+    Ok(())
 }
 
 fn start(args: &Args) -> anyhow::Result<()> {

@@ -266,6 +266,14 @@ fn describe() {
     describe_gauge!("kmsd_keys", "Keys by state");
     describe_gauge!("kmsd_key_versions", "Versions held per key");
     describe_gauge!("kmsd_build_info", "Always 1; the labels name the build");
+    describe_gauge!(
+        "kmsd_store_up",
+        "1 while the key store answers (etcd: the change stream is open), else 0"
+    );
+    describe_gauge!(
+        "kmsd_leader",
+        "1 while this daemon runs its zone's scheduled rotations, deletions and replication"
+    );
     describe_counter!(
         "kmsd_replication_pushes_total",
         "Pushes of key versions to replica zones by outcome"
@@ -418,6 +426,9 @@ pub fn refresh(d: &Daemon) {
     metrics::counter!("kmsd_connections_refused_total").absolute(d.connections_refused.load(Ordering::Relaxed));
     let keys = d.keys.list(&Caller::internal());
     key_gauges(&keys);
+    let up = d.keys.store_health().problem.is_none();
+    gauge!("kmsd_store_up").set(if up { 1.0 } else { 0.0 });
+    gauge!("kmsd_leader").set(if d.leadership.is_leader() { 1.0 } else { 0.0 });
     if let Some(r) = &d.replication {
         replication(&r.stats, &keys);
     }

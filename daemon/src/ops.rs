@@ -5,13 +5,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kms_client::proto::{DataKey, ErrorCode, ErrorReply, Request, Response, Secret, StatusInfo, PROTOCOL_VERSION};
+use kms_client::proto::{
+    DataKey, ErrorCode, ErrorReply, Request, Response, Secret, StatusInfo, StoreStatusInfo, PROTOCOL_VERSION,
+};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::keys::crypto::Sealed;
 use crate::keys::service::DataKeyPair;
 use crate::keys::{self, Caller, KeyService};
+use crate::leader::Leadership;
 use crate::mounts::Mounts;
 use crate::observe::Observers;
 use crate::replication::Replicator;
@@ -29,6 +32,9 @@ pub struct Daemon {
     pub replication: Option<Arc<Replicator>>,
     /// Told about every answered request (metrics, audit).
     pub observers: Observers,
+    /// Whether this daemon runs its zone's scheduled work (etcd fleets
+    /// elect one; alone, it always does).
+    pub leadership: Leadership,
 }
 
 impl Daemon {
@@ -42,6 +48,7 @@ impl Daemon {
             mounts,
             replication: None,
             observers: Observers::default(),
+            leadership: Leadership::sole(),
         }
     }
 
@@ -68,6 +75,17 @@ impl Daemon {
             keys: self.keys.key_count() as u64,
             connections: self.connections.load(Ordering::Relaxed),
             mounts: self.mounts.infos(),
+        })
+    }
+}
+
+impl Daemon {
+    fn store_status(&self) -> Response {
+        let health = self.keys.store_health();
+        Response::StoreStatus(StoreStatusInfo {
+            backend: health.backend.to_string(),
+            problem: health.problem,
+            leader: self.leadership.is_leader(),
         })
     }
 }
@@ -227,6 +245,8 @@ pub fn handle(d: &Daemon, caller: &Caller, req: Request, progress: impl FnMut(u6
         } => sealed(k.generate_data_keys(caller, &key, &contexts), |dks| {
             Response::DataKeys(dks.into_iter().map(|dk| data_key(dk, with_plaintext)).collect())
         }),
+        Request::StoreStatus => d.store_status().into(),
+        Request::Backup => reply(k.snapshot(caller), |s| Response::Backup(s.into())),
     }
 }
 

@@ -3,6 +3,10 @@
 //! a key changes. Due work that failed (e.g. disk full) is retried after a
 //! pause rather than in a tight loop. What each pass did goes to the audit
 //! log.
+//!
+//! In an etcd fleet it runs only on the daemon that leads the zone
+//! (`leader::while_leading`), which cancels `shutdown` the moment
+//! leadership is lost: a pass then stops before its next key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +25,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(30);
 pub async fn run(keys: Arc<KeyService>, audit: Arc<AuditLog>, shutdown: CancellationToken) {
     loop {
         let now = keys.now();
-        let k = keys.clone();
-        let failed = match tokio::task::spawn_blocking(move || k.run_due(now)).await {
+        let (k, stop) = (keys.clone(), shutdown.clone());
+        let pass = move || k.run_due_while(now, || !stop.is_cancelled());
+        let failed = match tokio::task::spawn_blocking(pass).await {
             Ok(report) => {
                 audit.record_due(&report);
                 crate::metrics::automatic_rotations(report.rotated.len());

@@ -563,7 +563,9 @@ impl Session {
     async fn send(&mut self, id: u64, body: Response) -> Result<(), CodecError> {
         match self.framed.feed(Frame { id, body }).await {
             Err(CodecError::Oversized { max }) => {
-                let msg = format!("reply larger than the {max}-byte frame limit; send a smaller batch");
+                let msg = format!(
+                    "reply larger than the {max}-byte frame limit; send a smaller batch (a backup: raise max_frame)"
+                );
                 self.framed
                     .feed(Frame {
                         id,

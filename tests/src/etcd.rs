@@ -314,6 +314,27 @@ impl Etcd {
             .collect()
     }
 
+    /// Deletes every key under `prefix` (wipes a store), through the JSON
+    /// gateway.
+    pub fn delete_prefix(&self, prefix: &str) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let m = self
+            .members
+            .iter()
+            .find(|m| m.child.is_some())
+            .expect("a running member");
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a prefix") += 1;
+        let req = format!(
+            r#"{{"key":"{}","range_end":"{}"}}"#,
+            b64.encode(prefix),
+            b64.encode(&end)
+        );
+        let (code, body) = http(m.client, "/v3/kv/deleterange", &req).expect("deleterange");
+        assert_eq!(code, 200, "deleterange: {body}");
+    }
+
     /// The folder of the members' data and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -448,6 +448,24 @@ impl Drop for TestDaemon {
 /// the suite).
 pub const CALL_DEADLINE: Duration = Duration::from_secs(120);
 
+/// Runs `kmsd ARGS...` to its end (restore, migrate), with a deadline of
+/// [`CALL_DEADLINE`].
+pub fn kmsd_offline(args: &[&std::ffi::OsStr]) -> Output {
+    let mut child = Command::new(bin("kmsd"))
+        .args(args)
+        .env_remove("KMSD_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kmsd");
+    if wait_for(CALL_DEADLINE, || child.try_wait().unwrap()).is_none() {
+        let _ = child.kill();
+        panic!("kmsd {args:?} ran past {CALL_DEADLINE:?}");
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Runs `kmsctl --socket SOCKET ARGS...` with `stdin`; kills it and fails
 /// the test if it runs past [`CALL_DEADLINE`].
 pub fn kmsctl_at(socket: &Path, args: &[&str], stdin: &[u8]) -> Output {

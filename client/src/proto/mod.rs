@@ -185,6 +185,12 @@ pub enum Request {
         contexts: Vec<Context>,
         with_plaintext: bool,
     },
+    /// The key store's health and whether this daemon leads its zone's
+    /// scheduled work (etcd fleets).
+    StoreStatus,
+    /// A consistent snapshot of every key of the zone, material included,
+    /// for `kmsctl backup` to seal (global admins only).
+    Backup,
 }
 
 /// Parameters of `key create`.
@@ -231,6 +237,10 @@ pub enum Response {
     /// Daemon to daemon: the answer to a [`Request::Replication`].
     Replication(ReplicationFrame),
     FsStats(Vec<FsStatsInfo>),
+    StoreStatus(StoreStatusInfo),
+    /// The zone's snapshot: kmsd's own format, opaque to clients, holding
+    /// every key's material.
+    Backup(Secret),
 }
 
 impl Response {
@@ -256,6 +266,8 @@ impl Response {
             Response::Error(_) => "Error",
             Response::Replication(_) => "Replication",
             Response::FsStats(_) => "FsStats",
+            Response::StoreStatus(_) => "StoreStatus",
+            Response::Backup(_) => "Backup",
         }
     }
 }
@@ -557,6 +569,18 @@ pub struct StatusInfo {
     pub keys: u64,
     pub connections: u64,
     pub mounts: Vec<MountInfo>,
+}
+
+/// The key store as `kmsctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatusInfo {
+    /// `file` or `etcd`.
+    pub backend: String,
+    /// Why the store cannot be reached now; `None` when it can.
+    pub problem: Option<String>,
+    /// Whether this daemon runs the zone's scheduled rotations, deletions
+    /// and replication (always, with the file store).
+    pub leader: bool,
 }
 
 /// A mounted encrypted filesystem.

@@ -66,6 +66,8 @@ operations! {
         PromoteKey,
         FsStats,
         GenerateDataKeys,
+        StoreStatus,
+        Backup,
     }
 }
 
@@ -158,6 +160,9 @@ impl Op {
             Op::PromoteKey => info("key-promote", Blocking, Management),
             Op::FsStats => info("fs-stats", Blocking, Unaudited),
             Op::GenerateDataKeys => info("generate-data-keys", Inline, Data),
+            Op::StoreStatus => info("store-status", Inline, Unaudited),
+            // Reads the whole store (etcd: one consistent read).
+            Op::Backup => info("backup", Blocking, Management),
         }
     }
 
@@ -250,6 +255,8 @@ impl Request {
             Request::PromoteKey { key } => (Op::PromoteKey, Key(key)),
             Request::FsStats => (Op::FsStats, Nothing),
             Request::GenerateDataKeys { key, .. } => (Op::GenerateDataKeys, Key(key)),
+            Request::StoreStatus => (Op::StoreStatus, Nothing),
+            Request::Backup => (Op::Backup, Nothing),
         }
     }
 
@@ -377,6 +384,8 @@ mod tests {
                 contexts: vec![ctx(), ctx()],
                 with_plaintext: true,
             },
+            Op::StoreStatus => Request::StoreStatus,
+            Op::Backup => Request::Backup,
         }
     }
 

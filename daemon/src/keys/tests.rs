@@ -788,6 +788,34 @@ mod through_the_store_trait {
         assert_eq!(held(&backend.store(), &k).record.versions.len(), 11);
     }
 
+    /// Two daemons that both believe they lead (a partition, a lease
+    /// about to lapse) run the same due rotation: it happens once.
+    #[test]
+    fn a_due_rotation_run_by_two_writers_happens_once() {
+        let backend = MemoryBackend::new();
+        let (a, b) = (service(&backend), service(&backend));
+        let req = CreateKey {
+            name: Some("daily".into()),
+            rotation: Some(Some(1)),
+            ..CreateKey::default()
+        };
+        let k = a.create_key(&alice(), &req).unwrap().id;
+        b.reload(k).unwrap();
+        let later = T0 + 2 * DAY;
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| a.run_due(later));
+            let tb = s.spawn(|| b.run_due(later));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let ours = |r: &DueReport| r.rotated.iter().filter(|(id, _)| *id == k).count();
+        assert_eq!(ours(&ra) + ours(&rb), 1, "{ra:?} {rb:?}");
+        assert!(ra.failed.is_empty() && rb.failed.is_empty());
+        let held = held(&backend.store(), &k.to_string());
+        assert_eq!(held.record.versions.len(), 2);
+        // And again, each on a stale keyring: nothing more is due.
+        assert!(a.run_due(later).rotated.is_empty() && b.run_due(later).rotated.is_empty());
+    }
+
     #[test]
     fn a_name_another_writer_took_is_an_invalid_argument() {
         let backend = MemoryBackend::new();

@@ -834,6 +834,24 @@ fn rows() -> Vec<Row> {
             },
         },
         Row {
+            op: Op::GenerateDataKeys,
+            case: "2 contexts",
+            want: USE,
+            rule: "admins use only keys whose policy names them",
+            run: |fx, who| {
+                judge(
+                    fx.client(who).generate_data_keys("shared", &[ctx(), ctx()], true),
+                    |dks| {
+                        expect(dks.len() == 2, || format!("{} keys", dks.len()))?;
+                        for dk in dks {
+                            opens_to(fx, &dk.blob, &dk.plaintext.ok_or("no plaintext")?)?;
+                        }
+                        Ok(())
+                    },
+                )
+            },
+        },
+        Row {
             op: Op::FsVersions,
             case: "the mount's key is the owner's",
             want: ADMINISTER,
@@ -890,6 +908,30 @@ fn rows() -> Vec<Row> {
                     let want: Vec<&str> = fx.mount.iter().map(|(t, _)| t.as_str()).collect();
                     let got: Vec<&str> = s.iter().map(|m| m.mount.as_str()).collect();
                     expect(got == want, || format!("{s:?}"))
+                })
+            },
+        },
+        Row {
+            op: Op::StoreStatus,
+            case: "",
+            want: ANYONE,
+            rule: "code: no check; the store's kind and health and leadership, as the metrics show them to anyone",
+            run: |fx, who| {
+                judge(fx.client(who).store_status(), |s| {
+                    expect(s.backend == "file" && s.leader && s.problem.is_none(), || {
+                        format!("{s:?}")
+                    })
+                })
+            },
+        },
+        Row {
+            op: Op::Backup,
+            case: "",
+            want: [DENIED, DENIED, OK, DENIED],
+            rule: "README Backup: global admins only (a snapshot holds every key's material)",
+            run: |fx, who| {
+                judge(fx.client(who).backup(), |s| {
+                    expect(s.starts_with(b"KMSDSNAP"), || format!("{} bytes", s.len()))
                 })
             },
         },

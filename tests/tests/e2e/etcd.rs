@@ -149,30 +149,76 @@ struct Fleet {
     daemons: Vec<TestDaemon>,
     root: tempfile::TempDir,
     store: String,
+    env: Vec<(String, String)>,
 }
 
 impl Fleet {
     fn start(etcd: &Etcd, n: usize) -> Self {
-        let root = tempfile::Builder::new().prefix("kmsd-fleet-").tempdir().unwrap();
-        write_root_key(&root.path().join("root-key"));
-        let mut fleet = Self {
-            daemons: Vec::new(),
-            root,
-            store: etcd.store_toml(None),
-        };
+        let mut fleet = Self::new(etcd);
         for _ in 0..n {
             fleet.add();
         }
         fleet
     }
 
+    /// No daemon yet: `store` and `env` may still change.
+    fn new(etcd: &Etcd) -> Self {
+        let root = tempfile::Builder::new().prefix("kmsd-fleet-").tempdir().unwrap();
+        write_root_key(&root.path().join("root-key"));
+        Self {
+            daemons: Vec::new(),
+            root,
+            store: etcd.store_toml(None),
+            env: Vec::new(),
+        }
+    }
+
+    fn root_key(&self) -> std::path::PathBuf {
+        self.root.path().join("root-key")
+    }
+
     fn options(&self) -> DaemonOptions {
         DaemonOptions {
             zone: "fleet".into(),
             extra_config: self.store.clone(),
-            root_key: Some(self.root.path().join("root-key")),
+            root_key: Some(self.root_key()),
+            env: self.env.clone(),
             ..DaemonOptions::default()
         }
+    }
+
+    /// A configuration file of this fleet for `kmsd restore` or `migrate`
+    /// (state in `state`).
+    fn config_file(&self, state: &std::path::Path) -> std::path::PathBuf {
+        let path = self.root.path().join("offline.toml");
+        let toml = format!(
+            "zone = \"fleet\"\nstate_dir = {state:?}\nroot_key = {:?}\n{}",
+            self.root_key(),
+            self.store
+        );
+        std::fs::write(&path, toml).unwrap();
+        path
+    }
+
+    /// Indexes of the daemons that say they lead.
+    fn leaders(&self) -> Vec<usize> {
+        (self.daemons.iter().enumerate())
+            .filter(|(_, d)| {
+                BlockingClient::connect(&d.socket).is_ok_and(|mut c| c.store_status().is_ok_and(|s| s.leader))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Waits until exactly one daemon leads; its index.
+    fn one_leader(&self, within: Duration) -> (usize, Duration) {
+        let mut leader = None;
+        let took = eventually("exactly one leader", within, || {
+            let l = self.leaders();
+            leader = (l.len() == 1).then(|| l[0]);
+            leader.is_some()
+        });
+        (leader.unwrap(), took)
     }
 
     /// Starts one more daemon of the fleet.
@@ -556,4 +602,340 @@ fn the_store_speaks_tls_to_etcd() {
     let id = create(&mut d.client(), "tls");
     assert!(etcd.endpoints()[0].starts_with("https://"));
     assert_eq!(d.client().describe_key(&id).unwrap().active_version, 1);
+}
+
+// ---- one scheduler per zone -------------------------------------------------
+
+use kms_client::proto::Origin;
+
+/// The lease TTL of the election tests, in seconds.
+const LEASE_TTL: u64 = 2;
+
+/// One daemon of three leads the zone's scheduled work. SIGKILL it: another
+/// leads within the lease TTL (plus etcd's expiry tick). Then the fleet's
+/// clock moves two days on (libfaketime reading a file, wall clock only):
+/// the daily key rotates exactly once across the fleet, and a second
+/// takeover does not rotate it again.
+#[test]
+fn the_scheduling_daemon_killed_another_takes_over_and_a_due_rotation_happens_once() {
+    if !etcd_available() {
+        return;
+    }
+    let libfaketime = crate::schedule::LIBFAKETIME;
+    assert!(
+        std::path::Path::new(libfaketime).exists(),
+        "install the Debian package faketime"
+    );
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::new(&etcd);
+    let clock = fleet.root.path().join("faketime");
+    std::fs::write(&clock, "+0d\n").unwrap();
+    fleet.store.push_str(&format!("lease_ttl_secs = {LEASE_TTL}\n"));
+    fleet.env = vec![
+        ("LD_PRELOAD".into(), libfaketime.into()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), clock.display().to_string()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    for _ in 0..3 {
+        fleet.add();
+    }
+    let daily = CreateKey {
+        name: Some("daily".into()),
+        rotation: Some(Some(1)),
+        ..CreateKey::default()
+    };
+    let id = fleet.daemons[0].client().create_key(daily).unwrap().id.to_string();
+    for d in &fleet.daemons {
+        let mut c = d.client();
+        eventually("the key everywhere", Duration::from_secs(10), || {
+            c.describe_key(&id).is_ok()
+        });
+    }
+    let (first, _) = fleet.one_leader(Duration::from_secs(20));
+    eprintln!("daemon {first} leads");
+    let mut status = fleet.daemons[first].client();
+    assert!(status.store_status().unwrap().leader);
+
+    fleet.daemons.remove(first).kill9();
+    let (second, took) = fleet.one_leader(Duration::from_secs(LEASE_TTL + 5));
+    eprintln!(
+        "after SIGKILL of the leader, daemon {second} of the survivors leads within {took:?} (lease TTL {LEASE_TTL} s)"
+    );
+    assert!(
+        took <= Duration::from_secs(LEASE_TTL + 3),
+        "takeover within the TTL and etcd's expiry tick: {took:?}"
+    );
+
+    // Two days later for every daemon.
+    std::fs::write(&clock, "+2d\n").unwrap();
+    // A change makes the leader's scheduler plan again at once (else within
+    // its longest sleep, 10 minutes); repeated, because libfaketime reads
+    // the file again only when its cache (1 s) has run out.
+    let mut c = fleet.daemons[0].client();
+    eventually("the due rotation on the leader", Duration::from_secs(30), || {
+        c.create_key(CreateKey::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        c.describe_key(&id).unwrap().active_version == 2
+    });
+    for d in &fleet.daemons {
+        let mut c = d.client();
+        eventually("the due rotation", Duration::from_secs(15), || {
+            c.describe_key(&id).unwrap().active_version == 2
+        });
+    }
+    // The other leader takes over and runs a pass: nothing more is due.
+    fleet.daemons.remove(second).kill9();
+    let (_, took) = fleet.one_leader(Duration::from_secs(LEASE_TTL + 5));
+    eprintln!("second takeover within {took:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.daemons[0].client().create_key(CreateKey::default()).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut c = fleet.daemons[0].client();
+    let rotations = c.list_rotations(&id).unwrap();
+    let origins: Vec<(u32, Origin)> = rotations.iter().map(|r| (r.version, r.origin)).collect();
+    assert_eq!(
+        origins,
+        [(1, Origin::Initial), (2, Origin::Automatic)],
+        "exactly one automatic rotation across the fleet"
+    );
+    // A fresh daemon does not lead while the other is alive, and says so.
+    let late = fleet.add().client();
+    drop(late);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(fleet.leaders().len(), 1, "one leader with a newcomer");
+}
+
+/// The leader's etcd goes away: it stops leading (within the TTL), `status`
+/// and the metric say the store is unavailable; when etcd is back one
+/// daemon leads again and the store is healthy.
+#[test]
+fn without_etcd_nobody_leads_and_status_says_why() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::single();
+    let mut fleet = Fleet::new(&etcd);
+    fleet.store.push_str(&format!("lease_ttl_secs = {LEASE_TTL}\n"));
+    fleet.add();
+    fleet.add();
+    fleet.one_leader(Duration::from_secs(20));
+    etcd.stop(0);
+    eventually("nobody leads without etcd", Duration::from_secs(LEASE_TTL + 3), || {
+        fleet.leaders().is_empty()
+    });
+    let mut c = fleet.daemons[0].client();
+    eventually("status names the store's problem", Duration::from_secs(30), || {
+        c.store_status().unwrap().problem.is_some()
+    });
+    let o = fleet.daemons[0].kmsctl(&["status"], b"");
+    assert!(o.status.success(), "{}", kms_tests::stderr(&o));
+    let text = kms_tests::stdout(&o);
+    assert!(text.contains("store:       etcd (unavailable"), "{text}");
+    assert!(text.contains("scheduler:   no"), "{text}");
+    etcd.restart(0);
+    etcd.wait_healthy(Duration::from_secs(30));
+    fleet.one_leader(Duration::from_secs(30));
+    eventually("the store is healthy again", Duration::from_secs(30), || {
+        c.store_status().unwrap().problem.is_none()
+    });
+}
+
+// ---- backup, restore, migration ----------------------------------------------
+
+use crate::backup::{backup, backup_key, check_history, make_history, restore};
+
+/// A fleet's keys backed up with `kmsctl backup`, the prefix wiped, the
+/// root key replaced, `kmsd restore` run: a new fleet under the new root
+/// key unwraps every old blob on every daemon, histories intact. A
+/// tampered backup writes nothing into etcd.
+#[test]
+fn backup_wipe_restore_under_another_root_key_on_etcd() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::start(&etcd, 2);
+    let history = make_history(&mut fleet.daemons[1].client());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, key) = (dir.path().join("fleet.kmsbak"), backup_key(dir.path(), "backup-key"));
+    backup(&fleet.daemons[0], &file, &key);
+    for d in &mut fleet.daemons {
+        assert!(d.terminate().success());
+    }
+    fleet.daemons.clear();
+    let state = dir.path().join("state");
+
+    // Not empty: refused.
+    let config = fleet.config_file(&state);
+    let o = restore(&config, &file, &key);
+    assert!(
+        !o.status.success() && kms_tests::stderr(&o).contains("already holds"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+
+    // Wipe etcd and the root key.
+    etcd.delete_prefix("/kmsd/fleet/");
+    std::fs::remove_file(fleet.root_key()).unwrap();
+    write_root_key(&fleet.root_key());
+    let mut bytes = std::fs::read(&file).unwrap();
+    *bytes.last_mut().unwrap() ^= 0x80;
+    let tampered = dir.path().join("tampered.kmsbak");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let o = restore(&config, &tampered, &key);
+    assert!(
+        !o.status.success() && kms_tests::stderr(&o).contains("does not authenticate"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+    assert!(etcd.dump("/kmsd/fleet/").is_empty(), "nothing written into etcd");
+
+    let o = restore(&config, &file, &key);
+    assert!(o.status.success(), "restore: {}", kms_tests::stderr(&o));
+    for _ in 0..3 {
+        fleet.add();
+    }
+    for d in &fleet.daemons {
+        check_history(&mut d.client(), &history);
+    }
+}
+
+/// `kmsd migrate` moves a file store into etcd; three daemons on it unwrap
+/// every blob the file store's daemon made, with every history intact.
+#[test]
+fn migrate_a_file_store_into_etcd_every_blob_unwraps_on_three_daemons() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::new(&etcd);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut single = TestDaemon::start_with(DaemonOptions {
+        zone: "fleet".into(),
+        root_key: Some(fleet.root_key()),
+        state_dir: Some(state.clone()),
+        ..DaemonOptions::default()
+    });
+    let history = make_history(&mut single.client());
+    let config = fleet.config_file(&state);
+    let migrate = || {
+        kms_tests::kmsd_offline(&[
+            std::ffi::OsStr::new("--config"),
+            config.as_os_str(),
+            std::ffi::OsStr::new("migrate"),
+        ])
+    };
+    let o = migrate();
+    assert!(!o.status.success(), "not while a kmsd holds the file store");
+    assert!(
+        kms_tests::stderr(&o).contains("in use by another kmsd"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+    assert!(single.terminate().success());
+    let o = migrate();
+    assert!(o.status.success(), "migrate: {}", kms_tests::stderr(&o));
+    let o = migrate();
+    assert!(
+        !o.status.success() && kms_tests::stderr(&o).contains("already holds"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+    for _ in 0..3 {
+        fleet.add();
+    }
+    for d in &fleet.daemons {
+        check_history(&mut d.client(), &history);
+    }
+    // The fleet goes on from there: a rotation on one is seen by all.
+    fleet.daemons[2].client().rotate_key("k0").unwrap();
+    for d in &fleet.daemons {
+        let mut c = d.client();
+        eventually("the rotation everywhere", Duration::from_secs(10), || {
+            c.describe_key("k0").unwrap().active_version == 2
+        });
+    }
+}
+
+/// Zone a is a fleet of two daemons on etcd, zone b one daemon; a key of
+/// zone a is replicated to b. A rotation made on the daemon that does not
+/// lead is pushed to b by the one that leads (the follower pushes
+/// nothing); SIGKILL the leader, and the other daemon takes over the
+/// pushes.
+#[test]
+fn replication_is_run_by_the_zones_elected_daemon() {
+    use crate::zones::{create, replicate, Site};
+    use kms_tests::{free_tcp_addr, metric, scrape};
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let site = Site::new();
+    let root = site.dir.path().join("root-a");
+    write_root_key(&root);
+    let cert = site.cert("a");
+    let metrics = [free_tcp_addr(), free_tcp_addr()];
+    let daemon_of_a = |i: usize| {
+        // Each listens for peers on an address of its own; zone b dials
+        // the first, which is enough for its pulls.
+        let listen = if i == 0 { site.addr("a") } else { free_tcp_addr() };
+        let mut extra = "[replication]\npull_interval_secs = 3600\nretry_max_secs = 1\n".to_string();
+        extra.push_str(&cert.peering_toml(&listen.to_string()));
+        extra.push_str(&format!("[[peer]]\nzone = \"b\"\naddress = \"{}\"\n", site.addr("b")));
+        extra.push_str(&etcd.store_toml(None));
+        extra.push_str(&format!("lease_ttl_secs = {LEASE_TTL}\n"));
+        TestDaemon::start_with(DaemonOptions {
+            zone: "a".into(),
+            extra_config: extra,
+            root_key: Some(root.clone()),
+            env: vec![("KMSD_METRICS__LISTEN".into(), metrics[i].to_string())],
+            ..DaemonOptions::default()
+        })
+    };
+    let mut fleet = Fleet::new(&etcd);
+    fleet.daemons = vec![daemon_of_a(0), daemon_of_a(1)];
+    let b = site.start("b", &["a", "b"]);
+    let (leader, _) = fleet.one_leader(Duration::from_secs(20));
+    let follower = 1 - leader;
+    let pushed = |i: usize| {
+        let (_, body) = scrape(metrics[i]).expect("metrics");
+        metric(&body, r#"kmsd_replication_pushes_total{outcome="ok"}"#).unwrap_or(0.0)
+    };
+    let served_in_b = |version: u32| {
+        let mut c = b.client();
+        eventually(&format!("version {version} in zone b"), Duration::from_secs(20), || {
+            c.describe_key("app").is_ok_and(|k| k.active_version == version)
+        });
+    };
+    create(&fleet.daemons[follower], "app");
+    replicate(&fleet.daemons[follower], "app", "b");
+    served_in_b(1);
+    std::thread::sleep(Duration::from_secs(6)); // a metrics refresh
+    let before = (pushed(leader), pushed(follower));
+    fleet.daemons[follower].client().rotate_key("app").unwrap();
+    served_in_b(2);
+    let mut after = before;
+    eventually("the leader's push counted", Duration::from_secs(15), || {
+        after = (pushed(leader), pushed(follower));
+        after.0 > before.0
+    });
+    assert_eq!(
+        after.1, before.1,
+        "the follower pushes nothing: {before:?} -> {after:?}"
+    );
+
+    fleet.daemons[leader].kill9();
+    eventually("the other daemon leads", Duration::from_secs(LEASE_TTL + 5), || {
+        BlockingClient::connect(&fleet.daemons[follower].socket)
+            .is_ok_and(|mut c| c.store_status().is_ok_and(|s| s.leader))
+    });
+    fleet.daemons[follower].client().rotate_key("app").unwrap();
+    served_in_b(3);
+    // Zone b may also have pulled it (from daemon 0, if alive): the count
+    // says the new leader pushed.
+    eventually("the new leader's push counted", Duration::from_secs(15), || {
+        pushed(follower) > after.1
+    });
 }

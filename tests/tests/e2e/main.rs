@@ -3,6 +3,7 @@
 
 mod acl;
 mod audit;
+mod backup;
 mod claims;
 mod cli;
 mod crash;

@@ -86,6 +86,16 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Write a consistent snapshot of every key of the zone, sealed under a
+    /// backup key, to a new file (mode 0600). Global admins only.
+    Backup {
+        /// The backup file to create (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// 32-byte key file, mode 0600 (head -c 32 /dev/urandom > FILE).
+        #[arg(long, value_name = "KEYFILE")]
+        backup_key: PathBuf,
+    },
 }
 
 /// `kmsctl audit ...`
@@ -279,6 +289,10 @@ mod tests {
         assert_eq!(cli.socket, Some(PathBuf::from("/tmp/s")));
         assert!(matches!(cli.command, Command::Key(KeyCommand::List)));
         assert!(matches!(parse(&["status"]).command, Command::Status));
+        assert!(matches!(
+            parse(&["backup", "--out", "b.kmsbak", "--backup-key", "k"]).command,
+            Command::Backup { .. }
+        ));
     }
 
     #[test]

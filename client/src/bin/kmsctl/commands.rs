@@ -5,6 +5,7 @@
 //! the daemon and a usage mistake does not depend on the daemon running.
 
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ const MAX_DATA_BLOB: usize = MAX_PLAINTEXT + blob::MIN_BLOB_LEN;
 const DEV_AUDIT_LOG: &str = "kmsd-dev/state/audit.log";
 /// The audit log of the system daemon.
 const SYSTEM_AUDIT_LOG: &str = "/var/lib/kmsd/audit.log";
+/// Largest snapshot `backup` accepts from the daemon (whose own
+/// `max_frame` is the limit that matters).
+const MAX_SNAPSHOT_FRAME: usize = 64 << 20;
 /// Largest blob `unwrap` may read.
 const MAX_DEK_BLOB: usize = MAX_DEK + blob::MIN_BLOB_LEN;
 
@@ -114,9 +118,14 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
     let secret = Output::Secret;
     match command {
         Command::Status => {
-            let info = s.client()?.status()?;
+            let c = s.client()?;
+            let status = c.status()?;
+            // A kmsd older than the store status answers `malformed`.
+            let store = c.store_status().ok();
+            let info = output::FullStatus { status, store };
             Ok(Output::Text(output::render(format, &info, output::status)))
         }
+        Command::Backup { out, backup_key } => backup(s, &out, &backup_key).map(Output::Text),
         Command::Key(cmd) => key_command(cmd, format, s.client()?).map(Output::Text),
         Command::Fs(cmd) => fs_command(cmd, format, s).map(Output::Text),
         Command::Audit(AuditCommand::Verify { file }) => {
@@ -140,6 +149,45 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
             context,
             to_context,
         } => re_encrypt(s, to.as_deref(), &context, &to_context, stdin()).map(secret),
+    }
+}
+
+/// `backup`: the key is read and the file created (new, never through a
+/// link or over another, mode 0600) before the daemon is asked for the
+/// snapshot, so that nothing is fetched for a file that cannot be written;
+/// the sealed snapshot is written and synced, and the file removed again
+/// if anything fails.
+fn backup(s: &mut Session, out: &Path, key_file: &Path) -> Result<String, CliError> {
+    let key = kms_client::backup::read_key_file(key_file).map_err(|e| CliError::Input(crate::error::chain(&e)))?;
+    let write_err = |source| CliError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(write_err)?;
+    let written = (|| {
+        // Its own connection: a snapshot may exceed the default frame
+        // limit when the daemon's max_frame was raised for it.
+        let options = kms_client::ClientOptions {
+            max_frame: MAX_SNAPSHOT_FRAME,
+            ..kms_client::ClientOptions::default()
+        };
+        let snapshot = BlockingClient::connect_with(&s.socket, &options)?.backup()?;
+        let sealed = kms_client::backup::seal(&key, &snapshot);
+        drop(snapshot);
+        f.write_all(&sealed).and_then(|()| f.sync_all()).map_err(write_err)?;
+        Ok(sealed.len())
+    })();
+    match written {
+        Ok(len) => Ok(format!("backup written to {} ({len} bytes)\n", out.display())),
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            Err(e)
+        }
     }
 }
 

@@ -41,6 +41,13 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
+    /// A file named on the command line cannot be written.
+    #[error("cannot write {path}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// `audit verify` found a broken chain, already reported on stdout.
     #[error("the audit log's chain is broken")]
     Broken,
@@ -71,7 +78,9 @@ impl CliError {
             CliError::Client(e) => e.code().unwrap_or_else(|| local_code(e)),
             CliError::Input(_) | CliError::Usage(_) => ErrorCode::InvalidArgument,
             CliError::File { source, .. } if source.kind() == io::ErrorKind::NotFound => ErrorCode::NotFound,
-            CliError::File { .. } | CliError::Broken | CliError::Stdio { .. } => ErrorCode::Internal,
+            CliError::File { .. } | CliError::Write { .. } | CliError::Broken | CliError::Stdio { .. } => {
+                ErrorCode::Internal
+            }
         }
     }
 
@@ -113,7 +122,7 @@ fn local_code(e: &ClientError) -> ErrorCode {
 }
 
 /// `error: cause: cause ...`
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

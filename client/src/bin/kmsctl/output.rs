@@ -3,7 +3,9 @@
 
 use std::fmt::Write as _;
 
-use kms_client::proto::{fmt_time, FsRewrapInfo, FsVersionsInfo, KeyInfo, KeyRole, RotationEntry, StatusInfo};
+use kms_client::proto::{
+    fmt_time, FsRewrapInfo, FsVersionsInfo, KeyInfo, KeyRole, RotationEntry, StatusInfo, StoreStatusInfo,
+};
 use serde::Serialize;
 
 /// How to render responses.
@@ -64,8 +66,18 @@ fn or_dash(v: Option<String>) -> String {
     v.unwrap_or_else(|| "-".to_owned())
 }
 
+/// What `kmsctl status` shows: the daemon's status and its key store's.
+#[derive(Debug, Serialize)]
+pub struct FullStatus {
+    #[serde(flatten)]
+    pub status: StatusInfo,
+    /// `None` from a kmsd that does not report it.
+    pub store: Option<StoreStatusInfo>,
+}
+
 /// `kmsctl status`.
-pub fn status(s: &StatusInfo) -> String {
+pub fn status(full: &FullStatus) -> String {
+    let s = &full.status;
     let uptime = humantime::format_duration(std::time::Duration::from_secs(s.uptime_secs));
     let mut out = format!(
         "server:      {}\nzone:        {}\nuptime:      {uptime}\nkeys:        {}\nconnections: {}\n",
@@ -81,6 +93,19 @@ pub fn status(s: &StatusInfo) -> String {
             .collect();
         out.push_str("mounts:\n");
         out.push_str(&indent(&table(&["TARGET", "SOURCE", "KEY"], &rows)));
+    }
+    if let Some(store) = &full.store {
+        let health = store
+            .problem
+            .as_deref()
+            .map_or("ok".to_string(), |p| format!("unavailable: {p}"));
+        out.push_str(&format!("store:       {} ({health})\n", store.backend));
+        let leads = if store.leader {
+            "yes"
+        } else {
+            "no (another daemon of the zone does)"
+        };
+        out.push_str(&format!("scheduler:   {leads}\n"));
     }
     out
 }

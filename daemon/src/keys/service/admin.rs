@@ -208,3 +208,37 @@ impl KeyService {
         Ok(info)
     }
 }
+
+impl KeyService {
+    /// A consistent snapshot of every record of the zone's store (tombstones
+    /// included), material included, for `kmsctl backup`: read from the
+    /// store, not the keyring, under the writer lock (the file store's
+    /// records at one moment; etcd's at one revision). Global admins only;
+    /// never the daemon's own callers (mount processes).
+    ///
+    /// # Errors
+    /// `PermissionDenied`; `Unavailable` when the store cannot be read.
+    pub fn snapshot(&self, caller: &Caller) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        if caller.is_internal() || !caller.matches(&self.admins.load()) {
+            tracing::warn!(uid = caller.uid, pid = caller.pid, "backup refused: not a global admin");
+            return Err(Error::PermissionDenied {
+                uid: caller.uid,
+                action: "back up",
+                key: "the zone's keys (global admins only)".into(),
+            });
+        }
+        let records = {
+            let _writer = self.writer.lock();
+            self.store.load().map_err(Error::Unavailable)?
+        };
+        let snapshot =
+            crate::keys::store::snapshot::encode(&self.zone, self.clock.now(), &records).map_err(Error::Unavailable)?;
+        tracing::info!(uid = caller.uid, keys = records.len(), "backup snapshot taken");
+        Ok(snapshot)
+    }
+
+    /// The key store's health (`status`, metrics).
+    pub fn store_health(&self) -> crate::keys::store::Health {
+        self.store.health()
+    }
+}

@@ -47,9 +47,21 @@ impl KeyService {
     /// Performs every automatic rotation and deletion due at `now`: one
     /// rotation per key however many periods were missed.
     pub fn run_due(&self, now: UnixTime) -> DueReport {
+        self.run_due_while(now, || true)
+    }
+
+    /// As [`run_due`](Self::run_due), checking `go_on()` before each key
+    /// and stopping when it is false (this daemon no longer leads).
+    ///
+    /// Safe against another daemon doing the same at once: each key's
+    /// work is decided on the record it is written over, and a write over
+    /// a record another daemon changed first is refused by the store; the
+    /// key is then read again and its due work decided anew, so a due
+    /// rotation happens once.
+    pub fn run_due_while(&self, now: UnixTime, go_on: impl Fn() -> bool) -> DueReport {
         let mut report = DueReport::default();
         let ids: Vec<Uuid> = self.ring.load().by_id.keys().copied().collect();
-        for id in ids {
+        for id in ids.into_iter().take_while(|_| go_on()) {
             if let Err(e) = self.run_due_key(id, now, &mut report) {
                 tracing::error!(key = %id, error = %crate::keys::error::error_chain(&e), "scheduled work failed; will retry");
                 report.failed.push((id, e));

@@ -33,7 +33,9 @@ use uuid::Uuid;
 
 use super::root::RootKey;
 use super::schema::CURRENT;
-use super::{io_err, sealed, Change, ChangeStream, EtcdError, KeyStore, Revision, StoreError, Stored, MAX_RECORD_LEN};
+use super::{
+    io_err, sealed, Change, ChangeStream, EtcdError, Health, KeyStore, Revision, StoreError, Stored, MAX_RECORD_LEN,
+};
 use crate::keys::model::KeyRecord;
 
 /// Magic of a sealed name-index value.
@@ -107,6 +109,7 @@ impl EtcdStore {
             timeout: settings.request_timeout,
             root: Arc::new(root),
             own: Arc::default(),
+            problem: Arc::default(),
         };
         let at = io.run(etcd.clone().open_meta())?;
         Ok(Self {
@@ -150,6 +153,15 @@ impl KeyStore for EtcdStore {
         Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|c| (c, rx))
         }))
+    }
+
+    /// Unhealthy while the change stream is broken: etcd does not answer,
+    /// changes fail, data operations go on from memory.
+    fn health(&self) -> Health {
+        Health {
+            backend: "etcd",
+            problem: self.etcd.problem.lock().clone(),
+        }
     }
 }
 
@@ -199,7 +211,12 @@ impl Drop for Io {
     }
 }
 
-fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, StoreError> {
+/// How the store (and the election) connect to etcd: timeouts, pings,
+/// leader required, TLS.
+///
+/// # Errors
+/// `Io` for unreadable TLS files.
+pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, StoreError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(settings.connect_timeout)
         // Pings find a member that vanished under an open watch; etcd
@@ -242,6 +259,8 @@ struct Etcd {
     /// watch. A write holds the lock from before its transaction until its
     /// revision is noted, so the watch cannot report it as another's.
     own: Arc<tokio::sync::Mutex<BTreeSet<i64>>>,
+    /// Why the watch is broken (etcd unreachable), while it is.
+    problem: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -511,10 +530,12 @@ impl Etcd {
             if broken {
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             } else {
+                let error = crate::keys::error::error_chain(&why);
                 tracing::warn!(
-                    error = %crate::keys::error::error_chain(&why),
+                    %error,
                     "lost etcd's change stream; changes to keys fail until etcd answers, data operations go on"
                 );
+                *self.problem.lock() = Some(error);
                 broken = true;
                 backoff = BACKOFF_MIN;
             }
@@ -554,6 +575,7 @@ impl Etcd {
             }
             if std::mem::take(broken) {
                 tracing::info!(from = *next, "etcd answers again; following its changes");
+                *self.problem.lock() = None;
             }
             if !self.forward(&resp, next, tx).await {
                 return Ok(Ended::Dropped);

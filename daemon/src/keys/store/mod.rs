@@ -21,6 +21,7 @@ mod revision;
 mod root;
 pub mod schema;
 mod sealed;
+pub mod snapshot;
 
 use std::fmt;
 use std::pin::Pin;
@@ -32,7 +33,7 @@ use super::model::KeyRecord;
 
 use error::io_err;
 pub use error::{EtcdError, StoreError};
-pub use etcd::{EtcdSettings, EtcdStore, EtcdTls};
+pub use etcd::{connect_options as etcd_connect_options, EtcdSettings, EtcdStore, EtcdTls};
 pub use file::{lock_state_dir, CrashPoint, FileStore};
 pub use revision::Revision;
 pub use root::{check_private, mode_of, read_key_file, RootKey, ROOT_KEY_LEN};
@@ -107,4 +108,22 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// The changes other writers make from now on; never this store's own.
     /// A single-writer store's stream never yields.
     fn changes(&self) -> ChangeStream;
+
+    /// What kind of store this is and whether it is reachable now (for
+    /// `status` and the metrics).
+    fn health(&self) -> Health {
+        Health {
+            backend: "file",
+            problem: None,
+        }
+    }
+}
+
+/// A store's health as `status` and the metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `file` or `etcd`.
+    pub backend: &'static str,
+    /// Why it cannot be reached now, if it cannot.
+    pub problem: Option<String>,
 }

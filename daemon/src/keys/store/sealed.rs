@@ -70,18 +70,33 @@ pub(super) fn open_record(root: &RootKey, id: Uuid, data: &[u8], schema: u32, at
         path: at.into(),
         source,
     })?;
-    let record = decoded.record;
-    if record.id != id || (record.versions.is_empty() && record.deleted_at.is_none()) {
+    if decoded.record.id != id {
         return Err(corrupt("record does not match its file".into()));
-    }
-    let ascending = record.versions.windows(2).all(|w| w[0].version < w[1].version);
-    if !ascending || record.versions.first().is_some_and(|v| v.version != 1) {
-        return Err(corrupt("versions are not ascending from 1".into()));
     }
     Ok(Stored {
         revision: Revision::new(decoded.revision),
-        record,
+        record: check_record(decoded.record, at)?,
     })
+}
+
+/// `record` if it is whole: versions ascending from 1 (only a tombstone, a
+/// replica deleted in this zone, has none).
+///
+/// # Errors
+/// `Corrupt`, naming `at`.
+pub(super) fn check_record(record: KeyRecord, at: &Path) -> Result<KeyRecord, StoreError> {
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        path: at.into(),
+        reason: reason.into(),
+    };
+    if record.versions.is_empty() && record.deleted_at.is_none() {
+        return Err(corrupt("record does not match its file"));
+    }
+    let ascending = record.versions.windows(2).all(|w| w[0].version < w[1].version);
+    if !ascending || record.versions.first().is_some_and(|v| v.version != 1) {
+        return Err(corrupt("versions are not ascending from 1"));
+    }
+    Ok(record)
 }
 
 /// The sealed meta of a store at `schema`.

@@ -1,0 +1,172 @@
+//! The backup file: a zone's snapshot (as kmsd's `backup` operation
+//! returns it, opaque here) sealed under an operator's backup key.
+//!
+//! ```text
+//! 0..8    magic "KMSDBKUP"
+//! 8..12   u32 BE  format version = 1
+//! 12..24  nonce (random)
+//! 24..    AES-256-GCM ciphertext of the snapshot || 16-byte tag
+//! AAD = bytes 0..12
+//! ```
+//!
+//! One AEAD over the whole snapshot: a flipped bit anywhere, a truncated
+//! file or another key fails to open, and nothing of it is used. The
+//! backup key is 32 random bytes in a file of its own (mode 0600), never
+//! the root key, so that a backup can be kept apart from the hosts.
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+use crate::aead;
+
+/// First bytes of every backup file.
+pub const MAGIC: &[u8; 8] = b"KMSDBKUP";
+/// The format version this crate writes and reads.
+pub const VERSION: u32 = 1;
+/// Length of a backup key.
+pub const KEY_LEN: usize = 32;
+/// Largest backup file read (a zone's snapshot fits in one protocol
+/// frame, far below this).
+pub const MAX_FILE_LEN: u64 = 256 << 20;
+
+const HEADER_LEN: usize = 12;
+const NONCE_LEN: usize = 12;
+
+/// Why a backup file does not open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackupError {
+    #[error("not a kmsd backup file (no KMSDBKUP header)")]
+    NotABackup,
+    #[error("backup format version {0}, this build reads version {VERSION}")]
+    Version(u32),
+    #[error("the backup does not authenticate: it was altered or truncated, or the backup key is not the one it was made with")]
+    DoesNotOpen,
+}
+
+/// Why a backup key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read backup key {path}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backup key {path} must hold exactly {KEY_LEN} bytes (make one with: head -c 32 /dev/urandom > FILE; chmod 600 FILE)")]
+    Length { path: std::path::PathBuf },
+    #[error("backup key {path} may be read by others (mode {mode:o}); fix it with: chmod 600 {path}")]
+    Insecure { path: std::path::PathBuf, mode: u32 },
+}
+
+/// Reads a backup key file: exactly [`KEY_LEN`] bytes, not a symlink,
+/// readable by its owner only.
+///
+/// # Errors
+/// [`KeyFileError`].
+pub fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyFileError> {
+    let io = |source| KeyFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io)?;
+    let mode = f.metadata().map_err(io)?.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Insecure {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(KEY_LEN + 1));
+    f.take(KEY_LEN as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    if bytes.len() != KEY_LEN {
+        return Err(KeyFileError::Length {
+            path: path.to_path_buf(),
+        });
+    }
+    key.copy_from_slice(&bytes);
+    Ok(key)
+}
+
+fn header() -> [u8; HEADER_LEN] {
+    let mut h = [0; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..].copy_from_slice(&VERSION.to_be_bytes());
+    h
+}
+
+/// Seals `snapshot` under `key` into the bytes of a backup file.
+pub fn seal(key: &[u8; KEY_LEN], snapshot: &[u8]) -> Vec<u8> {
+    let cipher = Aes256Gcm::new(key.into());
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let header = header();
+    let mut out = header.to_vec();
+    aead::seal(&cipher, &nonce, &header, snapshot, &mut out);
+    out
+}
+
+/// Opens the bytes of a backup file with `key`: the snapshot.
+///
+/// # Errors
+/// [`BackupError`]: not a backup, another format version, or it does not
+/// authenticate (altered, truncated, wrong key).
+pub fn open(key: &[u8; KEY_LEN], file: &[u8]) -> Result<Zeroizing<Vec<u8>>, BackupError> {
+    if file.len() < HEADER_LEN || &file[..8] != MAGIC {
+        return Err(BackupError::NotABackup);
+    }
+    let version = u32::from_be_bytes(file[8..12].try_into().expect("four bytes"));
+    if version != VERSION {
+        return Err(BackupError::Version(version));
+    }
+    let cipher = Aes256Gcm::new(key.into());
+    aead::open(&cipher, &file[..HEADER_LEN], &file[HEADER_LEN..]).map_err(|_| BackupError::DoesNotOpen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_layout() {
+        let key = [9u8; KEY_LEN];
+        let file = seal(&key, b"snapshot");
+        assert_eq!(&file[..8], MAGIC);
+        assert_eq!(&file[8..12], &1u32.to_be_bytes());
+        assert_eq!(file.len(), 12 + 12 + 8 + 16);
+        assert_eq!(&open(&key, &file).unwrap()[..], b"snapshot");
+        assert_ne!(seal(&key, b"snapshot"), file, "a fresh nonce each time");
+    }
+
+    #[test]
+    fn every_flipped_bit_a_truncation_or_another_key_is_refused() {
+        let key = [9u8; KEY_LEN];
+        let file = seal(&key, b"0123456789abcdef");
+        for i in 0..file.len() * 8 {
+            let mut bad = file.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            assert!(open(&key, &bad).is_err(), "bit {i}");
+        }
+        for len in 0..file.len() {
+            assert!(open(&key, &file[..len]).is_err(), "truncated to {len}");
+        }
+        assert_eq!(open(&[8u8; KEY_LEN], &file), Err(BackupError::DoesNotOpen));
+        let mut v2 = file.clone();
+        v2[11] = 2;
+        assert_eq!(open(&key, &v2), Err(BackupError::Version(2)));
+        assert_eq!(
+            open(&key, b"KMSDKEY2xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+            Err(BackupError::NotABackup)
+        );
+    }
+}
