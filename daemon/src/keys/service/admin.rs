@@ -213,18 +213,26 @@ impl KeyService {
     /// A consistent snapshot of every record of the zone's store (tombstones
     /// included), material included, for `kmsctl backup`: read from the
     /// store, not the keyring, under the writer lock (the file store's
-    /// records at one moment; etcd's at one revision). Global admins only;
-    /// never the daemon's own callers (mount processes).
+    /// records at one moment; etcd's at one revision). A backup holds every
+    /// key's material, which a global admin may otherwise manage but not
+    /// use: only global admins that could read the store and the root key
+    /// anyway (root, or kmsd's own user) may take one; never the daemon's
+    /// own callers (mount processes).
     ///
     /// # Errors
     /// `PermissionDenied`; `Unavailable` when the store cannot be read.
     pub fn snapshot(&self, caller: &Caller) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-        if caller.is_internal() || !caller.matches(&self.admins.load()) {
-            tracing::warn!(uid = caller.uid, pid = caller.pid, "backup refused: not a global admin");
+        let own = caller.uid == 0 || caller.uid == nix::unistd::geteuid().as_raw();
+        if caller.is_internal() || !own || !caller.matches(&self.admins.load()) {
+            tracing::warn!(
+                uid = caller.uid,
+                pid = caller.pid,
+                "backup refused: not a global admin running as root or as kmsd's user"
+            );
             return Err(Error::PermissionDenied {
                 uid: caller.uid,
                 action: "back up",
-                key: "the zone's keys (global admins only)".into(),
+                key: "the zone's keys (global admins that are root or kmsd's user only)".into(),
             });
         }
         let records = {
