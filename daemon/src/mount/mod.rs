@@ -47,6 +47,39 @@ pub struct MountSettings {
     /// Log filter; `RUST_LOG` wins.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Encrypted (default) or plain names.
+    #[serde(default)]
+    pub names: Names,
+}
+
+/// `names = "encrypted" | "plain"`: whether a new backing directory gets
+/// encrypted names. An existing directory keeps what it has (a plain one
+/// with files stays plain; `"plain"` on an encrypted one is refused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Names {
+    #[default]
+    Encrypted,
+    Plain,
+}
+
+impl Names {
+    /// The command-line spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Names::Encrypted => "encrypted",
+            Names::Plain => "plain",
+        }
+    }
+}
+
+impl From<Names> for kms_fuse::NameMode {
+    fn from(n: Names) -> Self {
+        match n {
+            Names::Encrypted => kms_fuse::NameMode::Encrypted,
+            Names::Plain => kms_fuse::NameMode::Plain,
+        }
+    }
 }
 
 fn default_socket() -> PathBuf {
@@ -86,12 +119,19 @@ impl MountSettings {
     ///
     /// # Errors
     /// Invalid values.
-    pub fn new(source: PathBuf, target: PathBuf, key: String, socket: PathBuf) -> Result<Self, SettingsError> {
+    pub fn new(
+        source: PathBuf,
+        target: PathBuf,
+        key: String,
+        socket: PathBuf,
+        names: Names,
+    ) -> Result<Self, SettingsError> {
         let s = Self {
             source,
             target,
             key,
             socket,
+            names,
             key_timeout_secs: default_key_timeout(),
             log_level: default_log_level(),
         };
@@ -215,6 +255,7 @@ pub fn mount_fs(
     target: &Path,
     fs_name: &str,
     keys: Arc<dyn KeySource>,
+    names: Names,
 ) -> Result<MountHandle, MountError> {
     // First: a mountpoint left by a crash cannot even be stat'ed.
     clear_stale(target)?;
@@ -233,6 +274,7 @@ pub fn mount_fs(
     check_free(target)?;
     let opts = MountOptions {
         fs_name: fs_name.to_string(),
+        names: names.into(),
         ..MountOptions::default()
     };
     kms_fuse::mount(source, target, keys, &opts).map_err(|e| MountError::Mount {
@@ -288,7 +330,7 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
         source,
     })?;
     let keys: Arc<dyn KeySource> = Arc::new(keys);
-    let handle = mount_fs(&s.source, &s.target, &format!("kmsd:{}", s.key), keys.clone())?;
+    let handle = mount_fs(&s.source, &s.target, &format!("kmsd:{}", s.key), keys.clone(), s.names)?;
     let path = s.admin_socket(name);
     let kmsd_uid = admin::kmsd_uid();
     let owner = nix::unistd::geteuid().is_root().then_some(kmsd_uid).flatten();
