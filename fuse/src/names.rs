@@ -543,6 +543,40 @@ fn load_root(bytes: &[u8], keys: &dyn KeySource) -> Result<NameKeys, RootError> 
     Ok(NameKeys::derive(&master, &header.file_id))
 }
 
+/// The backing path of `rel` (a plaintext path relative to the mount's
+/// root) under the backing directory `root`, walked component by
+/// component without following symlinks; for operators and tests ("which
+/// backing file is this?"). A plain directory maps names to themselves.
+///
+/// # Errors
+/// As [`open_root`]; a component that is missing (`ENOENT`), not a
+/// directory, or whose directory has no valid id.
+pub fn backing_path(
+    root: &std::path::Path,
+    keys: &dyn KeySource,
+    rel: &std::path::Path,
+) -> Result<std::path::PathBuf, RootError> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let root_fd = nix::fcntl::open(root, flags, Mode::empty())?;
+    let Some(names) = open_root(&root_fd, keys, false)? else {
+        return Ok(root.join(rel));
+    };
+    let (mut dir, mut id, mut out) = (root_fd, names.root_id, root.to_path_buf());
+    let parts: Vec<_> = rel.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        let b = names
+            .encrypt_name(&id, part.as_os_str())
+            .map_err(|e| RootError::Io(nix::Error::from(e).into()))?;
+        out.push(b.entry());
+        if i + 1 < parts.len() {
+            let how = OpenHow::new().flags(flags).resolve(resolve_beneath());
+            dir = openat2(dir.as_fd(), b.entry(), how)?;
+            id = read_dir_id(dir.as_fd())?;
+        }
+    }
+    Ok(out)
+}
+
 /// Empty but for leftovers of an interrupted root-file creation.
 fn looks_empty(root: &OwnedFd) -> std::io::Result<bool> {
     let path = format!("/proc/self/fd/{}", root.as_raw_fd());

@@ -124,7 +124,12 @@ fn names() -> Vec<String> {
     let long_b = "ü".repeat(127) + "b";
     let mid = "m".repeat(176);
     let mut v: Vec<String> = ["a", "b", "c", "d/x", "d/y", "d/z", "e/x"].map(String::from).to_vec();
-    v.extend([long_a.clone(), format!("d/{long_b}"), format!("e/{mid}"), format!("e/{long_a}")]);
+    v.extend([
+        long_a.clone(),
+        format!("d/{long_b}"),
+        format!("e/{mid}"),
+        format!("e/{long_a}"),
+    ]);
     v
 }
 
@@ -286,6 +291,11 @@ fn differential_random_ops_with_rotation_and_rewrap() {
     assert_eq!(info.failed, 0);
     let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
     assert!(v.counts.iter().all(|(ver, _)| *ver == 2), "{:?}", v.counts);
+    // The name key was re-wrapped too (same key: no name changes).
+    let root_file = fs::read(fx.backing.join(kms_fuse::names::ROOT_FILE)).unwrap();
+    let header = kms_fuse::format::Header::decode(&root_file).unwrap();
+    let blob = &header.current().unwrap().1.blob;
+    assert_eq!(kms_client::blob::BlobHeader::parse(blob).unwrap().version, 2);
     compare(roots, "after rewrap");
     fx.remount();
     compare(roots, "after rewrap and remount");

@@ -13,6 +13,7 @@ mod hardening;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod names;
 mod power;
 mod privsep;
 mod protocol;
@@ -23,3 +24,13 @@ mod systemd;
 mod upgrade;
 mod workload;
 mod zones;
+
+/// The backing path of `rel` (a path under the mount of
+/// [`TestDaemon::start_with_mount`]) in its backing directory: names are
+/// encrypted there, so this asks kmsd for the name key (as the mount
+/// process does) and encrypts each component.
+pub fn backing(d: &kms_tests::TestDaemon, rel: &str) -> std::path::PathBuf {
+    let timeout = std::time::Duration::from_secs(10);
+    let keys = kmsd::mount::keys::ClientKeys::connect(&d.socket, "fs", timeout).expect("connect for the name key");
+    kms_fuse::names::backing_path(&d.data(), &keys, std::path::Path::new(rel)).expect("backing path")
+}
