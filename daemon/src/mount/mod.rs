@@ -397,6 +397,18 @@ mod tests {
     }
 
     #[test]
+    fn names_setting_defaults_to_encrypted_and_takes_plain() {
+        let base = "source = \"/a\"\ntarget = \"/b\"\nkey = \"k\"\n";
+        assert_eq!(settings(base).unwrap().names, Names::Encrypted);
+        let plain = settings(&format!("{base}names = \"plain\"\n")).unwrap();
+        assert_eq!(plain.names, Names::Plain);
+        assert_eq!(kms_fuse::NameMode::from(plain.names), kms_fuse::NameMode::Plain);
+        assert!(settings(&format!("{base}names = \"hidden\"\n")).is_err());
+        let cfg = crate::config::Config::parse(&format!("[[mount]]\n{base}names = \"plain\"\n"), Default::default());
+        assert_eq!(cfg.unwrap().mounts[0].names, Names::Plain);
+    }
+
+    #[test]
     fn names_are_file_names() {
         assert!(name_ok("data") && name_ok("srv-app.2"));
         assert!(!name_ok("") && !name_ok("../x") && !name_ok(".hidden") && !name_ok("a/b"));

@@ -384,3 +384,34 @@ fn kill9_of_the_mount_process_during_mkdir_rename_rmdir_leaves_every_directory_r
         start.elapsed()
     );
 }
+
+#[test]
+fn names_plain_keeps_names_in_clear_and_a_plain_directory_stays_plain() {
+    if !fuse_available() {
+        return;
+    }
+    let mut d = TestDaemon::start_with_mount_names(kms_tests::DaemonOptions::default(), "plain");
+    fs::write(d.mnt().join("visible.txt"), b"x").unwrap();
+    assert!(
+        d.data().join("visible.txt").is_file(),
+        "plain names are stored as they are"
+    );
+    assert!(!d.data().join(names::ROOT_FILE).exists());
+    // The same (plain, not empty) directory configured as encrypted stays
+    // plain: its files keep their names.
+    assert!(d.terminate().success());
+    let cfg = fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("names = \"plain\"", "names = \"encrypted\"");
+    fs::write(&d.config, cfg).unwrap();
+    d.restart();
+    let mnt = d.mnt();
+    wait_for(Duration::from_secs(20), || {
+        (is_mounted(&mnt) && fs::read_dir(&mnt).is_ok()).then_some(())
+    })
+    .expect("remounted");
+    assert_eq!(fs::read(mnt.join("visible.txt")).unwrap(), b"x");
+    fs::write(mnt.join("second.txt"), b"y").unwrap();
+    assert!(d.data().join("second.txt").is_file());
+    assert!(d.logs().contains("names stay plain"), "{}", d.logs());
+}
