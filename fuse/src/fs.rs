@@ -457,6 +457,20 @@ impl EncryptedFs {
         Ok(())
     }
 
+    /// Makes the entry of `b` with `make`, its long-name part (if long)
+    /// first; if `make` fails and no entry has that name, the part goes
+    /// again (a kill in between leaves an orphan part, which is ignored).
+    fn with_part<T>(dir: &Node, b: &Backing, make: impl FnOnce() -> nix::Result<T>) -> Result<T> {
+        Self::write_part(dir, b)?;
+        make().map_err(|e| {
+            let gone = fstatat(dir.fd(), b.entry(), AtFlags::AT_SYMLINK_NOFOLLOW) == Err(nix::Error::ENOENT);
+            if gone {
+                Self::remove_part(dir, b);
+            }
+            Error::Sys(e)
+        })
+    }
+
     /// Removes the long-name part of `b` (if long) after its entry went.
     fn remove_part(dir: &Node, b: &Backing) {
         if let Some(part) = b.part() {
@@ -739,8 +753,9 @@ impl EncryptedFs {
         let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
-        Self::write_part(&parent, &b)?;
-        nix::sys::stat::mkdirat(parent.fd(), b.entry(), Mode::from_bits_truncate(0o700))?;
+        Self::with_part(&parent, &b, || {
+            nix::sys::stat::mkdirat(parent.fd(), b.entry(), Mode::from_bits_truncate(0o700))
+        })?;
         let fd = self.open_made(&parent, b.entry(), Made::Dir)?;
         // A kill before the id is written leaves an empty directory
         // without one, which gets an id when first needed.
@@ -780,8 +795,9 @@ impl EncryptedFs {
         let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
-        Self::write_part(&parent, &b)?;
-        mknodat(parent.fd(), b.entry(), kind, Mode::from_bits_truncate(0o600), dev)?;
+        Self::with_part(&parent, &b, || {
+            mknodat(parent.fd(), b.entry(), kind, Mode::from_bits_truncate(0o600), dev)
+        })?;
         let fd = self.open_made(&parent, b.entry(), Made::Node(kind))?;
         self.adopt(caller, &parent, fd, Some(mode))
     }
@@ -800,8 +816,9 @@ impl EncryptedFs {
                 .map_err(nix::Error::from)?,
             None => target.as_os_str().as_bytes().to_vec(),
         };
-        Self::write_part(&parent, &b)?;
-        nix::unistd::symlinkat(OsStr::from_bytes(&target), parent.fd(), b.entry())?;
+        Self::with_part(&parent, &b, || {
+            nix::unistd::symlinkat(OsStr::from_bytes(&target), parent.fd(), b.entry())
+        })?;
         let fd = self.open_made(&parent, b.entry(), Made::Symlink(&target))?;
         self.adopt(caller, &parent, fd, None)
     }
@@ -904,14 +921,17 @@ impl EncryptedFs {
                 cleared = Some((target, undo));
             }
         }
-        if !exchange {
-            Self::write_part(&new_dir, &bt)?;
-        }
-        if let Err(e) = nix::fcntl::renameat2(old_dir.fd(), bf.entry(), new_dir.fd(), bt.entry(), flags) {
+        let renamed = || nix::fcntl::renameat2(old_dir.fd(), bf.entry(), new_dir.fd(), bt.entry(), flags);
+        let renamed = if exchange {
+            renamed().map_err(Error::Sys)
+        } else {
+            Self::with_part(&new_dir, &bt, renamed)
+        };
+        if let Err(e) = renamed {
             if let Some((target, undo)) = cleared {
                 undo.restore(&target);
             }
-            return Err(e.into());
+            return Err(e);
         }
         let same_part = from.0 == to.0 && bf.part() == bt.part();
         if !exchange && !same_part {
@@ -928,9 +948,10 @@ impl EncryptedFs {
         let node = self.nodes.get(ino)?;
         let parent = self.nodes.get(new_parent)?;
         let b = self.backing(new_parent, &parent, name)?;
-        Self::write_part(&parent, &b)?;
         let follow = AtFlags::AT_SYMLINK_FOLLOW;
-        nix::unistd::linkat(AT_FDCWD, &node.proc_path(), parent.fd(), b.entry(), follow)?;
+        Self::with_part(&parent, &b, || {
+            nix::unistd::linkat(AT_FDCWD, &node.proc_path(), parent.fd(), b.entry(), follow)
+        })?;
         self.lookup_in(&parent, b.entry())
     }
 
@@ -945,10 +966,11 @@ impl EncryptedFs {
         let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
-        Self::write_part(&parent, &b)?;
         let name = b.entry();
         let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-        let fd = openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))?;
+        let fd = Self::with_part(&parent, &b, || {
+            openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))
+        })?;
         let made = stat_fd(&fd)?;
         let result = self.init_created(caller, &parent, name, File::from(fd), mode);
         if result.is_err() {
@@ -1385,6 +1407,11 @@ mod tests {
         fs.rmdir(ROOT, OsStr::new("MARKER-dir")).unwrap();
         let left = backing_names(dir.path());
         assert_eq!(left.len(), 3, "root file, short, link: {left:?}");
+        // A failed rename or create to a long name leaves no part behind.
+        let e = fs.rename((ROOT, OsStr::new("absent")), (ROOT, OsStr::new(&long)), 0);
+        assert_eq!(e.unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(fs.mkdir(ROOT_CALLER, 999, OsStr::new(&long), 0o755).unwrap_err().errno(), libc::ESTALE);
+        assert_eq!(backing_names(dir.path()), left);
     }
 
     #[test]
