@@ -304,10 +304,10 @@ pub fn rewrap(root: &Path, keys: &dyn KeySource, mut progress: impl FnMut(u64, u
         progress(done, total);
     })?;
     info.failed += walked.not_examined;
+    // The counts are of files; the name key shows only when it fails.
     match names_file {
-        None => {}
-        Some(Ok(Rewrapped::Done)) => info.rewrapped += 1,
-        Some(Ok(Rewrapped::AlreadyCurrent)) => info.already_current += 1,
+        None | Some(Ok(Rewrapped::AlreadyCurrent)) => {}
+        Some(Ok(Rewrapped::Done)) => tracing::info!("name key re-wrapped"),
         Some(Err(e)) => {
             info.failed += 1;
             tracing::warn!(error = %crate::fs::describe(&e), "rewrap of the name key failed");

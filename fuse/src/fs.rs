@@ -1410,7 +1410,12 @@ mod tests {
         // A failed rename or create to a long name leaves no part behind.
         let e = fs.rename((ROOT, OsStr::new("absent")), (ROOT, OsStr::new(&long)), 0);
         assert_eq!(e.unwrap_err().errno(), libc::ENOENT);
-        assert_eq!(fs.mkdir(ROOT_CALLER, 999, OsStr::new(&long), 0o755).unwrap_err().errno(), libc::ESTALE);
+        assert_eq!(
+            fs.mkdir(ROOT_CALLER, 999, OsStr::new(&long), 0o755)
+                .unwrap_err()
+                .errno(),
+            libc::ESTALE
+        );
         assert_eq!(backing_names(dir.path()), left);
     }
 

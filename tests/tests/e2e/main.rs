@@ -25,6 +25,18 @@ mod upgrade;
 mod workload;
 mod zones;
 
+/// The one file a test wrote at the top of an encrypted mount's backing
+/// directory `dir`: the only entry with an encrypted name (no `.`).
+pub fn only_encrypted_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().as_encoded_bytes().contains(&b'.'))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.into_iter().next().unwrap()
+}
+
 /// The backing path of `rel` (a path under the mount of
 /// [`TestDaemon::start_with_mount`]) in its backing directory: names are
 /// encrypted there, so this asks kmsd for the name key (as the mount
