@@ -358,6 +358,7 @@ fn dev_mount(keys: &Arc<KeyService>, children: &Children, dir: &Path, socket: &P
         target: dir.join("mnt"),
         key: DEV_KEY.into(),
         socket: socket.to_path_buf(),
+        names: Default::default(),
     };
     match children.start(spec.clone()) {
         Ok(()) => tracing::info!(target = %spec.target.display(), "dev filesystem mounted: files written there are stored encrypted in {}", spec.source.display()),
@@ -415,6 +416,7 @@ fn mount_spec(i: usize, m: &MountConfig, socket: &Path) -> children::Spec {
         target: m.target.clone(),
         key: m.key.clone(),
         socket: socket.to_path_buf(),
+        names: m.names,
     }
 }
 

@@ -55,6 +55,8 @@ pub struct Spec {
     pub key: String,
     /// kmsd's socket, which the child connects to.
     pub socket: PathBuf,
+    /// Encrypted or plain names for a new backing directory.
+    pub names: crate::mount::Names,
 }
 
 impl Spec {
@@ -77,6 +79,8 @@ impl Spec {
             .arg(&self.key)
             .arg("--socket")
             .arg(&self.socket)
+            .arg("--names")
+            .arg(self.names.as_str())
             .arg("--kmsd-fd")
             .arg(KMSD_FD.to_string())
             // Not ours: a child of kmsd is never socket-activated or

@@ -299,6 +299,10 @@ pub struct MountConfig {
     pub target: PathBuf,
     /// Key (name or id) whose active version wraps new files' DEKs.
     pub key: String,
+    /// `"encrypted"` (default: for a new, empty backing directory) or
+    /// `"plain"` names (fuse/FORMAT.md, "Names").
+    #[serde(default)]
+    pub names: crate::mount::Names,
 }
 
 /// A zone name: 1 to 64 characters from A-Z a-z 0-9 and `-`.

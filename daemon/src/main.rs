@@ -69,6 +69,9 @@ struct MountArgs {
     /// kmsd's socket.
     #[arg(long, default_value = kmsd::mount::DEFAULT_SOCKET, requires = "source")]
     socket: PathBuf,
+    /// Names of a new backing directory: encrypted or plain.
+    #[arg(long, value_enum, default_value = "encrypted", requires = "source")]
+    names: kmsd::mount::Names,
     /// A connection to kmsd on this descriptor (given by kmsd to the mount
     /// processes it starts itself).
     #[arg(long, hide = true, requires = "source")]
@@ -106,9 +109,13 @@ fn mount(args: &MountArgs) -> anyhow::Result<()> {
         args.name
     );
     let settings = match (&args.source, &args.target, &args.key) {
-        (Some(source), Some(target), Some(key)) => {
-            MountSettings::new(source.clone(), target.clone(), key.clone(), args.socket.clone())?
-        }
+        (Some(source), Some(target), Some(key)) => MountSettings::new(
+            source.clone(),
+            target.clone(),
+            key.clone(),
+            args.socket.clone(),
+            args.names,
+        )?,
         _ => {
             let path = args
                 .settings

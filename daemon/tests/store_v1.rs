@@ -194,7 +194,7 @@ fn fuse_unusable() -> Option<String> {
 /// itself leaves mounting to its mount processes).
 fn mount(svc: &Arc<KeyService>, data: &Path, mnt: &Path, key: &str) -> kms_fuse::MountHandle {
     let keys = Arc::new(ServiceKeys::new(svc.clone(), svc.entry(key).unwrap().record.id));
-    kmsd::mount::mount_fs(data, mnt, &format!("kmsd:{key}"), keys).expect("mount")
+    kmsd::mount::mount_fs(data, mnt, &format!("kmsd:{key}"), keys, Default::default()).expect("mount")
 }
 
 // ---- the generator --------------------------------------------------------

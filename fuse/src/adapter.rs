@@ -313,7 +313,7 @@ impl Filesystem for FuseAdapter {
             let attr = if dot {
                 self.fs.getattr(ino.0)
             } else {
-                self.fs.lookup(ino.0, &e.name)
+                self.fs.lookup_backing(ino.0, &e.backing)
             };
             let Ok(attr) = attr else { continue };
             if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, GENERATION) {

@@ -61,7 +61,7 @@ fn file_type(st: &FileStat) -> SFlag {
 /// Where the kernel has no `openat2` (`ENOSYS`), falls back to `openat`
 /// with `O_NOFOLLOW`, which for a single name from `readdir` resolves the
 /// same way except that it may cross into a mount point.
-fn open_entry(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
+pub(crate) fn open_entry(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<OwnedFd> {
     let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let resolve = ResolveFlag::RESOLVE_BENEATH
         | ResolveFlag::RESOLVE_NO_SYMLINKS
@@ -144,6 +144,10 @@ pub fn walk(root: &Path, mut visit: impl FnMut(&Path, BorrowedFd<'_>)) -> Result
     let root_fd = openat(AT_FDCWD, root, flags, Mode::empty())?;
     let st = fstat(&root_fd)?;
     let names = list(root_fd.as_fd())?;
+    // With encrypted names, the mount's bookkeeping files (names with a
+    // `.`: the root file, directory ids, long-name parts) are not
+    // encrypted files.
+    let encrypted = names.iter().any(|n| n == crate::names::ROOT_FILE);
     let mut dirs = HashSet::from([(st.st_dev, st.st_ino)]);
     let mut files = HashSet::new();
     let mut walked = Walked::default();
@@ -197,6 +201,7 @@ pub fn walk(root: &Path, mut visit: impl FnMut(&Path, BorrowedFd<'_>)) -> Result
                     Err(e) => not_examined(&path, &e),
                 }
             }
+            SFlag::S_IFREG if encrypted && crate::names::classify(&name) == crate::names::Kind::Reserved => {}
             // (A hard link to a file already visited is skipped.)
             SFlag::S_IFREG if files.insert(key) => visit(&path, fd.as_fd()),
             // Symlinks, FIFOs, sockets, devices: only ever held as O_PATH.
@@ -273,6 +278,7 @@ pub fn rewrap(root: &Path, keys: &dyn KeySource, mut progress: impl FnMut(u64, u
         path: root.to_path_buf(),
         source,
     })?;
+    let names_file = rewrap_names_file(root, keys, active);
     let mut total = 0u64;
     walk(root, |_, _| total += 1)?;
     let mut done = 0u64;
@@ -298,7 +304,37 @@ pub fn rewrap(root: &Path, keys: &dyn KeySource, mut progress: impl FnMut(u64, u
         progress(done, total);
     })?;
     info.failed += walked.not_examined;
+    // The counts are of files; the name key shows only when it fails.
+    match names_file {
+        None | Some(Ok(Rewrapped::AlreadyCurrent)) => {}
+        Some(Ok(Rewrapped::Done)) => tracing::info!("name key re-wrapped"),
+        Some(Err(e)) => {
+            info.failed += 1;
+            tracing::warn!(error = %crate::fs::describe(&e), "rewrap of the name key failed");
+        }
+    }
     Ok(info)
+}
+
+/// Re-wraps the name key in `root/kmsd.names`, if there is one (same
+/// slots and crash argument as a file header).
+fn rewrap_names_file(root: &Path, keys: &dyn KeySource, active: u32) -> Option<Result<Rewrapped>> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dir = match openat(AT_FDCWD, root, flags, Mode::empty()) {
+        Ok(dir) => dir,
+        Err(e) => return Some(Err(e.into())),
+    };
+    let fd = match open_entry(dir.as_fd(), OsStr::new(crate::names::ROOT_FILE)) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return None,
+        Err(e) => return Some(Err(e.into())),
+    };
+    let path = root.join(crate::names::ROOT_FILE);
+    Some(
+        reopen_regular(fd.as_fd(), true)
+            .map_err(Error::from)
+            .and_then(|file| rewrap_with(&file, &path, keys, active, crate::names::names_context)),
+    )
 }
 
 /// Re-wraps one file, open for reading and writing (`path` is for errors
@@ -311,6 +347,20 @@ pub fn rewrap(root: &Path, keys: &dyn KeySource, mut progress: impl FnMut(u64, u
 /// source failure, or a new blob that does not unwrap to the same DEK
 /// (then nothing is written).
 pub fn rewrap_file(file: &File, path: &Path, keys: &dyn KeySource, active: u32) -> Result<Rewrapped> {
+    rewrap_with(file, path, keys, active, |id| {
+        file_context(id, crate::format::FORMAT_VERSION)
+    })
+}
+
+/// [`rewrap_file`] for a header whose blob's context is `context(id)`
+/// (format version 2 headers; version 1 files keep their own context).
+fn rewrap_with(
+    file: &File,
+    path: &Path,
+    keys: &dyn KeySource,
+    active: u32,
+    context: impl Fn(&crate::keys::FileId) -> kms_client::proto::Context,
+) -> Result<Rewrapped> {
     let tampered = |source| Error::Tampered {
         path: path.to_path_buf(),
         source,
@@ -330,7 +380,11 @@ pub fn rewrap_file(file: &File, path: &Path, keys: &dyn KeySource, active: u32) 
     if blob.key_id == keys.key_id() && blob.version == active {
         return Ok(Rewrapped::AlreadyCurrent);
     }
-    let ctx = file_context(&header.file_id, header.version);
+    let ctx = if header.version == crate::format::FORMAT_VERSION {
+        context(&header.file_id)
+    } else {
+        file_context(&header.file_id, header.version)
+    };
     let new_blob = keys.rewrap(&ctx, &slot.blob).map_err(key_err)?;
     let before = keys.unwrap_dek(&ctx, &slot.blob).map_err(key_err)?;
     let after = keys.unwrap_dek(&ctx, &new_blob).map_err(key_err)?;

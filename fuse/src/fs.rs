@@ -9,8 +9,8 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStringExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::DirEntryExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,8 +31,27 @@ use crate::file::EncryptedFile;
 use crate::format::{self, Layout};
 use crate::inode::{InodeTable, Node, DEFAULT_FD_CACHE, ROOT};
 use crate::keys::KeySource;
+use crate::names::{self, Backing, DirId, Kind, NameKeys};
 use crate::stats::{FsOp, FsStats};
 use crate::xattr;
+
+/// Whether a mount encrypts names (FORMAT.md, "Names").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NameMode {
+    /// Encrypted names for a new (empty) backing directory; an existing
+    /// directory without `kmsd.names` stays plain.
+    #[default]
+    Encrypted,
+    /// Plain names; refused on a directory that has `kmsd.names`.
+    Plain,
+}
+
+/// Distinct backing paths whose tampering is logged at most once each;
+/// beyond this many, further ones are only counted.
+const LOGGED_MAX: usize = 10_000;
+
+/// Longest long-name part read (a short-form string is at most 363 bytes).
+const PART_MAX: usize = 512;
 
 /// Who is asking (from the FUSE request header).
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +80,9 @@ pub struct DirEntry {
     pub name: OsString,
     pub kind: FileType,
     pub ino: u64,
+    /// The entry's name in the backing directory (for a lookup without
+    /// encrypting the name again).
+    pub backing: OsString,
 }
 
 #[derive(Debug)]
@@ -89,6 +111,10 @@ pub struct EncryptedFs {
     only_v2: AtomicBool,
     /// The backing root, for updating that attribute.
     source: PathBuf,
+    /// The name keys when names are encrypted.
+    names: Option<NameKeys>,
+    /// Directory ids by FUSE inode (never reused); bounded like `layouts`.
+    dir_ids: Mutex<HashMap<u64, DirId>>,
 }
 
 /// Extended attribute of a backing root that has only ever held format
@@ -135,12 +161,26 @@ impl std::fmt::Debug for EncryptedFs {
     }
 }
 
+/// The id a directory had before its bookkeeping was cleared, to put
+/// back when the removal or rename then fails.
+#[derive(Debug)]
+struct IdUndo(Option<DirId>);
+
+impl IdUndo {
+    fn restore(self, dir: &OwnedFd) {
+        if let Some(id) = self.0 {
+            let name = OsStr::new(names::DIR_ID_FILE);
+            let _ = names::write_atomic(dir.as_fd(), "kmsd.dirid.tmp.", name, &id, true);
+        }
+    }
+}
+
 /// What mkdir, mknod or symlink made, for [`EncryptedFs::open_made`].
 #[derive(Debug, Clone, Copy)]
 enum Made<'a> {
     Dir,
     Node(SFlag),
-    Symlink(&'a Path),
+    Symlink(&'a [u8]),
 }
 
 fn o_path() -> OFlag {
@@ -257,10 +297,39 @@ impl EncryptedFs {
     /// # Errors
     /// `source` cannot be opened as a directory.
     pub fn with_fd_cache(source: &Path, keys: Arc<dyn KeySource>, fd_cache: usize) -> Result<Self> {
+        Self::with_options(source, keys, fd_cache, NameMode::Plain)
+    }
+
+    /// [`EncryptedFs::with_fd_cache`] with names per `names` (see
+    /// [`NameMode`]).
+    ///
+    /// # Errors
+    /// `source` cannot be opened as a directory; its `kmsd.names` is
+    /// damaged or its key does not unwrap; `names` is plain but the
+    /// directory has encrypted names.
+    pub fn with_options(source: &Path, keys: Arc<dyn KeySource>, fd_cache: usize, names: NameMode) -> Result<Self> {
         let root = openat(AT_FDCWD, source, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())?;
         let st = stat_fd(&root)?;
+        // Before the root file is made: an empty directory is version 2 only.
         let only_v2 = v2_only_marker(source);
+        let name_keys = names::open_root(&root, keys.as_ref(), names == NameMode::Encrypted).map_err(|e| {
+            tracing::error!(source = %source.display(), error = %describe(&e), "cannot read the name key");
+            Error::Sys(nix::Error::EIO)
+        })?;
+        match (&name_keys, names) {
+            (Some(_), NameMode::Plain) => {
+                tracing::error!(source = %source.display(), "names = \"plain\" but the backing directory has encrypted names");
+                return Err(Error::Sys(nix::Error::EINVAL));
+            }
+            (None, NameMode::Encrypted) => tracing::warn!(
+                source = %source.display(),
+                "backing directory holds files with plain names: names stay plain (FORMAT.md, \"Converting a plain mount\")"
+            ),
+            _ => {}
+        }
         Ok(Self {
+            names: name_keys,
+            dir_ids: Mutex::new(HashMap::new()),
             keys,
             nodes: InodeTable::new(root, &st, fd_cache),
             open: Mutex::new(HashMap::new()),
@@ -299,7 +368,7 @@ impl EncryptedFs {
     pub fn report(&self, op: &str, e: &Error) -> fuser::Errno {
         if let Some(path) = e.tamper_path() {
             self.stats.tamper_detected();
-            if self.logged.lock().insert(path.clone()) {
+            if self.first_report(path) {
                 tracing::warn!(path = %path.display(), error = %describe(e), "{op}: refusing to serve tampered or undecryptable file");
             }
         } else if let Error::Key { .. } = e {
@@ -310,10 +379,134 @@ impl EncryptedFs {
         fuser::Errno::from(e)
     }
 
+    /// Whether `path` has not been logged yet (then remembers it, up to
+    /// [`LOGGED_MAX`] paths): tampering is logged once per backing path.
+    fn first_report(&self, path: &Path) -> bool {
+        let mut logged = self.logged.lock();
+        logged.len() < LOGGED_MAX && logged.insert(path.to_path_buf())
+    }
+
+    /// A name, target or xattr that does not authenticate: counted, and
+    /// logged once per backing path.
+    fn name_tampered(&self, path: &Path, what: &str) {
+        self.stats.tamper_detected();
+        if self.first_report(path) {
+            tracing::warn!(path = %path.display(), "{what} does not authenticate: tampered, or moved from another directory; ignored");
+        }
+    }
+
+    /// The id of directory `ino` (its node `dir`). An empty directory
+    /// without a valid id (a kill between the two steps of mkdir or
+    /// rmdir) gets a new one; one with encrypted entries never does.
+    fn dir_id(&self, keys: &NameKeys, ino: u64, dir: &Node) -> Result<DirId> {
+        if ino == ROOT {
+            return Ok(*keys.root_id());
+        }
+        if let Some(id) = self.dir_ids.lock().get(&ino) {
+            return Ok(*id);
+        }
+        let id = match names::read_dir_id(dir.fd()) {
+            Ok(id) => id,
+            Err(nix::Error::ENOENT | nix::Error::EIO) if self.holds_entries(dir).is_ok_and(|held| !held) => {
+                let file = OsStr::new(names::DIR_ID_FILE);
+                if names::read_dir_id(dir.fd()) == Err(nix::Error::EIO) {
+                    let _ = nix::unistd::unlinkat(dir.fd(), file, UnlinkatFlags::NoRemoveDir);
+                }
+                tracing::info!(path = %dir.backing_path().display(), "empty directory without an id (interrupted mkdir or rmdir): given a new one");
+                names::write_dir_id(dir.fd())?
+            }
+            Err(nix::Error::ENOTDIR) => return Err(Error::Sys(nix::Error::ENOTDIR)),
+            Err(e) => {
+                self.name_tampered(&dir.backing_path().join(names::DIR_ID_FILE), "directory id");
+                return Err(Error::Sys(if e == nix::Error::ENOENT { nix::Error::EIO } else { e }));
+            }
+        };
+        let mut ids = self.dir_ids.lock();
+        if ids.len() >= LAYOUT_CACHE_MAX {
+            ids.clear();
+        }
+        ids.insert(ino, id);
+        Ok(id)
+    }
+
+    /// Whether the backing directory holds any encrypted entry.
+    fn holds_entries(&self, dir: &Node) -> Result<bool> {
+        for item in std::fs::read_dir(dir.proc_path())? {
+            if !matches!(names::classify(&item?.file_name()), Kind::Reserved) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The backing form of `name` in directory `ino` (`dir`).
+    fn backing(&self, ino: u64, dir: &Node, name: &OsStr) -> Result<Backing> {
+        let Some(keys) = &self.names else {
+            return Ok(Backing::Short(name.to_os_string()));
+        };
+        let id = self.dir_id(keys, ino, dir)?;
+        Ok(keys.encrypt_name(&id, name).map_err(nix::Error::from)?)
+    }
+
+    /// Writes the long-name part of `b` (if long) into `dir`: before the
+    /// entry is made, so that a kill leaves at most an orphan part.
+    fn write_part(dir: &Node, b: &Backing) -> Result<()> {
+        if let Backing::Long { part, content, .. } = b {
+            names::write_atomic(dir.fd(), "kmsd.L.tmp.", part, content.as_bytes(), false)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the entry of `b` with `make`, its long-name part (if long)
+    /// first; if `make` fails and no entry has that name, the part goes
+    /// again (a kill in between leaves an orphan part, which is ignored).
+    fn with_part<T>(dir: &Node, b: &Backing, make: impl FnOnce() -> nix::Result<T>) -> Result<T> {
+        Self::write_part(dir, b)?;
+        make().map_err(|e| {
+            let gone = fstatat(dir.fd(), b.entry(), AtFlags::AT_SYMLINK_NOFOLLOW) == Err(nix::Error::ENOENT);
+            if gone {
+                Self::remove_part(dir, b);
+            }
+            Error::Sys(e)
+        })
+    }
+
+    /// Removes the long-name part of `b` (if long) after its entry went.
+    fn remove_part(dir: &Node, b: &Backing) {
+        if let Some(part) = b.part() {
+            let _ = nix::unistd::unlinkat(dir.fd(), part, UnlinkatFlags::NoRemoveDir);
+        }
+    }
+
+    /// The plaintext name of the backing entry `entry` of directory `ino`,
+    /// `None` for bookkeeping files and (logged) entries that do not
+    /// authenticate.
+    fn plain_name(&self, keys: &NameKeys, ino: u64, dir: &Node, entry: &OsStr) -> Option<OsString> {
+        let plain = match names::classify(entry) {
+            Kind::Reserved => return None,
+            Kind::Short(short) => {
+                let id = self.dir_id(keys, ino, dir).ok()?;
+                keys.decrypt_name(&id, short)
+            }
+            Kind::Long(hash) => {
+                let id = self.dir_id(keys, ino, dir).ok()?;
+                match names::read_small(dir.fd(), &names::part_of(entry), PART_MAX) {
+                    Ok(content) => keys.decrypt_long(&id, hash, &content),
+                    Err(_) => Err(names::NameError::Auth),
+                }
+            }
+        };
+        plain
+            .inspect_err(|_| self.name_tampered(&dir.backing_path().join(entry), "name"))
+            .ok()
+    }
+
     fn attr(&self, ino: u64, st: &FileStat) -> FileAttr {
         let kind = kind_of(st.st_mode);
         let size = if kind == FileType::RegularFile {
             self.plain_size(ino, st.st_size as u64)
+        } else if kind == FileType::Symlink && self.names.is_some() {
+            names::target_plain_len(st.st_size as u64)
         } else {
             st.st_size as u64
         };
@@ -381,8 +574,19 @@ impl EncryptedFs {
     /// Backing errors (`ENOENT` ...).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
         self.stats.op(FsOp::Lookup);
+        let node = self.nodes.get(parent)?;
+        let b = self.backing(parent, &node, name)?;
+        self.lookup_in(&node, b.entry())
+    }
+
+    /// Looks up an entry by its backing name (from [`DirEntry::backing`]).
+    ///
+    /// # Errors
+    /// Backing errors (`ENOENT` ...).
+    pub fn lookup_backing(&self, parent: u64, backing: &OsStr) -> Result<FileAttr> {
+        self.stats.op(FsOp::Lookup);
         let parent = self.nodes.get(parent)?;
-        self.lookup_in(&parent, name)
+        self.lookup_in(&parent, backing)
     }
 
     fn lookup_in(&self, parent: &Node, name: &OsStr) -> Result<FileAttr> {
@@ -461,7 +665,14 @@ impl EncryptedFs {
     /// Not a symlink, or backing errors.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let node = self.nodes.get(ino)?;
-        Ok(nix::fcntl::readlinkat(node.fd(), "")?.into_vec())
+        let target = nix::fcntl::readlinkat(node.fd(), "")?.into_vec();
+        let Some(keys) = &self.names else {
+            return Ok(target);
+        };
+        keys.decrypt_target(&target).map_err(|e| {
+            self.name_tampered(&node.backing_path(), "symlink target");
+            Error::Sys(e.into())
+        })
     }
 
     /// Gives the node behind `fd`, which root just created, to the caller
@@ -523,7 +734,7 @@ impl EncryptedFs {
                     std::fs::read_dir(path)?.next().is_none()
                 }
                 Made::Node(_) => st.st_nlink == 1,
-                Made::Symlink(target) => st.st_nlink == 1 && nix::fcntl::readlinkat(&fd, "")? == target.as_os_str(),
+                Made::Symlink(target) => st.st_nlink == 1 && nix::fcntl::readlinkat(&fd, "")?.as_bytes() == target,
             };
         if !ours {
             let path = parent.backing_path().join(name);
@@ -539,10 +750,24 @@ impl EncryptedFs {
     /// Backing errors.
     pub fn mkdir(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<FileAttr> {
         self.stats.op(FsOp::Mkdir);
+        let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
-        nix::sys::stat::mkdirat(parent.fd(), name, Mode::from_bits_truncate(0o700))?;
-        let fd = self.open_made(&parent, name, Made::Dir)?;
-        self.adopt(caller, &parent, fd, Some(mode))
+        let b = self.backing(parent_ino, &parent, name)?;
+        Self::with_part(&parent, &b, || {
+            nix::sys::stat::mkdirat(parent.fd(), b.entry(), Mode::from_bits_truncate(0o700))
+        })?;
+        let fd = self.open_made(&parent, b.entry(), Made::Dir)?;
+        // A kill before the id is written leaves an empty directory
+        // without one, which gets an id when first needed.
+        let id = match self.names {
+            Some(_) => Some(names::write_dir_id(fd.as_fd())?),
+            None => None,
+        };
+        let attr = self.adopt(caller, &parent, fd, Some(mode))?;
+        if let Some(id) = id {
+            self.dir_ids.lock().insert(attr.ino.0, id);
+        }
+        Ok(attr)
     }
 
     /// Creates a fifo, socket, device node or (empty, encrypted) regular
@@ -567,9 +792,13 @@ impl EncryptedFs {
             SFlag::S_IFCHR | SFlag::S_IFBLK => dev_from_fuse(rdev),
             _ => return Err(Error::Sys(nix::Error::EINVAL)),
         };
+        let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
-        mknodat(parent.fd(), name, kind, Mode::from_bits_truncate(0o600), dev)?;
-        let fd = self.open_made(&parent, name, Made::Node(kind))?;
+        let b = self.backing(parent_ino, &parent, name)?;
+        Self::with_part(&parent, &b, || {
+            mknodat(parent.fd(), b.entry(), kind, Mode::from_bits_truncate(0o600), dev)
+        })?;
+        let fd = self.open_made(&parent, b.entry(), Made::Node(kind))?;
         self.adopt(caller, &parent, fd, Some(mode))
     }
 
@@ -578,9 +807,19 @@ impl EncryptedFs {
     /// # Errors
     /// Backing errors.
     pub fn symlink(&self, caller: Caller, parent: u64, name: &OsStr, target: &Path) -> Result<FileAttr> {
+        let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
-        nix::unistd::symlinkat(target, parent.fd(), name)?;
-        let fd = self.open_made(&parent, name, Made::Symlink(target))?;
+        let b = self.backing(parent_ino, &parent, name)?;
+        let target = match &self.names {
+            Some(keys) => keys
+                .encrypt_target(target.as_os_str().as_bytes())
+                .map_err(nix::Error::from)?,
+            None => target.as_os_str().as_bytes().to_vec(),
+        };
+        Self::with_part(&parent, &b, || {
+            nix::unistd::symlinkat(OsStr::from_bytes(&target), parent.fd(), b.entry())
+        })?;
+        let fd = self.open_made(&parent, b.entry(), Made::Symlink(&target))?;
         self.adopt(caller, &parent, fd, None)
     }
 
@@ -591,8 +830,11 @@ impl EncryptedFs {
     /// Backing errors.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.stats.op(FsOp::Unlink);
+        let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
-        nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::NoRemoveDir)?;
+        let b = self.backing(parent_ino, &parent, name)?;
+        nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::NoRemoveDir)?;
+        Self::remove_part(&parent, &b);
         Ok(())
     }
 
@@ -602,9 +844,49 @@ impl EncryptedFs {
     /// Backing errors.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.stats.op(FsOp::Rmdir);
+        let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
-        nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::RemoveDir)?;
+        let b = self.backing(parent_ino, &parent, name)?;
+        if self.names.is_none() {
+            nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::RemoveDir)?;
+            return Ok(());
+        }
+        let dir = crate::admin::open_entry(parent.fd(), b.entry())?;
+        if kind_of(fstat(&dir)?.st_mode) != FileType::Directory {
+            return Err(Error::Sys(nix::Error::ENOTDIR));
+        }
+        let undo = self.clear_bookkeeping(&dir)?;
+        if let Err(e) = nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::RemoveDir) {
+            undo.restore(&dir);
+            return Err(e.into());
+        }
+        Self::remove_part(&parent, &b);
         Ok(())
+    }
+
+    /// Empties a directory of the mount's bookkeeping (its id last) so
+    /// that the backing `rmdir` or rename over it can succeed; `ENOTEMPTY`
+    /// (and nothing removed) if it holds any entry. A kill in between
+    /// leaves an empty directory without an id (FORMAT.md, "Directory
+    /// ids").
+    fn clear_bookkeeping(&self, dir: &OwnedFd) -> Result<IdUndo> {
+        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let listed = std::fs::read_dir(&path)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<HashSet<OsString>>>()?;
+        let present = |n: &OsStr| listed.contains(n);
+        if !listed.iter().all(|n| names::removable(n, &present)) {
+            return Err(Error::Sys(nix::Error::ENOTEMPTY));
+        }
+        let id = names::read_dir_id(dir.as_fd()).ok();
+        let id_file = OsStr::new(names::DIR_ID_FILE);
+        for name in listed.iter().filter(|n| n.as_os_str() != id_file) {
+            let _ = nix::unistd::unlinkat(dir, name.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        match nix::unistd::unlinkat(dir, id_file, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(nix::Error::ENOENT) => Ok(IdUndo(id)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Renames with `renameat2` flags (`NOREPLACE`, `EXCHANGE`).
@@ -618,7 +900,43 @@ impl EncryptedFs {
             .filter(|f| allowed.contains(*f))
             .ok_or(Error::Sys(nix::Error::EINVAL))?;
         let (old_dir, new_dir) = (self.nodes.get(from.0)?, self.nodes.get(to.0)?);
-        nix::fcntl::renameat2(old_dir.fd(), from.1, new_dir.fd(), to.1, flags)?;
+        let bf = self.backing(from.0, &old_dir, from.1)?;
+        let bt = self.backing(to.0, &new_dir, to.1)?;
+        if self.names.is_none() {
+            nix::fcntl::renameat2(old_dir.fd(), bf.entry(), new_dir.fd(), bt.entry(), flags)?;
+            return Ok(());
+        }
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        // A rename over an empty directory: its bookkeeping goes first.
+        let mut cleared = None;
+        if flags.is_empty() {
+            let nofollow = AtFlags::AT_SYMLINK_NOFOLLOW;
+            let is_dir = |dir: &Node, name: &OsStr| {
+                fstatat(dir.fd(), name, nofollow).is_ok_and(|st| kind_of(st.st_mode) == FileType::Directory)
+            };
+            let same = from.0 == to.0 && bf.entry() == bt.entry();
+            if !same && is_dir(&new_dir, bt.entry()) && is_dir(&old_dir, bf.entry()) {
+                let target = crate::admin::open_entry(new_dir.fd(), bt.entry())?;
+                let undo = self.clear_bookkeeping(&target)?;
+                cleared = Some((target, undo));
+            }
+        }
+        let renamed = || nix::fcntl::renameat2(old_dir.fd(), bf.entry(), new_dir.fd(), bt.entry(), flags);
+        let renamed = if exchange {
+            renamed().map_err(Error::Sys)
+        } else {
+            Self::with_part(&new_dir, &bt, renamed)
+        };
+        if let Err(e) = renamed {
+            if let Some((target, undo)) = cleared {
+                undo.restore(&target);
+            }
+            return Err(e);
+        }
+        let same_part = from.0 == to.0 && bf.part() == bt.part();
+        if !exchange && !same_part {
+            Self::remove_part(&old_dir, &bf);
+        }
         Ok(())
     }
 
@@ -629,9 +947,12 @@ impl EncryptedFs {
     pub fn link(&self, ino: u64, new_parent: u64, name: &OsStr) -> Result<FileAttr> {
         let node = self.nodes.get(ino)?;
         let parent = self.nodes.get(new_parent)?;
+        let b = self.backing(new_parent, &parent, name)?;
         let follow = AtFlags::AT_SYMLINK_FOLLOW;
-        nix::unistd::linkat(AT_FDCWD, &node.proc_path(), parent.fd(), name, follow)?;
-        self.lookup_in(&parent, name)
+        Self::with_part(&parent, &b, || {
+            nix::unistd::linkat(AT_FDCWD, &node.proc_path(), parent.fd(), b.entry(), follow)
+        })?;
+        self.lookup_in(&parent, b.entry())
     }
 
     /// Creates and opens a new encrypted file; returns its attributes and
@@ -642,9 +963,14 @@ impl EncryptedFs {
     /// backing file is removed).
     pub fn create(&self, caller: Caller, parent: u64, name: &OsStr, mode: u32) -> Result<(FileAttr, u64)> {
         self.stats.op(FsOp::Create);
+        let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
+        let b = self.backing(parent_ino, &parent, name)?;
+        let name = b.entry();
         let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-        let fd = openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))?;
+        let fd = Self::with_part(&parent, &b, || {
+            openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))
+        })?;
         let made = stat_fd(&fd)?;
         let result = self.init_created(caller, &parent, name, File::from(fd), mode);
         if result.is_err() {
@@ -812,20 +1138,31 @@ impl EncryptedFs {
                 name: ".".into(),
                 kind: FileType::Directory,
                 ino,
+                backing: ".".into(),
             },
             DirEntry {
                 name: "..".into(),
                 kind: FileType::Directory,
                 ino: parent_ino,
+                backing: "..".into(),
             },
         ];
         for item in std::fs::read_dir(node.proc_path())? {
             let item = item?;
+            let backing = item.file_name();
+            let name = match &self.names {
+                None => backing.clone(),
+                Some(keys) => match self.plain_name(keys, ino, &node, &backing) {
+                    Some(name) => name,
+                    None => continue,
+                },
+            };
             let kind = FileType::from_std(item.file_type()?).unwrap_or(FileType::RegularFile);
             entries.push(DirEntry {
-                name: item.file_name(),
+                name,
                 kind,
                 ino: item.ino(),
+                backing,
             });
         }
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
@@ -885,7 +1222,21 @@ impl EncryptedFs {
     /// # Errors
     /// See [`xattr::get`].
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
-        xattr::get(&self.nodes.get(ino)?.proc_path(), name, size)
+        let node = self.nodes.get(ino)?;
+        let Some(keys) = &self.names else {
+            return xattr::get(&node.proc_path(), name, size);
+        };
+        let backing = keys.encrypt_xattr_name(name).map_err(|_| nix::Error::ENODATA)?;
+        let sealed = xattr::get(&node.proc_path(), &backing, xattr::VALUE_MAX)?;
+        let value = keys.open_xattr_value(&backing, &sealed).map_err(|e| {
+            self.name_tampered(&node.backing_path(), "extended attribute value");
+            nix::Error::from(e)
+        })?;
+        match size {
+            0 => Ok(vec![0u8; value.len()]),
+            n if (n as usize) < value.len() => Err(Error::Sys(nix::Error::ERANGE)),
+            _ => Ok(value),
+        }
     }
 
     /// `listxattr`, `user.*` names only.
@@ -893,7 +1244,22 @@ impl EncryptedFs {
     /// # Errors
     /// See [`xattr::list`].
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
-        xattr::list(&self.nodes.get(ino)?.proc_path())
+        let node = self.nodes.get(ino)?;
+        let list = xattr::list(&node.proc_path())?;
+        let Some(keys) = &self.names else {
+            return Ok(list);
+        };
+        let mut out = Vec::new();
+        for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            match keys.decrypt_xattr_name(name) {
+                Ok(plain) => {
+                    out.extend_from_slice(&plain);
+                    out.push(0);
+                }
+                Err(_) => self.name_tampered(&node.backing_path(), "extended attribute name"),
+            }
+        }
+        Ok(out)
     }
 
     /// `setxattr` for `user.*` names.
@@ -901,7 +1267,13 @@ impl EncryptedFs {
     /// # Errors
     /// See [`xattr::set`].
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        xattr::set(&self.nodes.get(ino)?.proc_path(), name, value, flags)
+        let node = self.nodes.get(ino)?;
+        let Some(keys) = &self.names else {
+            return xattr::set(&node.proc_path(), name, value, flags);
+        };
+        let backing = keys.encrypt_xattr_name(name).map_err(|_| nix::Error::ERANGE)?;
+        let sealed = keys.seal_xattr_value(&backing, value).map_err(|_| nix::Error::E2BIG)?;
+        xattr::set(&node.proc_path(), &backing, &sealed, flags)
     }
 
     /// `removexattr` for `user.*` names.
@@ -909,7 +1281,12 @@ impl EncryptedFs {
     /// # Errors
     /// See [`xattr::remove`].
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
-        xattr::remove(&self.nodes.get(ino)?.proc_path(), name)
+        let node = self.nodes.get(ino)?;
+        let name = match &self.names {
+            Some(keys) => keys.encrypt_xattr_name(name).map_err(|_| nix::Error::ENODATA)?,
+            None => name.to_os_string(),
+        };
+        xattr::remove(&node.proc_path(), &name)
     }
 }
 
@@ -925,6 +1302,191 @@ mod tests {
         let keys = Arc::new(MemoryKeySource::default());
         let fs = EncryptedFs::new(dir.path(), keys).unwrap();
         (dir, fs)
+    }
+
+    fn enc_fs() -> (tempfile::TempDir, Arc<MemoryKeySource>, EncryptedFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(MemoryKeySource::default());
+        let fs = EncryptedFs::with_options(dir.path(), keys.clone(), 16, NameMode::Encrypted).unwrap();
+        (dir, keys, fs)
+    }
+
+    fn listing(fs: &EncryptedFs, ino: u64) -> Vec<OsString> {
+        let dh = fs.opendir(ino).unwrap();
+        let mut names: Vec<_> = fs.dir_entries(dh).unwrap().iter().map(|e| e.name.clone()).collect();
+        fs.releasedir(dh);
+        names.sort();
+        names
+    }
+
+    /// Every name in the backing tree, recursively.
+    fn backing_names(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            out.push(e.file_name().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                out.extend(backing_names(&e.path()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn encrypted_names_round_trip_and_hide_plaintext() {
+        let (dir, _keys, fs) = enc_fs();
+        assert!(dir.path().join(names::ROOT_FILE).exists());
+        assert!(
+            fs.only_v2.load(Ordering::Relaxed),
+            "a new encrypted mount is version 2 only"
+        );
+        let long = "é".repeat(127) + "x";
+        let d = fs
+            .mkdir(ROOT_CALLER, ROOT, OsStr::new("MARKER-dir"), 0o755)
+            .unwrap()
+            .ino
+            .0;
+        let (f, fh) = fs.create(ROOT_CALLER, d, OsStr::new("MARKER-file"), 0o600).unwrap();
+        fs.write(fh, 0, b"data", false).unwrap();
+        fs.release(fh);
+        let (_, fh) = fs.create(ROOT_CALLER, d, OsStr::new(&long), 0o600).unwrap();
+        fs.release(fh);
+        let target = Path::new("/MARKER/target");
+        let ln = fs
+            .symlink(ROOT_CALLER, ROOT, OsStr::new("MARKER-link"), target)
+            .unwrap();
+        assert_eq!(
+            ln.size,
+            target.as_os_str().len() as u64,
+            "st_size is the plaintext length"
+        );
+        assert_eq!(fs.readlink(ln.ino.0).unwrap(), target.as_os_str().as_bytes());
+        assert_eq!(listing(&fs, ROOT), [".", "..", "MARKER-dir", "MARKER-link"]);
+        assert_eq!(
+            listing(&fs, d),
+            [
+                OsString::from("."),
+                "..".into(),
+                "MARKER-file".into(),
+                long.clone().into()
+            ]
+        );
+        assert_eq!(fs.lookup(d, OsStr::new("MARKER-file")).unwrap().ino, f.ino);
+        assert_eq!(fs.lookup(d, OsStr::new(&long)).unwrap().kind, FileType::RegularFile);
+        let too_long = "x".repeat(256);
+        assert_eq!(
+            fs.lookup(d, OsStr::new(&too_long)).unwrap_err().errno(),
+            libc::ENAMETOOLONG
+        );
+        // Renames across directories, long to short and back.
+        fs.rename((d, OsStr::new(&long)), (ROOT, OsStr::new("short")), 0)
+            .unwrap();
+        fs.rename((d, OsStr::new("MARKER-file")), (ROOT, OsStr::new(&long)), 0)
+            .unwrap();
+        assert_eq!(listing(&fs, d), [".", ".."]);
+        let ino = fs.lookup(ROOT, OsStr::new(&long)).unwrap().ino.0;
+        let fh = fs.open(ino).unwrap();
+        assert_eq!(fs.read(fh, 0, 10).unwrap(), b"data");
+        fs.release(fh);
+        // xattrs
+        fs.setxattr(ino, OsStr::new("user.MARKER"), b"MARKER-value", 0).unwrap();
+        assert_eq!(fs.listxattr(ino).unwrap(), b"user.MARKER\0");
+        assert_eq!(fs.getxattr(ino, OsStr::new("user.MARKER"), 0).unwrap().len(), 12);
+        assert_eq!(
+            fs.getxattr(ino, OsStr::new("user.MARKER"), 64).unwrap(),
+            b"MARKER-value"
+        );
+        assert_eq!(
+            fs.getxattr(ino, OsStr::new("user.MARKER"), 3).unwrap_err().errno(),
+            libc::ERANGE
+        );
+        let all = backing_names(dir.path()).join("\n");
+        assert!(!all.contains("MARKER") && !all.contains('é'), "{all}");
+        // Long-name part cleaned up with its entry; the directory goes.
+        fs.unlink(ROOT, OsStr::new(&long)).unwrap();
+        fs.rmdir(ROOT, OsStr::new("MARKER-dir")).unwrap();
+        let left = backing_names(dir.path());
+        assert_eq!(left.len(), 3, "root file, short, link: {left:?}");
+        // A failed rename or create to a long name leaves no part behind.
+        let e = fs.rename((ROOT, OsStr::new("absent")), (ROOT, OsStr::new(&long)), 0);
+        assert_eq!(e.unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(
+            fs.mkdir(ROOT_CALLER, 999, OsStr::new(&long), 0o755)
+                .unwrap_err()
+                .errno(),
+            libc::ESTALE
+        );
+        assert_eq!(backing_names(dir.path()), left);
+    }
+
+    #[test]
+    fn rmdir_refuses_non_empty_and_rename_replaces_empty_directories() {
+        let (_dir, _keys, fs) = enc_fs();
+        let a = fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("a"), 0o755).unwrap().ino.0;
+        fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("b"), 0o755).unwrap();
+        let (_, fh) = fs.create(ROOT_CALLER, a, OsStr::new("f"), 0o600).unwrap();
+        fs.release(fh);
+        assert_eq!(fs.rmdir(ROOT, OsStr::new("a")).unwrap_err().errno(), libc::ENOTEMPTY);
+        assert_eq!(
+            fs.rename((ROOT, OsStr::new("b")), (ROOT, OsStr::new("a")), 0)
+                .unwrap_err()
+                .errno(),
+            libc::ENOTEMPTY
+        );
+        assert_eq!(listing(&fs, a), [".", "..", "f"], "target's id kept");
+        fs.rename((ROOT, OsStr::new("a")), (ROOT, OsStr::new("b")), 0).unwrap();
+        assert_eq!(listing(&fs, ROOT), [".", "..", "b"]);
+        let moved = fs.lookup(ROOT, OsStr::new("b")).unwrap().ino.0;
+        assert_eq!(listing(&fs, moved), [".", "..", "f"]);
+    }
+
+    #[test]
+    fn an_empty_directory_without_id_gets_one_and_a_full_one_answers_eio() {
+        let (dir, _keys, fs) = enc_fs();
+        let d = fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("d"), 0o755).unwrap().ino.0;
+        let (_, fh) = fs.create(ROOT_CALLER, d, OsStr::new("f"), 0o600).unwrap();
+        fs.release(fh);
+        fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("e"), 0o755).unwrap();
+        drop(fs);
+        // Remove both ids behind the mount's back (as a kill between the
+        // steps of an rmdir would for the empty one).
+        for id in walkdir_ids(dir.path()) {
+            std::fs::remove_file(id).unwrap();
+        }
+        let fs = EncryptedFs::with_options(dir.path(), _keys, 16, NameMode::Encrypted).unwrap();
+        let e = fs.lookup(ROOT, OsStr::new("e")).unwrap().ino.0;
+        let (_, fh) = fs.create(ROOT_CALLER, e, OsStr::new("new"), 0o600).unwrap();
+        fs.release(fh);
+        assert_eq!(listing(&fs, e), [".", "..", "new"]);
+        let d = fs.lookup(ROOT, OsStr::new("d")).unwrap().ino.0;
+        assert_eq!(fs.lookup(d, OsStr::new("f")).unwrap_err().errno(), libc::EIO);
+        assert!(fs.create(ROOT_CALLER, d, OsStr::new("g"), 0o600).is_err());
+        assert_eq!(listing(&fs, d), [".", ".."]);
+        assert!(fs.stats().snapshot().tamper_detections > 0);
+    }
+
+    fn walkdir_ids(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.push(e.path().join(names::DIR_ID_FILE));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn plain_setting_on_encrypted_dir_is_refused_and_a_full_plain_dir_stays_plain() {
+        let (dir, keys, fs) = enc_fs();
+        drop(fs);
+        assert!(EncryptedFs::with_options(dir.path(), keys.clone(), 16, NameMode::Plain).is_err());
+        let plain = tempfile::tempdir().unwrap();
+        std::fs::create_dir(plain.path().join("old-dir")).unwrap();
+        let fs = EncryptedFs::with_options(plain.path(), keys, 16, NameMode::Encrypted).unwrap();
+        assert!(fs.names.is_none());
+        assert!(!plain.path().join(names::ROOT_FILE).exists());
+        assert_eq!(listing(&fs, ROOT), [".", "..", "old-dir"]);
     }
 
     #[test]

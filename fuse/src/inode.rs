@@ -33,8 +33,9 @@
 //! cache's capacity; the root's two (its `O_PATH` descriptor and the
 //! `mount_fd` of `open_by_handle_at`, which must not be `O_PATH`); one per
 //! other backing mount below the root (registered when first met through
-//! its root directory); those held by requests in flight (at most three per
-//! serving thread); and two per open file (its `EncryptedFile` and its
+//! its root directory); those held by requests in flight (at most four per
+//! serving thread: three, plus with encrypted names a directory-id or
+//! long-name file being read or written); and two per open file (its `EncryptedFile` and its
 //! pinned `Node`). The last term is what users hold open through the mount,
 //! bounded by their own descriptor limits, not by what they create. The
 //! table's entries themselves (a handle of at most 128 bytes, usually 8 to

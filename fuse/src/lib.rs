@@ -17,10 +17,12 @@ pub mod fs;
 pub mod inode;
 pub mod keys;
 pub mod mount;
+pub mod names;
 pub mod stats;
 mod xattr;
 
 pub use error::Error;
+pub use fs::NameMode;
 pub use keys::{Dek, FileId, KeyError, KeySource, MemoryKeySource};
 pub use mount::{mount, recover_stale_mount, MountHandle, MountOptions};
 pub use stats::{FsOp, FsStats, FsStatsSnapshot};

@@ -14,7 +14,7 @@ use nix::mount::{umount2, MntFlags};
 
 use crate::adapter::FuseAdapter;
 use crate::error::{Error, Result};
-use crate::fs::EncryptedFs;
+use crate::fs::{EncryptedFs, NameMode};
 use crate::keys::KeySource;
 use crate::stats::FsStats;
 
@@ -33,6 +33,8 @@ pub struct MountOptions {
     /// (least recently used first out; others are reopened by file handle).
     /// See [`crate::inode`] for the full bound and when it does not hold.
     pub fd_cache: usize,
+    /// Encrypted or plain names (see [`NameMode`]).
+    pub names: NameMode,
 }
 
 impl Default for MountOptions {
@@ -43,6 +45,7 @@ impl Default for MountOptions {
             allow_other: true,
             fs_name: "kms-fuse".to_string(),
             fd_cache: crate::inode::DEFAULT_FD_CACHE,
+            names: NameMode::default(),
         }
     }
 }
@@ -88,7 +91,7 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
 /// `source` is not a directory, or the kernel refuses the mount.
 pub fn mount(source: &Path, target: &Path, keys: Arc<dyn KeySource>, opts: &MountOptions) -> Result<MountHandle> {
     raise_fd_limit();
-    let fs = EncryptedFs::with_fd_cache(source, keys, opts.fd_cache)?;
+    let fs = EncryptedFs::with_options(source, keys, opts.fd_cache, opts.names)?;
     let stats = fs.stats();
     let adapter = FuseAdapter::new(fs, opts.ttl, opts.threads.max(1));
     let session = fuser::spawn_mount(adapter, target, &fuser_config(opts)).map_err(mount_error(target))?;

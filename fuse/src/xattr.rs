@@ -10,6 +10,9 @@ use crate::error::{Error, Result};
 
 const USER_PREFIX: &[u8] = b"user.";
 
+/// Largest value (Linux `XATTR_SIZE_MAX`).
+pub const VALUE_MAX: u32 = 65_536;
+
 fn cstr(bytes: &[u8]) -> Result<CString> {
     CString::new(bytes).map_err(|_| Error::Sys(nix::Error::EINVAL))
 }

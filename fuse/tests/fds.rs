@@ -20,9 +20,9 @@ const CACHE: usize = 64;
 const THREADS: usize = 4;
 const FILES_PER_THREAD: usize = 5_000;
 /// Descriptors beyond the cache: /dev/fuse and its per-thread clones, the
-/// root (`O_PATH` and `mount_fd`), requests in flight, the sampler's own
-/// read of /proc/self/fd.
-const MARGIN: usize = 32;
+/// root (`O_PATH` and `mount_fd`), requests in flight (four per thread with
+/// encrypted names), the sampler's own read of /proc/self/fd.
+const MARGIN: usize = 36;
 
 fn fuse_unusable() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {

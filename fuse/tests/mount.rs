@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kms_fuse::format::{DISK_BLOCK_SIZE, HEADER_LEN};
-use kms_fuse::{admin, mount, MemoryKeySource, MountHandle, MountOptions};
+use kms_fuse::{admin, mount, MemoryKeySource, MountHandle, MountOptions, NameMode};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -18,6 +18,7 @@ struct Fixture {
     mnt: PathBuf,
     keys: Arc<MemoryKeySource>,
     handle: Option<MountHandle>,
+    opts: MountOptions,
 }
 
 impl Fixture {
@@ -27,16 +28,18 @@ impl Fixture {
 
     fn remount(&mut self) {
         self.handle.take().unwrap().unmount().unwrap();
-        self.handle = Some(mount(&self.backing, &self.mnt, self.keys.clone(), &opts()).unwrap());
+        self.handle = Some(mount(&self.backing, &self.mnt, self.keys.clone(), &self.opts).unwrap());
     }
 }
 
+/// Plain names: the tests of file contents edit backing files by name.
 fn opts() -> MountOptions {
     MountOptions {
         threads: 4,
         // Tiny, so that every test also exercises eviction and reopening
         // inodes by file handle.
         fd_cache: 2,
+        names: NameMode::Plain,
         ..MountOptions::default()
     }
 }
@@ -54,6 +57,18 @@ fn fuse_unusable() -> Option<String> {
 /// A mounted fixture, or `None` (test skipped) when FUSE cannot be used
 /// and `CI` is unset.
 fn fixture() -> Option<Fixture> {
+    fixture_with(opts())
+}
+
+/// A mounted fixture with encrypted names.
+fn fixture_names() -> Option<Fixture> {
+    fixture_with(MountOptions {
+        names: NameMode::Encrypted,
+        ..opts()
+    })
+}
+
+fn fixture_with(opts: MountOptions) -> Option<Fixture> {
     if let Some(why) = fuse_unusable() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -68,13 +83,14 @@ fn fixture() -> Option<Fixture> {
     fs::create_dir(&backing).unwrap();
     fs::create_dir(&mnt).unwrap();
     let keys = Arc::new(MemoryKeySource::default());
-    let handle = mount(&backing, &mnt, keys.clone(), &opts()).unwrap();
+    let handle = mount(&backing, &mnt, keys.clone(), &opts).unwrap();
     Some(Fixture {
         _dir: dir,
         backing,
         mnt,
         keys,
         handle: Some(handle),
+        opts,
     })
 }
 
@@ -100,13 +116,29 @@ impl Rng {
     }
 }
 
-const NAMES: [&str; 6] = ["a", "b", "c", "d/x", "d/y", "d/z"];
+/// Names of the differential test, in two directories ("d", "e") and the
+/// root: short ones, 255-byte unicode ones (the long-name form) and one of
+/// 176 bytes (the first long one). Any of them may become a directory.
+fn names() -> Vec<String> {
+    let long_a = "é".repeat(127) + "a"; // 255 bytes
+    let long_b = "ü".repeat(127) + "b";
+    let mid = "m".repeat(176);
+    let mut v: Vec<String> = ["a", "b", "c", "d/x", "d/y", "d/z", "e/x"].map(String::from).to_vec();
+    v.extend([
+        long_a.clone(),
+        format!("d/{long_b}"),
+        format!("e/{mid}"),
+        format!("e/{long_a}"),
+    ]);
+    v
+}
 
 /// One random operation applied identically under both roots.
 fn step(rng: &mut Rng, roots: [&Path; 2]) -> String {
-    let name = NAMES[rng.below(NAMES.len() as u64) as usize];
-    let other = NAMES[rng.below(NAMES.len() as u64) as usize];
-    let op = rng.below(12);
+    let all = names();
+    let name = all[rng.below(all.len() as u64) as usize].as_str();
+    let other = all[rng.below(all.len() as u64) as usize].as_str();
+    let op = rng.below(16);
     let off = rng.below(40_000);
     let len = rng.below(9_000) as usize;
     let data = rng.bytes(len);
@@ -139,7 +171,15 @@ fn step(rng: &mut Rng, roots: [&Path; 2]) -> String {
                 .and_then(|f| f.sync_all())
                 .map(|()| Vec::new()),
             10 => File::create(&p).map(|_| Vec::new()),
-            _ => reopen_rw(&p, off, &data),
+            11 => reopen_rw(&p, off, &data),
+            12 => fs::create_dir(&p).map(|()| Vec::new()),
+            13 => fs::remove_dir(&p).map(|()| Vec::new()),
+            14 => std::os::unix::fs::symlink(other, &p).map(|()| Vec::new()),
+            _ => fs::read_dir(&p).map(|d| {
+                let mut v: Vec<_> = d.map(|e| e.unwrap().file_name().into_encoded_bytes()).collect();
+                v.sort();
+                v.concat()
+            }),
         };
         outcomes.push(outcome.map_err(|e| e.raw_os_error()));
     }
@@ -167,15 +207,35 @@ fn reopen_rw(p: &Path, off: u64, data: &[u8]) -> std::io::Result<Vec<u8>> {
 /// has a version-1 file whose cached DEK keeps working after rotation.
 const KEEP: &str = "keep";
 
+fn sorted_listing(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    v.sort();
+    v
+}
+
 fn compare(roots: [&Path; 2], ctx: &str) {
-    for name in NAMES.iter().chain([&KEEP]) {
+    for dir in ["", "d", "e"] {
+        let (m, p) = (roots[0].join(dir), roots[1].join(dir));
+        if p.is_dir() {
+            assert_eq!(sorted_listing(&m), sorted_listing(&p), "listing of {dir:?} {ctx}");
+        }
+    }
+    for name in names().iter().map(String::as_str).chain([KEEP]) {
         let (m, p) = (roots[0].join(name), roots[1].join(name));
         let (mm, pm) = (fs::symlink_metadata(&m), fs::symlink_metadata(&p));
         match (&mm, &pm) {
             (Ok(mm), Ok(pm)) => {
-                assert_eq!(mm.len(), pm.len(), "size of {name} {ctx}");
                 assert_eq!(mm.mode(), pm.mode(), "mode of {name} {ctx}");
                 assert_eq!(mm.nlink(), pm.nlink(), "nlink of {name} {ctx}");
+                if pm.is_dir() {
+                    assert_eq!(sorted_listing(&m), sorted_listing(&p), "listing of {name} {ctx}");
+                    continue;
+                }
+                assert_eq!(mm.len(), pm.len(), "size of {name} {ctx}");
+                if pm.file_type().is_symlink() {
+                    assert_eq!(fs::read_link(&m).unwrap(), fs::read_link(&p).unwrap(), "{name} {ctx}");
+                    continue;
+                }
                 let (a, b) = (fs::read(&m).unwrap(), fs::read(&p).unwrap());
                 assert!(a == b, "contents of {name} differ {ctx}");
             }
@@ -187,7 +247,7 @@ fn compare(roots: [&Path; 2], ctx: &str) {
 
 #[test]
 fn differential_random_ops_with_rotation_and_rewrap() {
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture_names() else { return };
     let seed = std::env::var("KMS_FUSE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -202,6 +262,7 @@ fn differential_random_ops_with_rotation_and_rewrap() {
     let roots = [mnt.as_path(), plain_dir.path()];
     for root in roots {
         fs::create_dir(root.join("d")).unwrap();
+        fs::create_dir(root.join("e")).unwrap();
     }
     let mut rng = Rng(seed | 1);
     let keep = [
@@ -230,6 +291,11 @@ fn differential_random_ops_with_rotation_and_rewrap() {
     assert_eq!(info.failed, 0);
     let v = admin::versions(&fx.backing, fx.keys.as_ref()).unwrap();
     assert!(v.counts.iter().all(|(ver, _)| *ver == 2), "{:?}", v.counts);
+    // The name key was re-wrapped too (same key: no name changes).
+    let root_file = fs::read(fx.backing.join(kms_fuse::names::ROOT_FILE)).unwrap();
+    let header = kms_fuse::format::Header::decode(&root_file).unwrap();
+    let blob = &header.current().unwrap().1.blob;
+    assert_eq!(kms_client::blob::BlobHeader::parse(blob).unwrap().version, 2);
     compare(roots, "after rewrap");
     fx.remount();
     compare(roots, "after rewrap and remount");

@@ -560,6 +560,12 @@ impl TestDaemon {
 
     /// [`start_with_mount`](Self::start_with_mount) with `opts`.
     pub fn start_with_mount_opts(opts: DaemonOptions) -> Self {
+        Self::start_with_mount_names(opts, "encrypted")
+    }
+
+    /// [`start_with_mount_opts`](Self::start_with_mount_opts) whose mount
+    /// has `names = NAMES` (`"encrypted"` or `"plain"`).
+    pub fn start_with_mount_names(opts: DaemonOptions, names: &str) -> Self {
         let mut d = Self::start_with(opts);
         d.client()
             .create_key(kms_client::proto::CreateKey {
@@ -569,7 +575,7 @@ impl TestDaemon {
             .expect("create fs key");
         assert!(d.terminate().success());
         let mount = format!(
-            "\n[[mount]]\nsource = {:?}\ntarget = {:?}\nkey = \"fs\"\n",
+            "\n[[mount]]\nsource = {:?}\ntarget = {:?}\nkey = \"fs\"\nnames = {names:?}\n",
             d.data(),
             d.dir.path().join("mnt")
         );

@@ -47,6 +47,39 @@ pub struct MountSettings {
     /// Log filter; `RUST_LOG` wins.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Encrypted (default) or plain names.
+    #[serde(default)]
+    pub names: Names,
+}
+
+/// `names = "encrypted" | "plain"`: whether a new backing directory gets
+/// encrypted names. An existing directory keeps what it has (a plain one
+/// with files stays plain; `"plain"` on an encrypted one is refused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Names {
+    #[default]
+    Encrypted,
+    Plain,
+}
+
+impl Names {
+    /// The command-line spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Names::Encrypted => "encrypted",
+            Names::Plain => "plain",
+        }
+    }
+}
+
+impl From<Names> for kms_fuse::NameMode {
+    fn from(n: Names) -> Self {
+        match n {
+            Names::Encrypted => kms_fuse::NameMode::Encrypted,
+            Names::Plain => kms_fuse::NameMode::Plain,
+        }
+    }
 }
 
 fn default_socket() -> PathBuf {
@@ -86,12 +119,19 @@ impl MountSettings {
     ///
     /// # Errors
     /// Invalid values.
-    pub fn new(source: PathBuf, target: PathBuf, key: String, socket: PathBuf) -> Result<Self, SettingsError> {
+    pub fn new(
+        source: PathBuf,
+        target: PathBuf,
+        key: String,
+        socket: PathBuf,
+        names: Names,
+    ) -> Result<Self, SettingsError> {
         let s = Self {
             source,
             target,
             key,
             socket,
+            names,
             key_timeout_secs: default_key_timeout(),
             log_level: default_log_level(),
         };
@@ -314,6 +354,7 @@ pub fn mount_fs(
     target: &Path,
     fs_name: &str,
     keys: Arc<dyn KeySource>,
+    names: Names,
 ) -> Result<MountHandle, MountError> {
     let untrusted = |path: &Path| {
         let target = target.to_path_buf();
@@ -347,6 +388,7 @@ pub fn mount_fs(
     check_free(target)?;
     let opts = MountOptions {
         fs_name: fs_name.to_string(),
+        names: names.into(),
         ..MountOptions::default()
     };
     kms_fuse::mount(source, target, keys, &opts).map_err(|e| MountError::Mount {
@@ -460,7 +502,7 @@ pub fn run(name: &str, s: &MountSettings, given: Option<std::os::unix::net::Unix
         })?
         .with_changes(crate::changes::dir(&s.socket).join(crate::changes::FILE));
     let keys: Arc<dyn KeySource> = Arc::new(keys);
-    let handle = mount_fs(&s.source, &s.target, &format!("kmsd:{}", s.key), keys.clone())?;
+    let handle = mount_fs(&s.source, &s.target, &format!("kmsd:{}", s.key), keys.clone(), s.names)?;
     let path = s.admin_socket(name);
     let kmsd_uid = admin::kmsd_uid();
     let owner = nix::unistd::geteuid().is_root().then_some(kmsd_uid).flatten();
@@ -589,6 +631,18 @@ mod tests {
         let e = trusted_path(&base.join("open/mnt"), false).unwrap_err();
         assert!(e.contains("writable by others"), "{e}");
         assert!(trusted_path(Path::new("relative"), true).is_err());
+    }
+
+    #[test]
+    fn names_setting_defaults_to_encrypted_and_takes_plain() {
+        let base = "source = \"/a\"\ntarget = \"/b\"\nkey = \"k\"\n";
+        assert_eq!(settings(base).unwrap().names, Names::Encrypted);
+        let plain = settings(&format!("{base}names = \"plain\"\n")).unwrap();
+        assert_eq!(plain.names, Names::Plain);
+        assert_eq!(kms_fuse::NameMode::from(plain.names), kms_fuse::NameMode::Plain);
+        assert!(settings(&format!("{base}names = \"hidden\"\n")).is_err());
+        let cfg = crate::config::Config::parse(&format!("[[mount]]\n{base}names = \"plain\"\n"), Default::default());
+        assert_eq!(cfg.unwrap().mounts[0].names, Names::Plain);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! it) and the `sqlite3` command-line shell: on Debian,
 //! `apt-get install gocryptfs fuse3 sqlite3`.
 //!
-//! Run: `cargo run --release -p kms-tests --bin kms-fsbench [-- --quick --size-mb N --files N --secs N]`.
+//! Run: `cargo run --release -p kms-tests --bin kms-fsbench [-- --quick --names-only --plain-names --size-mb N --files N --secs N]`.
+//! kmsd's mount has encrypted names (the default for a new mount), as
+//! gocryptfs has by default (`--plain-names` for plain names instead).
+//! `--names-only` runs only the namespace rows.
 //! Prints one table; the last column is kmsd / gocryptfs, from the same run.
 //! The "better" column says which way is better: for "higher" rows the
 //! target is a ratio of at least 1, for "lower" rows (latencies, times) at
@@ -34,7 +37,9 @@
 //! - a 1-byte write + fsync at offset 0 of the file: median latency;
 //! - random 4 KiB writes with an fsync every 32 writes, aligned, over the
 //!   whole file (seeded PRNG, `pwrite`);
-//! - creating `--files` 4 KiB files in folders of 100, then `ls -lR`;
+//! - creating `--files` 4 KiB files in folders of 100, then with cold
+//!   caches `ls -lR`, `stat` of every file, `find`, and opening and reading
+//!   every file;
 //! - SQLite (the `sqlite3` shell fed a generated script): bulk load of a
 //!   ≥ 256 MiB database (16 KiB blobs, one transaction), then single-row
 //!   INSERT transactions (autocommit, 20,000 at most), then single-row
@@ -68,6 +73,10 @@ const SQLITE_BLOB: u64 = 16 << 10;
 
 struct Args {
     quick: bool,
+    /// Only the namespace rows (create, ls -lR, stat, find, open).
+    names_only: bool,
+    /// kmsd's mount with plain names (for comparison).
+    plain_names: bool,
     size_mb: u64,
     files: usize,
     /// Time bound of each loop.
@@ -104,6 +113,8 @@ fn args() -> Args {
     let q = |full: f64, small: f64| if quick { small } else { full };
     Args {
         quick,
+        names_only: a.iter().any(|x| x == "--names-only"),
+        plain_names: a.iter().any(|x| x == "--plain-names"),
         size_mb: get("--size-mb", q(1024.0, 64.0)) as u64,
         files: get("--files", q(10_000.0, 1_000.0)) as usize,
         secs: get("--secs", q(20.0, 5.0)),
@@ -234,6 +245,24 @@ fn small_reads(f: &File, bytes: u64, max: usize, stop: impl Fn() -> bool) -> Vec
 
 fn measure(label: &str, dir: &Path, a: &Args) -> Results {
     let mut r = Results::default();
+    if !a.names_only {
+        data_rows(&mut r, dir, a);
+    }
+    namespace_rows(&mut r, dir, a);
+    if !a.names_only {
+        nix::unistd::sync();
+        sqlite(&mut r, dir, a);
+        nix::unistd::sync();
+        sparse(&mut r, dir, a);
+    }
+    for n in &mut r.notes {
+        *n = format!("{label}, {n}");
+    }
+    r
+}
+
+/// The rows on one big file.
+fn data_rows(r: &mut Results, dir: &Path, a: &Args) {
     let big = dir.join("big");
     let bytes = a.size_mb << 20;
     let chunk: Vec<u8> = (0..CHUNK).map(|i| (i * 31 % 251) as u8).collect();
@@ -271,7 +300,7 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
         r.bound("random 4 KiB reads", n, a.random_reads, t);
         r.set("random_read", n as f64 / t);
     }
-    fairness(&mut r, dir, &big, bytes, a);
+    fairness(r, dir, &big, bytes, a);
     // Each timed row starts with no other row's dirty data left to write.
     nix::unistd::sync();
     {
@@ -304,6 +333,11 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
         r.set("random_write", n as f64 / t);
     }
     fs::remove_file(&big).expect("remove big file");
+}
+
+/// Small files in folders of 100: create, `ls -lR`, `stat` of each,
+/// `find`, open and read each (all but the first with cold caches).
+fn namespace_rows(r: &mut Results, dir: &Path, a: &Args) {
     let tree = dir.join("tree");
     let small = vec![0x42u8; 4096];
     let (files, t) = bounded(a.files, a.secs, |i| {
@@ -326,6 +360,21 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
         assert!(out.status.success());
     });
     r.set("ls", files as f64 / t);
+    drop_caches();
+    let (statted, t) = bounded(files, a.secs, |i| {
+        let p = tree.join(format!("d{:03}", i / 100)).join(format!("f{:03}", i % 100));
+        let md = fs::symlink_metadata(&p).expect("stat");
+        assert_eq!(md.len(), 4096);
+    });
+    r.bound("stat of every file", statted, files, t);
+    r.set("stat", statted as f64 / t);
+    drop_caches();
+    let t = secs(|| {
+        let out = Command::new("find").arg(&tree).output().expect("find");
+        assert!(out.status.success());
+        assert!(out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count() > files);
+    });
+    r.set("find", files as f64 / t);
     // Opening existing files with cold caches: on kmsd each open unwraps
     // the file's data key, through the socket since the mount runs in its
     // own process.
@@ -342,14 +391,6 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
     r.bound("opening existing files", opened, files, t);
     r.set("open", opened as f64 / t);
     fs::remove_dir_all(&tree).expect("remove tree");
-    nix::unistd::sync();
-    sqlite(&mut r, dir, a);
-    nix::unistd::sync();
-    sparse(&mut r, dir, a);
-    for n in &mut r.notes {
-        *n = format!("{label}, {n}");
-    }
-    r
 }
 
 /// Small reads of `big` alone, then while another thread streams writes.
@@ -670,6 +711,8 @@ fn rows(a: &Args) -> Vec<Row> {
         ),
         row("create", "create+write+close 4 KiB files".into(), "files/s", true),
         row("ls", "ls -lR (cold)".into(), "entries/s", true),
+        row("stat", "stat of every file (cold)".into(), "files/s", true),
+        row("find", "find (cold)".into(), "entries/s", true),
         row(
             "open",
             "open+read+close existing 4 KiB files (cold)".into(),
@@ -815,7 +858,8 @@ fn run(cmd: &mut Command) {
 
 fn main() {
     let mut a = args();
-    let daemon = TestDaemon::start_with_mount();
+    let names = if a.plain_names { "plain" } else { "encrypted" };
+    let daemon = TestDaemon::start_with_mount_names(kms_tests::DaemonOptions::default(), names);
     let root = daemon.dir.path().to_path_buf();
     check_space(&mut a, &root);
     a.scratch = root.join("scratch");
@@ -838,9 +882,14 @@ fn main() {
     println!("measuring kmsd...");
     let kmsd = measure("kmsd", &daemon.mnt(), &a);
     println!();
+    println!("kmsd with names {names} (encrypted is the default for a new mount), gocryptfs with its defaults (names encrypted).");
     println!("| measurement | unit | better | plain | gocryptfs | kmsd | kmsd/gocryptfs |");
     println!("|---|---|---|---:|---:|---:|---:|");
-    for row in rows(&a) {
+    let names_rows = ["create", "ls", "stat", "find", "open"];
+    for row in rows(&a)
+        .into_iter()
+        .filter(|r| !a.names_only || names_rows.contains(&r.key))
+    {
         let (p, g, k) = (plain.figs.get(row.key), goc.figs.get(row.key), kmsd.figs.get(row.key));
         println!(
             "| {} | {} | {} | {} | {} | {} | {} |",

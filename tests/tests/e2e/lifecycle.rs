@@ -124,7 +124,7 @@ fn dev_mode_works_from_an_empty_folder() {
             std::fs::read(dev.join("mnt/hello.txt")).unwrap(),
             b"hello through the dev mount"
         );
-        let stored = std::fs::read(dev.join("data/hello.txt")).unwrap();
+        let stored = std::fs::read(crate::only_encrypted_file(&dev.join("data"))).unwrap();
         assert!(!stored.windows(5).any(|w| w == b"hello"), "stored encrypted");
         assert_eq!(
             c.describe_key("dev").unwrap().kind,

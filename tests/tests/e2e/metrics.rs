@@ -213,7 +213,7 @@ fn filesystem_operations_dek_cache_and_tampering_are_counted() {
         0.0
     );
     // Flip a ciphertext byte in the backing file: reads now fail, counted.
-    let backing = d.data().join("f");
+    let backing = crate::backing(&d, "f");
     let mut raw = std::fs::read(&backing).unwrap();
     let mid = raw.len() / 2;
     raw[mid] ^= 1;
