@@ -152,7 +152,7 @@ struct Running {
 }
 
 /// A child that lived this long was healthy: its next death is not counted
-/// against it.
+/// against it. Nor is a death by a signal.
 const STEADY: Duration = Duration::from_secs(60);
 
 /// Longest pause before a restart.
@@ -304,7 +304,11 @@ fn spawn(spec: &Spec, to_serve: &ToServe) -> Result<Child, ChildError> {
 fn look_after(r: &mut Running, to_serve: &ToServe) {
     if let Some(child) = &mut r.child {
         if let Ok(Some(status)) = child.try_wait() {
-            if r.started.elapsed() >= STEADY {
+            // Killed by a signal (an operator's SIGKILL, a crash) restarts
+            // after the base pause; a child that exits with an error soon
+            // after starting (it cannot run: a bad folder, a key it may not
+            // use) is started again ever more slowly.
+            if r.started.elapsed() >= STEADY || status.code().is_none() {
                 r.quick_deaths = 0;
             }
             let pause = restart_pause(r.quick_deaths);

@@ -38,9 +38,16 @@ use crate::xattr;
 /// Whether a mount encrypts names (FORMAT.md, "Names").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum NameMode {
-    /// Encrypted names for a new (empty) backing directory; an existing
-    /// directory without `kmsd.names` stays plain.
+    /// Not chosen (a configuration from before names were encrypted):
+    /// encrypted names for a new (empty) backing directory; an existing
+    /// directory with files but without `kmsd.names` stays plain, with an
+    /// error in the log (that is also what a directory whose `kmsd.names`
+    /// was deleted looks like).
     #[default]
+    Auto,
+    /// Encrypted names, required: a new directory gets them, and a
+    /// directory with files but without `kmsd.names` is refused rather than
+    /// written with plain names.
     Encrypted,
     /// Plain names; refused on a directory that has `kmsd.names`.
     Plain,
@@ -312,7 +319,7 @@ impl EncryptedFs {
         let st = stat_fd(&root)?;
         // Before the root file is made: an empty directory is version 2 only.
         let only_v2 = v2_only_marker(source);
-        let name_keys = names::open_root(&root, keys.as_ref(), names == NameMode::Encrypted).map_err(|e| {
+        let name_keys = names::open_root(&root, keys.as_ref(), names != NameMode::Plain).map_err(|e| {
             tracing::error!(source = %source.display(), error = %describe(&e), "cannot read the name key");
             Error::Sys(nix::Error::EIO)
         })?;
@@ -321,9 +328,18 @@ impl EncryptedFs {
                 tracing::error!(source = %source.display(), "names = \"plain\" but the backing directory has encrypted names");
                 return Err(Error::Sys(nix::Error::EINVAL));
             }
-            (None, NameMode::Encrypted) => tracing::warn!(
+            (None, NameMode::Encrypted) => {
+                tracing::error!(
+                    source = %source.display(),
+                    "names = \"encrypted\" but the backing directory holds files and no kmsd.names (a plain directory, \
+                     or one whose name key was deleted): refusing to mount rather than write names in clear"
+                );
+                return Err(Error::Sys(nix::Error::EINVAL));
+            }
+            (None, NameMode::Auto) => tracing::error!(
                 source = %source.display(),
-                "backing directory holds files with plain names: names stay plain (FORMAT.md, \"Converting a plain mount\")"
+                "backing directory holds files and no kmsd.names: names stay plain (if it had encrypted names, its \
+                 kmsd.names was deleted: set names = \"encrypted\" to refuse; FORMAT.md, \"Converting a plain mount\")"
             ),
             _ => {}
         }
@@ -1483,10 +1499,29 @@ mod tests {
         assert!(EncryptedFs::with_options(dir.path(), keys.clone(), 16, NameMode::Plain).is_err());
         let plain = tempfile::tempdir().unwrap();
         std::fs::create_dir(plain.path().join("old-dir")).unwrap();
-        let fs = EncryptedFs::with_options(plain.path(), keys, 16, NameMode::Encrypted).unwrap();
+        let fs = EncryptedFs::with_options(plain.path(), keys.clone(), 16, NameMode::Auto).unwrap();
         assert!(fs.names.is_none());
         assert!(!plain.path().join(names::ROOT_FILE).exists());
         assert_eq!(listing(&fs, ROOT), [".", "..", "old-dir"]);
+        drop(fs);
+        // Required: a directory with files but no name key is refused, so
+        // deleting kmsd.names cannot turn a mount's new names plain.
+        assert!(EncryptedFs::with_options(plain.path(), keys.clone(), 16, NameMode::Encrypted).is_err());
+        let (enc, _, fs) = enc_fs();
+        let (_, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("a"), 0o600).unwrap();
+        fs.release(fh);
+        drop(fs);
+        std::fs::remove_file(enc.path().join(names::ROOT_FILE)).unwrap();
+        assert!(EncryptedFs::with_options(enc.path(), keys.clone(), 16, NameMode::Encrypted).is_err());
+        assert!(
+            !enc.path().join(names::ROOT_FILE).exists(),
+            "no new name key over old names"
+        );
+        // A fresh filesystem's root holds an empty lost+found: still new.
+        let fresh = tempfile::tempdir().unwrap();
+        std::fs::create_dir(fresh.path().join("lost+found")).unwrap();
+        let fs = EncryptedFs::with_options(fresh.path(), keys, 16, NameMode::Encrypted).unwrap();
+        assert!(fs.names.is_some());
     }
 
     #[test]

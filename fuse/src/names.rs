@@ -581,8 +581,15 @@ pub fn backing_path(
 fn looks_empty(root: &OwnedFd) -> std::io::Result<bool> {
     let path = format!("/proc/self/fd/{}", root.as_raw_fd());
     for entry in std::fs::read_dir(path)? {
-        let name = entry?.file_name();
-        if !name.as_bytes().starts_with(ROOT_TMP.as_bytes()) {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.as_bytes().starts_with(ROOT_TMP.as_bytes()) {
+            continue;
+        }
+        // The root of a freshly made filesystem: mkfs's empty lost+found.
+        let empty_lost_found =
+            name == "lost+found" && entry.file_type()?.is_dir() && std::fs::read_dir(entry.path())?.next().is_none();
+        if !empty_lost_found {
             return Ok(false);
         }
     }

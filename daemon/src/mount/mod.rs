@@ -52,13 +52,17 @@ pub struct MountSettings {
     pub names: Names,
 }
 
-/// `names = "encrypted" | "plain"`: whether a new backing directory gets
-/// encrypted names. An existing directory keeps what it has (a plain one
-/// with files stays plain; `"plain"` on an encrypted one is refused).
+/// `names = "encrypted" | "plain"`, or unset (`auto`): whether the backing
+/// directory has encrypted names. Unset, a new (empty) directory gets them
+/// and one with files but no name key stays plain (a configuration older
+/// than encrypted names), logged as an error; `"encrypted"` refuses such a
+/// directory instead, so that deleting its `kmsd.names` cannot make a
+/// mount write names in clear; `"plain"` on an encrypted one is refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Names {
     #[default]
+    Auto,
     Encrypted,
     Plain,
 }
@@ -67,6 +71,7 @@ impl Names {
     /// The command-line spelling.
     pub fn as_str(self) -> &'static str {
         match self {
+            Names::Auto => "auto",
             Names::Encrypted => "encrypted",
             Names::Plain => "plain",
         }
@@ -76,6 +81,7 @@ impl Names {
 impl From<Names> for kms_fuse::NameMode {
     fn from(n: Names) -> Self {
         match n {
+            Names::Auto => kms_fuse::NameMode::Auto,
             Names::Encrypted => kms_fuse::NameMode::Encrypted,
             Names::Plain => kms_fuse::NameMode::Plain,
         }
@@ -634,9 +640,11 @@ mod tests {
     }
 
     #[test]
-    fn names_setting_defaults_to_encrypted_and_takes_plain() {
+    fn names_setting_defaults_to_auto_and_takes_encrypted_and_plain() {
         let base = "source = \"/a\"\ntarget = \"/b\"\nkey = \"k\"\n";
-        assert_eq!(settings(base).unwrap().names, Names::Encrypted);
+        assert_eq!(settings(base).unwrap().names, Names::Auto);
+        let required = settings(&format!("{base}names = \"encrypted\"\n")).unwrap();
+        assert_eq!(kms_fuse::NameMode::from(required.names), kms_fuse::NameMode::Encrypted);
         let plain = settings(&format!("{base}names = \"plain\"\n")).unwrap();
         assert_eq!(plain.names, Names::Plain);
         assert_eq!(kms_fuse::NameMode::from(plain.names), kms_fuse::NameMode::Plain);
