@@ -497,24 +497,24 @@ impl EncryptedFs {
     /// The plaintext name of the backing entry `entry` of directory `ino`,
     /// `None` for bookkeeping files and (logged) entries that do not
     /// authenticate.
-    fn plain_name(&self, keys: &NameKeys, ino: u64, dir: &Node, entry: &OsStr) -> Option<OsString> {
+    fn plain_name(&self, keys: &NameKeys, id: &DirId, dir: &Node, entry: &OsStr) -> Result<Option<OsString>> {
         let plain = match names::classify(entry) {
-            Kind::Reserved => return None,
-            Kind::Short(short) => {
-                let id = self.dir_id(keys, ino, dir).ok()?;
-                keys.decrypt_name(&id, short)
-            }
-            Kind::Long(hash) => {
-                let id = self.dir_id(keys, ino, dir).ok()?;
-                match names::read_small(dir.fd(), &names::part_of(entry), PART_MAX) {
-                    Ok(content) => keys.decrypt_long(&id, hash, &content),
-                    Err(_) => Err(names::NameError::Auth),
+            Kind::Reserved => return Ok(None),
+            Kind::Short(short) => keys.decrypt_name(id, short),
+            Kind::Long(hash) => match names::read_small(dir.fd(), &names::part_of(entry), PART_MAX) {
+                Ok(content) => keys.decrypt_long(id, hash, &content),
+                // A missing or damaged part is tampering; running out of
+                // descriptors or memory is not, and fails the listing
+                // rather than shortening it.
+                Err(nix::Error::ENOENT | nix::Error::EIO | nix::Error::ELOOP | nix::Error::EFBIG) => {
+                    Err(names::NameError::Auth)
                 }
-            }
+                Err(e) => return Err(Error::Sys(e)),
+            },
         };
-        plain
+        Ok(plain
             .inspect_err(|_| self.name_tampered(&dir.backing_path().join(entry), "name"))
-            .ok()
+            .ok())
     }
 
     fn attr(&self, ino: u64, st: &FileStat) -> FileAttr {
@@ -1163,12 +1163,19 @@ impl EncryptedFs {
                 backing: "..".into(),
             },
         ];
+        // The directory's id once, and its failure fails the listing: a
+        // directory whose names cannot be read must not list as empty (a
+        // sync or cleanup tool would act on that).
+        let keys_and_id = match &self.names {
+            None => None,
+            Some(keys) => Some((keys, self.dir_id(keys, ino, &node)?)),
+        };
         for item in std::fs::read_dir(node.proc_path())? {
             let item = item?;
             let backing = item.file_name();
-            let name = match &self.names {
+            let name = match &keys_and_id {
                 None => backing.clone(),
-                Some(keys) => match self.plain_name(keys, ino, &node, &backing) {
+                Some((keys, id)) => match self.plain_name(keys, id, &node, &backing)? {
                     Some(name) => name,
                     None => continue,
                 },
@@ -1477,7 +1484,8 @@ mod tests {
         let d = fs.lookup(ROOT, OsStr::new("d")).unwrap().ino.0;
         assert_eq!(fs.lookup(d, OsStr::new("f")).unwrap_err().errno(), libc::EIO);
         assert!(fs.create(ROOT_CALLER, d, OsStr::new("g"), 0o600).is_err());
-        assert_eq!(listing(&fs, d), [".", ".."]);
+        // Never listed as empty: a sync or cleanup tool would act on that.
+        assert_eq!(fs.opendir(d).unwrap_err().errno(), libc::EIO);
         assert!(fs.stats().snapshot().tamper_detections > 0);
     }
 

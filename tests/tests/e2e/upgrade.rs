@@ -144,6 +144,9 @@ fn kmsd_serves_a_schema_1_store_with_its_keys_blobs_and_files() {
     if fuse {
         opts.extra_config = format!("[[mount]]\nsource = {data:?}\ntarget = {mnt:?}\nkey = \"fs\"\n");
     }
+    // Dropped after the daemon: the mount its SIGKILL leaves behind is
+    // outside the daemon's own folder, so detach it here.
+    let _detach = Detach(mnt.clone());
     let d = TestDaemon::start_with(opts);
     assert!(d.logs().contains("key store migrated"), "{}", d.logs());
     assert_eq!(&fs::read(state.join("store.meta")).unwrap()[..8], b"KMSDMETA");
@@ -183,6 +186,17 @@ fn kmsd_serves_a_schema_1_store_with_its_keys_blobs_and_files() {
                 unhex(f["content"].as_str().unwrap()),
                 "{path}"
             );
+        }
+    }
+}
+
+/// Detaches a FUSE mount left at this path when dropped.
+struct Detach(PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if kms_tests::is_mounted(&self.0) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
