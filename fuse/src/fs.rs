@@ -995,6 +995,10 @@ impl EncryptedFs {
             let still = openat(parent.fd(), name, o_path(), Mode::empty()).and_then(|fd| fstat(&fd));
             if still.is_ok_and(|st| (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino)) {
                 let _ = nix::unistd::unlinkat(parent.fd(), name, UnlinkatFlags::NoRemoveDir);
+                // The entry is gone, so its long-name part goes too (the
+                // kernel holds the directory: no other create of this name
+                // runs meanwhile). Left behind, parts would pile up.
+                Self::remove_part(&parent, &b);
             }
         }
         result
@@ -1461,6 +1465,26 @@ mod tests {
         assert_eq!(listing(&fs, ROOT), [".", "..", "b"]);
         let moved = fs.lookup(ROOT, OsStr::new("b")).unwrap().ino.0;
         assert_eq!(listing(&fs, moved), [".", "..", "f"]);
+    }
+
+    /// A create whose key request fails removes its long name's part with
+    /// the half-made entry: nothing is left in the backing directory.
+    #[test]
+    fn a_failed_create_of_a_long_name_leaves_no_part() {
+        let (dir, keys, fs) = enc_fs();
+        let before: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        keys.set_available(false);
+        let long = "n".repeat(240);
+        assert!(fs.create(ROOT_CALLER, ROOT, OsStr::new(&long), 0o600).is_err());
+        keys.set_available(true);
+        let after: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(before, after, "a part or entry was left behind");
     }
 
     #[test]

@@ -246,7 +246,8 @@ impl NameKeys {
         let plain = siv(&self.names)
             .decrypt([dir.as_slice()], &sealed)
             .map_err(|_| NameError::Auth)?;
-        if plain.is_empty() || plain.len() > NAME_MAX || plain.contains(&b'/') || plain.contains(&0) {
+        let dots = plain == b"." || plain == b"..";
+        if plain.is_empty() || dots || plain.len() > NAME_MAX || plain.contains(&b'/') || plain.contains(&0) {
             return Err(NameError::Auth);
         }
         Ok(OsString::from_vec(plain))
@@ -260,7 +261,9 @@ impl NameKeys {
     /// decrypt under `dir`.
     pub fn decrypt_long(&self, dir: &DirId, hash: &[u8], content: &[u8]) -> Result<OsString, NameError> {
         let expect = b64(&Sha256::digest(content));
-        if expect.as_bytes() != hash {
+        // A part holding a name short enough for the short form was not made
+        // by the mount: it would show a name twice (once per form).
+        if expect.as_bytes() != hash || content.len() <= BACKING_NAME_MAX {
             return Err(NameError::Auth);
         }
         self.decrypt_name(dir, content)
@@ -620,6 +623,11 @@ mod tests {
         let mut bad = s.as_bytes().to_vec();
         bad[3] = if bad[3] == b'A' { b'B' } else { b'A' };
         assert_eq!(k.decrypt_name(&a, &bad), Err(NameError::Auth));
+        // "." and ".." never come out of a backing name, even if sealed.
+        for dots in [&b"."[..], b".."] {
+            let sealed = b64(&siv(&k.names).encrypt([a.as_slice()], dots).unwrap());
+            assert_eq!(k.decrypt_name(&a, sealed.as_bytes()), Err(NameError::Auth));
+        }
         assert_eq!(classify(s), Kind::Short(s.as_bytes()));
     }
 
@@ -629,6 +637,13 @@ mod tests {
         let d = [3u8; 16];
         let name = |n: usize| OsString::from("x".repeat(n));
         assert!(matches!(k.encrypt_name(&d, &name(SHORT_MAX)).unwrap(), Backing::Short(s) if s.len() == 255));
+        // A long entry whose part holds a short form is refused: it would
+        // list a name twice.
+        let Backing::Short(short) = k.encrypt_name(&d, &name(SHORT_MAX)).unwrap() else {
+            unreachable!()
+        };
+        let hash = b64(&Sha256::digest(short.as_bytes()));
+        assert!(k.decrypt_long(&d, hash.as_bytes(), short.as_bytes()).is_err());
         let long = k.encrypt_name(&d, &name(SHORT_MAX + 1)).unwrap();
         let Backing::Long { entry, part, content } = &long else {
             panic!("long")
