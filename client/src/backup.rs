@@ -62,10 +62,12 @@ pub enum KeyFileError {
     Length { path: std::path::PathBuf },
     #[error("backup key {path} may be read by others (mode {mode:o}); fix it with: chmod 600 {path}")]
     Insecure { path: std::path::PathBuf, mode: u32 },
+    #[error("backup key {path} is not a regular file")]
+    NotAFile { path: std::path::PathBuf },
 }
 
-/// Reads a backup key file: exactly [`KEY_LEN`] bytes, not a symlink,
-/// readable by its owner only.
+/// Reads a backup key file: a regular file (not a symlink, FIFO or
+/// device) of exactly [`KEY_LEN`] bytes, readable by its owner only.
 ///
 /// # Errors
 /// [`KeyFileError`].
@@ -76,10 +78,16 @@ pub fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyFileErr
     };
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(io)?;
-    let mode = f.metadata().map_err(io)?.mode() & 0o7777;
+    let meta = f.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(KeyFileError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(KeyFileError::Insecure {
             path: path.to_path_buf(),
@@ -136,6 +144,29 @@ pub fn open(key: &[u8; KEY_LEN], file: &[u8]) -> Result<Zeroizing<Vec<u8>>, Back
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key file must be a regular file readable by its owner only: not
+    /// a FIFO (which would also block the reader).
+    #[test]
+    fn key_files_readable_by_others_or_not_regular_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("k");
+        std::fs::write(&good, [7u8; KEY_LEN]).unwrap();
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(*read_key_file(&good).unwrap(), [7u8; KEY_LEN]);
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(read_key_file(&good), Err(KeyFileError::Insecure { .. })));
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg("-m")
+            .arg("600")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(matches!(read_key_file(&fifo), Err(KeyFileError::NotAFile { .. })));
+    }
 
     #[test]
     fn round_trip_and_layout() {
