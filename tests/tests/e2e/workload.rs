@@ -175,6 +175,33 @@ pub(crate) fn check_file(path: &Path, durable: u64) {
     }
 }
 
+/// The first `len` bytes of `path` read, and every whole record in them
+/// is intact.
+fn check_prefix(path: &Path, len: u64) {
+    use std::io::Read;
+    let mut data = vec![0u8; usize::try_from(len).unwrap()];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut data))
+        .unwrap_or_else(|e| panic!("{}: the {len} bytes before the torn block: {e}", path.display()));
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let mut at = 0usize;
+    while let Some(nl) = data[at..].iter().position(|&b| b == b'\n') {
+        let head = format!("{name}@{at:012}:");
+        assert!(
+            data[at..].starts_with(head.as_bytes()),
+            "{}: record at {at} damaged",
+            path.display()
+        );
+        let end = at + nl + 1;
+        let body = &data[at + head.len()..end - 1];
+        assert!(
+            body.iter().enumerate().all(|(i, &b)| b == b'a' + ((at + i) % 26) as u8),
+            "record at {at} altered"
+        );
+        at = end;
+    }
+}
+
 pub(crate) fn verify(d: &TestDaemon, acked: &Acked) {
     let mut c = d.client();
     for (key, v) in &acked.versions {
@@ -194,7 +221,22 @@ pub(crate) fn verify(d: &TestDaemon, acked: &Acked) {
         assert_eq!(&plain[..], &dek[..]);
     }
     for (name, &len) in &acked.durable {
-        check_file(&d.mnt().join(name), len);
+        let path = d.mnt().join(name);
+        match fs::read(&path) {
+            Ok(_) => check_file(&path, len),
+            // fuse/FORMAT.md, "What a kill can still do": a kill may tear
+            // the block being written (an append re-seals the final block),
+            // which then reads as EIO, with the fsynced bytes it held. Every
+            // block before it must be intact.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                let before = len - len % 4096;
+                eprintln!(
+                    "{name}: the block at {before} reads EIO (torn by the kill); checking the {before} bytes before it"
+                );
+                check_prefix(&path, before);
+            }
+            Err(e) => panic!("{name}: {e} ({len} bytes were fsynced); kmsd's log:\n{}", d.logs()),
+        }
     }
     let probe = d.mnt().join("probe");
     fs::write(&probe, b"mount works").unwrap();
