@@ -203,7 +203,7 @@ impl Etcd {
     pub fn store_toml(&self, prefix: Option<&str>) -> String {
         let endpoints: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
         let mut toml = format!(
-            "\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nrequest_timeout_secs = 3\n",
+            "\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nrequest_timeout_secs = 8\n",
             endpoints.join(", ")
         );
         if let Some(p) = prefix {
