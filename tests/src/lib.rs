@@ -330,7 +330,7 @@ impl TestDaemon {
     }
 
     fn try_wait_ready(&mut self) -> Result<(), String> {
-        self.wait_ready_within(Duration::from_secs(10))
+        self.wait_ready_within(Duration::from_secs(30))
     }
 
     /// Waits until the socket answers a handshake; `Err` holds why not
