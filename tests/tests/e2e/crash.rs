@@ -17,7 +17,7 @@ use std::time::Duration;
 use kms_client::proto::CreateKey;
 use kms_tests::{fuse_available, TestDaemon};
 
-use crate::workload::{seed_from, start_workers, verify, Rng, Shared};
+use crate::workload::{seed_from, start_workers, verify, Crash, Rng, Shared};
 
 #[test]
 fn crash_loop_loses_nothing_acknowledged() {
@@ -57,7 +57,7 @@ fn crash_loop_loses_nothing_acknowledged() {
             w.join().expect("a worker saw wrong data");
         }
         d.restart();
-        verify(&d, &acked.lock().unwrap());
+        verify(&d, &acked.lock().unwrap(), Crash::Kill);
     }
     let a = acked.lock().unwrap();
     assert!(
