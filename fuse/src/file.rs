@@ -34,6 +34,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::error::{Error, Result};
+use nix::fcntl::OFlag;
+
 use crate::format::{
     block_len, is_hole, last_index, open_block_in_place, open_stale_final, peek_version, seal_block, BlockKey,
     FormatError, Header, Layout, BLOCK_SIZE, FORMAT_VERSION, HEADER_LEN,
@@ -116,12 +118,22 @@ impl EncryptedFile {
         let header = Header::decode(&bytes[..n]).map_err(tampered)?;
         let layout = header.layout().map_err(tampered)?;
         let (_, slot) = header.current().map_err(tampered)?;
-        let pending = journal.as_ref().map(|j| j.take(&header.file_id)).unwrap_or_default();
+        // Opened read-only (no write permission on the backing file): it
+        // cannot put blocks back, and it writes nothing either.
+        let writable = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+            .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
+        let journal = journal.filter(|_| writable);
+        // Other openers of this file wait until its records are resolved.
+        let mut resolving = journal.as_deref().map(|j| j.take(&header.file_id));
+        let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+        let ours = resolving
+            .as_ref()
+            .is_some_and(|r| r.records.iter().any(|p| p.record.ino == ino));
         // A torn append can leave a length no valid file has: only the
         // journal may explain it.
         let size = match layout.plain_len(file.metadata()?.len()) {
             Ok(size) => Some(size),
-            Err(_) if !pending.is_empty() => None,
+            Err(_) if ours => None,
             Err(e) => return Err(tampered(e)),
         };
         let dek = keys
@@ -129,37 +141,17 @@ impl EncryptedFile {
             .map_err(|source| Error::Key {
                 path: path.clone(),
                 source,
-            });
-        let dek = match dek {
-            Ok(dek) => dek,
-            Err(e) => {
-                if let Some(j) = &journal {
-                    pending.into_iter().for_each(|p| j.unresolved(p));
-                }
-                return Err(e);
-            }
-        };
+            })?;
         let mut this = Self::assemble(file, path, header.file_id, layout, &dek, size.unwrap_or(0));
-        let ino = std::os::unix::fs::MetadataExt::ino(&this.file.metadata()?);
-        let (pending, other): (Vec<_>, Vec<_>) = pending.into_iter().partition(|p| p.record.ino == ino);
-        // Another inode with this file id (a copy made in the backing
-        // directory): its records wait for it.
-        if let Some(j) = &journal {
-            other.into_iter().for_each(|p| j.unresolved(p));
-        }
-        let mut pending = pending.into_iter();
-        while let Some(p) = pending.next() {
-            let undone = this.undo(&p.record, size, true);
-            let j = journal.as_ref().expect("records come from a journal");
-            match undone {
-                Ok(()) => j.resolved(p),
-                Err(e) => {
-                    j.unresolved(p);
-                    pending.for_each(|p| j.unresolved(p));
-                    return Err(e);
-                }
+        if let Some(r) = resolving.as_mut() {
+            // Records of another inode with this file id (a copy made in
+            // the backing directory) wait for it.
+            while let Some(i) = r.records.iter().position(|p| p.record.ino == ino) {
+                this.undo(&r.records[i].record, size, true)?;
+                r.resolved(i);
             }
         }
+        drop(resolving);
         let size = layout
             .plain_len(this.file.metadata()?.len())
             .map_err(|e| this.tampered(e))?;
@@ -188,46 +180,60 @@ impl EncryptedFile {
         self
     }
 
-    /// If a block the write of `record` wrote no longer reads (or the
-    /// file's length is not valid: `size` is `None`), puts back every recorded block, after
-    /// checking that each authenticates; with `cut` (after a kill: nothing
-    /// was written since) also the backing length before the write. Then
-    /// fsyncs. The caller recomputes the size.
-    fn undo(&self, record: &Record, size: Option<u64>, cut: bool) -> Result<()> {
-        let torn = size.is_none_or(|size| {
-            record.written.iter().any(|&(first, last)| {
-                (first..=last.min(last_index(size)))
-                    .any(|index| matches!(self.read_block(size, index), Err(Error::Tampered { .. })))
-            })
-        });
-        if !torn {
-            return Ok(());
+    /// Puts back the blocks of `record`'s write: after a kill (`after_kill`)
+    /// only if one of the blocks it wrote no longer reads (or the file's
+    /// length is not valid: `size` is `None`), else at once (a write that
+    /// failed in this process). Each recorded block that authenticates as
+    /// it was (a final block, or an older final block followed by zeros) or
+    /// was a hole is written back; then the backing length before the write,
+    /// and an fsync. The caller recomputes the size.
+    fn undo(&self, record: &Record, size: Option<u64>, after_kill: bool) -> Result<()> {
+        if after_kill {
+            let torn = size.is_none_or(|size| {
+                record.written.iter().any(|&(first, last)| {
+                    (first..=last.min(last_index(size)))
+                        .any(|index| matches!(self.read_block(size, index), Err(Error::Tampered { .. })))
+                })
+            });
+            if !torn {
+                return Ok(());
+            }
         }
         let Ok(old_size) = self.layout.plain_len(record.old_len) else {
             tracing::warn!(path = %self.path.display(), "undo journal: a record's length is not a valid length; ignored");
             return Ok(());
         };
         let old_final = last_index(old_size);
+        let mut put = 0;
         for (index, bytes) in &record.blocks {
-            let end = self.layout.block_offset(*index) + bytes.len() as u64;
-            let mut copy = bytes.clone();
-            if end > record.old_len
-                || open_block_in_place(&self.key, &self.file_id, *index, *index == old_final, &mut copy).is_err()
-            {
-                tracing::warn!(path = %self.path.display(), block = index, "undo journal: a recorded block does not authenticate; ignored");
-                return Ok(());
+            let at = self.layout.block_offset(*index);
+            let restore = if bytes.is_empty() && *index < old_final {
+                vec![0u8; self.layout.disk_block_size()]
+            } else {
+                let mut copy = bytes.clone();
+                let opens = !bytes.is_empty()
+                    && (open_block_in_place(&self.key, &self.file_id, *index, *index == old_final, &mut copy).is_ok()
+                        || open_stale_final(&self.key, &self.file_id, *index, bytes).is_some());
+                if !opens {
+                    tracing::warn!(path = %self.path.display(), block = index, "undo journal: a recorded block does not authenticate; not put back");
+                    continue;
+                }
+                bytes.clone()
+            };
+            if at + restore.len() as u64 > record.old_len {
+                tracing::warn!(path = %self.path.display(), block = index, "undo journal: a recorded block lies past the recorded length; not put back");
+                continue;
             }
+            self.file.write_all_at(&restore, at)?;
+            put += 1;
         }
-        for (index, bytes) in &record.blocks {
-            self.file.write_all_at(bytes, self.layout.block_offset(*index))?;
-        }
-        if cut && self.file.metadata()?.len() != record.old_len {
+        if self.file.metadata()?.len() != record.old_len {
             self.file.set_len(record.old_len)?;
         }
         self.file.sync_all()?;
         tracing::warn!(
             path = %self.path.display(),
-            blocks = record.blocks.len(),
+            blocks = put,
             "a write cut inside a block (a kill, or an I/O error) was undone from the undo journal"
         );
         Ok(())
@@ -241,16 +247,18 @@ impl EncryptedFile {
             return Ok(None);
         };
         let mut blocks = Vec::with_capacity(keep.len());
+        let k = last_index(old);
         for &index in keep {
-            let len = block_len(old, index);
-            if len == 0 || blocks.iter().any(|(i, _)| *i == index) {
+            if index > k || blocks.iter().any(|(i, _)| *i == index) {
                 continue;
             }
-            let mut bytes = vec![0u8; len + self.layout.overhead()];
+            // The empty file's block has no plaintext but is sealed.
+            let mut bytes = vec![0u8; block_len(old, index) + self.layout.overhead()];
             let n = read_up_to(&self.file, &mut bytes, self.layout.block_offset(index))?;
             bytes.truncate(n);
-            if index != last_index(old) && is_hole(&bytes) {
-                continue;
+            if index != k && is_hole(&bytes) {
+                // Kept as a hole: put back as zeros.
+                bytes.clear();
             }
             blocks.push((index, bytes));
         }
@@ -258,6 +266,7 @@ impl EncryptedFile {
             return Ok(None);
         }
         let record = Record {
+            boot: [0; 16],
             file_id: self.file_id,
             ino: std::os::unix::fs::MetadataExt::ino(&self.file.metadata()?),
             old_len: self.layout.disk_len(old),
@@ -268,19 +277,23 @@ impl EncryptedFile {
     }
 
     /// After the operation `protect` guarded: the record goes. On failure
-    /// (an I/O error, not a kill) a block cut by it is put back first; the
-    /// length stays, as the operation left it.
-    fn unprotect(&self, guard: Option<(Slot, Record)>, result: &Result<()>, size: u64) {
+    /// (an I/O error, not a kill) the kept blocks are put back and the file
+    /// cut back first: a failed write or truncate leaves the file as it
+    /// was, but for blocks it replaced whole.
+    fn unprotect(&self, guard: Option<(Slot, Record)>, result: &Result<()>, size: &mut u64) {
         let Some((slot, record)) = guard else {
             return;
         };
         if result.is_err() {
-            if let Err(e) = self.undo(&record, Some(size), false) {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not undo a failed write from the undo journal");
+            match self.undo(&record, Some(*size), false) {
+                Ok(()) => *size = self.layout.plain_len(record.old_len).unwrap_or(*size),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "could not undo a failed write from the undo journal");
+                }
             }
         }
         if let Some(journal) = &self.journal {
-            journal.finish(slot);
+            journal.finish(slot, &self.file_id);
         }
     }
 
@@ -316,7 +329,9 @@ impl EncryptedFile {
     /// would: see `tests::tear`).
     fn put(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
         #[cfg(test)]
-        tests::maybe_tear(&self.file, bytes, offset);
+        if let Some(e) = tests::maybe_tear(&self.file, bytes, offset) {
+            return Err(e);
+        }
         self.file.write_all_at(bytes, offset)
     }
 
@@ -431,7 +446,7 @@ impl EncryptedFile {
         };
         let guard = self.protect(old, &kept_blocks(&span, first, last), [(first, last), retired])?;
         let result = self.write_locked(&mut size, &span, first, last);
-        self.unprotect(guard, &result, *size);
+        self.unprotect(guard, &result, &mut size);
         result
     }
 
@@ -530,7 +545,7 @@ impl EncryptedFile {
         } else {
             self.shrink(old, new_size).map(|()| *size = new_size)
         };
-        self.unprotect(guard, &result, *size);
+        self.unprotect(guard, &result, &mut size);
         result
     }
 
@@ -622,24 +637,32 @@ impl EncryptedFile {
     }
 }
 
-/// The blocks a write rewrites in place while keeping some of their old
-/// plaintext: the first and last it covers, when it does not overwrite all
-/// their old bytes, and the old final block a growth re-seals without
-/// covering it (see [`EncryptedFile::retire_old_final`]).
+/// The blocks a write rewrites in place that the undo journal keeps: the
+/// first and last it covers, when it does not overwrite all their old
+/// bytes (holes included: they keep their zeros); in a growth the old final
+/// block, always (see [`EncryptedFile::retire_old_final`]).
 fn kept_blocks(span: &Span<'_>, first: u64, last: u64) -> Vec<u64> {
     let end = span.offset + span.data.len() as u64;
-    let mut keep = Vec::with_capacity(2);
-    for index in [first, last] {
+    let partly = |index: u64| {
         let start = index * BLOCK_SIZE as u64;
         let old_len = block_len(span.old, index) as u64;
-        let covered = span.offset <= start && end >= start + old_len;
-        if old_len > 0 && !covered && !keep.contains(&index) {
-            keep.push(index);
-        }
-    }
+        old_len > 0 && !(span.offset <= start && end >= start + old_len)
+    };
     let k = last_index(span.old);
-    if span.new > span.old && last_index(span.new) != k && k < first {
+    let mut keep = Vec::with_capacity(2);
+    if span.new > span.old {
+        // A growth rewrites the old final block whatever it covers, and an
+        // undo cuts the file back into it: always kept.
+        if first < k && partly(first) {
+            keep.push(first);
+        }
         keep.push(k);
+    } else {
+        for index in [first, last] {
+            if partly(index) && !keep.contains(&index) {
+                keep.push(index);
+            }
+        }
     }
     keep
 }
@@ -686,21 +709,32 @@ mod tests {
     }
 
     thread_local! {
-        /// A simulated kill: after `.0` more in-place writes, the next one
-        /// writes only its first `.1` bytes and the thread "dies" (panics),
-        /// so nothing after it runs (no journal slot is cleared).
-        static TEAR: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+        /// A simulated kill (or I/O error): after `skip` more in-place
+        /// writes, the next one writes only its first `cut` bytes; then the
+        /// thread "dies" (panics), so nothing after it runs (no journal slot
+        /// is cleared), or, for an I/O error, the write fails.
+        static TEAR: std::cell::Cell<Option<Tear>> = const { std::cell::Cell::new(None) };
     }
 
-    pub(super) fn maybe_tear(file: &File, bytes: &[u8], offset: u64) {
-        let Some((skip, cut)) = TEAR.get() else { return };
-        if skip > 0 {
-            TEAR.set(Some((skip - 1, cut)));
-            return;
+    #[derive(Clone, Copy, Debug)]
+    struct Tear {
+        skip: usize,
+        cut: usize,
+        kill: bool,
+    }
+
+    pub(super) fn maybe_tear(file: &File, bytes: &[u8], offset: u64) -> Option<std::io::Error> {
+        let t = TEAR.get()?;
+        if t.skip > 0 {
+            TEAR.set(Some(Tear { skip: t.skip - 1, ..t }));
+            return None;
         }
         TEAR.set(None);
-        file.write_all_at(&bytes[..cut.min(bytes.len())], offset).unwrap();
-        std::panic::resume_unwind(Box::new("simulated kill"));
+        file.write_all_at(&bytes[..t.cut.min(bytes.len())], offset).unwrap();
+        if t.kill {
+            std::panic::resume_unwind(Box::new("simulated kill"));
+        }
+        Some(std::io::Error::other("simulated I/O error"))
     }
 
     pub(super) fn crash_point(path: &Path) {
@@ -1220,146 +1254,274 @@ mod tests {
         Truncate(u64),
     }
 
+    impl Op {
+        /// The byte range the operation changes (a truncate: between the
+        /// two sizes).
+        fn range(self, size: u64) -> (u64, u64) {
+            match self {
+                Op::Write(o, n) => (o, o + n as u64),
+                Op::Truncate(n) => (n.min(size), n.max(size)),
+            }
+        }
+
+        fn run(self, f: &EncryptedFile) -> Result<()> {
+            match self {
+                Op::Write(offset, len) => f.write(offset, &vec![0xEE; len]),
+                Op::Truncate(size) => f.truncate(size),
+            }
+        }
+    }
+
     fn old_bytes() -> Vec<u8> {
         (0..3 * BLOCK_SIZE + 1000).map(|i| (i % 251) as u8 + 1).collect()
     }
 
-    /// Runs `op` on a file holding [`old_bytes`] (in a backing root with an
-    /// undo journal unless `journal` is false), killed in the middle of
-    /// its `skip`-th in-place write after `cut` bytes; then opens the file
-    /// afresh, as a restarted mount would, and returns what it reads (or
-    /// `None` when some block reads EIO) and the journal's records.
-    /// Each block's plaintext after the restart (`None`: EIO); `None` when
-    /// the file does not open.
-    type Restarted = Option<Vec<Option<Vec<u8>>>>;
+    /// A backing root with a journal (or none) and one file in it.
+    struct Bed {
+        keys: MemoryKeySource,
+        dir: tempfile::TempDir,
+        root: std::os::fd::OwnedFd,
+        journal: bool,
+    }
 
-    fn torn_run(op: Op, skip: usize, cut: usize, journal: bool) -> Option<(Restarted, usize)> {
-        use crate::journal::Journal;
-        let keys = MemoryKeySource::default();
-        let dir = tempfile::tempdir().unwrap();
-        let root = nix::fcntl::openat(
-            nix::fcntl::AT_FDCWD,
-            dir.path(),
-            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
-            nix::sys::stat::Mode::empty(),
-        )
-        .unwrap();
-        let j = || journal.then(|| Arc::new(Journal::open(&root, dir.path()).unwrap().unwrap()));
-        let path = dir.path().join("f");
-        let open = |p: &Path| {
+    impl Bed {
+        fn new(journal: bool) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let root = nix::fcntl::openat(
+                nix::fcntl::AT_FDCWD,
+                dir.path(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            Self {
+                keys: MemoryKeySource::default(),
+                dir,
+                root,
+                journal,
+            }
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("f")
+        }
+
+        fn backing(&self) -> File {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(p)
+                .open(self.path())
                 .unwrap()
-        };
-        let f = EncryptedFile::create(open(&path), path.clone(), &keys)
-            .unwrap()
-            .with_journal(j());
-        f.write(0, &old_bytes()).unwrap();
-        TEAR.set(Some((skip, cut)));
-        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op {
-            Op::Write(offset, len) => f.write(offset, &vec![0xEE; len]),
-            Op::Truncate(size) => f.truncate(size),
-        }));
-        let left = TEAR.take();
-        drop(f);
-        if killed.is_ok() {
-            assert!(left.is_some(), "{op:?}: finished without reaching the cut");
-            return None; // fewer in-place writes than `skip`
         }
-        let restarted = j();
-        let pending = restarted.as_ref().map_or(0, |j| j.usage().1);
-        let f = match EncryptedFile::open_journaled(open(&path), path.clone(), &keys, restarted) {
-            Ok(f) => f,
-            Err(_) => return Some((None, pending)),
-        };
-        let blocks = (0..=last_index(f.size()))
-            .map(|i| f.read(i * BLOCK_SIZE as u64, BLOCK_SIZE as u32).ok())
-            .collect();
-        Some((Some(blocks), pending))
+
+        fn journal(&self) -> Option<Arc<crate::journal::Journal>> {
+            self.journal.then(|| {
+                Arc::new(
+                    crate::journal::Journal::open(&self.root, self.dir.path())
+                        .unwrap()
+                        .unwrap(),
+                )
+            })
+        }
+
+        fn create(&self, contents: &[u8]) -> EncryptedFile {
+            let f = EncryptedFile::create(self.backing(), self.path(), &self.keys)
+                .unwrap()
+                .with_journal(self.journal());
+            f.write(0, contents).unwrap();
+            f
+        }
+
+        /// Opens the file as a restarted mount would.
+        fn reopen(&self) -> Result<EncryptedFile> {
+            EncryptedFile::open_journaled(self.backing(), self.path(), &self.keys, self.journal())
+        }
     }
 
-    /// FORMAT.md, "The undo journal": a kill that tears the in-place write
-    /// of a block whose old bytes a write keeps (appends into the final
-    /// block, unaligned overwrites, a growth re-sealing the old final
-    /// block, truncates) loses none of them: after the restart the file
-    /// reads exactly as before the write (or, when the tear hit a block
-    /// the write replaces whole, as before but for that write's range).
-    /// Without the journal the same tears lose fsynced bytes (EIO).
+    /// Runs `op` on `f`, killed in the middle of its `skip`-th in-place
+    /// write after `cut` bytes. Returns false if the op finished first.
+    fn kill_during(f: EncryptedFile, op: Op, skip: usize, cut: usize) -> bool {
+        TEAR.set(Some(Tear { skip, cut, kill: true }));
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.run(&f))).is_err();
+        TEAR.set(None);
+        // The dead process's file and journal go without a word (dropping
+        // them writes nothing; it releases the journal's lock, as death).
+        drop(f);
+        killed
+    }
+
+    /// Each block of the file (`None`: EIO).
+    fn blocks(f: &EncryptedFile) -> Vec<Option<Vec<u8>>> {
+        (0..=last_index(f.size()))
+            .map(|i| f.read(i * BLOCK_SIZE as u64, BLOCK_SIZE as u32).ok())
+            .collect()
+    }
+
+    /// The contract after a kill during `op` on a file of `old`: every block
+    /// reads but those the op replaces whole (which may read EIO), every
+    /// byte outside the op's range is as before, and the size is the old or
+    /// the new one.
+    fn check_after(what: &str, old: &[u8], op: Op, blocks: &[Option<Vec<u8>>]) {
+        let size = old.len() as u64;
+        let (lo, hi) = op.range(size);
+        let mut len = 0u64;
+        for (n, got) in blocks.iter().enumerate() {
+            let start = n as u64 * BLOCK_SIZE as u64;
+            let Some(got) = got else {
+                let whole = matches!(op, Op::Write(..)) && lo <= start && hi >= start + BLOCK_SIZE as u64;
+                assert!(whole, "{what}: block {n} reads EIO after the restart");
+                len = start + BLOCK_SIZE as u64;
+                continue;
+            };
+            for (j, &b) in got.iter().enumerate() {
+                let i = start + j as u64;
+                if i < lo || i >= hi {
+                    assert_eq!(b, old.get(i as usize).copied().unwrap_or(0), "{what}: byte {i}");
+                }
+            }
+            len = start + got.len() as u64;
+        }
+        let new = match op {
+            Op::Write(..) => size.max(hi),
+            Op::Truncate(n) => n,
+        };
+        assert!(
+            len == size || len == new,
+            "{what}: size {len}, neither {size} nor {new}"
+        );
+    }
+
+    const OPS: [Op; 12] = [
+        Op::Write(3 * 4096 + 1000, 100), // append inside the final block
+        Op::Write(3 * 4096 + 990, 5000), // append growing past it
+        Op::Write(6 * 4096, 10),         // growth re-sealing the old final block alone
+        Op::Write(100, 50),              // inside one block
+        Op::Write(4000, 200),            // across a block boundary
+        Op::Write(100, 40 * 4096),       // a growth of two chunks from inside block 0
+        Op::Write(0, BLOCK_SIZE),        // aligned: nothing kept
+        Op::Truncate(3 * 4096 + 1010),
+        Op::Truncate(8 * 4096 + 5),
+        Op::Truncate(5000),
+        Op::Truncate(3 * 4096 + 10),
+        Op::Truncate(0),
+    ];
+    const CUTS: [usize; 9] = [1, 100, 512, 2048, 4095, 4096, 4100, 4136 + 100, 4136 + 4095];
+
+    /// FORMAT.md, "The undo journal": a kill that tears an in-place block
+    /// write loses none of the old bytes the write kept (appends into the
+    /// final block, unaligned overwrites, a growth re-sealing the old final
+    /// block, truncates); only blocks the write replaces whole may read
+    /// EIO. Without the journal the same tears lose kept bytes.
     #[test]
     fn a_torn_block_write_is_undone_from_the_journal() {
         let old = old_bytes();
-        let size = old.len() as u64;
-        let ops = [
-            Op::Write(size, 100),                        // append inside the final block
-            Op::Write(size - 10, 5000),                  // append growing past it
-            Op::Write(size + 3 * BLOCK_SIZE as u64, 10), // growth re-sealing the old final block alone
-            Op::Write(100, 50),                          // inside one block
-            Op::Write(4000, 200),                        // across a block boundary
-            Op::Write(0, BLOCK_SIZE),                    // aligned: nothing kept, nothing journaled
-            Op::Truncate(size + 10),
-            Op::Truncate(size + 5 * BLOCK_SIZE as u64),
-            Op::Truncate(5000),
-            Op::Truncate(0),
-        ];
-        let cuts = [1, 100, 512, 2048, 4095, 4096, 4100];
-        let mut without_journal_lost = 0;
-        for op in ops {
-            let (lo, hi) = match op {
-                Op::Write(o, n) => (o, o + n as u64),
-                Op::Truncate(n) => (n.min(size), n.max(size)),
-            };
+        let mut lost_without = 0;
+        for op in OPS {
             for skip in 0..3 {
-                for cut in cuts {
-                    let Some((read, pending)) = torn_run(op, skip, cut, true) else {
-                        continue;
-                    };
+                for cut in CUTS {
                     let what = format!("{op:?}, write {skip} cut after {cut} bytes");
-                    let blocks = read.unwrap_or_else(|| panic!("{what}: the file does not open after the restart"));
-                    let mut len = 0u64;
-                    for (n, got) in blocks.iter().enumerate() {
-                        let start = n as u64 * BLOCK_SIZE as u64;
-                        let Some(got) = got else {
-                            // Only a block the write replaces whole may be
-                            // lost with the write (never answered).
-                            let whole = matches!(op, Op::Write(..)) && lo <= start && hi >= start + BLOCK_SIZE as u64;
-                            assert!(whole, "{what}: block {n} reads EIO after the restart");
-                            len = start + BLOCK_SIZE as u64;
-                            continue;
-                        };
-                        // Every byte outside the operation's range is as before.
-                        for (j, &b) in got.iter().enumerate() {
-                            let i = start + j as u64;
-                            if i < lo || i >= hi {
-                                assert_eq!(b, old.get(i as usize).copied().unwrap_or(0), "{what}: byte {i}");
-                            }
-                        }
-                        len = start + got.len() as u64;
-                    }
-                    assert!(len >= size.min(lo), "{what}: file cut to {len}");
-                    if !matches!(op, Op::Write(0, BLOCK_SIZE)) {
-                        assert!(pending > 0 || skip > 0, "{what}: no record in the journal");
-                    }
-                    // The same tear without the journal: does a block the
-                    // write only partly covers read EIO?
-                    let Some((Some(plain), _)) = torn_run(op, skip, cut, false) else {
-                        without_journal_lost += 1;
+                    let bed = Bed::new(true);
+                    if !kill_during(bed.create(&old), op, skip, cut) {
                         continue;
+                    }
+                    let f = bed
+                        .reopen()
+                        .unwrap_or_else(|e| panic!("{what}: does not open after the restart: {e}"));
+                    check_after(&what, &old, op, &blocks(&f));
+                    // The same tear without the journal.
+                    let bare = Bed::new(false);
+                    assert!(kill_during(bare.create(&old), op, skip, cut));
+                    let lost = match bare.reopen() {
+                        Err(_) => true,
+                        Ok(f) => {
+                            let b = blocks(&f);
+                            std::panic::catch_unwind(|| check_after(&what, &old, op, &b)).is_err()
+                        }
                     };
-                    let lost = plain.iter().enumerate().any(|(n, got)| {
-                        let start = n as u64 * BLOCK_SIZE as u64;
-                        got.is_none() && !(lo <= start && hi >= start + BLOCK_SIZE as u64)
-                    });
-                    without_journal_lost += usize::from(lost);
+                    lost_without += usize::from(lost);
                 }
             }
         }
         assert!(
-            without_journal_lost > 20,
-            "the tears should lose kept bytes without the journal ({without_journal_lost} runs did)"
+            lost_without > 40,
+            "without the journal only {lost_without} tears lost kept bytes"
         );
+    }
+
+    /// The review's cases: a hole the write keeps, and an older final block
+    /// left in an inner position by an earlier kill (between the two
+    /// phases of a growth), then torn by a partial overwrite.
+    #[test]
+    fn holes_and_stale_final_blocks_are_kept_too() {
+        let old = old_bytes();
+        // A hole: 5 blocks, the middle ones never written.
+        for cut in CUTS {
+            let bed = Bed::new(true);
+            let f = bed.create(&old[..100]);
+            f.truncate(5 * 4096).unwrap();
+            let mut expect = old[..100].to_vec();
+            expect.resize(5 * 4096, 0);
+            if !kill_during(f, Op::Write(4096 + 100, 10), 0, cut) {
+                continue;
+            }
+            let f = bed.reopen().unwrap();
+            check_after(&format!("hole, cut {cut}"), &expect, Op::Write(4196, 10), &blocks(&f));
+        }
+        for cut in CUTS {
+            let bed = Bed::new(true);
+            // Killed after the first phase of a growth: block 3 (the old
+            // final block) stays an older final block followed by zeros.
+            assert!(kill_during(bed.create(&old), Op::Write(8 * 4096, 10), 1, 0));
+            let f = bed.reopen().unwrap();
+            let mut expect = old.clone();
+            expect.resize(8 * 4096 + 10, 0);
+            expect[8 * 4096..].fill(0xEE);
+            assert_eq!(f.read(0, u32::MAX).unwrap(), expect, "the state between the phases");
+            if !kill_during(f, Op::Write(3 * 4096 + 10, 20), 0, cut) {
+                continue;
+            }
+            let f = bed.reopen().unwrap();
+            check_after(
+                &format!("stale final, cut {cut}"),
+                &expect,
+                Op::Write(3 * 4096 + 10, 20),
+                &blocks(&f),
+            );
+        }
+    }
+
+    /// A write that fails with an I/O error in the middle of a block (not a
+    /// kill) leaves the file as it was, in the same process.
+    #[test]
+    fn a_failed_write_is_undone_at_once() {
+        let old = old_bytes();
+        for op in OPS {
+            for cut in [100, 4100] {
+                let bed = Bed::new(true);
+                let f = bed.create(&old);
+                TEAR.set(Some(Tear {
+                    skip: 0,
+                    cut,
+                    kill: false,
+                }));
+                let r = op.run(&f);
+                TEAR.set(None);
+                if r.is_ok() {
+                    continue;
+                }
+                let what = format!("{op:?} failing after {cut} bytes");
+                check_after(&what, &old, op, &blocks(&f));
+                let kept = !matches!(op, Op::Write(0, BLOCK_SIZE));
+                if kept {
+                    assert_eq!(f.size(), old.len() as u64, "{what}: size");
+                }
+                // The journal slot is free again: a restart finds nothing.
+                drop(f);
+                let j = bed.journal().unwrap();
+                assert_eq!(j.usage().1, 0, "{what}: a record is left");
+            }
+        }
     }
 }

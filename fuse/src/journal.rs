@@ -10,7 +10,7 @@
 //! opened, which puts back the blocks that no longer authenticate
 //! ([`crate::file::EncryptedFile::open_journaled`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -36,6 +36,19 @@ pub const MAX_SLOTS: u64 = 1024;
 pub const MAX_BLOCKS: usize = 2;
 /// The largest sealed block a record holds (a version 2 block).
 const MAX_BLOCK_LEN: usize = 4096 + 40;
+/// The longest range of blocks a record may name (a FUSE write is at most
+/// 128 KiB, 33 blocks).
+pub const MAX_RANGE: u64 = 1024;
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), all zeros if it
+/// cannot be read (then no record is ever trusted across a restart: a zero
+/// boot id never matches, see [`Journal::open`]).
+pub fn boot_id() -> [u8; 16] {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|s| uuid::Uuid::parse_str(s.trim()).ok())
+        .map_or([0; 16], |u| *u.as_bytes())
+}
 
 /// What a write is about to change: the file (its id and backing inode),
 /// its backing length before the write, the two ranges of blocks (first,
@@ -43,6 +56,10 @@ const MAX_BLOCK_LEN: usize = 4096 + 40;
 /// as on disk) whose old plaintext it keeps in part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The boot the write happened in: records of another boot are
+    /// dropped (a power cut, not a kill, came between; the journal is not
+    /// fsynced and may be older than the file).
+    pub boot: [u8; 16],
     pub file_id: FileId,
     pub ino: u64,
     pub old_len: u64,
@@ -54,6 +71,7 @@ impl Record {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.blocks.iter().map(|b| b.1.len() + 10).sum::<usize>());
         out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.boot);
         out.extend_from_slice(&self.file_id);
         out.extend_from_slice(&self.ino.to_be_bytes());
         out.extend_from_slice(&self.old_len.to_be_bytes());
@@ -83,11 +101,20 @@ impl Record {
         if take(8)? != MAGIC {
             return None;
         }
+        let boot: [u8; 16] = take(16)?.try_into().ok()?;
         let file_id: FileId = take(16)?.try_into().ok()?;
         let mut u64_at = || Some(u64::from_be_bytes(take(8)?.try_into().ok()?));
         let ino = u64_at()?;
         let old_len = u64_at()?;
         let written = [(u64_at()?, u64_at()?), (u64_at()?, u64_at()?)];
+        // A write through the mount spans at most 33 blocks; a longer range
+        // is not one of ours, and would make its check read without bound.
+        if written
+            .iter()
+            .any(|&(first, last)| last < first || last - first > MAX_RANGE)
+        {
+            return None;
+        }
         let count = u16::from_be_bytes(take(2)?.try_into().ok()?) as usize;
         if count == 0 || count > MAX_BLOCKS {
             return None;
@@ -104,6 +131,7 @@ impl Record {
         let stored = take(CHECK_LEN)?;
         let body = slot.len() - rest.len() - CHECK_LEN;
         (check(&slot[..body])[..] == *stored).then_some(Self {
+            boot,
             file_id,
             ino,
             old_len,
@@ -140,6 +168,11 @@ struct State {
     free: Vec<u64>,
     /// Records found at open, by file.
     pending: HashMap<FileId, Vec<Pending>>,
+    /// Files whose records an opener is resolving: other openers wait.
+    resolving: HashSet<FileId>,
+    /// Slots whose clearing failed, by file: their records are stale
+    /// while they stay, so the file takes no write until they clear.
+    stuck: HashMap<FileId, Vec<u64>>,
     /// Whether "journal full" was logged.
     warned: bool,
 }
@@ -149,7 +182,9 @@ struct State {
 pub struct Journal {
     file: File,
     path: PathBuf,
+    boot: [u8; 16],
     state: Mutex<State>,
+    resolved: Condvar,
 }
 
 /// A slot holding the record of a write in progress: [`Journal::finish`]
@@ -157,6 +192,41 @@ pub struct Journal {
 #[derive(Debug)]
 #[must_use]
 pub struct Slot(u64);
+
+/// Held by the opener resolving a file's records; others wait until it
+/// is dropped.
+#[derive(Debug)]
+pub struct Resolving<'a> {
+    journal: &'a Journal,
+    file_id: FileId,
+    /// Whether this opener marked the file (it had records).
+    owns: bool,
+    /// The records to resolve.
+    pub records: Vec<Pending>,
+}
+
+impl Drop for Resolving<'_> {
+    fn drop(&mut self) {
+        if !self.owns {
+            return;
+        }
+        let mut s = self.journal.state.lock();
+        for p in self.records.drain(..) {
+            s.pending.entry(p.record.file_id).or_default().push(p);
+        }
+        s.resolving.remove(&self.file_id);
+        drop(s);
+        self.journal.resolved.notify_all();
+    }
+}
+
+impl Resolving<'_> {
+    /// A record was resolved: its slot is cleared and freed.
+    pub fn resolved(&mut self, index: usize) {
+        let p = self.records.remove(index);
+        self.journal.finish(Slot(p.slot), &p.record.file_id);
+    }
+}
 
 impl Journal {
     /// Opens (or creates, mode 0600) `kmsd.journal` in the backing root
@@ -188,6 +258,13 @@ impl Journal {
             Err(e) => return Err(e.into()),
         };
         let file = File::from(fd);
+        // One mount per backing directory uses it: a second one would take
+        // the first one's slots and undo its writes in progress.
+        // SAFETY: a valid descriptor; flock takes no pointers.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            tracing::error!(path = %path.display(), "the undo journal is in use by another process (is this backing directory mounted twice?): running without it");
+            return Ok(None);
+        }
         let md = file.metadata()?;
         let euid = nix::unistd::geteuid().as_raw();
         if !md.file_type().is_file() || md.uid() != euid || md.nlink() != 1 || md.mode() & 0o077 != 0 {
@@ -208,17 +285,26 @@ impl Journal {
             slots: len.div_ceil(SLOT_LEN),
             ..State::default()
         };
+        let boot = boot_id();
+        let mut other_boot = 0;
         let mut buf = vec![0u8; SLOT_LEN as usize];
         for slot in 0..state.slots {
             let n = read_up_to(&file, &mut buf, slot * SLOT_LEN)?;
+            let head = &buf[..n.min(MAGIC.len())];
             match Record::decode(&buf[..n]) {
-                Some(record) => state
-                    .pending
-                    .entry(record.file_id)
-                    .or_default()
-                    .push(Pending { slot, record }),
-                None if buf[..n].iter().all(|&b| b == 0) || buf[..8] == [0; 8] => state.free.push(slot),
-                None if buf[..MAGIC.len()] == *MAGIC => state.free.push(slot),
+                Some(record) if record.boot == boot && boot != [0; 16] => {
+                    state
+                        .pending
+                        .entry(record.file_id)
+                        .or_default()
+                        .push(Pending { slot, record });
+                }
+                Some(_) => {
+                    other_boot += 1;
+                    state.free.push(slot);
+                }
+                // Free: never used, cleared, or a record a kill tore.
+                None if head.iter().all(|&b| b == 0) || *head == MAGIC[..head.len()] => state.free.push(slot),
                 None => {
                     tracing::error!(path = %path.display(), slot, "not a journal (a slot holds something else): running without the undo journal");
                     return Ok(None);
@@ -227,6 +313,9 @@ impl Journal {
         }
         // Lowest slots first, so the file stays as small as the load.
         state.free.sort_unstable_by(|a, b| b.cmp(a));
+        if other_boot > 0 {
+            tracing::info!(path = %path.display(), records = other_boot, "undo journal: records of an earlier boot dropped (after a power cut FORMAT.md's power-loss rule applies)");
+        }
         let pending: usize = state.pending.values().map(Vec::len).sum();
         if pending > 0 {
             tracing::info!(path = %path.display(), records = pending, "undo journal holds records of writes a kill interrupted; each is resolved when its file is next opened");
@@ -234,7 +323,9 @@ impl Journal {
         Ok(Some(Self {
             file,
             path,
+            boot,
             state: Mutex::new(state),
+            resolved: Condvar::new(),
         }))
     }
 
@@ -244,10 +335,24 @@ impl Journal {
     /// # Errors
     /// The record cannot be written; the caller must not write in place.
     pub fn begin(&self, record: &Record) -> std::io::Result<Option<Slot>> {
+        let mut record = record.clone();
+        record.boot = self.boot;
         let bytes = record.encode();
         debug_assert!(bytes.len() as u64 <= SLOT_LEN);
         let slot = {
             let mut s = self.state.lock();
+            if let Some(stuck) = s.stuck.remove(&record.file_id) {
+                let (cleared, left): (Vec<u64>, Vec<u64>) = stuck
+                    .into_iter()
+                    .partition(|&slot| self.file.write_all_at(&[0u8; 8], slot * SLOT_LEN).is_ok());
+                s.free.extend(cleared);
+                if !left.is_empty() {
+                    s.stuck.insert(record.file_id, left);
+                    return Err(std::io::Error::other(
+                        "the undo journal cannot clear an earlier record of this file",
+                    ));
+                }
+            }
             match s.free.pop() {
                 Some(slot) => slot,
                 None if s.slots < MAX_SLOTS => {
@@ -265,7 +370,8 @@ impl Journal {
         match self.file.write_all_at(&bytes, slot * SLOT_LEN) {
             Ok(()) => Ok(Some(Slot(slot))),
             Err(e) => {
-                self.release(slot);
+                // Maybe half written: cleared before reuse, like any.
+                self.finish(Slot(slot), &record.file_id);
                 Err(e)
             }
         }
@@ -273,37 +379,37 @@ impl Journal {
 
     /// The write of `slot` is done: its record goes (one 8-byte write,
     /// which a signal cannot cut) and the slot is free again. If even that
-    /// fails the slot stays taken; its record is resolved after a restart.
-    pub fn finish(&self, slot: Slot) {
-        if self.file.write_all_at(&[0u8; 8], slot.0 * SLOT_LEN).is_ok() {
-            self.release(slot.0);
+    /// fails the record, now stale, must never be applied: the slot stays
+    /// taken and the file takes no more writes until it clears.
+    pub fn finish(&self, slot: Slot, file_id: &FileId) {
+        let cleared = self.file.write_all_at(&[0u8; 8], slot.0 * SLOT_LEN).is_ok();
+        let mut s = self.state.lock();
+        if cleared {
+            s.free.push(slot.0);
+        } else {
+            tracing::error!(path = %self.path.display(), "cannot clear an undo journal slot; the file's writes fail until it clears");
+            s.stuck.entry(*file_id).or_default().push(slot.0);
         }
     }
 
-    /// The records of `file_id` left by an earlier run, to resolve.
-    pub fn take(&self, file_id: &FileId) -> Vec<Pending> {
-        self.state.lock().pending.remove(file_id).unwrap_or_default()
-    }
-
-    /// Whether records of earlier runs are waiting for `file_id`.
-    pub fn has_pending(&self, file_id: &FileId) -> bool {
-        self.state.lock().pending.contains_key(file_id)
-    }
-
-    /// A pending record was resolved: its slot is cleared and freed.
-    pub fn resolved(&self, pending: Pending) {
-        self.finish(Slot(pending.slot));
-    }
-
-    /// A pending record could not be resolved now: it waits for the next
-    /// open of its file.
-    pub fn unresolved(&self, pending: Pending) {
+    /// The records of `file_id` left by an earlier run, to resolve; while
+    /// the returned guard lives, other openers of the file wait here.
+    pub fn take(&self, file_id: &FileId) -> Resolving<'_> {
         let mut s = self.state.lock();
-        s.pending.entry(pending.record.file_id).or_default().push(pending);
-    }
-
-    fn release(&self, slot: u64) {
-        self.state.lock().free.push(slot);
+        while s.resolving.contains(file_id) {
+            self.resolved.wait(&mut s);
+        }
+        let records = s.pending.remove(file_id).unwrap_or_default();
+        let owns = !records.is_empty();
+        if owns {
+            s.resolving.insert(*file_id);
+        }
+        Resolving {
+            journal: self,
+            file_id: *file_id,
+            owns,
+            records,
+        }
     }
 
     /// Slots in the file and records waiting (for tests and stats).
@@ -342,6 +448,7 @@ mod tests {
 
     fn record(id: u8, blocks: usize) -> Record {
         Record {
+            boot: boot_id(),
             file_id: [id; 16],
             ino: 77,
             old_len: 512 + 4136 + 7,
@@ -373,20 +480,23 @@ mod tests {
         let j = Journal::open(&fd, dir.path()).unwrap().unwrap();
         let done = j.begin(&record(1, 1)).unwrap().unwrap();
         let left = j.begin(&record(2, 2)).unwrap().unwrap();
-        j.finish(done);
+        j.finish(done, &[1; 16]);
         // Reused: the finished slot, not a third one.
         let again = j.begin(&record(4, 1)).unwrap().unwrap();
-        j.finish(again);
+        j.finish(again, &[4; 16]);
         assert_eq!(j.usage(), (2, 0));
         drop(left); // a kill: never finished
         drop(j);
         let j = Journal::open(&fd, dir.path()).unwrap().unwrap();
         assert_eq!(j.usage(), (2, 1));
-        assert!(j.take(&[1; 16]).is_empty());
-        let found = j.take(&[2; 16]);
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].record, record(2, 2));
-        j.resolved(found.into_iter().next().unwrap());
+        assert!(j.take(&[1; 16]).records.is_empty());
+        // Not resolved: the record waits for the next opener.
+        drop(j.take(&[2; 16]));
+        let mut found = j.take(&[2; 16]);
+        assert_eq!(found.records.len(), 1);
+        assert_eq!(found.records[0].record, record(2, 2));
+        found.resolved(0);
+        drop(found);
         drop(j);
         let j = Journal::open(&fd, dir.path()).unwrap().unwrap();
         assert_eq!(j.usage(), (2, 0));
@@ -405,6 +515,61 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; SLOT_LEN as usize]);
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", &path).unwrap();
+        assert!(Journal::open(&fd, dir.path()).unwrap().is_none());
+    }
+
+    /// A record written in another boot is dropped: a power cut came
+    /// between, and the unsynced journal may be older than the file.
+    #[test]
+    fn records_of_another_boot_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = root(dir.path());
+        let j = Journal::open(&fd, dir.path()).unwrap().unwrap();
+        let slot = j.begin(&record(5, 1)).unwrap().unwrap();
+        let _never_finished = slot;
+        drop(j);
+        // The same record as another boot wrote it.
+        let mut old = record(5, 1);
+        old.boot = [9; 16];
+        let bytes = old.encode();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(JOURNAL_FILE))
+            .unwrap();
+        f.write_all_at(&bytes, 0).unwrap();
+        let j = Journal::open(&fd, dir.path()).unwrap().unwrap();
+        assert_eq!(j.usage(), (1, 0));
+        assert!(j.take(&[5; 16]).records.is_empty());
+    }
+
+    /// Two openers of one file after a restart: the second waits until the
+    /// first has resolved the records, and then finds none.
+    #[test]
+    fn a_second_opener_waits_for_the_first_to_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = root(dir.path());
+        let j = Journal::open(&fd, dir.path()).unwrap().unwrap();
+        let _never_finished = j.begin(&record(6, 1)).unwrap().unwrap();
+        drop(j);
+        let j = Journal::open(&fd, dir.path()).unwrap().unwrap();
+        let mut first = j.take(&[6; 16]);
+        assert_eq!(first.records.len(), 1);
+        std::thread::scope(|s| {
+            let second = s.spawn(|| j.take(&[6; 16]).records.len());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert!(!second.is_finished(), "the second opener waits");
+            first.resolved(0);
+            drop(first);
+            assert_eq!(second.join().unwrap(), 0);
+        });
+    }
+
+    /// A second process on the same backing directory gets no journal.
+    #[test]
+    fn one_process_per_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = root(dir.path());
+        let _first = Journal::open(&fd, dir.path()).unwrap().unwrap();
         assert!(Journal::open(&fd, dir.path()).unwrap().is_none());
     }
 }

@@ -66,9 +66,11 @@ fn crash_loop_loses_nothing_acknowledged() {
     );
     // How often a kill cut a block's write that kept old bytes (the undo
     // journal put them back: fuse/FORMAT.md, "The undo journal").
-    let undone = d.logs().matches("undone from the undo journal").count();
+    let logs = d.logs();
+    let undone = logs.matches("undone from the undo journal").count();
+    let left = logs.matches("undo journal holds records").count();
     println!(
-        "crash loop: {cycles} cycles, {} acknowledged operations, {} blobs and {} files verified, 0 lost; {undone} torn block writes undone",
+        "crash loop: {cycles} cycles, {} acknowledged operations, {} blobs and {} files verified, 0 lost; {left} restarts found journal records, {undone} torn block writes undone",
         a.ops,
         a.blobs.len(),
         a.durable.len()
