@@ -46,6 +46,25 @@ use crate::keys::{file_context, Dek, FileId, KeySource};
 /// Blocks sealed and written per `pwrite` when a write spans many blocks.
 const CHUNK_BLOCKS: u64 = 64;
 
+/// Seals a format version 1 file may make under its data key: AES-GCM
+/// with 96-bit random nonces is bounded at 2^32 invocations (NIST SP
+/// 800-38D, 8.3); half of that, for margin. Counted in the header.
+pub const V1_SEAL_LIMIT: u64 = 1 << 31;
+/// Where a version 1 header counts its seals (bytes that earlier releases
+/// wrote as zeros and never read): a 48-bit big-endian count.
+const V1_SEALS_AT: u64 = 26;
+/// Seals reserved in the header at a time: the count on disk is always at
+/// least the seals made, so a kill never lets a file seal more than its
+/// limit; a power cut may lose the last reservation (FORMAT.md).
+const V1_RESERVE: u64 = 1 << 16;
+
+/// The seal count of a version 1 file: made so far, and reserved on disk.
+#[derive(Debug, Default)]
+struct SealCount {
+    made: u64,
+    reserved: u64,
+}
+
 /// An open encrypted file.
 #[derive(Debug)]
 pub struct EncryptedFile {
@@ -61,6 +80,9 @@ pub struct EncryptedFile {
     /// The backing directory's undo journal (FORMAT.md, "The undo
     /// journal"); `None` for files used outside a mount (tests, tools).
     journal: Option<Arc<Journal>>,
+    /// Version 1 files: seals made under the DEK (see [`V1_SEAL_LIMIT`]).
+    seals: parking_lot::Mutex<SealCount>,
+    seal_limit: u64,
 }
 
 impl EncryptedFile {
@@ -143,6 +165,15 @@ impl EncryptedFile {
                 source,
             })?;
         let mut this = Self::assemble(file, path, header.file_id, layout, &dek, size.unwrap_or(0));
+        if layout == Layout::V1 {
+            let mut count = [0u8; 8];
+            count[2..].copy_from_slice(&bytes[V1_SEALS_AT as usize..V1_SEALS_AT as usize + 6]);
+            let on_disk = u64::from_be_bytes(count);
+            *this.seals.get_mut() = SealCount {
+                made: on_disk,
+                reserved: on_disk,
+            };
+        }
         if let Some(r) = resolving.as_mut() {
             // Records of another inode with this file id (a copy made in
             // the backing directory) wait for it.
@@ -170,7 +201,48 @@ impl EncryptedFile {
             size: RwLock::new(size),
             sealed: AtomicU64::new(0),
             journal: None,
+            seals: parking_lot::Mutex::new(SealCount::default()),
+            seal_limit: V1_SEAL_LIMIT,
         }
+    }
+
+    /// Lowers the seal limit of a version 1 file (tests of the limit).
+    #[must_use]
+    pub fn with_seal_limit(mut self, limit: u64) -> Self {
+        self.seal_limit = limit;
+        self
+    }
+
+    /// Seals made under this version 1 file's DEK, as counted (0 for
+    /// version 2 files, which need no count).
+    pub fn seals_made(&self) -> u64 {
+        self.seals.lock().made
+    }
+
+    /// Before an operation of a version 1 file seals up to `n` blocks:
+    /// refuses past the limit, and reserves seals in the header ahead of
+    /// use. Version 2 files (XAES-256-GCM) need no count.
+    fn spend_seals(&self, n: u64) -> Result<()> {
+        if self.layout != Layout::V1 {
+            return Ok(());
+        }
+        let mut count = self.seals.lock();
+        let after = count.made.saturating_add(n);
+        if after > self.seal_limit {
+            return Err(Error::SealBudget {
+                path: self.path.clone(),
+            });
+        }
+        if after > count.reserved {
+            let reserved = after
+                .saturating_add(V1_RESERVE)
+                .min(self.seal_limit.max(after))
+                .min((1 << 48) - 1);
+            self.file.write_all_at(&reserved.to_be_bytes()[2..], V1_SEALS_AT)?;
+            count.reserved = reserved;
+        }
+        count.made = after;
+        Ok(())
     }
 
     /// Protects the writes of this new file with `journal` (a new file has
@@ -438,6 +510,8 @@ impl EncryptedFile {
         let first = offset / BLOCK_SIZE as u64;
         let last = (end - 1) / BLOCK_SIZE as u64;
         let span = Span { old, new, offset, data };
+        // The blocks it covers, and the old final block a growth re-seals.
+        self.spend_seals(last - first + 2)?;
         let k = last_index(old);
         let retired = if new > old && last_index(new) != k && k < first {
             (k, k)
@@ -531,6 +605,7 @@ impl EncryptedFile {
         if new_size == old {
             return Ok(());
         }
+        self.spend_seals(2)?;
         // Both rewrite one old block in place and keep its bytes: the old
         // final block (growth), the new final block (shrink).
         let kept = last_index(old.min(new_size));

@@ -410,6 +410,10 @@ impl EncryptedFs {
             }
         } else if let Error::Key { .. } = e {
             tracing::warn!(error = %describe(e), "{op}: data key unavailable");
+        } else if let Error::SealBudget { path } = e {
+            if self.first_report(path) {
+                tracing::warn!(path = %path.display(), "{op}: a format version 1 file used up its nonce budget; copy it through the mount (the copy is version 2) to write it again");
+            }
         } else {
             tracing::debug!(error = %describe(e), "{op} failed");
         }
