@@ -801,6 +801,77 @@ fn backup_wipe_restore_under_another_root_key_on_etcd() {
     }
 }
 
+/// While daemons run on the prefix, `kmsd restore` is refused even into
+/// an emptied `keys/` (each daemon keeps a key under `<prefix>leader/`),
+/// and a restore marker put under their feet makes their changes fail.
+/// With them stopped, a restore SIGKILLed half-way leaves the marker: no
+/// daemon starts, a plain second run is refused, `--resume` completes it
+/// and the fleet serves every old blob.
+#[test]
+fn restore_refused_beside_live_daemons_and_a_cut_off_restore_resumes_on_etcd() {
+    use crate::backup::{killed, restore_with};
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::start(&etcd, 2);
+    let history = make_history(&mut fleet.daemons[0].client());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, key) = (dir.path().join("fleet.kmsbak"), backup_key(dir.path(), "backup-key"));
+    backup(&fleet.daemons[0], &file, &key);
+    let config = fleet.config_file(&dir.path().join("state"));
+    let marker = "/kmsd/fleet/restoring";
+    let marked = || etcd.dump(marker).iter().any(|(k, _)| k == marker);
+
+    etcd.delete_prefix("/kmsd/fleet/keys/");
+    etcd.delete_prefix("/kmsd/fleet/names/");
+    let o = restore(&config, &file, &key);
+    assert!(
+        !o.status.success() && kms_tests::stderr(&o).contains("2 kmsd daemon(s) run on"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+    assert!(!marked(), "a refused restore leaves no marker");
+    assert!(etcd.dump("/kmsd/fleet/keys/").is_empty(), "and writes nothing");
+
+    etcd.put(marker, b"a restore");
+    let err = fleet.daemons[1].client().create_key(CreateKey::default()).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(err.to_string().contains("being restored"), "{err}");
+    etcd.delete_prefix(marker);
+
+    for d in &mut fleet.daemons {
+        assert!(d.terminate().success());
+    }
+    fleet.daemons.clear();
+    etcd.delete_prefix("/kmsd/fleet/");
+    let o = restore_with(&config, &file, &key, true, false);
+    assert!(killed(&o), "the fault point killed it: {}", kms_tests::stderr(&o));
+    assert!(marked(), "a cut-off restore leaves its marker");
+    let written = etcd.dump("/kmsd/fleet/keys/").len();
+    assert!(written > 0 && written < history.key_count(), "half-way: {written}");
+    let refused = TestDaemon::try_start_with(fleet.options()).expect_err("no daemon on a half restore");
+    assert!(
+        refused.contains("being restored") && refused.contains("--resume"),
+        "{refused}"
+    );
+    let o = restore(&config, &file, &key);
+    assert!(
+        !o.status.success() && kms_tests::stderr(&o).contains("--resume"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+    let o = restore_with(&config, &file, &key, false, true);
+    assert!(o.status.success(), "resume: {}", kms_tests::stderr(&o));
+    assert!(!marked(), "removed once whole");
+    for _ in 0..2 {
+        fleet.add();
+    }
+    for d in &fleet.daemons {
+        check_history(&mut d.client(), &history);
+    }
+}
+
 /// `kmsd migrate` moves a file store into etcd; three daemons on it unwrap
 /// every blob the file store's daemon made, with every history intact.
 #[test]

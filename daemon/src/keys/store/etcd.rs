@@ -5,7 +5,13 @@
 //! - `<prefix>keys/<id>`: the sealed record (`sealed`, as the file store
 //!   writes it); its [`Revision`] is the key's etcd `mod_revision`;
 //! - `<prefix>names/<token>`: the name index, `token` standing for the
-//!   name ([`RootKey::name_token`]), the value the sealed id.
+//!   name ([`RootKey::name_token`]), the value the sealed id;
+//! - `<prefix>leader/<lease>`: one key per running daemon, bound to its
+//!   lease (`leader.rs`; etcd's election keeps them);
+//! - `<prefix>restoring`: present while `kmsd restore` or `kmsd migrate`
+//!   fills the prefix ([`EtcdStore::open_for_restore`]). While it exists a
+//!   daemon does not open the store, and every daemon write compares that
+//!   it is absent, so that no daemon serves or changes half a zone.
 //!
 //! Every change is one transaction that compares the revision the caller
 //! read (and, for a new name, that the name is free); the store's own
@@ -24,8 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions,
-    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, KeyValue,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchResponse,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -95,6 +101,50 @@ impl EtcdStore {
     /// `Etcd` when etcd does not answer, `WrongRootKey`, `NewerSchema`,
     /// `Corrupt` for the meta; `Io` for unreadable TLS files.
     pub fn open(settings: &EtcdSettings, root: RootKey) -> Result<Self, StoreError> {
+        Self::connect(settings, root, false)
+    }
+
+    /// Opens the prefix for `kmsd restore` or `kmsd migrate`: refused while
+    /// any daemon runs on it (a key under `<prefix>leader/`) or when it
+    /// holds a key; then marked as being restored (`<prefix>restoring`,
+    /// in the same transaction as those checks). With `resume`, a prefix
+    /// that a restore left marked is emptied first (everything in it came
+    /// from that restore); without, it is refused. This store's own
+    /// writes do not compare the marker.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open); `DaemonsAlive`, `NotEmpty`, `Restoring`.
+    pub fn open_for_restore(settings: &EtcdSettings, root: RootKey, resume: bool) -> Result<Self, StoreError> {
+        let store = Self::connect_only(settings, root, true)?;
+        store.io.run(store.etcd.clone().begin_restore(resume))?;
+        let at = store.io.run(store.etcd.clone().open_meta())?;
+        *store.loaded_at.lock() = at;
+        Ok(store)
+    }
+
+    /// Removes the restore's marker: the prefix is whole and daemons may
+    /// serve it.
+    ///
+    /// # Errors
+    /// `Etcd`.
+    pub fn finish_restore(&self) -> Result<(), StoreError> {
+        let etcd = self.etcd.clone();
+        self.io.run(async move {
+            let mut kv = etcd.client.kv_client();
+            etcd.call("cannot remove the restore's marker", kv.delete(etcd.marker_key(), None))
+                .await
+                .map(drop)
+        })
+    }
+
+    fn connect(settings: &EtcdSettings, root: RootKey, restoring: bool) -> Result<Self, StoreError> {
+        let store = Self::connect_only(settings, root, restoring)?;
+        let at = store.io.run(store.etcd.clone().open_meta())?;
+        *store.loaded_at.lock() = at;
+        Ok(store)
+    }
+
+    fn connect_only(settings: &EtcdSettings, root: RootKey, restoring: bool) -> Result<Self, StoreError> {
         let io = Io::new()?;
         let endpoints = settings.endpoints.join(",");
         let options = connect_options(settings)?;
@@ -110,12 +160,12 @@ impl EtcdStore {
             root: Arc::new(root),
             own: Arc::default(),
             problem: Arc::default(),
+            restoring,
         };
-        let at = io.run(etcd.clone().open_meta())?;
         Ok(Self {
             io,
             etcd,
-            loaded_at: Mutex::new(at),
+            loaded_at: Mutex::new(0),
         })
     }
 
@@ -261,6 +311,9 @@ struct Etcd {
     own: Arc<tokio::sync::Mutex<BTreeSet<i64>>>,
     /// Why the watch is broken (etcd unreachable), while it is.
     problem: Arc<Mutex<Option<String>>>,
+    /// Whether this is a restore's store, whose writes do not compare the
+    /// restore marker (a daemon's all do).
+    restoring: bool,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -287,6 +340,114 @@ impl Etcd {
 
     fn keys_prefix(&self) -> String {
         format!("{}keys/", self.prefix)
+    }
+
+    fn names_prefix(&self) -> String {
+        format!("{}names/", self.prefix)
+    }
+
+    fn marker_key(&self) -> String {
+        format!("{}restoring", self.prefix)
+    }
+
+    /// Where the running daemons' election keys are (`leader.rs`).
+    fn daemons_prefix(&self) -> String {
+        format!("{}leader/", self.prefix)
+    }
+
+    fn restoring_error(&self) -> StoreError {
+        StoreError::Restoring {
+            place: format!("etcd prefix {}", self.prefix),
+            marker: self.marker_key(),
+        }
+    }
+
+    /// For a daemon's write: the marker is absent.
+    fn no_restore(&self) -> Option<Compare> {
+        (!self.restoring).then(|| Compare::create_revision(self.marker_key(), CompareOp::Equal, 0))
+    }
+
+    /// Whether the answer `index` of a failed transaction found the marker.
+    fn marker_found(&self, resp: &TxnResponse, index: usize) -> bool {
+        !self.restoring && first_kv(resp, index).is_some()
+    }
+
+    /// How many keys are under `prefix`: a count-only get.
+    fn count(prefix: String) -> TxnOp {
+        TxnOp::get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
+    }
+
+    /// The marker check and mark of [`EtcdStore::open_for_restore`].
+    async fn begin_restore(self, resume: bool) -> Result<(), StoreError> {
+        let marker = self.marker_key();
+        let no_daemon = Compare::create_revision(self.daemons_prefix(), CompareOp::Equal, 0).with_prefix();
+        let mut kv = self.client.kv_client();
+        let found = self
+            .call("cannot read the restore marker", kv.get(marker.clone(), None))
+            .await?;
+        let interrupted = found.kvs().first().map(KeyValue::create_revision);
+        let txn = match interrupted {
+            Some(_) if !resume => return Err(self.restoring_error()),
+            Some(created) => {
+                tracing::warn!(%marker, "an earlier restore did not finish: emptying the prefix and starting again");
+                let all = || Some(DeleteOptions::new().with_prefix());
+                Txn::new()
+                    .when([
+                        Compare::create_revision(marker.clone(), CompareOp::Equal, created),
+                        no_daemon,
+                    ])
+                    .and_then([
+                        TxnOp::delete(self.keys_prefix(), all()),
+                        TxnOp::delete(self.names_prefix(), all()),
+                        TxnOp::delete(self.meta_key(), None),
+                    ])
+            }
+            None => {
+                // A meta this root key does not open is refused before the
+                // marker is written (keys wiped, meta left).
+                let meta = self.meta_key();
+                let found = self
+                    .call("cannot read the store's meta", kv.get(meta.clone(), None))
+                    .await?;
+                if let Some(m) = found.kvs().first() {
+                    sealed::open_meta(&self.root, m.value(), &at(&meta))?;
+                }
+                let note = format!("kmsd restore (pid {}) is filling this prefix", std::process::id());
+                Txn::new()
+                    .when([
+                        Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
+                        no_daemon,
+                        Compare::create_revision(self.keys_prefix(), CompareOp::Equal, 0).with_prefix(),
+                    ])
+                    .and_then([TxnOp::put(marker.clone(), note, None)])
+            }
+        };
+        let txn = txn.or_else([
+            TxnOp::get(marker.clone(), Some(GetOptions::new().with_keys_only())),
+            Self::count(self.daemons_prefix()),
+            Self::count(self.keys_prefix()),
+        ]);
+        let resp = self.txn("cannot mark the prefix as being restored", txn).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let counts: Vec<i64> = (resp.op_responses().into_iter())
+            .map(|r| match r {
+                TxnOpResponse::Get(g) => g.count(),
+                _ => 0,
+            })
+            .collect();
+        let place = format!("etcd prefix {}", self.prefix);
+        match counts[..] {
+            [_, daemons, _] if daemons > 0 => Err(StoreError::DaemonsAlive {
+                place,
+                marker: self.daemons_prefix(),
+                count: daemons,
+            }),
+            [_, _, keys] if keys > 0 && interrupted.is_none() => Err(StoreError::NotEmpty { place, count: keys }),
+            // The marker came or went meanwhile: another restore runs.
+            _ => Err(self.restoring_error()),
+        }
     }
 
     fn key_of(&self, id: Uuid) -> String {
@@ -326,15 +487,23 @@ impl Etcd {
     async fn open_meta(self) -> Result<i64, StoreError> {
         let key = self.meta_key();
         let empty = Compare::create_revision(self.keys_prefix(), CompareOp::Equal, 0).with_prefix();
+        let mut when = vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0), empty];
+        when.extend(self.no_restore());
         let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0), empty])
+            .when(when)
             .and_then([TxnOp::put(key.clone(), sealed::seal_meta(&self.root, CURRENT), None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
+            .or_else([
+                TxnOp::get(key.clone(), None),
+                TxnOp::get(self.marker_key(), Some(GetOptions::new().with_keys_only())),
+            ]);
         let resp = self.txn("cannot read the store's meta", txn).await?;
         let revision = header_revision(&resp);
         if resp.succeeded() {
             tracing::info!(prefix = %self.prefix, "created a new key store in etcd");
             return Ok(revision);
+        }
+        if self.marker_found(&resp, 1) {
+            return Err(self.restoring_error());
         }
         let Some(kv) = first_kv(&resp, 0) else {
             return Err(StoreError::Corrupt {
@@ -419,7 +588,7 @@ impl Etcd {
         // mod_revision is the revision, known only once written.
         let value = sealed::seal_record(&self.root, 0, &record, &at(&key))?;
         let new_name = record.name.as_deref();
-        let mut when = Vec::new();
+        let mut when: Vec<Compare> = self.no_restore().into_iter().collect();
         let mut then = vec![TxnOp::put(key.clone(), value, None)];
         let old_name = match expected {
             None => {
@@ -446,10 +615,13 @@ impl Etcd {
                 then.push(TxnOp::put(name_key, name_value, None));
             }
         }
-        let txn = Txn::new().when(when).and_then(then).or_else([TxnOp::get(key, None)]);
+        let txn = Txn::new().when(when).and_then(then).or_else(self.after_refusal(key));
         let resp = self.write(format!("cannot write key {id}"), txn).await?;
         if resp.succeeded() {
             return Ok(Revision::new(header_revision(&resp) as u64));
+        }
+        if self.marker_found(&resp, 1) {
+            return Err(self.restoring_error());
         }
         let found = first_kv(&resp, 0).as_ref().map(revision_of);
         match (found == expected, new_name) {
@@ -473,19 +645,29 @@ impl Etcd {
         if let Some(name) = &old.record.name {
             then.push(TxnOp::delete(self.name_key(name), None));
         }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, etcd_rev(expected))])
-            .and_then(then)
-            .or_else([TxnOp::get(key, None)]);
+        let mut when = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, etcd_rev(expected))];
+        when.extend(self.no_restore());
+        let txn = Txn::new().when(when).and_then(then).or_else(self.after_refusal(key));
         let resp = self.write(format!("cannot delete key {id}"), txn).await?;
         if resp.succeeded() {
             return Ok(());
+        }
+        if self.marker_found(&resp, 1) {
+            return Err(self.restoring_error());
         }
         Err(StoreError::Conflict {
             id,
             expected: Some(expected),
             found: first_kv(&resp, 0).as_ref().map(revision_of),
         })
+    }
+
+    /// What a refused write reads: the record `key`, and the marker.
+    fn after_refusal(&self, key: String) -> [TxnOp; 2] {
+        [
+            TxnOp::get(key, None),
+            TxnOp::get(self.marker_key(), Some(GetOptions::new().with_keys_only())),
+        ]
     }
 
     /// Runs a writing transaction and notes its revision as this store's
