@@ -306,6 +306,73 @@ fn a_restore_cut_off_half_way_resumes_and_no_daemon_serves_it_before_on_the_file
     check_history(&mut d.client(), &history);
 }
 
+/// `kmsctl backup` killed while it writes (SIGXFSZ: the file size limit
+/// is below the backup's size) leaves no file under the backup's name, only
+/// its temporary file; a backup never replaces an existing file.
+#[test]
+fn a_backup_cut_off_while_writing_leaves_nothing_under_its_name() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let d = TestDaemon::start();
+    make_history(&mut d.client());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, key) = (dir.path().join("zone.kmsbak"), backup_key(dir.path(), "backup-key"));
+    let mut cmd = std::process::Command::new(kms_tests::bin("kmsctl"));
+    cmd.arg("--socket")
+        .arg(&d.socket)
+        .args(["backup", "--out"])
+        .arg(&file)
+        .arg("--backup-key")
+        .arg(&key);
+    let small = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: 256,
+    };
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls setrlimit, which is async-signal-safe, on rlimits it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &small) == 0 && libc::setrlimit(libc::RLIMIT_CORE, &none) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let o = cmd.output().unwrap();
+    assert_eq!(o.status.signal(), Some(libc::SIGXFSZ), "cut off while writing: {o:?}");
+    assert!(!file.exists(), "no half backup under the final name");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert_eq!(left.len(), 1, "the temporary file of the killed run: {left:?}");
+    assert!(left[0].starts_with(".zone.kmsbak."), "{left:?}");
+
+    backup(&d, &file, &key);
+    let first = std::fs::read(&file).unwrap();
+    let o = d.kmsctl(
+        &[
+            "backup",
+            "--out",
+            file.to_str().unwrap(),
+            "--backup-key",
+            key.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("never replaces"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), first, "the existing backup untouched");
+}
+
 /// A snapshot larger than the daemon's frame limit is refused with a
 /// message naming `max_frame`, and no file is left behind; with the limit
 /// raised the backup is taken.
