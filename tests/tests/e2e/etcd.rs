@@ -311,6 +311,54 @@ fn keys_created_on_one_daemon_serve_on_the_others() {
     );
 }
 
+/// A daemon whose first etcd endpoint is a killed member starts on the
+/// other two without a retry (the time it takes is printed, not asserted
+/// beyond the harness's ready timeout), its watch never breaks, and it
+/// serves changes.
+#[test]
+fn a_daemon_whose_first_etcd_endpoint_is_dead_starts_on_the_others() {
+    const RUNS: usize = 8;
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::cluster();
+    let mut fleet = Fleet::start(&etcd, 1);
+    etcd.kill(0);
+    // Member 0 may have led: the others elect a leader first (until then
+    // etcd itself is unavailable, which is not what this measures).
+    etcd.wait_healthy(Duration::from_secs(30));
+    let (mut took, mut waits, mut broken, mut why) = (Vec::new(), 0, 0, String::new());
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        fleet.add();
+        took.push(started.elapsed());
+        let logs = fleet.daemons.last().unwrap().logs();
+        waits += logs.matches("waiting for etcd before serving").count();
+        broken += logs.matches("lost etcd's change stream").count();
+        let failed =
+            |l: &&str| l.contains("waiting for etcd before serving") || l.contains("lost etcd's change stream");
+        why.extend(logs.lines().filter(failed).map(|l| format!("{l}\n")));
+        let mut c = fleet.daemons.last().unwrap().client();
+        eventually("a change through the live members", Duration::from_secs(30), || {
+            c.create_key(CreateKey::default()).is_ok()
+        });
+        fleet.daemons.pop().unwrap().terminate();
+    }
+    took.sort();
+    eprintln!(
+        "start-up with the first of 3 etcd endpoints dead ({RUNS} runs): min {:?}, median {:?}, max {:?}; \
+         {waits} start-up retries, {broken} watch breaks",
+        took[0],
+        took[RUNS / 2],
+        took[RUNS - 1]
+    );
+    assert_eq!(
+        (waits, broken),
+        (0, 0),
+        "a request given to the dead member is made again on a live one: no start-up retry, no watch break\n{why}"
+    );
+}
+
 /// Fifteen manual rotations of one key at once, five from each of three
 /// daemons: exactly the remaining allowance succeeds, the others are
 /// limit-exceeded, and the versions made are unique and contiguous.
@@ -704,6 +752,41 @@ fn the_scheduling_daemon_killed_another_takes_over_and_a_due_rotation_happens_on
     drop(late);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(fleet.leaders().len(), 1, "one leader with a newcomer");
+}
+
+/// Every daemon's election key deleted behind their backs (`etcdctl del
+/// --prefix <prefix>leader/`): each notices, campaigns again, so that
+/// within the lease TTL every daemon has a key again and exactly one leads
+/// (and goes on being the only one).
+#[test]
+fn election_keys_deleted_under_the_fleet_one_leader_remains() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::new(&etcd);
+    fleet.store.push_str(&format!("lease_ttl_secs = {LEASE_TTL}\n"));
+    for _ in 0..3 {
+        fleet.add();
+    }
+    let (first, _) = fleet.one_leader(Duration::from_secs(20));
+    let keys = || etcd.dump("/kmsd/fleet/leader/").len();
+    eventually("a key per daemon", Duration::from_secs(10), || keys() == 3);
+    etcd.delete_prefix("/kmsd/fleet/leader/");
+    let deleted = Instant::now();
+    eventually("a key per daemon again", Duration::from_secs(LEASE_TTL + 3), || {
+        keys() == 3
+    });
+    let (now, _) = fleet.one_leader(Duration::from_secs(LEASE_TTL + 3));
+    eprintln!(
+        "election keys deleted: daemon {first} led, daemon {now} leads, {:?} after the deletion (lease TTL {LEASE_TTL} s)",
+        deleted.elapsed()
+    );
+    let until = Instant::now() + Duration::from_secs(2 * LEASE_TTL);
+    while Instant::now() < until {
+        assert_eq!(fleet.leaders(), [now], "one leader, and only it");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The leader's etcd goes away: it stops leading (within the TTL), `status`

@@ -130,10 +130,14 @@ impl EtcdStore {
     pub fn finish_restore(&self) -> Result<(), StoreError> {
         let etcd = self.etcd.clone();
         self.io.run(async move {
-            let mut kv = etcd.client.kv_client();
-            etcd.call("cannot remove the restore's marker", kv.delete(etcd.marker_key(), None))
-                .await
-                .map(drop)
+            let kv = etcd.client.kv_client();
+            let marker = etcd.marker_key();
+            etcd.call("cannot remove the restore's marker", || {
+                let (mut kv, marker) = (kv.clone(), marker.clone());
+                async move { kv.delete(marker, None).await }
+            })
+            .await
+            .map(drop)
         })
     }
 
@@ -381,10 +385,7 @@ impl Etcd {
     async fn begin_restore(self, resume: bool) -> Result<(), StoreError> {
         let marker = self.marker_key();
         let no_daemon = Compare::create_revision(self.daemons_prefix(), CompareOp::Equal, 0).with_prefix();
-        let mut kv = self.client.kv_client();
-        let found = self
-            .call("cannot read the restore marker", kv.get(marker.clone(), None))
-            .await?;
+        let found = self.get("cannot read the restore marker", &marker, None).await?;
         let interrupted = found.kvs().first().map(KeyValue::create_revision);
         let txn = match interrupted {
             Some(_) if !resume => return Err(self.restoring_error()),
@@ -406,9 +407,7 @@ impl Etcd {
                 // A meta this root key does not open is refused before the
                 // marker is written (keys wiped, meta left).
                 let meta = self.meta_key();
-                let found = self
-                    .call("cannot read the store's meta", kv.get(meta.clone(), None))
-                    .await?;
+                let found = self.get("cannot read the store's meta", &meta, None).await?;
                 if let Some(m) = found.kvs().first() {
                     sealed::open_meta(&self.root, m.value(), &at(&meta))?;
                 }
@@ -463,14 +462,15 @@ impl Etcd {
         etcd_err(op, &self.endpoints, source)
     }
 
-    /// `fut`, failing as `Etcd` naming `op` when it fails or takes longer
-    /// than the request timeout.
-    async fn call<T>(
-        &self,
-        op: impl Into<String>,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+    /// The request `attempt` makes, failing as `Etcd` naming `op` when it
+    /// fails or takes longer than the request timeout; made again while it
+    /// was never sent ([`retry_unsent`]).
+    async fn call<T, F, Fut>(&self, op: impl Into<String>, attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, retry_unsent(attempt)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.err(op, e.into())),
             Err(_) => Err(self.err(op, EtcdError::Timeout(self.timeout))),
@@ -478,8 +478,26 @@ impl Etcd {
     }
 
     async fn txn(&self, op: impl Into<String>, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let mut kv = self.client.kv_client();
-        self.call(op, kv.txn(txn)).await
+        let kv = self.client.kv_client();
+        self.call(op, || {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        op: impl Into<String>,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
+        self.call(op, || {
+            let (mut kv, key, options) = (kv.clone(), key.as_bytes().to_vec(), options.clone());
+            async move { kv.get(key, options).await }
+        })
+        .await
     }
 
     /// Creates the meta in an empty prefix, or checks the one there.
@@ -528,7 +546,7 @@ impl Etcd {
     /// Every record, read in pages at one revision, and that revision.
     async fn load(self) -> Result<(Vec<Stored>, i64), StoreError> {
         let end = format!("{}keys0", self.prefix); // '0' follows '/'
-        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
+        let kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
         let (mut out, mut revision, mut next) = (Vec::new(), 0, self.keys_prefix().into_bytes());
         loop {
             let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
@@ -536,7 +554,10 @@ impl Etcd {
                 options = options.with_revision(revision);
             }
             let resp = self
-                .call("cannot read the keys", kv.get(next.clone(), Some(options)))
+                .call("cannot read the keys", || {
+                    let (mut kv, next, options) = (kv.clone(), next.clone(), options.clone());
+                    async move { kv.get(next, Some(options)).await }
+                })
                 .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
@@ -554,8 +575,7 @@ impl Etcd {
     /// The record `id`, if etcd holds it.
     async fn read(self, id: Uuid) -> Result<Option<Stored>, StoreError> {
         let key = self.key_of(id);
-        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
-        let resp = self.call(format!("cannot read key {id}"), kv.get(key, None)).await?;
+        let resp = self.get(format!("cannot read key {id}"), &key, None).await?;
         resp.kvs().first().map(|kv| self.decode(kv)).transpose()
     }
 
@@ -735,9 +755,13 @@ impl Etcd {
             .with_start_revision(*next)
             .with_prev_key()
             .with_progress_notify();
-        let mut client = self.client.watch_client().max_decoding_message_size(MAX_ANSWER);
+        let client = self.client.watch_client().max_decoding_message_size(MAX_ANSWER);
+        let prefix = self.keys_prefix();
         let mut stream = self
-            .call("cannot watch the keys", client.watch(self.keys_prefix(), Some(options)))
+            .call("cannot watch the keys", || {
+                let (mut client, prefix, options) = (client.clone(), prefix.clone(), options.clone());
+                async move { client.watch(prefix, Some(options)).await }
+            })
             .await?;
         loop {
             let message = tokio::select! {
@@ -823,6 +847,48 @@ impl Etcd {
         };
         Ok(tx.send(change).await.is_ok())
     }
+}
+
+/// Attempts of one request that was never sent (see [`retry_unsent`]).
+const UNSENT_ATTEMPTS: usize = 8;
+
+/// The request `attempt` makes, made again (up to [`UNSENT_ATTEMPTS`]
+/// times) while it fails without having been sent: etcd-client balances
+/// over lazily connected members, so a request may be handed to a member
+/// that is down and fail at its connect, while the others answer. Such a
+/// request reached no member, so making it again cannot apply it twice;
+/// any other outcome is returned as it is.
+///
+/// # Errors
+/// The last attempt's.
+pub async fn retry_unsent<T, F, Fut>(mut attempt: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(e) if tries < UNSENT_ATTEMPTS && never_sent(&e) => tries += 1,
+            done => return done,
+        }
+    }
+}
+
+/// Whether `e` says the request never left this process: the connection
+/// to the member it was given could not be made (refused, timed out).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        if s.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn header_revision(resp: &TxnResponse) -> i64 {
