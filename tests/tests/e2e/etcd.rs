@@ -1,7 +1,7 @@
 //! The etcd key store: the conformance suite on a real etcd, and fleets of
 //! real kmsd daemons sharing one etcd (a single member or three).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kms_tests::etcd::{etcd_available, Etcd};
@@ -106,6 +106,33 @@ fn a_watch_behind_a_compaction_reloads_everything() {
     }
 }
 
+/// A write that fails because etcd is down makes the store unhealthy
+/// (what `status` and `kmsd_store_up` show), though no watch runs to
+/// notice; once etcd answers again it is healthy without another write.
+#[test]
+fn a_write_that_finds_etcd_down_makes_the_store_unhealthy() {
+    let Some(mut h) = EtcdHarness::new() else { return };
+    let s = h.open();
+    assert_eq!(s.health().problem, None);
+    s.put(&conformance::record("before"), None).unwrap();
+    h.etcd.stop(0);
+    let err = s.put(&conformance::record("while down"), None).unwrap_err();
+    assert!(matches!(err, kmsd::keys::StoreError::Etcd { .. }), "{err}");
+    let problem = s.health().problem.expect("unhealthy after the failed write");
+    assert!(problem.contains("cannot write key"), "{problem}");
+    h.etcd.restart(0);
+    h.etcd.wait_healthy(Duration::from_secs(30));
+    let start = Instant::now();
+    while s.health().problem.is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "healthy again once etcd answers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.put(&conformance::record("after"), None).unwrap();
+}
+
 /// etcd holds only ciphertext and ids: no key name, description or
 /// material appears in any key or value it stores.
 #[test]
@@ -138,7 +165,6 @@ fn etcd_sees_only_ciphertext_and_ids() {
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Barrier;
-use std::time::Instant;
 
 use kms_client::blocking::BlockingClient;
 use kms_client::proto::{Context, CreateKey, ErrorCode, KeyKind, MANUAL_ROTATION_LIMIT};

@@ -164,6 +164,8 @@ impl EtcdStore {
             root: Arc::new(root),
             own: Arc::default(),
             problem: Arc::default(),
+            failed: Arc::default(),
+            probing: Arc::default(),
             restoring,
         };
         Ok(Self {
@@ -209,12 +211,13 @@ impl KeyStore for EtcdStore {
         }))
     }
 
-    /// Unhealthy while the change stream is broken: etcd does not answer,
+    /// Unhealthy while the change stream is broken, or since a request
+    /// failed for want of etcd until one succeeds: etcd does not answer,
     /// changes fail, data operations go on from memory.
     fn health(&self) -> Health {
         Health {
             backend: "etcd",
-            problem: self.etcd.problem.lock().clone(),
+            problem: (self.etcd.problem.lock().clone()).or_else(|| self.etcd.failed.lock().clone()),
         }
     }
 }
@@ -315,6 +318,12 @@ struct Etcd {
     own: Arc<tokio::sync::Mutex<BTreeSet<i64>>>,
     /// Why the watch is broken (etcd unreachable), while it is.
     problem: Arc<Mutex<Option<String>>>,
+    /// Why the last request failed for want of etcd (unreachable, timed
+    /// out), until a request succeeds.
+    failed: Arc<Mutex<Option<String>>>,
+    /// Whether a task asks etcd until it answers, to clear `failed` when
+    /// no other request comes.
+    probing: Arc<std::sync::atomic::AtomicBool>,
     /// Whether this is a restore's store, whose writes do not compare the
     /// restore marker (a daemon's all do).
     restoring: bool,
@@ -470,10 +479,45 @@ impl Etcd {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.timeout, retry_unsent(attempt)).await {
+        let result = match tokio::time::timeout(self.timeout, retry_unsent(attempt)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.err(op, e.into())),
             Err(_) => Err(self.err(op, EtcdError::Timeout(self.timeout))),
+        };
+        match &result {
+            Ok(_) => *self.failed.lock() = None,
+            Err(e) if unavailable(e) => {
+                *self.failed.lock() = Some(crate::keys::error::error_chain(e));
+                if !self.probing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    tokio::spawn(self.clone().probe());
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Asks etcd (a count of the meta key) with a backoff until it answers
+    /// or another request succeeded, then clears `failed`.
+    async fn probe(self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let mut pause = BACKOFF_MIN;
+            while self.failed.lock().is_some() {
+                tokio::time::sleep(pause).await;
+                let mut kv = self.client.kv_client();
+                let ask = kv.get(self.meta_key(), Some(GetOptions::new().with_count_only()));
+                if let Ok(Ok(_)) = tokio::time::timeout(self.timeout, ask).await {
+                    *self.failed.lock() = None;
+                }
+                pause = (pause * 2).min(BACKOFF_MAX);
+            }
+            self.probing.store(false, SeqCst);
+            // A failure noted after the loop looked, while this still
+            // counted as probing: go on.
+            if self.failed.lock().is_none() || self.probing.swap(true, SeqCst) {
+                return;
+            }
         }
     }
 
@@ -872,6 +916,23 @@ where
             Err(e) if tries < UNSENT_ATTEMPTS && never_sent(&e) => tries += 1,
             done => return done,
         }
+    }
+}
+
+/// Whether `e` says etcd could not be reached or did not answer in time
+/// (not that it refused the request).
+fn unavailable(e: &StoreError) -> bool {
+    use tonic::Code;
+    match e {
+        StoreError::Etcd { source, .. } => match source {
+            EtcdError::Timeout(_) => true,
+            EtcdError::Client(etcd_client::Error::GRpcStatus(s)) => {
+                matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+            }
+            EtcdError::Client(etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)) => true,
+            _ => false,
+        },
+        _ => false,
     }
 }
 
