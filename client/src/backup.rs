@@ -11,8 +11,9 @@
 //!
 //! One AEAD over the whole snapshot: a flipped bit anywhere, a truncated
 //! file or another key fails to open, and nothing of it is used. The
-//! backup key is 32 random bytes in a file of its own (mode 0600), never
-//! the root key, so that a backup can be kept apart from the hosts.
+//! backup key is 32 random bytes in a file of its own (mode 0600, owned by
+//! the caller or root), never the root key, so that a backup can be kept
+//! apart from the hosts.
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -64,10 +65,18 @@ pub enum KeyFileError {
     Insecure { path: std::path::PathBuf, mode: u32 },
     #[error("backup key {path} is not a regular file")]
     NotAFile { path: std::path::PathBuf },
+    #[error("backup key {path} belongs to uid {owner}, neither this user (uid {me}) nor root; fix it with: chown {me} {path}")]
+    Owner {
+        path: std::path::PathBuf,
+        owner: u32,
+        me: u32,
+    },
 }
 
 /// Reads a backup key file: a regular file (not a symlink, FIFO or
-/// device) of exactly [`KEY_LEN`] bytes, readable by its owner only.
+/// device) of exactly [`KEY_LEN`] bytes, readable by its owner only, and
+/// owned by the caller (effective uid) or root, as ssh requires of a
+/// private key: a key another user owns, that user can change or swap.
 ///
 /// # Errors
 /// [`KeyFileError`].
@@ -85,6 +94,14 @@ pub fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyFileErr
     if !meta.file_type().is_file() {
         return Err(KeyFileError::NotAFile {
             path: path.to_path_buf(),
+        });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(KeyFileError::Owner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
         });
     }
     let mode = meta.mode() & 0o7777;
@@ -166,6 +183,40 @@ mod tests {
             .unwrap();
         assert!(made.success());
         assert!(matches!(read_key_file(&fifo), Err(KeyFileError::NotAFile { .. })));
+    }
+
+    /// A key file another user owns is refused, whatever its mode; the
+    /// caller's own (here root's) is read. Needs root to give a file away.
+    #[test]
+    fn key_files_owned_by_another_user_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test gives a file to another user: run it as root under CI"
+            );
+            eprintln!("skipping: not root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, [7u8; KEY_LEN]).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(*read_key_file(&key).unwrap(), [7u8; KEY_LEN]);
+        let nobody = Some(nix::unistd::Uid::from_raw(65534));
+        nix::unistd::chown(&key, nobody, None).unwrap();
+        match read_key_file(&key) {
+            Err(
+                e @ KeyFileError::Owner {
+                    owner: 65534, me: 0, ..
+                },
+            ) => {
+                assert!(e.to_string().contains("chown 0"), "{e}")
+            }
+            other => panic!("a key of uid 65534 read by root: {other:?}"),
+        }
+        nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        assert!(read_key_file(&key).is_ok());
     }
 
     #[test]

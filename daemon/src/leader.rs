@@ -10,7 +10,11 @@
 //! candidate leads. A leader that cannot renew (etcd unreachable, lease
 //! gone) stops leading at once, before the lease can have expired at etcd:
 //! it steps down when its last renewal etcd confirmed is
-//! [`STEP_DOWN`] of the TTL old. Leadership is not what keeps work exactly
+//! [`STEP_DOWN`] of the TTL old. A leader also watches its own election
+//! key: deleted by hand (`etcdctl del --prefix`), it steps down at once and
+//! campaigns again with a new lease, so that the daemons that campaign
+//! again elect one leader and every running daemon has a key there again
+//! (`kmsd restore` counts them). Leadership is not what keeps work exactly
 //! once (two daemons may both lead for a moment across a partition): every
 //! write is a compare-and-swap on the record's revision, and due work is
 //! decided again on the record read back after a conflict.
@@ -23,13 +27,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchResponse, WatchStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::error::error_chain;
-use crate::keys::store::{etcd_connect_options, EtcdSettings, StoreError};
+use crate::keys::store::{etcd_connect_options, retry_unsent, EtcdSettings, StoreError};
 
 /// Fraction of the TTL after the last confirmed renewal at which a leader
 /// steps down (the lease lives at least a TTL after it).
@@ -164,8 +168,10 @@ enum TermError {
     LeaseGone,
     #[error("no lease renewal confirmed by etcd for {0:?}")]
     Silent(Duration),
-    #[error("etcd ended the lease's keep-alive stream")]
+    #[error("etcd ended the lease's keep-alive stream or the watch of the election key")]
     Closed,
+    #[error("this daemon's election key was deleted (not by its lease's expiry)")]
+    KeyGone,
 }
 
 impl Election {
@@ -186,8 +192,9 @@ impl Election {
                 () = shutdown.cancelled() => break,
             }
             pause = match e {
-                // The lease ran out under a live connection: at once.
-                TermError::LeaseGone => BACKOFF_MIN,
+                // The lease ran out, or the key was deleted, under a live
+                // connection: at once.
+                TermError::LeaseGone | TermError::KeyGone => BACKOFF_MIN,
                 _ => (pause * 2).min(BACKOFF_MAX),
             };
         }
@@ -226,22 +233,43 @@ impl Election {
         }
         let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let granted_at = Instant::now();
-        let id = c.lease_client().grant(ttl_secs, None).await?.id();
+        let id = retry_unsent(|| {
+            let mut leases = c.lease_client();
+            async move { leases.grant(ttl_secs, None).await }
+        })
+        .await?
+        .id();
         *lease = Some(id);
-        let (mut keeper, mut answers) = c.lease_client().keep_alive(id).await?;
+        let (mut keeper, mut answers) = retry_unsent(|| {
+            let mut leases = c.lease_client();
+            async move { leases.keep_alive(id).await }
+        })
+        .await?;
         let mut renewal = Renewal::new(self.ttl, granted_at);
         let mut ticks = tokio::time::interval(self.ttl / RENEWALS_PER_TTL);
-        let mut election = c.election_client();
-        let campaign = election.campaign(self.name.clone(), self.who.clone(), id);
+        let campaign = retry_unsent(|| {
+            let (mut election, name, who) = (c.election_client(), self.name.clone(), self.who.clone());
+            async move { election.campaign(name, who, id).await }
+        });
         tokio::pin!(campaign);
-        let mut leading = false;
+        // Set once leading: the watch of this daemon's election key.
+        let mut own: Option<WatchStream> = None;
         loop {
             tokio::select! {
-                won = &mut campaign, if !leading => {
-                    won?;
-                    leading = true;
+                won = &mut campaign, if own.is_none() => {
+                    let key = won?.leader().map(|l| l.key().to_vec()).ok_or(TermError::KeyGone)?;
+                    own = Some(watch_own_key(&c, key).await?);
                     self.tx.send_replace(true);
                     tracing::info!(election = %self.name, who = %self.who, "this daemon now runs the zone's scheduled rotations, deletions and replication");
+                }
+                event = next_message(own.as_mut()) => {
+                    let resp = event?.ok_or(TermError::Closed)?;
+                    if resp.canceled() || resp.compact_revision() > 0 {
+                        return Err(TermError::Closed);
+                    }
+                    if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                        return Err(TermError::KeyGone);
+                    }
                 }
                 _ = ticks.tick() => {
                     keeper.keep_alive().await?;
@@ -257,6 +285,36 @@ impl Election {
                 }
             }
         }
+    }
+}
+
+/// The watch of this daemon's election `key`, won a moment ago: it must
+/// still exist (a deletion before the campaign returned is caught here),
+/// and any later deletion shows in the watch, which starts just after the
+/// revision at which it was read.
+async fn watch_own_key(c: &Client, key: Vec<u8>) -> Result<WatchStream, TermError> {
+    let read = retry_unsent(|| {
+        let (mut kv, key) = (c.kv_client(), key.clone());
+        async move { kv.get(key, Some(GetOptions::new().with_keys_only())).await }
+    })
+    .await?;
+    if read.kvs().is_empty() {
+        return Err(TermError::KeyGone);
+    }
+    let from = read.header().map_or(0, |h| h.revision()) + 1;
+    let options = WatchOptions::new().with_start_revision(from);
+    Ok(retry_unsent(|| {
+        let (mut w, key, options) = (c.watch_client(), key.clone(), options.clone());
+        async move { w.watch(key, Some(options)).await }
+    })
+    .await?)
+}
+
+/// The next message of `watch`, or never without one.
+async fn next_message(watch: Option<&mut WatchStream>) -> Result<Option<WatchResponse>, etcd_client::Error> {
+    match watch {
+        Some(w) => w.message().await,
+        None => std::future::pending().await,
     }
 }
 

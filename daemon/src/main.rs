@@ -43,10 +43,19 @@ enum Command {
         /// The 32-byte backup key file the backup was made with.
         #[arg(long, value_name = "KEYFILE")]
         backup_key: PathBuf,
+        /// Finish a restore that was cut off: empty the store it left
+        /// marked as being restored and fill it from the start.
+        #[arg(long)]
+        resume: bool,
     },
     /// Copy the file store in state_dir into the empty etcd prefix that
     /// --config's [store] names. Run it with kmsd stopped.
-    Migrate,
+    Migrate {
+        /// Finish a migration that was cut off: empty the etcd prefix it
+        /// left marked and fill it from the start.
+        #[arg(long)]
+        resume: bool,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -82,11 +91,18 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let (who, done) = match &args.command {
         Some(Command::Mount(m)) => ("kmsd mount", mount(m)),
-        Some(Command::Restore { from, backup_key }) => (
+        Some(Command::Restore {
+            from,
+            backup_key,
+            resume,
+        }) => (
             "kmsd restore",
-            offline(&args, |cfg| kmsd::restore::restore(cfg, from, backup_key)),
+            offline(&args, |cfg| kmsd::restore::restore(cfg, from, backup_key, *resume)),
         ),
-        Some(Command::Migrate) => ("kmsd migrate", offline(&args, kmsd::restore::migrate)),
+        Some(Command::Migrate { resume }) => (
+            "kmsd migrate",
+            offline(&args, |cfg| kmsd::restore::migrate(cfg, *resume)),
+        ),
         None => ("kmsd", start(&args)),
     };
     match done {

@@ -14,14 +14,19 @@
 //!   they are.
 //!
 //! Records keep everything (versions and their material, origins, epoch,
-//! serial, replicas, tombstones); only the store's revisions are new. A
-//! run cut off half-way leaves a store that is not empty: empty it (remove
-//! `state_dir/keys` and `store.meta`, or `etcdctl del --prefix PREFIX`) and
-//! run again.
+//! serial, replicas, tombstones); only the store's revisions are new.
+//!
+//! The target is refused while a daemon runs on it (the file store's lock;
+//! in etcd, a key under `<prefix>leader/`: every running daemon keeps one)
+//! and when it holds a key. It is marked as being restored (the file
+//! `state_dir/restoring`, or the etcd key `<prefix>restoring`) before the
+//! first record is written, and the mark is removed after the last: no
+//! daemon starts on a marked store. A run cut off half-way leaves the
+//! mark; running again with `--resume` empties the store and fills it from
+//! the start.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use kms_client::backup::{self, BackupError, KeyFileError, MAX_FILE_LEN};
 
@@ -67,8 +72,6 @@ pub enum RestoreError {
         #[source]
         source: StoreError,
     },
-    #[error("{target} already holds {count} key(s); restore and migrate fill only an empty store (stop kmsd, empty it, run again)")]
-    NotEmpty { target: String, count: usize },
     #[error("{0}")]
     Usage(String),
 }
@@ -88,7 +91,7 @@ pub struct Report {
 /// # Errors
 /// [`RestoreError`]; everything about the backup is checked before the
 /// store is opened.
-pub fn restore(cfg: &Config, from: &Path, key_file: &Path) -> Result<Report, RestoreError> {
+pub fn restore(cfg: &Config, from: &Path, key_file: &Path, resume: bool) -> Result<Report, RestoreError> {
     let key = backup::read_key_file(key_file)?;
     let sealed = read_bounded(from)?;
     let plain = backup::open(&key, &sealed).map_err(|source| RestoreError::Backup {
@@ -106,8 +109,8 @@ pub fn restore(cfg: &Config, from: &Path, key_file: &Path) -> Result<Report, Res
         });
     }
     let root = load_root(cfg)?;
-    let (store, target) = open_target(cfg, root)?;
-    fill(&*store, &target, &snap.records)?;
+    let (store, target) = open_target(cfg, root, resume)?;
+    fill(&store, &target, &snap.records)?;
     tracing::info!(%target, keys = snap.records.len(), taken_at = snap.taken_at, "backup restored");
     Ok(Report {
         target,
@@ -121,7 +124,7 @@ pub fn restore(cfg: &Config, from: &Path, key_file: &Path) -> Result<Report, Res
 /// # Errors
 /// [`RestoreError`]: not an etcd configuration, the file store cannot be
 /// read (locked by a running kmsd, wrong root key), etcd not empty.
-pub fn migrate(cfg: &Config) -> Result<Report, RestoreError> {
+pub fn migrate(cfg: &Config, resume: bool) -> Result<Report, RestoreError> {
     if cfg.store.backend != Backend::Etcd {
         return Err(RestoreError::Usage(
             "kmsd migrate moves the file store in state_dir into etcd: the configuration must say \
@@ -149,8 +152,8 @@ pub fn migrate(cfg: &Config) -> Result<Report, RestoreError> {
             dir.display()
         )));
     }
-    let (store, target) = open_etcd(cfg, load_root(cfg)?)?;
-    fill(&*store, &target, &records)?;
+    let (store, target) = open_etcd(cfg, load_root(cfg)?, resume)?;
+    fill(&store, &target, &records)?;
     tracing::info!(%target, keys = records.len(), from = %dir.display(), "file store migrated into etcd");
     Ok(Report {
         target,
@@ -183,47 +186,78 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, RestoreError> {
     Ok(bytes)
 }
 
-fn open_target(cfg: &Config, root: RootKey) -> Result<(Arc<dyn KeyStore>, String), RestoreError> {
+/// A store being filled, marked as being restored until [`finish`].
+enum Target {
+    File(Box<FileStore>),
+    Etcd(Box<EtcdStore>),
+}
+
+impl Target {
+    fn store(&self) -> &dyn KeyStore {
+        match self {
+            Self::File(s) => &**s,
+            Self::Etcd(s) => &**s,
+        }
+    }
+
+    fn finish(&self) -> Result<(), StoreError> {
+        match self {
+            Self::File(s) => s.finish_restore(),
+            Self::Etcd(s) => s.finish_restore(),
+        }
+    }
+}
+
+fn open_target(cfg: &Config, root: RootKey, resume: bool) -> Result<(Target, String), RestoreError> {
     match cfg.store.backend {
         Backend::File => {
             let dir = &cfg.state_dir;
-            let store = FileStore::open(dir, root).map_err(|source| RestoreError::Store {
-                what: format!("cannot open the file store {}", dir.display()),
+            let store = FileStore::open_for_restore(dir, root, resume).map_err(|source| RestoreError::Store {
+                what: format!("cannot restore into the file store {}", dir.display()),
                 source,
             })?;
-            Ok((Arc::new(store), format!("file store {}", dir.display())))
+            Ok((Target::File(Box::new(store)), format!("file store {}", dir.display())))
         }
-        Backend::Etcd => open_etcd(cfg, root),
+        Backend::Etcd => open_etcd(cfg, root, resume),
     }
 }
 
-fn open_etcd(cfg: &Config, root: RootKey) -> Result<(Arc<dyn KeyStore>, String), RestoreError> {
+fn open_etcd(cfg: &Config, root: RootKey, resume: bool) -> Result<(Target, String), RestoreError> {
     let settings = cfg.etcd_settings();
     let target = format!("etcd prefix {}", settings.prefix);
-    let store = EtcdStore::open(&settings, root).map_err(|source| RestoreError::Store {
-        what: format!("cannot open {target}"),
+    let store = EtcdStore::open_for_restore(&settings, root, resume).map_err(|source| RestoreError::Store {
+        what: format!("cannot fill {target}"),
         source,
     })?;
-    Ok((Arc::new(store), target))
+    Ok((Target::Etcd(Box::new(store)), target))
 }
 
-/// Writes every record into `store`, which must hold none.
-fn fill(store: &dyn KeyStore, target: &str, records: &[KeyRecord]) -> Result<(), RestoreError> {
-    let held = store.load().map_err(|source| RestoreError::Store {
-        what: format!("cannot read {target}"),
-        source,
-    })?;
-    if !held.is_empty() {
-        return Err(RestoreError::NotEmpty {
-            target: target.to_string(),
-            count: held.len(),
-        });
-    }
-    for r in records {
-        store.put(r, None).map_err(|source| RestoreError::Store {
-            what: format!("cannot write key {} into {target}", r.id),
+/// Writes every record into `target` (checked empty and marked when
+/// opened), then removes its mark.
+fn fill(target: &Target, name: &str, records: &[KeyRecord]) -> Result<(), RestoreError> {
+    for (i, r) in records.iter().enumerate() {
+        fault_half_way(i, records.len());
+        target.store().put(r, None).map_err(|source| RestoreError::Store {
+            what: format!("cannot write key {} into {name}", r.id),
             source,
         })?;
     }
-    Ok(())
+    target.finish().map_err(|source| RestoreError::Store {
+        what: format!("cannot mark {name} as restored"),
+        source,
+    })
 }
+
+/// Test hook (`KMSDTEST_FAULT=kill-mid-restore`), compiled in only with the
+/// `test-faults` feature: SIGKILL this process when half of the records
+/// are written.
+#[cfg(feature = "test-faults")]
+fn fault_half_way(written: usize, total: usize) {
+    if written == total / 2 && std::env::var("KMSDTEST_FAULT").is_ok_and(|v| v == "kill-mid-restore") {
+        tracing::warn!(written, total, "test fault: SIGKILL half-way through the restore");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[cfg(not(feature = "test-faults"))]
+fn fault_half_way(_written: usize, _total: usize) {}

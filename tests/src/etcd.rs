@@ -314,6 +314,21 @@ impl Etcd {
             .collect()
     }
 
+    /// Writes `key` = `value` (as any etcd client may), through the JSON
+    /// gateway.
+    pub fn put(&self, key: &str, value: &[u8]) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let m = self
+            .members
+            .iter()
+            .find(|m| m.child.is_some())
+            .expect("a running member");
+        let req = format!(r#"{{"key":"{}","value":"{}"}}"#, b64.encode(key), b64.encode(value));
+        let (code, body) = http(m.client, "/v3/kv/put", &req).expect("put");
+        assert_eq!(code, 200, "put: {body}");
+    }
+
     /// Deletes every key under `prefix` (wipes a store), through the JSON
     /// gateway.
     pub fn delete_prefix(&self, prefix: &str) {

@@ -451,8 +451,14 @@ pub const CALL_DEADLINE: Duration = Duration::from_secs(120);
 /// Runs `kmsd ARGS...` to its end (restore, migrate), with a deadline of
 /// [`CALL_DEADLINE`].
 pub fn kmsd_offline(args: &[&std::ffi::OsStr]) -> Output {
+    kmsd_offline_with(args, &[])
+}
+
+/// [`kmsd_offline`] with `env` added (e.g. a `KMSDTEST_FAULT`).
+pub fn kmsd_offline_with(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(bin("kmsd"))
         .args(args)
+        .envs(env.iter().copied())
         .env_remove("KMSD_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

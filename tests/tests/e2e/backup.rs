@@ -19,6 +19,13 @@ pub(crate) struct History {
     keys: Vec<(KeyInfo, Vec<RotationEntry>)>,
 }
 
+impl History {
+    /// How many keys it holds.
+    pub(crate) fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+}
+
 /// Creates keys `k0..k3` (key `ki` rotated `i` times, a blob wrapped at
 /// every version), one key pending deletion, one without automatic
 /// rotation, and a blob of the default key; returns what must survive.
@@ -218,6 +225,152 @@ fn backup_wipe_restore_under_another_root_key_on_the_file_store() {
     // And it goes on: the restored keys rotate.
     let info = d.client().rotate_key("k3").unwrap().unwrap();
     assert_eq!(info.active_version, 5);
+}
+
+/// `kmsd restore` with `KMSDTEST_FAULT=kill-mid-restore` (SIGKILLed when
+/// half of the records are written), and with `--resume` if asked.
+pub(crate) fn restore_with(config: &Path, from: &Path, key: &Path, fault: bool, resume: bool) -> std::process::Output {
+    let mut args = vec![
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("restore"),
+        OsStr::new("--from"),
+        from.as_os_str(),
+        OsStr::new("--backup-key"),
+        key.as_os_str(),
+    ];
+    if resume {
+        args.push(OsStr::new("--resume"));
+    }
+    let env: &[(&str, &str)] = if fault {
+        &[("KMSDTEST_FAULT", "kill-mid-restore")]
+    } else {
+        &[]
+    };
+    kms_tests::kmsd_offline_with(&args, env)
+}
+
+/// Whether `o` ended by SIGKILL.
+pub(crate) fn killed(o: &std::process::Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    o.status.signal() == Some(libc::SIGKILL)
+}
+
+/// A restore into a state directory a daemon holds is refused. A restore
+/// SIGKILLed half-way leaves `state_dir/restoring`: the daemon refuses to
+/// start and says to resume, a plain second run is refused too, and
+/// `--resume` completes it: every old blob unwraps.
+#[test]
+fn a_restore_cut_off_half_way_resumes_and_no_daemon_serves_it_before_on_the_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, state) = (dir.path().join("root-key"), dir.path().join("state"));
+    write_root_key(&root);
+    let opts = DaemonOptions {
+        root_key: Some(root.clone()),
+        state_dir: Some(state.clone()),
+        ..DaemonOptions::default()
+    };
+    let mut d = TestDaemon::start_with(opts.clone());
+    let history = make_history(&mut d.client());
+    let (file, key) = (dir.path().join("zone.kmsbak"), backup_key(dir.path(), "backup-key"));
+    backup(&d, &file, &key);
+    let o = restore(&d.config, &file, &key);
+    assert!(
+        !o.status.success() && stderr(&o).contains("in use by another kmsd"),
+        "not while a daemon runs: {}",
+        stderr(&o)
+    );
+    assert!(d.terminate().success());
+    std::fs::remove_dir_all(&state).unwrap();
+    let marker = state.join("restoring");
+
+    let o = restore_with(&d.config, &file, &key, true, false);
+    assert!(killed(&o), "the fault point killed it: {}", stderr(&o));
+    assert!(marker.exists(), "a cut-off restore leaves its marker");
+    let written = key_files(&state);
+    assert!(
+        written > 0 && written < history.key_count(),
+        "half-way: {written} key files"
+    );
+    let refused = TestDaemon::try_start_with(opts.clone()).expect_err("no daemon on a half restore");
+    assert!(
+        refused.contains("being restored") && refused.contains("--resume"),
+        "{refused}"
+    );
+    let o = restore(&d.config, &file, &key);
+    assert!(!o.status.success() && stderr(&o).contains("--resume"), "{}", stderr(&o));
+    let o = restore_with(&d.config, &file, &key, false, true);
+    assert!(o.status.success(), "resume: {}", stderr(&o));
+    assert!(!marker.exists(), "removed once whole");
+    d.restart();
+    check_history(&mut d.client(), &history);
+}
+
+/// `kmsctl backup` killed while it writes (SIGXFSZ: the file size limit
+/// is below the backup's size) leaves no file under the backup's name, only
+/// its temporary file; a backup never replaces an existing file.
+#[test]
+fn a_backup_cut_off_while_writing_leaves_nothing_under_its_name() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let d = TestDaemon::start();
+    make_history(&mut d.client());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, key) = (dir.path().join("zone.kmsbak"), backup_key(dir.path(), "backup-key"));
+    let mut cmd = std::process::Command::new(kms_tests::bin("kmsctl"));
+    cmd.arg("--socket")
+        .arg(&d.socket)
+        .args(["backup", "--out"])
+        .arg(&file)
+        .arg("--backup-key")
+        .arg(&key);
+    let small = libc::rlimit {
+        rlim_cur: 256,
+        rlim_max: 256,
+    };
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls setrlimit, which is async-signal-safe, on rlimits it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &small) == 0 && libc::setrlimit(libc::RLIMIT_CORE, &none) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let o = cmd.output().unwrap();
+    assert_eq!(o.status.signal(), Some(libc::SIGXFSZ), "cut off while writing: {o:?}");
+    assert!(!file.exists(), "no half backup under the final name");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert_eq!(left.len(), 1, "the temporary file of the killed run: {left:?}");
+    assert!(left[0].starts_with(".zone.kmsbak."), "{left:?}");
+
+    backup(&d, &file, &key);
+    let first = std::fs::read(&file).unwrap();
+    let o = d.kmsctl(
+        &[
+            "backup",
+            "--out",
+            file.to_str().unwrap(),
+            "--backup-key",
+            key.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("never replaces"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), first, "the existing backup untouched");
 }
 
 /// A snapshot larger than the daemon's frame limit is refused with a

@@ -1,7 +1,7 @@
 //! The etcd key store: the conformance suite on a real etcd, and fleets of
 //! real kmsd daemons sharing one etcd (a single member or three).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kms_tests::etcd::{etcd_available, Etcd};
@@ -106,6 +106,33 @@ fn a_watch_behind_a_compaction_reloads_everything() {
     }
 }
 
+/// A write that fails because etcd is down makes the store unhealthy
+/// (what `status` and `kmsd_store_up` show), though no watch runs to
+/// notice; once etcd answers again it is healthy without another write.
+#[test]
+fn a_write_that_finds_etcd_down_makes_the_store_unhealthy() {
+    let Some(mut h) = EtcdHarness::new() else { return };
+    let s = h.open();
+    assert_eq!(s.health().problem, None);
+    s.put(&conformance::record("before"), None).unwrap();
+    h.etcd.stop(0);
+    let err = s.put(&conformance::record("while down"), None).unwrap_err();
+    assert!(matches!(err, kmsd::keys::StoreError::Etcd { .. }), "{err}");
+    let problem = s.health().problem.expect("unhealthy after the failed write");
+    assert!(problem.contains("cannot write key"), "{problem}");
+    h.etcd.restart(0);
+    h.etcd.wait_healthy(Duration::from_secs(30));
+    let start = Instant::now();
+    while s.health().problem.is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "healthy again once etcd answers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.put(&conformance::record("after"), None).unwrap();
+}
+
 /// etcd holds only ciphertext and ids: no key name, description or
 /// material appears in any key or value it stores.
 #[test]
@@ -138,7 +165,6 @@ fn etcd_sees_only_ciphertext_and_ids() {
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Barrier;
-use std::time::Instant;
 
 use kms_client::blocking::BlockingClient;
 use kms_client::proto::{Context, CreateKey, ErrorCode, KeyKind, MANUAL_ROTATION_LIMIT};
@@ -308,6 +334,54 @@ fn keys_created_on_one_daemon_serve_on_the_others() {
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         latencies.last().unwrap()
+    );
+}
+
+/// A daemon whose first etcd endpoint is a killed member starts on the
+/// other two without a retry (the time it takes is printed, not asserted
+/// beyond the harness's ready timeout), its watch never breaks, and it
+/// serves changes.
+#[test]
+fn a_daemon_whose_first_etcd_endpoint_is_dead_starts_on_the_others() {
+    const RUNS: usize = 8;
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::cluster();
+    let mut fleet = Fleet::start(&etcd, 1);
+    etcd.kill(0);
+    // Member 0 may have led: the others elect a leader first (until then
+    // etcd itself is unavailable, which is not what this measures).
+    etcd.wait_healthy(Duration::from_secs(30));
+    let (mut took, mut waits, mut broken, mut why) = (Vec::new(), 0, 0, String::new());
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        fleet.add();
+        took.push(started.elapsed());
+        let logs = fleet.daemons.last().unwrap().logs();
+        waits += logs.matches("waiting for etcd before serving").count();
+        broken += logs.matches("lost etcd's change stream").count();
+        let failed =
+            |l: &&str| l.contains("waiting for etcd before serving") || l.contains("lost etcd's change stream");
+        why.extend(logs.lines().filter(failed).map(|l| format!("{l}\n")));
+        let mut c = fleet.daemons.last().unwrap().client();
+        eventually("a change through the live members", Duration::from_secs(30), || {
+            c.create_key(CreateKey::default()).is_ok()
+        });
+        fleet.daemons.pop().unwrap().terminate();
+    }
+    took.sort();
+    eprintln!(
+        "start-up with the first of 3 etcd endpoints dead ({RUNS} runs): min {:?}, median {:?}, max {:?}; \
+         {waits} start-up retries, {broken} watch breaks",
+        took[0],
+        took[RUNS / 2],
+        took[RUNS - 1]
+    );
+    assert_eq!(
+        (waits, broken),
+        (0, 0),
+        "a request given to the dead member is made again on a live one: no start-up retry, no watch break\n{why}"
     );
 }
 
@@ -706,6 +780,41 @@ fn the_scheduling_daemon_killed_another_takes_over_and_a_due_rotation_happens_on
     assert_eq!(fleet.leaders().len(), 1, "one leader with a newcomer");
 }
 
+/// Every daemon's election key deleted behind their backs (`etcdctl del
+/// --prefix <prefix>leader/`): each notices, campaigns again, so that
+/// within the lease TTL every daemon has a key again and exactly one leads
+/// (and goes on being the only one).
+#[test]
+fn election_keys_deleted_under_the_fleet_one_leader_remains() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::new(&etcd);
+    fleet.store.push_str(&format!("lease_ttl_secs = {LEASE_TTL}\n"));
+    for _ in 0..3 {
+        fleet.add();
+    }
+    let (first, _) = fleet.one_leader(Duration::from_secs(20));
+    let keys = || etcd.dump("/kmsd/fleet/leader/").len();
+    eventually("a key per daemon", Duration::from_secs(10), || keys() == 3);
+    etcd.delete_prefix("/kmsd/fleet/leader/");
+    let deleted = Instant::now();
+    eventually("a key per daemon again", Duration::from_secs(LEASE_TTL + 3), || {
+        keys() == 3
+    });
+    let (now, _) = fleet.one_leader(Duration::from_secs(LEASE_TTL + 3));
+    eprintln!(
+        "election keys deleted: daemon {first} led, daemon {now} leads, {:?} after the deletion (lease TTL {LEASE_TTL} s)",
+        deleted.elapsed()
+    );
+    let until = Instant::now() + Duration::from_secs(2 * LEASE_TTL);
+    while Instant::now() < until {
+        assert_eq!(fleet.leaders(), [now], "one leader, and only it");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The leader's etcd goes away: it stops leading (within the TTL), `status`
 /// and the metric say the store is unavailable; when etcd is back one
 /// daemon leads again and the store is healthy.
@@ -794,6 +903,77 @@ fn backup_wipe_restore_under_another_root_key_on_etcd() {
     let o = restore(&config, &file, &key);
     assert!(o.status.success(), "restore: {}", kms_tests::stderr(&o));
     for _ in 0..3 {
+        fleet.add();
+    }
+    for d in &fleet.daemons {
+        check_history(&mut d.client(), &history);
+    }
+}
+
+/// While daemons run on the prefix, `kmsd restore` is refused even into
+/// an emptied `keys/` (each daemon keeps a key under `<prefix>leader/`),
+/// and a restore marker put under their feet makes their changes fail.
+/// With them stopped, a restore SIGKILLed half-way leaves the marker: no
+/// daemon starts, a plain second run is refused, `--resume` completes it
+/// and the fleet serves every old blob.
+#[test]
+fn restore_refused_beside_live_daemons_and_a_cut_off_restore_resumes_on_etcd() {
+    use crate::backup::{killed, restore_with};
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::start(&etcd, 2);
+    let history = make_history(&mut fleet.daemons[0].client());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, key) = (dir.path().join("fleet.kmsbak"), backup_key(dir.path(), "backup-key"));
+    backup(&fleet.daemons[0], &file, &key);
+    let config = fleet.config_file(&dir.path().join("state"));
+    let marker = "/kmsd/fleet/restoring";
+    let marked = || etcd.dump(marker).iter().any(|(k, _)| k == marker);
+
+    etcd.delete_prefix("/kmsd/fleet/keys/");
+    etcd.delete_prefix("/kmsd/fleet/names/");
+    let o = restore(&config, &file, &key);
+    assert!(
+        !o.status.success() && kms_tests::stderr(&o).contains("2 kmsd daemon(s) run on"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+    assert!(!marked(), "a refused restore leaves no marker");
+    assert!(etcd.dump("/kmsd/fleet/keys/").is_empty(), "and writes nothing");
+
+    etcd.put(marker, b"a restore");
+    let err = fleet.daemons[1].client().create_key(CreateKey::default()).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(err.to_string().contains("being restored"), "{err}");
+    etcd.delete_prefix(marker);
+
+    for d in &mut fleet.daemons {
+        assert!(d.terminate().success());
+    }
+    fleet.daemons.clear();
+    etcd.delete_prefix("/kmsd/fleet/");
+    let o = restore_with(&config, &file, &key, true, false);
+    assert!(killed(&o), "the fault point killed it: {}", kms_tests::stderr(&o));
+    assert!(marked(), "a cut-off restore leaves its marker");
+    let written = etcd.dump("/kmsd/fleet/keys/").len();
+    assert!(written > 0 && written < history.key_count(), "half-way: {written}");
+    let refused = TestDaemon::try_start_with(fleet.options()).expect_err("no daemon on a half restore");
+    assert!(
+        refused.contains("being restored") && refused.contains("--resume"),
+        "{refused}"
+    );
+    let o = restore(&config, &file, &key);
+    assert!(
+        !o.status.success() && kms_tests::stderr(&o).contains("--resume"),
+        "{}",
+        kms_tests::stderr(&o)
+    );
+    let o = restore_with(&config, &file, &key, false, true);
+    assert!(o.status.success(), "resume: {}", kms_tests::stderr(&o));
+    assert!(!marked(), "removed once whole");
+    for _ in 0..2 {
         fleet.add();
     }
     for d in &fleet.daemons {

@@ -405,7 +405,8 @@ const KMSD_EXPOSURE_MAX: f64 = 1.5;
 /// kmsd as user kmsd with no capability, a kmsd-mount@ instance in the
 /// host's mount namespace, the two failing apart (kmsd restarted under an
 /// open file, the mount process SIGKILLed), the exposure figures, reload,
-/// stop without a mount left behind, the journal.
+/// stop without a mount left behind, the journal; then the README's
+/// backup and restore as root, and kmsd (user kmsd) serving the result.
 #[test]
 fn under_real_systemd() {
     let started = Instant::now();
@@ -660,6 +661,35 @@ fn scenario(c: &Container) {
     // The audit file the journal lines mirror verifies.
     let verified = c.ok("kmsctl audit verify --file /var/lib/kmsd/audit.log");
     assert!(verified.starts_with("ok:"), "{verified}");
+
+    // A backup, as the README takes it (root made a global admin), then
+    // the state folder lost: the README's restore, as root with the root
+    // key file the credential is loaded from; systemd hands the folder
+    // restore made to the user kmsd when the service starts.
+    c.ok(
+        "sed -i 's/^admins = \\[\\]/admins = [\"uid:0\"]/' /etc/kmsd/kmsd.toml && grep -q 'uid:0' /etc/kmsd/kmsd.toml",
+    );
+    c.ok("install -m 600 /dev/null /root/kmsd-backup.key && head -c 32 /dev/urandom > /root/kmsd-backup.key");
+    c.ok("kmsctl backup --out /root/zone.kmsbak --backup-key /root/kmsd-backup.key");
+    let keys = c.ok("kmsctl --json key list");
+    c.ok("systemctl stop kmsd.socket kmsd.service");
+    c.ok("mv /var/lib/kmsd /root/kmsd-state-lost");
+    c.ok(
+        "KMSD_ROOT_KEY=/etc/kmsd/root-key kmsd --config /etc/kmsd/kmsd.toml restore \
+         --from /root/zone.kmsbak --backup-key /root/kmsd-backup.key",
+    );
+    c.ok("systemctl start kmsd.socket");
+    assert_eq!(
+        c.ok("kmsctl decrypt < /root/blob"),
+        "secret\n",
+        "restored under systemd"
+    );
+    assert_eq!(c.ok("kmsctl --json key list"), keys);
+    assert_eq!(
+        c.ok("stat -c '%U %a' /var/lib/kmsd /var/lib/kmsd/store.meta").trim(),
+        "kmsd 700\nkmsd 600"
+    );
+    c.ok("systemctl stop kmsd.socket kmsd.service");
 }
 
 /// Lines of the mount process's journal saying it pins a descriptor per

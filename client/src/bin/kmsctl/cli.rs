@@ -89,7 +89,7 @@ pub enum Command {
     /// Write a consistent snapshot of every key of the zone, sealed under a
     /// backup key, to a new file (mode 0600). Global admins only.
     Backup {
-        /// The backup file to create (must not exist).
+        /// The backup file to create (must not exist; never replaced).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// 32-byte key file, mode 0600 (head -c 32 /dev/urandom > FILE).

@@ -152,24 +152,28 @@ fn execute(command: Command, format: Format, s: &mut Session) -> Result<Output, 
     }
 }
 
-/// `backup`: the key is read and the file created (new, never through a
-/// link or over another, mode 0600) before the daemon is asked for the
-/// snapshot, so that nothing is fetched for a file that cannot be written;
-/// the sealed snapshot is written and synced, and the file removed again
-/// if anything fails.
+/// `backup`: the key is read and `out` checked absent before the daemon is
+/// asked for the snapshot, so that nothing is fetched for a file that
+/// cannot be written. The sealed snapshot goes to a new temporary file in
+/// `out`'s folder (mode 0600, never through a link), is synced, then
+/// linked to `out` (which fails if `out` exists: never over another file)
+/// and the folder synced: `out` appears whole or not at all, even if kmsctl
+/// dies part-way. The temporary file is removed in every case but a kill.
 fn backup(s: &mut Session, out: &Path, key_file: &Path) -> Result<String, CliError> {
     let key = kms_client::backup::read_key_file(key_file).map_err(|e| CliError::Input(crate::error::chain(&e)))?;
     let write_err = |source| CliError::Write {
         path: out.to_path_buf(),
         source,
     };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(write_err)?;
-    let written = (|| {
+    if std::fs::symlink_metadata(out).is_ok() {
+        let exists = io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "it exists; a backup never replaces a file (choose a new name)",
+        );
+        return Err(write_err(exists));
+    }
+    let (tmp, mut f) = temp_beside(out).map_err(write_err)?;
+    let written = (|| -> Result<usize, CliError> {
         // Its own connection: a snapshot may exceed the default frame
         // limit when the daemon's max_frame was raised for it.
         let options = kms_client::ClientOptions {
@@ -180,15 +184,42 @@ fn backup(s: &mut Session, out: &Path, key_file: &Path) -> Result<String, CliErr
         let sealed = kms_client::backup::seal(&key, &snapshot);
         drop(snapshot);
         f.write_all(&sealed).and_then(|()| f.sync_all()).map_err(write_err)?;
+        std::fs::hard_link(&tmp, out).map_err(write_err)?;
         Ok(sealed.len())
     })();
-    match written {
-        Ok(len) => Ok(format!("backup written to {} ({len} bytes)\n", out.display())),
-        Err(e) => {
-            let _ = std::fs::remove_file(out);
-            Err(e)
-        }
+    let _ = std::fs::remove_file(&tmp);
+    let len = written?;
+    std::fs::File::open(folder_of(out))
+        .and_then(|d| d.sync_all())
+        .map_err(write_err)?;
+    Ok(format!("backup written to {} ({len} bytes)\n", out.display()))
+}
+
+/// The folder `path` is in.
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     }
+}
+
+/// A new file `.NAME.RANDOM.tmp` beside `path` (mode 0600, created
+/// exclusively, so never through a link).
+fn temp_beside(path: &Path) -> io::Result<(PathBuf, std::fs::File)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    let tmp = folder_of(path).join(format!(
+        ".{}.{:016x}.tmp",
+        name.to_string_lossy(),
+        rand::random::<u64>()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    Ok((tmp, f))
 }
 
 fn key_command(cmd: KeyCommand, format: Format, c: &mut BlockingClient) -> Result<String, CliError> {

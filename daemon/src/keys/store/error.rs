@@ -52,6 +52,15 @@ pub enum StoreError {
     TooLarge { id: Uuid, len: usize, limit: usize },
     #[error("another key of the store is named {name:?}")]
     NameTaken { name: String },
+    #[error(
+        "{place} is being restored (marker {marker}): no kmsd serves it until the restore finishes; \
+         if no kmsd restore is running any more, run it again with --resume"
+    )]
+    Restoring { place: String, marker: String },
+    #[error("{count} kmsd daemon(s) run on {place} (their keys under {marker}); stop every kmsd of the zone first")]
+    DaemonsAlive { place: String, marker: String, count: i64 },
+    #[error("{place} already holds {count} key(s); restore and migrate fill only an empty store (stop kmsd, empty it, run again)")]
+    NotEmpty { place: String, count: i64 },
     #[error("etcd at {endpoints}: {op}")]
     Etcd {
         op: String,

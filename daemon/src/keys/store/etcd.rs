@@ -5,7 +5,13 @@
 //! - `<prefix>keys/<id>`: the sealed record (`sealed`, as the file store
 //!   writes it); its [`Revision`] is the key's etcd `mod_revision`;
 //! - `<prefix>names/<token>`: the name index, `token` standing for the
-//!   name ([`RootKey::name_token`]), the value the sealed id.
+//!   name ([`RootKey::name_token`]), the value the sealed id;
+//! - `<prefix>leader/<lease>`: one key per running daemon, bound to its
+//!   lease (`leader.rs`; etcd's election keeps them);
+//! - `<prefix>restoring`: present while `kmsd restore` or `kmsd migrate`
+//!   fills the prefix ([`EtcdStore::open_for_restore`]). While it exists a
+//!   daemon does not open the store, and every daemon write compares that
+//!   it is absent, so that no daemon serves or changes half a zone.
 //!
 //! Every change is one transaction that compares the revision the caller
 //! read (and, for a new name, that the name is free); the store's own
@@ -24,8 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions,
-    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, KeyValue,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchResponse,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -95,6 +101,54 @@ impl EtcdStore {
     /// `Etcd` when etcd does not answer, `WrongRootKey`, `NewerSchema`,
     /// `Corrupt` for the meta; `Io` for unreadable TLS files.
     pub fn open(settings: &EtcdSettings, root: RootKey) -> Result<Self, StoreError> {
+        Self::connect(settings, root, false)
+    }
+
+    /// Opens the prefix for `kmsd restore` or `kmsd migrate`: refused while
+    /// any daemon runs on it (a key under `<prefix>leader/`) or when it
+    /// holds a key; then marked as being restored (`<prefix>restoring`,
+    /// in the same transaction as those checks). With `resume`, a prefix
+    /// that a restore left marked is emptied first (everything in it came
+    /// from that restore); without, it is refused. This store's own
+    /// writes do not compare the marker.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open); `DaemonsAlive`, `NotEmpty`, `Restoring`.
+    pub fn open_for_restore(settings: &EtcdSettings, root: RootKey, resume: bool) -> Result<Self, StoreError> {
+        let store = Self::connect_only(settings, root, true)?;
+        store.io.run(store.etcd.clone().begin_restore(resume))?;
+        let at = store.io.run(store.etcd.clone().open_meta())?;
+        *store.loaded_at.lock() = at;
+        Ok(store)
+    }
+
+    /// Removes the restore's marker: the prefix is whole and daemons may
+    /// serve it.
+    ///
+    /// # Errors
+    /// `Etcd`.
+    pub fn finish_restore(&self) -> Result<(), StoreError> {
+        let etcd = self.etcd.clone();
+        self.io.run(async move {
+            let kv = etcd.client.kv_client();
+            let marker = etcd.marker_key();
+            etcd.call("cannot remove the restore's marker", || {
+                let (mut kv, marker) = (kv.clone(), marker.clone());
+                async move { kv.delete(marker, None).await }
+            })
+            .await
+            .map(drop)
+        })
+    }
+
+    fn connect(settings: &EtcdSettings, root: RootKey, restoring: bool) -> Result<Self, StoreError> {
+        let store = Self::connect_only(settings, root, restoring)?;
+        let at = store.io.run(store.etcd.clone().open_meta())?;
+        *store.loaded_at.lock() = at;
+        Ok(store)
+    }
+
+    fn connect_only(settings: &EtcdSettings, root: RootKey, restoring: bool) -> Result<Self, StoreError> {
         let io = Io::new()?;
         let endpoints = settings.endpoints.join(",");
         let options = connect_options(settings)?;
@@ -110,12 +164,14 @@ impl EtcdStore {
             root: Arc::new(root),
             own: Arc::default(),
             problem: Arc::default(),
+            failed: Arc::default(),
+            probing: Arc::default(),
+            restoring,
         };
-        let at = io.run(etcd.clone().open_meta())?;
         Ok(Self {
             io,
             etcd,
-            loaded_at: Mutex::new(at),
+            loaded_at: Mutex::new(0),
         })
     }
 
@@ -155,12 +211,13 @@ impl KeyStore for EtcdStore {
         }))
     }
 
-    /// Unhealthy while the change stream is broken: etcd does not answer,
+    /// Unhealthy while the change stream is broken, or since a request
+    /// failed for want of etcd until one succeeds: etcd does not answer,
     /// changes fail, data operations go on from memory.
     fn health(&self) -> Health {
         Health {
             backend: "etcd",
-            problem: self.etcd.problem.lock().clone(),
+            problem: (self.etcd.problem.lock().clone()).or_else(|| self.etcd.failed.lock().clone()),
         }
     }
 }
@@ -261,6 +318,15 @@ struct Etcd {
     own: Arc<tokio::sync::Mutex<BTreeSet<i64>>>,
     /// Why the watch is broken (etcd unreachable), while it is.
     problem: Arc<Mutex<Option<String>>>,
+    /// Why the last request failed for want of etcd (unreachable, timed
+    /// out), until a request succeeds.
+    failed: Arc<Mutex<Option<String>>>,
+    /// Whether a task asks etcd until it answers, to clear `failed` when
+    /// no other request comes.
+    probing: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether this is a restore's store, whose writes do not compare the
+    /// restore marker (a daemon's all do).
+    restoring: bool,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -289,6 +355,109 @@ impl Etcd {
         format!("{}keys/", self.prefix)
     }
 
+    fn names_prefix(&self) -> String {
+        format!("{}names/", self.prefix)
+    }
+
+    fn marker_key(&self) -> String {
+        format!("{}restoring", self.prefix)
+    }
+
+    /// Where the running daemons' election keys are (`leader.rs`).
+    fn daemons_prefix(&self) -> String {
+        format!("{}leader/", self.prefix)
+    }
+
+    fn restoring_error(&self) -> StoreError {
+        StoreError::Restoring {
+            place: format!("etcd prefix {}", self.prefix),
+            marker: self.marker_key(),
+        }
+    }
+
+    /// For a daemon's write: the marker is absent.
+    fn no_restore(&self) -> Option<Compare> {
+        (!self.restoring).then(|| Compare::create_revision(self.marker_key(), CompareOp::Equal, 0))
+    }
+
+    /// Whether the answer `index` of a failed transaction found the marker.
+    fn marker_found(&self, resp: &TxnResponse, index: usize) -> bool {
+        !self.restoring && first_kv(resp, index).is_some()
+    }
+
+    /// How many keys are under `prefix`: a count-only get.
+    fn count(prefix: String) -> TxnOp {
+        TxnOp::get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
+    }
+
+    /// The marker check and mark of [`EtcdStore::open_for_restore`].
+    async fn begin_restore(self, resume: bool) -> Result<(), StoreError> {
+        let marker = self.marker_key();
+        let no_daemon = Compare::create_revision(self.daemons_prefix(), CompareOp::Equal, 0).with_prefix();
+        let found = self.get("cannot read the restore marker", &marker, None).await?;
+        let interrupted = found.kvs().first().map(KeyValue::create_revision);
+        let txn = match interrupted {
+            Some(_) if !resume => return Err(self.restoring_error()),
+            Some(created) => {
+                tracing::warn!(%marker, "an earlier restore did not finish: emptying the prefix and starting again");
+                let all = || Some(DeleteOptions::new().with_prefix());
+                Txn::new()
+                    .when([
+                        Compare::create_revision(marker.clone(), CompareOp::Equal, created),
+                        no_daemon,
+                    ])
+                    .and_then([
+                        TxnOp::delete(self.keys_prefix(), all()),
+                        TxnOp::delete(self.names_prefix(), all()),
+                        TxnOp::delete(self.meta_key(), None),
+                    ])
+            }
+            None => {
+                // A meta this root key does not open is refused before the
+                // marker is written (keys wiped, meta left).
+                let meta = self.meta_key();
+                let found = self.get("cannot read the store's meta", &meta, None).await?;
+                if let Some(m) = found.kvs().first() {
+                    sealed::open_meta(&self.root, m.value(), &at(&meta))?;
+                }
+                let note = format!("kmsd restore (pid {}) is filling this prefix", std::process::id());
+                Txn::new()
+                    .when([
+                        Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
+                        no_daemon,
+                        Compare::create_revision(self.keys_prefix(), CompareOp::Equal, 0).with_prefix(),
+                    ])
+                    .and_then([TxnOp::put(marker.clone(), note, None)])
+            }
+        };
+        let txn = txn.or_else([
+            TxnOp::get(marker.clone(), Some(GetOptions::new().with_keys_only())),
+            Self::count(self.daemons_prefix()),
+            Self::count(self.keys_prefix()),
+        ]);
+        let resp = self.txn("cannot mark the prefix as being restored", txn).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let counts: Vec<i64> = (resp.op_responses().into_iter())
+            .map(|r| match r {
+                TxnOpResponse::Get(g) => g.count(),
+                _ => 0,
+            })
+            .collect();
+        let place = format!("etcd prefix {}", self.prefix);
+        match counts[..] {
+            [_, daemons, _] if daemons > 0 => Err(StoreError::DaemonsAlive {
+                place,
+                marker: self.daemons_prefix(),
+                count: daemons,
+            }),
+            [_, _, keys] if keys > 0 && interrupted.is_none() => Err(StoreError::NotEmpty { place, count: keys }),
+            // The marker came or went meanwhile: another restore runs.
+            _ => Err(self.restoring_error()),
+        }
+    }
+
     fn key_of(&self, id: Uuid) -> String {
         format!("{}keys/{id}", self.prefix)
     }
@@ -302,23 +471,77 @@ impl Etcd {
         etcd_err(op, &self.endpoints, source)
     }
 
-    /// `fut`, failing as `Etcd` naming `op` when it fails or takes longer
-    /// than the request timeout.
-    async fn call<T>(
-        &self,
-        op: impl Into<String>,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+    /// The request `attempt` makes, failing as `Etcd` naming `op` when it
+    /// fails or takes longer than the request timeout; made again while it
+    /// was never sent ([`retry_unsent`]).
+    async fn call<T, F, Fut>(&self, op: impl Into<String>, attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let result = match tokio::time::timeout(self.timeout, retry_unsent(attempt)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.err(op, e.into())),
             Err(_) => Err(self.err(op, EtcdError::Timeout(self.timeout))),
+        };
+        match &result {
+            Ok(_) => *self.failed.lock() = None,
+            Err(e) if unavailable(e) => {
+                *self.failed.lock() = Some(crate::keys::error::error_chain(e));
+                if !self.probing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    tokio::spawn(self.clone().probe());
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Asks etcd (a count of the meta key) with a backoff until it answers
+    /// or another request succeeded, then clears `failed`.
+    async fn probe(self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let mut pause = BACKOFF_MIN;
+            while self.failed.lock().is_some() {
+                tokio::time::sleep(pause).await;
+                let mut kv = self.client.kv_client();
+                let ask = kv.get(self.meta_key(), Some(GetOptions::new().with_count_only()));
+                if let Ok(Ok(_)) = tokio::time::timeout(self.timeout, ask).await {
+                    *self.failed.lock() = None;
+                }
+                pause = (pause * 2).min(BACKOFF_MAX);
+            }
+            self.probing.store(false, SeqCst);
+            // A failure noted after the loop looked, while this still
+            // counted as probing: go on.
+            if self.failed.lock().is_none() || self.probing.swap(true, SeqCst) {
+                return;
+            }
         }
     }
 
     async fn txn(&self, op: impl Into<String>, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let mut kv = self.client.kv_client();
-        self.call(op, kv.txn(txn)).await
+        let kv = self.client.kv_client();
+        self.call(op, || {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        op: impl Into<String>,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
+        self.call(op, || {
+            let (mut kv, key, options) = (kv.clone(), key.as_bytes().to_vec(), options.clone());
+            async move { kv.get(key, options).await }
+        })
+        .await
     }
 
     /// Creates the meta in an empty prefix, or checks the one there.
@@ -326,15 +549,23 @@ impl Etcd {
     async fn open_meta(self) -> Result<i64, StoreError> {
         let key = self.meta_key();
         let empty = Compare::create_revision(self.keys_prefix(), CompareOp::Equal, 0).with_prefix();
+        let mut when = vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0), empty];
+        when.extend(self.no_restore());
         let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0), empty])
+            .when(when)
             .and_then([TxnOp::put(key.clone(), sealed::seal_meta(&self.root, CURRENT), None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
+            .or_else([
+                TxnOp::get(key.clone(), None),
+                TxnOp::get(self.marker_key(), Some(GetOptions::new().with_keys_only())),
+            ]);
         let resp = self.txn("cannot read the store's meta", txn).await?;
         let revision = header_revision(&resp);
         if resp.succeeded() {
             tracing::info!(prefix = %self.prefix, "created a new key store in etcd");
             return Ok(revision);
+        }
+        if self.marker_found(&resp, 1) {
+            return Err(self.restoring_error());
         }
         let Some(kv) = first_kv(&resp, 0) else {
             return Err(StoreError::Corrupt {
@@ -359,7 +590,7 @@ impl Etcd {
     /// Every record, read in pages at one revision, and that revision.
     async fn load(self) -> Result<(Vec<Stored>, i64), StoreError> {
         let end = format!("{}keys0", self.prefix); // '0' follows '/'
-        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
+        let kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
         let (mut out, mut revision, mut next) = (Vec::new(), 0, self.keys_prefix().into_bytes());
         loop {
             let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
@@ -367,7 +598,10 @@ impl Etcd {
                 options = options.with_revision(revision);
             }
             let resp = self
-                .call("cannot read the keys", kv.get(next.clone(), Some(options)))
+                .call("cannot read the keys", || {
+                    let (mut kv, next, options) = (kv.clone(), next.clone(), options.clone());
+                    async move { kv.get(next, Some(options)).await }
+                })
                 .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
@@ -385,8 +619,7 @@ impl Etcd {
     /// The record `id`, if etcd holds it.
     async fn read(self, id: Uuid) -> Result<Option<Stored>, StoreError> {
         let key = self.key_of(id);
-        let mut kv = self.client.kv_client().max_decoding_message_size(MAX_ANSWER);
-        let resp = self.call(format!("cannot read key {id}"), kv.get(key, None)).await?;
+        let resp = self.get(format!("cannot read key {id}"), &key, None).await?;
         resp.kvs().first().map(|kv| self.decode(kv)).transpose()
     }
 
@@ -419,7 +652,7 @@ impl Etcd {
         // mod_revision is the revision, known only once written.
         let value = sealed::seal_record(&self.root, 0, &record, &at(&key))?;
         let new_name = record.name.as_deref();
-        let mut when = Vec::new();
+        let mut when: Vec<Compare> = self.no_restore().into_iter().collect();
         let mut then = vec![TxnOp::put(key.clone(), value, None)];
         let old_name = match expected {
             None => {
@@ -446,10 +679,13 @@ impl Etcd {
                 then.push(TxnOp::put(name_key, name_value, None));
             }
         }
-        let txn = Txn::new().when(when).and_then(then).or_else([TxnOp::get(key, None)]);
+        let txn = Txn::new().when(when).and_then(then).or_else(self.after_refusal(key));
         let resp = self.write(format!("cannot write key {id}"), txn).await?;
         if resp.succeeded() {
             return Ok(Revision::new(header_revision(&resp) as u64));
+        }
+        if self.marker_found(&resp, 1) {
+            return Err(self.restoring_error());
         }
         let found = first_kv(&resp, 0).as_ref().map(revision_of);
         match (found == expected, new_name) {
@@ -473,19 +709,29 @@ impl Etcd {
         if let Some(name) = &old.record.name {
             then.push(TxnOp::delete(self.name_key(name), None));
         }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, etcd_rev(expected))])
-            .and_then(then)
-            .or_else([TxnOp::get(key, None)]);
+        let mut when = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, etcd_rev(expected))];
+        when.extend(self.no_restore());
+        let txn = Txn::new().when(when).and_then(then).or_else(self.after_refusal(key));
         let resp = self.write(format!("cannot delete key {id}"), txn).await?;
         if resp.succeeded() {
             return Ok(());
+        }
+        if self.marker_found(&resp, 1) {
+            return Err(self.restoring_error());
         }
         Err(StoreError::Conflict {
             id,
             expected: Some(expected),
             found: first_kv(&resp, 0).as_ref().map(revision_of),
         })
+    }
+
+    /// What a refused write reads: the record `key`, and the marker.
+    fn after_refusal(&self, key: String) -> [TxnOp; 2] {
+        [
+            TxnOp::get(key, None),
+            TxnOp::get(self.marker_key(), Some(GetOptions::new().with_keys_only())),
+        ]
     }
 
     /// Runs a writing transaction and notes its revision as this store's
@@ -553,9 +799,13 @@ impl Etcd {
             .with_start_revision(*next)
             .with_prev_key()
             .with_progress_notify();
-        let mut client = self.client.watch_client().max_decoding_message_size(MAX_ANSWER);
+        let client = self.client.watch_client().max_decoding_message_size(MAX_ANSWER);
+        let prefix = self.keys_prefix();
         let mut stream = self
-            .call("cannot watch the keys", client.watch(self.keys_prefix(), Some(options)))
+            .call("cannot watch the keys", || {
+                let (mut client, prefix, options) = (client.clone(), prefix.clone(), options.clone());
+                async move { client.watch(prefix, Some(options)).await }
+            })
             .await?;
         loop {
             let message = tokio::select! {
@@ -641,6 +891,65 @@ impl Etcd {
         };
         Ok(tx.send(change).await.is_ok())
     }
+}
+
+/// Attempts of one request that was never sent (see [`retry_unsent`]).
+const UNSENT_ATTEMPTS: usize = 8;
+
+/// The request `attempt` makes, made again (up to [`UNSENT_ATTEMPTS`]
+/// times) while it fails without having been sent: etcd-client balances
+/// over lazily connected members, so a request may be handed to a member
+/// that is down and fail at its connect, while the others answer. Such a
+/// request reached no member, so making it again cannot apply it twice;
+/// any other outcome is returned as it is.
+///
+/// # Errors
+/// The last attempt's.
+pub async fn retry_unsent<T, F, Fut>(mut attempt: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(e) if tries < UNSENT_ATTEMPTS && never_sent(&e) => tries += 1,
+            done => return done,
+        }
+    }
+}
+
+/// Whether `e` says etcd could not be reached or did not answer in time
+/// (not that it refused the request).
+fn unavailable(e: &StoreError) -> bool {
+    use tonic::Code;
+    match e {
+        StoreError::Etcd { source, .. } => match source {
+            EtcdError::Timeout(_) => true,
+            EtcdError::Client(etcd_client::Error::GRpcStatus(s)) => {
+                matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+            }
+            EtcdError::Client(etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)) => true,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Whether `e` says the request never left this process: the connection
+/// to the member it was given could not be made (refused, timed out).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        if s.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn header_revision(resp: &TxnResponse) -> i64 {

@@ -10,6 +10,12 @@
 //! the files (and in each file), and its change stream never yields.
 //!
 //! A store at an older schema is migrated at open (`migrate`).
+//!
+//! `kmsd restore` fills the store through [`FileStore::open_for_restore`],
+//! which writes the marker `STATE/restoring` before the first record and
+//! [`FileStore::finish_restore`] removes it after the last; while it
+//! exists, [`FileStore::open`] refuses the store (a restore cut off
+//! half-way left it), so that no daemon serves half a zone.
 
 mod migrate;
 
@@ -56,6 +62,9 @@ fn crash_point(crash: Option<CrashPoint>, here: CrashPoint, path: &Path) -> Resu
     Ok(())
 }
 
+/// The marker of a restore in progress, in the state directory.
+pub const RESTORE_MARKER: &str = "restoring";
+
 /// Revisions of the records on disk. `last` only grows, so a revision is
 /// never handed out twice while the store is open.
 #[derive(Debug, Default)]
@@ -96,6 +105,94 @@ impl FileStore {
     }
 
     fn open_inner(dir: &Path, root: RootKey, crash: Option<CrashPoint>) -> Result<Self, StoreError> {
+        let store = Self::locked(dir, root)?;
+        if migrate::exists(&store.marker_path())? {
+            return Err(store.restoring());
+        }
+        store.open_schema(crash)?;
+        store.scan()?;
+        Ok(store)
+    }
+
+    /// Opens the store in `dir` for `kmsd restore`: locked (no kmsd runs on
+    /// it), checked to hold no key, and marked as being restored (the
+    /// marker written and synced before this returns). With `resume`, a
+    /// store a restore left marked is emptied first (everything in it came
+    /// from that restore); without, it is refused.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open); `NotEmpty` when it holds keys, `Restoring`
+    /// when marked and not `resume`.
+    pub fn open_for_restore(dir: &Path, root: RootKey, resume: bool) -> Result<Self, StoreError> {
+        let store = Self::locked(dir, root)?;
+        let marker = store.marker_path();
+        let interrupted = migrate::exists(&marker)?;
+        if interrupted && !resume {
+            return Err(store.restoring());
+        }
+        if interrupted {
+            tracing::warn!(marker = %marker.display(), "an earlier restore did not finish: emptying the store and starting again");
+            store.empty()?;
+        }
+        store.open_schema(None)?;
+        let held = store.scan()?.len();
+        if held > 0 {
+            return Err(StoreError::NotEmpty {
+                place: format!("file store {}", dir.display()),
+                count: held as i64,
+            });
+        }
+        if !interrupted {
+            let note = format!("kmsd restore (pid {}) is filling this store\n", std::process::id());
+            write_atomic(dir, RESTORE_MARKER, note.as_bytes(), None)?;
+        }
+        Ok(store)
+    }
+
+    /// Removes the restore's marker (durably): the store is whole and a
+    /// daemon may serve it.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub fn finish_restore(&self) -> Result<(), StoreError> {
+        let marker = self.marker_path();
+        fs::remove_file(&marker).map_err(io_err("cannot remove", &marker))?;
+        sync_dir(&self.dir)
+    }
+
+    fn marker_path(&self) -> PathBuf {
+        self.dir.join(RESTORE_MARKER)
+    }
+
+    fn restoring(&self) -> StoreError {
+        StoreError::Restoring {
+            place: format!("file store {}", self.dir.display()),
+            marker: self.marker_path().display().to_string(),
+        }
+    }
+
+    /// Removes every key file, the meta and a migration's staging folder.
+    fn empty(&self) -> Result<(), StoreError> {
+        let dir = &self.keys_dir;
+        for entry in fs::read_dir(dir).map_err(io_err("cannot list", dir))? {
+            let path = entry.map_err(io_err("cannot list", dir))?.path();
+            fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+        }
+        sync_dir(dir)?;
+        let staging = self.staging_dir();
+        if migrate::exists(&staging)? {
+            fs::remove_dir_all(&staging).map_err(io_err("cannot remove", &staging))?;
+        }
+        let meta = self.meta_path();
+        if migrate::exists(&meta)? {
+            fs::remove_file(&meta).map_err(io_err("cannot remove", &meta))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// The store in `dir`, created if needed (mode 0700), checked private
+    /// and locked; nothing read yet.
+    fn locked(dir: &Path, root: RootKey) -> Result<Self, StoreError> {
         let keys_dir = dir.join("keys");
         fs::DirBuilder::new()
             .recursive(true)
@@ -105,17 +202,14 @@ impl FileStore {
         check_private(dir)?;
         check_private(&keys_dir)?;
         let lock = lock_dir(dir)?;
-        let store = Self {
+        Ok(Self {
             dir: dir.to_path_buf(),
             keys_dir,
             root,
             revisions: Mutex::new(Revisions::default()),
             crash: Mutex::new(None),
             _lock: lock,
-        };
-        store.open_schema(crash)?;
-        store.scan()?;
-        Ok(store)
+        })
     }
 
     /// The state directory.

@@ -33,7 +33,7 @@ use super::model::KeyRecord;
 
 use error::io_err;
 pub use error::{EtcdError, StoreError};
-pub use etcd::{connect_options as etcd_connect_options, EtcdSettings, EtcdStore, EtcdTls};
+pub use etcd::{connect_options as etcd_connect_options, retry_unsent, EtcdSettings, EtcdStore, EtcdTls};
 pub use file::{lock_state_dir, CrashPoint, FileStore};
 pub use revision::Revision;
 pub use root::{check_private, mode_of, read_key_file, RootKey, ROOT_KEY_LEN};

@@ -25,11 +25,11 @@ use crate::keys::store::schema::CURRENT;
 use crate::keys::store::{io_err, sealed, StoreError, Stored};
 
 impl FileStore {
-    fn meta_path(&self) -> PathBuf {
+    pub(super) fn meta_path(&self) -> PathBuf {
         self.dir.join("store.meta")
     }
 
-    fn staging_dir(&self) -> PathBuf {
+    pub(super) fn staging_dir(&self) -> PathBuf {
         self.dir.join(format!("keys.schema{CURRENT}"))
     }
 
@@ -132,7 +132,7 @@ impl FileStore {
     }
 }
 
-fn exists(path: &Path) -> Result<bool, StoreError> {
+pub(super) fn exists(path: &Path) -> Result<bool, StoreError> {
     match fs::symlink_metadata(path) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
