@@ -184,7 +184,11 @@ impl Election {
                 t = self.term(&mut client, &mut lease) => t,
                 () = shutdown.cancelled() => break,
             };
-            self.step_down();
+            // A term that led started from a clean slate: its end is not
+            // one more failure in a row.
+            if self.step_down() {
+                pause = BACKOFF_MIN;
+            }
             let e = term.expect_err("a term ends only with an error");
             tracing::warn!(error = %error_chain(&e), retry_in = ?pause, "not campaigning for the zone's scheduled work; trying again");
             tokio::select! {
@@ -198,20 +202,23 @@ impl Election {
                 _ => (pause * 2).min(BACKOFF_MAX),
             };
         }
-        self.step_down();
+        let _ = self.step_down();
         // Leaving: let the next daemon lead now rather than after the TTL.
         if let (Some(c), Some(id)) = (client, lease) {
             let _ = tokio::time::timeout(REVOKE_TIMEOUT, c.lease_client().revoke(id)).await;
         }
     }
 
-    fn step_down(&self) {
-        if self.tx.send_replace(false) {
+    /// Stops leading; whether it was leading.
+    fn step_down(&self) -> bool {
+        let was = self.tx.send_replace(false);
+        if was {
             tracing::warn!(
                 election = %self.name,
                 "this daemon no longer runs the zone's scheduled rotations, deletions and replication"
             );
         }
+        was
     }
 
     /// One term: grant a lease, campaign with it, lead while it lives.
@@ -254,11 +261,22 @@ impl Election {
         tokio::pin!(campaign);
         // Set once leading: the watch of this daemon's election key.
         let mut own: Option<WatchStream> = None;
+        // Between winning and leading: the read and watch of that key, run
+        // here beside the renewals (a slow etcd must not starve them).
+        let mut setup: Option<WatchSetup<'_>> = None;
         loop {
             tokio::select! {
-                won = &mut campaign, if own.is_none() => {
+                won = &mut campaign, if own.is_none() && setup.is_none() => {
                     let key = won?.leader().map(|l| l.key().to_vec()).ok_or(TermError::KeyGone)?;
-                    own = Some(watch_own_key(&c, key).await?);
+                    setup = Some(Box::pin(watch_own_key(&c, key)));
+                }
+                watched = async { setup.as_mut().expect("guarded").await }, if setup.is_some() => {
+                    setup = None;
+                    own = Some(watched?);
+                    // Lead only while the lease is surely alive at etcd.
+                    if Instant::now() >= renewal.deadline() {
+                        return Err(TermError::Silent(renewal.silence()));
+                    }
                     self.tx.send_replace(true);
                     tracing::info!(election = %self.name, who = %self.who, "this daemon now runs the zone's scheduled rotations, deletions and replication");
                 }
@@ -287,6 +305,9 @@ impl Election {
         }
     }
 }
+
+/// A leader's read and watch of its election key, under way.
+type WatchSetup<'a> = std::pin::Pin<Box<dyn Future<Output = Result<WatchStream, TermError>> + Send + 'a>>;
 
 /// The watch of this daemon's election `key`, won a moment ago: it must
 /// still exist (a deletion before the campaign returned is caught here),

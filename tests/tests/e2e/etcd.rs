@@ -1039,6 +1039,9 @@ fn migrate_a_file_store_into_etcd_every_blob_unwraps_on_three_daemons() {
     }
 }
 
+/// The election lease of `replication_is_run_by_the_zones_elected_daemon`.
+const REPLICATION_TTL: u64 = 5;
+
 /// Zone a is a fleet of two daemons on etcd, zone b one daemon; a key of
 /// zone a is replicated to b. A rotation made on the daemon that does not
 /// lead is pushed to b by the one that leads (the follower pushes
@@ -1065,7 +1068,10 @@ fn replication_is_run_by_the_zones_elected_daemon() {
         extra.push_str(&cert.peering_toml(&listen.to_string()));
         extra.push_str(&format!("[[peer]]\nzone = \"b\"\naddress = \"{}\"\n", site.addr("b")));
         extra.push_str(&etcd.store_toml(None));
-        extra.push_str(&format!("lease_ttl_secs = {LEASE_TTL}\n"));
+        // A longer lease than the other tests': this one checks who pushes,
+        // and a leader that steps down on a loaded machine (a 2 s lease goes
+        // after 1.3 s without a confirmed renewal) would change who that is.
+        extra.push_str(&format!("lease_ttl_secs = {REPLICATION_TTL}\n"));
         TestDaemon::start_with(DaemonOptions {
             zone: "a".into(),
             extra_config: extra,
@@ -1101,16 +1107,21 @@ fn replication_is_run_by_the_zones_elected_daemon() {
         after = (pushed(leader), pushed(follower));
         after.0 > before.0
     });
+    assert_eq!(fleet.leaders(), [leader], "the same daemon still leads");
     assert_eq!(
         after.1, before.1,
         "the follower pushes nothing: {before:?} -> {after:?}"
     );
 
     fleet.daemons[leader].kill9();
-    eventually("the other daemon leads", Duration::from_secs(LEASE_TTL + 5), || {
-        BlockingClient::connect(&fleet.daemons[follower].socket)
-            .is_ok_and(|mut c| c.store_status().is_ok_and(|s| s.leader))
-    });
+    eventually(
+        "the other daemon leads",
+        Duration::from_secs(REPLICATION_TTL + 5),
+        || {
+            BlockingClient::connect(&fleet.daemons[follower].socket)
+                .is_ok_and(|mut c| c.store_status().is_ok_and(|s| s.leader))
+        },
+    );
     fleet.daemons[follower].client().rotate_key("app").unwrap();
     served_in_b(3);
     // Zone b may also have pulled it (from daemon 0, if alive): the count
