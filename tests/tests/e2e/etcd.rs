@@ -1130,3 +1130,46 @@ fn replication_is_run_by_the_zones_elected_daemon() {
         pushed(follower) > after.1
     });
 }
+
+/// A daemon left running while its prefix is wiped and filled again (here
+/// by another daemon making a new store; a restore does the same) writes
+/// nothing into the new zone: its memory and root key are the old zone's.
+/// Its writes compare the meta key's create revision and fail with
+/// `unavailable`, saying to restart it; the new zone's daemon is unaffected.
+#[test]
+fn a_daemon_whose_prefix_was_replaced_writes_nothing_there() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::single();
+    let mut fleet = Fleet::new(&etcd);
+    fleet.add();
+    fleet.daemons[0]
+        .client()
+        .create_key(CreateKey {
+            name: Some("before".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    etcd.delete_prefix("/kmsd/fleet/");
+    fleet.add();
+    let err = fleet.daemons[0]
+        .client()
+        .create_key(CreateKey {
+            name: Some("stale".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(err.to_string().contains("filled again"), "{err}");
+    let mut new = fleet.daemons[1].client();
+    assert!(new.describe_key("stale").is_err(), "the old daemon wrote into the new zone");
+    assert!(new.describe_key("before").is_err(), "the new zone is empty but for its own");
+    fleet.daemons[1]
+        .client()
+        .create_key(CreateKey {
+            name: Some("after".into()),
+            ..Default::default()
+        })
+        .unwrap();
+}

@@ -57,6 +57,8 @@ pub enum StoreError {
          if no kmsd restore is running any more, run it again with --resume"
     )]
     Restoring { place: String, marker: String },
+    #[error("{place} was emptied and filled again (restored) since this kmsd opened it: restart this kmsd to serve what it holds now")]
+    Replaced { place: String },
     #[error("{count} kmsd daemon(s) run on {place} (their keys under {marker}); stop every kmsd of the zone first")]
     DaemonsAlive { place: String, marker: String, count: i64 },
     #[error("{place} already holds {count} key(s); restore and migrate fill only an empty store (stop kmsd, empty it, run again)")]

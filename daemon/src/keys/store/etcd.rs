@@ -167,6 +167,7 @@ impl EtcdStore {
             failed: Arc::default(),
             probing: Arc::default(),
             restoring,
+            meta_created: Arc::default(),
         };
         Ok(Self {
             io,
@@ -327,6 +328,11 @@ struct Etcd {
     /// Whether this is a restore's store, whose writes do not compare the
     /// restore marker (a daemon's all do).
     restoring: bool,
+    /// The create revision of the meta key when this store opened it (0
+    /// before): a daemon's every write compares it, so a daemon left
+    /// running while its prefix was wiped and restored writes nothing into
+    /// the restored zone (its memory and root key may be of the old one).
+    meta_created: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -375,9 +381,31 @@ impl Etcd {
         }
     }
 
-    /// For a daemon's write: the marker is absent.
-    fn no_restore(&self) -> Option<Compare> {
-        (!self.restoring).then(|| Compare::create_revision(self.marker_key(), CompareOp::Equal, 0))
+    /// For a daemon's write: the marker is absent, and the meta key is the
+    /// one this daemon opened.
+    fn no_restore(&self) -> Vec<Compare> {
+        if self.restoring {
+            return Vec::new();
+        }
+        let mut when = vec![Compare::create_revision(self.marker_key(), CompareOp::Equal, 0)];
+        let meta = self.meta_created.load(std::sync::atomic::Ordering::SeqCst);
+        if meta > 0 {
+            when.push(Compare::create_revision(self.meta_key(), CompareOp::Equal, meta));
+        }
+        when
+    }
+
+    /// Whether the answer `index` of a failed transaction shows a meta key
+    /// other than the one this daemon opened.
+    fn replaced(&self, resp: &TxnResponse, index: usize) -> bool {
+        let meta = self.meta_created.load(std::sync::atomic::Ordering::SeqCst);
+        !self.restoring && meta > 0 && first_kv(resp, index).map_or(0, |kv| kv.create_revision()) != meta
+    }
+
+    fn replaced_error(&self) -> StoreError {
+        StoreError::Replaced {
+            place: format!("etcd prefix {}", self.prefix),
+        }
     }
 
     /// Whether the answer `index` of a failed transaction found the marker.
@@ -561,6 +589,7 @@ impl Etcd {
         let resp = self.txn("cannot read the store's meta", txn).await?;
         let revision = header_revision(&resp);
         if resp.succeeded() {
+            self.meta_created.store(revision, std::sync::atomic::Ordering::SeqCst);
             tracing::info!(prefix = %self.prefix, "created a new key store in etcd");
             return Ok(revision);
         }
@@ -574,7 +603,11 @@ impl Etcd {
             });
         };
         match sealed::open_meta(&self.root, kv.value(), &at(&key))? {
-            CURRENT => Ok(revision),
+            CURRENT => {
+                self.meta_created
+                    .store(kv.create_revision(), std::sync::atomic::Ordering::SeqCst);
+                Ok(revision)
+            }
             found if found > CURRENT => Err(StoreError::NewerSchema {
                 path: at(&key),
                 found,
@@ -652,7 +685,7 @@ impl Etcd {
         // mod_revision is the revision, known only once written.
         let value = sealed::seal_record(&self.root, 0, &record, &at(&key))?;
         let new_name = record.name.as_deref();
-        let mut when: Vec<Compare> = self.no_restore().into_iter().collect();
+        let mut when: Vec<Compare> = self.no_restore();
         let mut then = vec![TxnOp::put(key.clone(), value, None)];
         let old_name = match expected {
             None => {
@@ -687,6 +720,9 @@ impl Etcd {
         if self.marker_found(&resp, 1) {
             return Err(self.restoring_error());
         }
+        if self.replaced(&resp, 2) {
+            return Err(self.replaced_error());
+        }
         let found = first_kv(&resp, 0).as_ref().map(revision_of);
         match (found == expected, new_name) {
             (true, Some(name)) => Err(StoreError::NameTaken { name: name.to_string() }),
@@ -719,6 +755,9 @@ impl Etcd {
         if self.marker_found(&resp, 1) {
             return Err(self.restoring_error());
         }
+        if self.replaced(&resp, 2) {
+            return Err(self.replaced_error());
+        }
         Err(StoreError::Conflict {
             id,
             expected: Some(expected),
@@ -727,10 +766,11 @@ impl Etcd {
     }
 
     /// What a refused write reads: the record `key`, and the marker.
-    fn after_refusal(&self, key: String) -> [TxnOp; 2] {
+    fn after_refusal(&self, key: String) -> [TxnOp; 3] {
         [
             TxnOp::get(key, None),
             TxnOp::get(self.marker_key(), Some(GetOptions::new().with_keys_only())),
+            TxnOp::get(self.meta_key(), Some(GetOptions::new().with_keys_only())),
         ]
     }
 
