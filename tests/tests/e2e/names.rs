@@ -18,7 +18,7 @@ use kms_tests::{fuse_available, is_mounted, wait_for, TestDaemon};
 
 const MARKER: &str = "MARKER-q7x";
 
-fn long_name(tag: &str) -> String {
+pub(crate) fn long_name(tag: &str) -> String {
     // 255 bytes: the long-name form.
     let mut s = "é".repeat(120);
     s.push_str(tag);
@@ -224,7 +224,7 @@ fn tampered_names_read_as_enoent_or_eio_and_are_logged() {
 /// Through the mount: every directory lists, every entry stats, and a
 /// file can be made (and removed) in every directory; returns the number
 /// of entries seen.
-fn check_through_mount(mnt: &Path, ctx: &str) -> usize {
+pub(crate) fn check_through_mount(mnt: &Path, ctx: &str) -> usize {
     let mut count = 0;
     let mut stack = vec![mnt.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -247,7 +247,7 @@ fn check_through_mount(mnt: &Path, ctx: &str) -> usize {
 
 /// In the backing directory: every directory holding encrypted entries has
 /// a 16-byte id; returns the number of encrypted entries.
-fn check_backing(root: &Path, ctx: &str) -> usize {
+pub(crate) fn check_backing(root: &Path, ctx: &str) -> usize {
     let mut count = 0;
     let mut stack = vec![(root.to_path_buf(), true)];
     while let Some((dir, is_root)) = stack.pop() {
