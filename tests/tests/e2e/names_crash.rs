@@ -348,6 +348,44 @@ fn a_kill_at_every_step_of_every_name_operation_leaves_old_or_new_and_every_dire
 }
 
 #[test]
+fn a_kill_while_the_name_key_file_is_made_leaves_a_backing_directory_that_mounts() {
+    if !fuse_available() {
+        return;
+    }
+    for point in ["root.before-rename", "root.before-dir-fsync"] {
+        // The daemon with its key, stopped; its mount configured next.
+        let (d, faults, _keep) = daemon_with_faults();
+        let mut d = d;
+        fs::write(d.mnt().join("kept"), b"k").unwrap();
+        assert!(d.terminate().success());
+        for e in fs::read_dir(d.data()).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                fs::remove_dir_all(p).unwrap();
+            } else {
+                fs::remove_file(p).unwrap();
+            }
+        }
+        // The first mount process over the emptied directory dies making
+        // kmsd.names, so this kmsd does not come up.
+        fs::write(&faults, format!("kill:{point}\n")).unwrap();
+        let status = d.command().status().unwrap();
+        assert!(!status.success(), "{point}: kmsd started although its mount died");
+        assert_eq!(fs::read_to_string(&faults).unwrap(), "", "{point}: never reached");
+        // The next start mounts it, with a name key that reads.
+        d.restart();
+        fs::write(d.mnt().join("after"), b"a").unwrap();
+        restart_mount(&d, point);
+        assert_eq!(fs::read(d.mnt().join("after")).unwrap(), b"a", "{point}");
+        assert!(
+            !d.logs().contains("cannot use encrypted names"),
+            "{point}: {}",
+            d.logs()
+        );
+    }
+}
+
+#[test]
 fn a_failed_rmdir_whose_undo_fails_leaves_no_stale_directory_id_in_memory() {
     if !fuse_available() {
         return;
