@@ -1283,6 +1283,16 @@ impl EncryptedFs {
         Ok(fstatvfs(root.fd())?)
     }
 
+    /// The longest name through the mount, for `statfs`: 255 with
+    /// encrypted names (the long form holds any name on a backing
+    /// filesystem with shorter ones), else the backing filesystem's.
+    pub fn name_max(&self, backing: u64) -> u64 {
+        match self.names {
+            Some(_) => names::NAME_MAX as u64,
+            None => backing,
+        }
+    }
+
     /// `access(2)` by mode bits (owner, group, other; supplementary groups
     /// are not known). Only used without `default_permissions`.
     ///

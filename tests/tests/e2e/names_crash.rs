@@ -103,6 +103,7 @@ enum Seen {
     File(Vec<u8>),
     Link(PathBuf),
     Dir(Vec<OsString>),
+    Fifo,
 }
 
 fn seen(p: &Path) -> Seen {
@@ -111,6 +112,8 @@ fn seen(p: &Path) -> Seen {
     };
     if md.is_symlink() {
         Seen::Link(fs::read_link(p).unwrap())
+    } else if std::os::unix::fs::FileTypeExt::is_fifo(&md.file_type()) {
+        Seen::Fifo
     } else if md.is_dir() {
         let mut names: Vec<_> = fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
@@ -201,6 +204,18 @@ fn cases() -> Vec<Case> {
             names: || vec![l("S")],
             old: || vec![Seen::Absent],
             new: || vec![Seen::Link("target/of/link".into())],
+        },
+        Case {
+            what: "mknod of a fifo with a long name",
+            points: &["part.before-rename", "mknod.after-part"],
+            prepare: |_| {},
+            op: |c| {
+                let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+                nix::unistd::mkfifo(&c.join(l("P")), mode).map_err(std::io::Error::from)
+            },
+            names: || vec![l("P")],
+            old: || vec![Seen::Absent],
+            new: || vec![Seen::Fifo],
         },
         Case {
             what: "unlink of a long name",
