@@ -126,6 +126,9 @@ pub struct EncryptedFs {
     /// Held while a directory gets a new id, so that two repairs of one
     /// directory cannot both write one (the second would remove the first's).
     id_repair: Mutex<()>,
+    /// Bumped whenever an id file is about to go or was put back: an id
+    /// read before that is not cached (it may be one the disk lost).
+    id_gen: AtomicU64,
 }
 
 /// Extended attribute of a backing root that has only ever held format
@@ -352,6 +355,7 @@ impl EncryptedFs {
             names: name_keys,
             dir_ids: Mutex::new(HashMap::new()),
             id_repair: Mutex::new(()),
+            id_gen: AtomicU64::new(0),
             keys,
             nodes: InodeTable::new(root, &st, fd_cache),
             open: Mutex::new(HashMap::new()),
@@ -420,18 +424,24 @@ impl EncryptedFs {
         if let Some(id) = self.dir_ids.lock().get(&ino) {
             return Ok(*id);
         }
+        let gen = self.id_gen.load(Ordering::SeqCst);
         let id = match names::read_dir_id(dir.fd()) {
             Ok(id) => id,
             Err(nix::Error::ENOENT | nix::Error::EIO) => return self.repair_dir_id(ino, dir),
             Err(nix::Error::ENOTDIR) => return Err(Error::Sys(nix::Error::ENOTDIR)),
             Err(e) => return Err(e.into()),
         };
-        self.cache_dir_id(ino, id);
+        self.cache_dir_id(ino, id, gen);
         Ok(id)
     }
 
-    fn cache_dir_id(&self, ino: u64, id: DirId) {
+    /// Caches `id`, read or written while the id generation was `gen`,
+    /// unless an id file went or came back since.
+    fn cache_dir_id(&self, ino: u64, id: DirId, gen: u64) {
         let mut ids = self.dir_ids.lock();
+        if self.id_gen.load(Ordering::SeqCst) != gen {
+            return;
+        }
         if ids.len() >= LAYOUT_CACHE_MAX {
             ids.clear();
         }
@@ -444,6 +454,7 @@ impl EncryptedFs {
     /// that ran meanwhile is taken, never overwritten.
     fn repair_dir_id(&self, ino: u64, dir: &Node) -> Result<DirId> {
         let _repairing = self.id_repair.lock();
+        let gen = self.id_gen.load(Ordering::SeqCst);
         let tampered = |e: nix::Error| {
             self.name_tampered(&dir.backing_path().join(names::DIR_ID_FILE), "directory id");
             Error::Sys(if e == nix::Error::ENOENT { nix::Error::EIO } else { e })
@@ -465,18 +476,29 @@ impl EncryptedFs {
             }
             Err(e) => return Err(e.into()),
         };
-        self.cache_dir_id(ino, id);
+        self.cache_dir_id(ino, id, gen);
         Ok(id)
     }
 
     /// Drops the cached id of the directory open as `dir` (its backing
-    /// inode), before its id file is removed.
+    /// inode), before its id file is removed and after it was put back;
+    /// ids being read meanwhile are not cached.
     fn forget_dir_id(&self, dir: &OwnedFd) -> Result<()> {
-        let st = stat_fd(dir)?;
-        if let Some(ino) = self.nodes.ino_of(&st) {
-            self.dir_ids.lock().remove(&ino);
+        let ino = self.nodes.ino_of(&stat_fd(dir)?);
+        let mut ids = self.dir_ids.lock();
+        self.id_gen.fetch_add(1, Ordering::SeqCst);
+        if let Some(ino) = ino {
+            ids.remove(&ino);
         }
         Ok(())
+    }
+
+    /// Puts back the id [`Self::clear_bookkeeping`] removed, after the
+    /// removal or rename it was cleared for failed.
+    fn undo_clear(&self, dir: &OwnedFd, undo: IdUndo) {
+        undo.restore(dir);
+        // Whether or not it is back, the disk is what the next use reads.
+        let _ = self.forget_dir_id(dir);
     }
 
     /// Whether the backing directory holds any encrypted entry.
@@ -816,6 +838,7 @@ impl EncryptedFs {
         let fd = self.open_made(&parent, b.entry(), Made::Dir)?;
         // A kill before the id is written leaves an empty directory
         // without one, which gets an id when first needed.
+        let gen = self.id_gen.load(Ordering::SeqCst);
         let id = match self.names {
             Some(_) => Some(names::write_dir_id(fd.as_fd())?),
             None => None,
@@ -823,7 +846,7 @@ impl EncryptedFs {
         fault::point("mkdir.after-id")?;
         let attr = self.adopt(caller, &parent, fd, Some(mode))?;
         if let Some(id) = id {
-            self.cache_dir_id(attr.ino.0, id);
+            self.cache_dir_id(attr.ino.0, id, gen);
         }
         Ok(attr)
     }
@@ -920,7 +943,7 @@ impl EncryptedFs {
         let removed = fault::point("rmdir.after-clear")
             .and_then(|()| nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::RemoveDir));
         if let Err(e) = removed {
-            undo.restore(&dir);
+            self.undo_clear(&dir, undo);
             return Err(e.into());
         }
         if b.part().is_some() {
@@ -1006,7 +1029,7 @@ impl EncryptedFs {
         };
         if let Err(e) = renamed {
             if let Some((target, undo)) = cleared {
-                undo.restore(&target);
+                self.undo_clear(&target, undo);
             }
             return Err(e);
         }
