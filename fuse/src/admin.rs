@@ -183,6 +183,7 @@ pub fn walk(root: &Path, mut visit: impl FnMut(&Path, BorrowedFd<'_>)) -> Result
             }
         };
         let key = (st.st_dev, st.st_ino);
+        let at_root = stack.len() == 1;
         match file_type(&st) {
             SFlag::S_IFDIR => {
                 if !dirs.insert(key) {
@@ -202,6 +203,9 @@ pub fn walk(root: &Path, mut visit: impl FnMut(&Path, BorrowedFd<'_>)) -> Result
                 }
             }
             SFlag::S_IFREG if encrypted && crate::names::classify(&name) == crate::names::Kind::Reserved => {}
+            // The undo journal (FORMAT.md); in a plain mount its name is
+            // reserved at the root.
+            SFlag::S_IFREG if at_root && name == crate::journal::JOURNAL_FILE => {}
             // (A hard link to a file already visited is skipped.)
             SFlag::S_IFREG if files.insert(key) => visit(&path, fd.as_fd()),
             // Symlinks, FIFOs, sockets, devices: only ever held as O_PATH.

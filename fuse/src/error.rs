@@ -30,6 +30,11 @@ pub enum Error {
         #[source]
         source: KeyError,
     },
+    /// A format version 1 file has made as many seals under its data key
+    /// as its 96-bit random nonces allow (FORMAT.md, "Layout"): it takes no
+    /// more writes until copied into a version 2 file.
+    #[error("{} has used its nonce budget (format version 1): copy it to write it again", path.display())]
+    SealBudget { path: PathBuf },
     /// Mounting or unmounting failed.
     #[error("mount operation failed on {}", path.display())]
     Mount {
@@ -45,7 +50,7 @@ impl Error {
         match self {
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             Error::Sys(e) => *e as i32,
-            Error::Tampered { .. } => libc::EIO,
+            Error::Tampered { .. } | Error::SealBudget { .. } => libc::EIO,
             Error::Key { source, .. } => match source {
                 KeyError::Denied(_) => libc::EACCES,
                 KeyError::Unavailable(_) | KeyError::DecryptFailed(_) => libc::EIO,

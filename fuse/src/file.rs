@@ -21,24 +21,49 @@
 //! rest of its slot, then cuts the backing file. A kill between the steps
 //! leaves an older final block followed by zeros, which
 //! [`format::open_stale_final`] reads back, so no byte outside the blocks
-//! being written is lost.
+//! being written is lost. The bytes a write keeps of a block it rewrites in
+//! place are copied into the undo journal first ([`crate::journal`]), so a
+//! kill that tears that block's `pwrite` loses none of them either.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
 use crate::error::{Error, Result};
+use nix::fcntl::OFlag;
+
 use crate::format::{
     block_len, is_hole, last_index, open_block_in_place, open_stale_final, peek_version, seal_block, BlockKey,
     FormatError, Header, Layout, BLOCK_SIZE, FORMAT_VERSION, HEADER_LEN,
 };
+use crate::journal::{Journal, Record, Slot};
 use crate::keys::{file_context, Dek, FileId, KeySource};
 
 /// Blocks sealed and written per `pwrite` when a write spans many blocks.
 const CHUNK_BLOCKS: u64 = 64;
+
+/// Seals a format version 1 file may make under its data key: AES-GCM
+/// with 96-bit random nonces is bounded at 2^32 invocations (NIST SP
+/// 800-38D, 8.3); half of that, for margin. Counted in the header.
+pub const V1_SEAL_LIMIT: u64 = 1 << 31;
+/// Where a version 1 header counts its seals (bytes that earlier releases
+/// wrote as zeros and never read): a 48-bit big-endian count.
+const V1_SEALS_AT: u64 = 26;
+/// Seals reserved in the header at a time: the count on disk is always at
+/// least the seals made, so a kill never lets a file seal more than its
+/// limit; a power cut may lose the last reservation (FORMAT.md).
+const V1_RESERVE: u64 = 1 << 16;
+
+/// The seal count of a version 1 file: made so far, and reserved on disk.
+#[derive(Debug, Default)]
+struct SealCount {
+    made: u64,
+    reserved: u64,
+}
 
 /// An open encrypted file.
 #[derive(Debug)]
@@ -52,6 +77,12 @@ pub struct EncryptedFile {
     key: BlockKey,
     size: RwLock<u64>,
     sealed: AtomicU64,
+    /// The backing directory's undo journal (FORMAT.md, "The undo
+    /// journal"); `None` for files used outside a mount (tests, tools).
+    journal: Option<Arc<Journal>>,
+    /// Version 1 files: seals made under the DEK (see [`V1_SEAL_LIMIT`]).
+    seals: parking_lot::Mutex<SealCount>,
+    seal_limit: u64,
 }
 
 impl EncryptedFile {
@@ -83,6 +114,23 @@ impl EncryptedFile {
     /// A damaged header or length (`Tampered`), or a DEK that does not
     /// unwrap (`Key`).
     pub fn open(file: File, path: PathBuf, keys: &dyn KeySource) -> Result<Self> {
+        Self::open_journaled(file, path, keys, None)
+    }
+
+    /// [`EncryptedFile::open`] in a backing directory with an undo
+    /// journal: first resolves the records an earlier run left for this
+    /// file (a write a kill cut inside a block is undone, see FORMAT.md,
+    /// "The undo journal"), then protects this file's writes with it.
+    ///
+    /// # Errors
+    /// As `open`; or putting a recorded block back fails (the record then
+    /// stays, for the next open).
+    pub fn open_journaled(
+        file: File,
+        path: PathBuf,
+        keys: &dyn KeySource,
+        journal: Option<Arc<Journal>>,
+    ) -> Result<Self> {
         let tampered = |source| Error::Tampered {
             path: path.clone(),
             source,
@@ -91,15 +139,56 @@ impl EncryptedFile {
         let n = read_up_to(&file, &mut bytes, 0)?;
         let header = Header::decode(&bytes[..n]).map_err(tampered)?;
         let layout = header.layout().map_err(tampered)?;
-        let size = layout.plain_len(file.metadata()?.len()).map_err(tampered)?;
         let (_, slot) = header.current().map_err(tampered)?;
+        // Opened read-only (no write permission on the backing file): it
+        // cannot put blocks back, and it writes nothing either.
+        let writable = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+            .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
+        let journal = journal.filter(|_| writable);
+        // Other openers of this file wait until its records are resolved.
+        let mut resolving = journal.as_deref().map(|j| j.take(&header.file_id));
+        let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+        let ours = resolving
+            .as_ref()
+            .is_some_and(|r| r.records.iter().any(|p| p.record.ino == ino));
+        // A torn append can leave a length no valid file has: only the
+        // journal may explain it.
+        let size = match layout.plain_len(file.metadata()?.len()) {
+            Ok(size) => Some(size),
+            Err(_) if ours => None,
+            Err(e) => return Err(tampered(e)),
+        };
         let dek = keys
             .unwrap_dek(&file_context(&header.file_id, header.version), &slot.blob)
             .map_err(|source| Error::Key {
                 path: path.clone(),
                 source,
             })?;
-        Ok(Self::assemble(file, path, header.file_id, layout, &dek, size))
+        let mut this = Self::assemble(file, path, header.file_id, layout, &dek, size.unwrap_or(0));
+        if layout == Layout::V1 {
+            let mut count = [0u8; 8];
+            count[2..].copy_from_slice(&bytes[V1_SEALS_AT as usize..V1_SEALS_AT as usize + 6]);
+            let on_disk = u64::from_be_bytes(count);
+            *this.seals.get_mut() = SealCount {
+                made: on_disk,
+                reserved: on_disk,
+            };
+        }
+        if let Some(r) = resolving.as_mut() {
+            // Records of another inode with this file id (a copy made in
+            // the backing directory) wait for it.
+            while let Some(i) = r.records.iter().position(|p| p.record.ino == ino) {
+                this.undo(&r.records[i].record, size, true)?;
+                r.resolved(i);
+            }
+        }
+        drop(resolving);
+        let size = layout
+            .plain_len(this.file.metadata()?.len())
+            .map_err(|e| this.tampered(e))?;
+        this.size = RwLock::new(size);
+        this.journal = journal;
+        Ok(this)
     }
 
     fn assemble(file: File, path: PathBuf, file_id: FileId, layout: Layout, dek: &Dek, size: u64) -> Self {
@@ -111,6 +200,172 @@ impl EncryptedFile {
             key: BlockKey::for_layout(dek, layout),
             size: RwLock::new(size),
             sealed: AtomicU64::new(0),
+            journal: None,
+            seals: parking_lot::Mutex::new(SealCount::default()),
+            seal_limit: V1_SEAL_LIMIT,
+        }
+    }
+
+    /// Lowers the seal limit of a version 1 file (tests of the limit).
+    #[must_use]
+    pub fn with_seal_limit(mut self, limit: u64) -> Self {
+        self.seal_limit = limit;
+        self
+    }
+
+    /// Seals made under this version 1 file's DEK, as counted (0 for
+    /// version 2 files, which need no count).
+    pub fn seals_made(&self) -> u64 {
+        self.seals.lock().made
+    }
+
+    /// Before an operation of a version 1 file seals up to `n` blocks:
+    /// refuses past the limit, and reserves seals in the header ahead of
+    /// use. Version 2 files (XAES-256-GCM) need no count.
+    fn spend_seals(&self, n: u64) -> Result<()> {
+        if self.layout != Layout::V1 {
+            return Ok(());
+        }
+        let mut count = self.seals.lock();
+        let after = count.made.saturating_add(n);
+        if after > self.seal_limit {
+            return Err(Error::SealBudget {
+                path: self.path.clone(),
+            });
+        }
+        if after > count.reserved {
+            let reserved = after
+                .saturating_add(V1_RESERVE)
+                .min(self.seal_limit.max(after))
+                .min((1 << 48) - 1);
+            self.file.write_all_at(&reserved.to_be_bytes()[2..], V1_SEALS_AT)?;
+            count.reserved = reserved;
+        }
+        count.made = after;
+        Ok(())
+    }
+
+    /// Protects the writes of this new file with `journal` (a new file has
+    /// no records to resolve).
+    pub fn with_journal(mut self, journal: Option<Arc<Journal>>) -> Self {
+        self.journal = journal;
+        self
+    }
+
+    /// Puts back the blocks of `record`'s write: after a kill (`after_kill`)
+    /// only if one of the blocks it wrote no longer reads (or the file's
+    /// length is not valid: `size` is `None`), else at once (a write that
+    /// failed in this process). Each recorded block that authenticates as
+    /// it was (a final block, or an older final block followed by zeros) or
+    /// was a hole is written back; then the backing length before the write,
+    /// and an fsync. The caller recomputes the size.
+    fn undo(&self, record: &Record, size: Option<u64>, after_kill: bool) -> Result<()> {
+        if after_kill {
+            let torn = size.is_none_or(|size| {
+                record.written.iter().any(|&(first, last)| {
+                    (first..=last.min(last_index(size)))
+                        .any(|index| matches!(self.read_block(size, index), Err(Error::Tampered { .. })))
+                })
+            });
+            if !torn {
+                return Ok(());
+            }
+        }
+        let Ok(old_size) = self.layout.plain_len(record.old_len) else {
+            tracing::warn!(path = %self.path.display(), "undo journal: a record's length is not a valid length; ignored");
+            return Ok(());
+        };
+        let old_final = last_index(old_size);
+        let mut put = 0;
+        for (index, bytes) in &record.blocks {
+            let at = self.layout.block_offset(*index);
+            let restore = if bytes.is_empty() && *index < old_final {
+                vec![0u8; self.layout.disk_block_size()]
+            } else {
+                let mut copy = bytes.clone();
+                let opens = !bytes.is_empty()
+                    && (open_block_in_place(&self.key, &self.file_id, *index, *index == old_final, &mut copy).is_ok()
+                        || open_stale_final(&self.key, &self.file_id, *index, bytes).is_some());
+                if !opens {
+                    tracing::warn!(path = %self.path.display(), block = index, "undo journal: a recorded block does not authenticate; not put back");
+                    continue;
+                }
+                bytes.clone()
+            };
+            if at + restore.len() as u64 > record.old_len {
+                tracing::warn!(path = %self.path.display(), block = index, "undo journal: a recorded block lies past the recorded length; not put back");
+                continue;
+            }
+            self.file.write_all_at(&restore, at)?;
+            put += 1;
+        }
+        if self.file.metadata()?.len() != record.old_len {
+            self.file.set_len(record.old_len)?;
+        }
+        self.file.sync_all()?;
+        tracing::warn!(
+            path = %self.path.display(),
+            blocks = put,
+            "a write cut inside a block (a kill, or an I/O error) was undone from the undo journal"
+        );
+        Ok(())
+    }
+
+    /// Before an operation writes the blocks of `written` in place, some of
+    /// them (`keep`) keeping part of their old plaintext: their sealed bytes
+    /// into the journal (holes and empty blocks have nothing to keep).
+    fn protect(&self, old: u64, keep: &[u64], written: [(u64, u64); 2]) -> Result<Option<(Slot, Record)>> {
+        let Some(journal) = &self.journal else {
+            return Ok(None);
+        };
+        let mut blocks = Vec::with_capacity(keep.len());
+        let k = last_index(old);
+        for &index in keep {
+            if index > k || blocks.iter().any(|(i, _)| *i == index) {
+                continue;
+            }
+            // The empty file's block has no plaintext but is sealed.
+            let mut bytes = vec![0u8; block_len(old, index) + self.layout.overhead()];
+            let n = read_up_to(&self.file, &mut bytes, self.layout.block_offset(index))?;
+            bytes.truncate(n);
+            if index != k && is_hole(&bytes) {
+                // Kept as a hole: put back as zeros.
+                bytes.clear();
+            }
+            blocks.push((index, bytes));
+        }
+        if blocks.is_empty() {
+            return Ok(None);
+        }
+        let record = Record {
+            boot: [0; 16],
+            file_id: self.file_id,
+            ino: std::os::unix::fs::MetadataExt::ino(&self.file.metadata()?),
+            old_len: self.layout.disk_len(old),
+            written,
+            blocks,
+        };
+        Ok(journal.begin(&record)?.map(|slot| (slot, record)))
+    }
+
+    /// After the operation `protect` guarded: the record goes. On failure
+    /// (an I/O error, not a kill) the kept blocks are put back and the file
+    /// cut back first: a failed write or truncate leaves the file as it
+    /// was, but for blocks it replaced whole.
+    fn unprotect(&self, guard: Option<(Slot, Record)>, result: &Result<()>, size: &mut u64) {
+        let Some((slot, record)) = guard else {
+            return;
+        };
+        if result.is_err() {
+            match self.undo(&record, Some(*size), false) {
+                Ok(()) => *size = self.layout.plain_len(record.old_len).unwrap_or(*size),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "could not undo a failed write from the undo journal");
+                }
+            }
+        }
+        if let Some(journal) = &self.journal {
+            journal.finish(slot, &self.file_id);
         }
     }
 
@@ -140,6 +395,16 @@ impl EncryptedFile {
     fn step_done(&self) {
         #[cfg(test)]
         tests::crash_point(&self.path);
+    }
+
+    /// Writes sealed blocks in place (tests may cut it here, as a kill
+    /// would: see `tests::tear`).
+    fn put(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(e) = tests::maybe_tear(&self.file, bytes, offset) {
+            return Err(e);
+        }
+        self.file.write_all_at(bytes, offset)
     }
 
     fn seal(&self, index: u64, last: bool, plain: &[u8]) -> Vec<u8> {
@@ -245,19 +510,35 @@ impl EncryptedFile {
         let first = offset / BLOCK_SIZE as u64;
         let last = (end - 1) / BLOCK_SIZE as u64;
         let span = Span { old, new, offset, data };
+        // The blocks it covers, and the old final block a growth re-seals.
+        self.spend_seals(last - first + 2)?;
+        let k = last_index(old);
+        let retired = if new > old && last_index(new) != k && k < first {
+            (k, k)
+        } else {
+            (first, last)
+        };
+        let guard = self.protect(old, &kept_blocks(&span, first, last), [(first, last), retired])?;
+        let result = self.write_locked(&mut size, &span, first, last);
+        self.unprotect(guard, &result, &mut size);
+        result
+    }
+
+    fn write_locked(&self, size: &mut u64, span: &Span<'_>, first: u64, last: u64) -> Result<()> {
+        let (old, new) = (span.old, span.new);
         if new == old {
-            return self.write_blocks(&span, first, last);
+            return self.write_blocks(span, first, last);
         }
         // Growth, in two phases. First the blocks past the old final block,
         // the chunk with the new final block first: a failure or a kill
         // here leaves every old block untouched, and a failure is cut off.
         let k = last_index(old);
-        let beyond = self.write_blocks(&span, first.max(k + 1), last);
-        self.settle(&mut size, old, new, beyond)?;
+        let beyond = self.write_blocks(span, first.max(k + 1), last);
+        self.settle(size, old, new, beyond)?;
         // Then the blocks inside the old file, whose old final block
         // becomes an inner one (re-sealed alone if the write misses it).
         if first <= k {
-            self.write_blocks(&span, first, k.min(last))
+            self.write_blocks(span, first, k.min(last))
         } else {
             self.retire_old_final(old, new, first)
         }
@@ -288,7 +569,7 @@ impl EncryptedFile {
         let mut plain = self.read_block(old, k)?;
         plain.resize(BLOCK_SIZE, 0);
         let sealed = self.seal(k, false, &plain);
-        self.file.write_all_at(&sealed, self.layout.block_offset(k))?;
+        self.put(&sealed, self.layout.block_offset(k))?;
         self.step_done();
         Ok(())
     }
@@ -321,15 +602,26 @@ impl EncryptedFile {
         if new_size > self.layout.max_size() {
             return Err(Error::Sys(nix::Error::EFBIG));
         }
-        if new_size > old {
+        if new_size == old {
+            return Ok(());
+        }
+        self.spend_seals(2)?;
+        // Both rewrite one old block in place and keep its bytes: the old
+        // final block (growth), the new final block (shrink).
+        let kept = last_index(old.min(new_size));
+        let guard = self.protect(
+            old,
+            &[kept],
+            [(kept, kept), (last_index(new_size), last_index(new_size))],
+        )?;
+        let result = if new_size > old {
             let result = self.grow(old, new_size);
-            return self.settle(&mut size, old, new_size, result);
-        }
-        if new_size < old {
-            self.shrink(old, new_size)?;
-            *size = new_size;
-        }
-        Ok(())
+            self.settle(&mut size, old, new_size, result)
+        } else {
+            self.shrink(old, new_size).map(|()| *size = new_size)
+        };
+        self.unprotect(guard, &result, &mut size);
+        result
     }
 
     fn grow(&self, old: u64, new: u64) -> Result<()> {
@@ -338,16 +630,16 @@ impl EncryptedFile {
         if m == k {
             plain.resize(block_len(new, k), 0);
             let sealed = self.seal(k, true, &plain);
-            self.file.write_all_at(&sealed, self.layout.block_offset(k))?;
+            self.put(&sealed, self.layout.block_offset(k))?;
             self.step_done();
             return Ok(());
         }
         let tail = self.seal(m, true, &vec![0u8; block_len(new, m)]);
-        self.file.write_all_at(&tail, self.layout.block_offset(m))?;
+        self.put(&tail, self.layout.block_offset(m))?;
         self.step_done();
         plain.resize(BLOCK_SIZE, 0);
         let sealed = self.seal(k, false, &plain);
-        self.file.write_all_at(&sealed, self.layout.block_offset(k))?;
+        self.put(&sealed, self.layout.block_offset(k))?;
         self.step_done();
         Ok(())
     }
@@ -367,7 +659,7 @@ impl EncryptedFile {
             block_len(old, index) + self.layout.overhead()
         };
         sealed.resize(slot.max(sealed.len()), 0);
-        self.file.write_all_at(&sealed, self.layout.block_offset(index))?;
+        self.put(&sealed, self.layout.block_offset(index))?;
         self.step_done();
         self.file.set_len(self.layout.disk_len(new))?;
         self.step_done();
@@ -394,7 +686,7 @@ impl EncryptedFile {
             let plain = self.merged_block(span, index)?;
             out.extend(self.seal(index, index == last_index(span.new), &plain));
         }
-        self.file.write_all_at(&out, self.layout.block_offset(first))?;
+        self.put(&out, self.layout.block_offset(first))?;
         self.step_done();
         Ok(())
     }
@@ -418,6 +710,36 @@ impl EncryptedFile {
         plain[dst].copy_from_slice(&span.data[src]);
         Ok(plain)
     }
+}
+
+/// The blocks a write rewrites in place that the undo journal keeps: the
+/// first and last it covers, when it does not overwrite all their old
+/// bytes (holes included: they keep their zeros); in a growth the old final
+/// block, always (see [`EncryptedFile::retire_old_final`]).
+fn kept_blocks(span: &Span<'_>, first: u64, last: u64) -> Vec<u64> {
+    let end = span.offset + span.data.len() as u64;
+    let partly = |index: u64| {
+        let start = index * BLOCK_SIZE as u64;
+        let old_len = block_len(span.old, index) as u64;
+        old_len > 0 && !(span.offset <= start && end >= start + old_len)
+    };
+    let k = last_index(span.old);
+    let mut keep = Vec::with_capacity(2);
+    if span.new > span.old {
+        // A growth rewrites the old final block whatever it covers, and an
+        // undo cuts the file back into it: always kept.
+        if first < k && partly(first) {
+            keep.push(first);
+        }
+        keep.push(k);
+    } else {
+        for index in [first, last] {
+            if partly(index) && !keep.contains(&index) {
+                keep.push(index);
+            }
+        }
+    }
+    keep
 }
 
 /// The geometry of one write.
@@ -459,6 +781,35 @@ mod tests {
         /// Backing-file snapshots taken at each crash point while a test
         /// is capturing (see `EncryptedFile::step_done`).
         static CRASH_POINTS: std::cell::RefCell<Option<Vec<Vec<u8>>>> = const { std::cell::RefCell::new(None) };
+    }
+
+    thread_local! {
+        /// A simulated kill (or I/O error): after `skip` more in-place
+        /// writes, the next one writes only its first `cut` bytes; then the
+        /// thread "dies" (panics), so nothing after it runs (no journal slot
+        /// is cleared), or, for an I/O error, the write fails.
+        static TEAR: std::cell::Cell<Option<Tear>> = const { std::cell::Cell::new(None) };
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    struct Tear {
+        skip: usize,
+        cut: usize,
+        kill: bool,
+    }
+
+    pub(super) fn maybe_tear(file: &File, bytes: &[u8], offset: u64) -> Option<std::io::Error> {
+        let t = TEAR.get()?;
+        if t.skip > 0 {
+            TEAR.set(Some(Tear { skip: t.skip - 1, ..t }));
+            return None;
+        }
+        TEAR.set(None);
+        file.write_all_at(&bytes[..t.cut.min(bytes.len())], offset).unwrap();
+        if t.kill {
+            std::panic::resume_unwind(Box::new("simulated kill"));
+        }
+        Some(std::io::Error::other("simulated I/O error"))
     }
 
     pub(super) fn crash_point(path: &Path) {
@@ -968,5 +1319,284 @@ mod tests {
         bytes[10] ^= 1; // file id no longer matches the blob's context
         std::fs::write(&a.path, &bytes).unwrap();
         assert!(matches!(reopen(&a, &keys), Err(Error::Key { .. })));
+    }
+
+    /// The operations of the journal test, each on a file holding
+    /// `old_bytes()`.
+    #[derive(Clone, Copy, Debug)]
+    enum Op {
+        Write(u64, usize),
+        Truncate(u64),
+    }
+
+    impl Op {
+        /// The byte range the operation changes (a truncate: between the
+        /// two sizes).
+        fn range(self, size: u64) -> (u64, u64) {
+            match self {
+                Op::Write(o, n) => (o, o + n as u64),
+                Op::Truncate(n) => (n.min(size), n.max(size)),
+            }
+        }
+
+        fn run(self, f: &EncryptedFile) -> Result<()> {
+            match self {
+                Op::Write(offset, len) => f.write(offset, &vec![0xEE; len]),
+                Op::Truncate(size) => f.truncate(size),
+            }
+        }
+    }
+
+    fn old_bytes() -> Vec<u8> {
+        (0..3 * BLOCK_SIZE + 1000).map(|i| (i % 251) as u8 + 1).collect()
+    }
+
+    /// A backing root with a journal (or none) and one file in it.
+    struct Bed {
+        keys: MemoryKeySource,
+        dir: tempfile::TempDir,
+        root: std::os::fd::OwnedFd,
+        journal: bool,
+    }
+
+    impl Bed {
+        fn new(journal: bool) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let root = nix::fcntl::openat(
+                nix::fcntl::AT_FDCWD,
+                dir.path(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            Self {
+                keys: MemoryKeySource::default(),
+                dir,
+                root,
+                journal,
+            }
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("f")
+        }
+
+        fn backing(&self) -> File {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.path())
+                .unwrap()
+        }
+
+        fn journal(&self) -> Option<Arc<crate::journal::Journal>> {
+            self.journal.then(|| {
+                Arc::new(
+                    crate::journal::Journal::open(&self.root, self.dir.path())
+                        .unwrap()
+                        .unwrap(),
+                )
+            })
+        }
+
+        fn create(&self, contents: &[u8]) -> EncryptedFile {
+            let f = EncryptedFile::create(self.backing(), self.path(), &self.keys)
+                .unwrap()
+                .with_journal(self.journal());
+            f.write(0, contents).unwrap();
+            f
+        }
+
+        /// Opens the file as a restarted mount would.
+        fn reopen(&self) -> Result<EncryptedFile> {
+            EncryptedFile::open_journaled(self.backing(), self.path(), &self.keys, self.journal())
+        }
+    }
+
+    /// Runs `op` on `f`, killed in the middle of its `skip`-th in-place
+    /// write after `cut` bytes. Returns false if the op finished first.
+    fn kill_during(f: EncryptedFile, op: Op, skip: usize, cut: usize) -> bool {
+        TEAR.set(Some(Tear { skip, cut, kill: true }));
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.run(&f))).is_err();
+        TEAR.set(None);
+        // The dead process's file and journal go without a word (dropping
+        // them writes nothing; it releases the journal's lock, as death).
+        drop(f);
+        killed
+    }
+
+    /// Each block of the file (`None`: EIO).
+    fn blocks(f: &EncryptedFile) -> Vec<Option<Vec<u8>>> {
+        (0..=last_index(f.size()))
+            .map(|i| f.read(i * BLOCK_SIZE as u64, BLOCK_SIZE as u32).ok())
+            .collect()
+    }
+
+    /// The contract after a kill during `op` on a file of `old`: every block
+    /// reads but those the op replaces whole (which may read EIO), every
+    /// byte outside the op's range is as before, and the size is the old or
+    /// the new one.
+    fn check_after(what: &str, old: &[u8], op: Op, blocks: &[Option<Vec<u8>>]) {
+        let size = old.len() as u64;
+        let (lo, hi) = op.range(size);
+        let mut len = 0u64;
+        for (n, got) in blocks.iter().enumerate() {
+            let start = n as u64 * BLOCK_SIZE as u64;
+            let Some(got) = got else {
+                let whole = matches!(op, Op::Write(..)) && lo <= start && hi >= start + BLOCK_SIZE as u64;
+                assert!(whole, "{what}: block {n} reads EIO after the restart");
+                len = start + BLOCK_SIZE as u64;
+                continue;
+            };
+            for (j, &b) in got.iter().enumerate() {
+                let i = start + j as u64;
+                if i < lo || i >= hi {
+                    assert_eq!(b, old.get(i as usize).copied().unwrap_or(0), "{what}: byte {i}");
+                }
+            }
+            len = start + got.len() as u64;
+        }
+        let new = match op {
+            Op::Write(..) => size.max(hi),
+            Op::Truncate(n) => n,
+        };
+        assert!(
+            len == size || len == new,
+            "{what}: size {len}, neither {size} nor {new}"
+        );
+    }
+
+    const OPS: [Op; 12] = [
+        Op::Write(3 * 4096 + 1000, 100), // append inside the final block
+        Op::Write(3 * 4096 + 990, 5000), // append growing past it
+        Op::Write(6 * 4096, 10),         // growth re-sealing the old final block alone
+        Op::Write(100, 50),              // inside one block
+        Op::Write(4000, 200),            // across a block boundary
+        Op::Write(100, 40 * 4096),       // a growth of two chunks from inside block 0
+        Op::Write(0, BLOCK_SIZE),        // aligned: nothing kept
+        Op::Truncate(3 * 4096 + 1010),
+        Op::Truncate(8 * 4096 + 5),
+        Op::Truncate(5000),
+        Op::Truncate(3 * 4096 + 10),
+        Op::Truncate(0),
+    ];
+    const CUTS: [usize; 9] = [1, 100, 512, 2048, 4095, 4096, 4100, 4136 + 100, 4136 + 4095];
+
+    /// FORMAT.md, "The undo journal": a kill that tears an in-place block
+    /// write loses none of the old bytes the write kept (appends into the
+    /// final block, unaligned overwrites, a growth re-sealing the old final
+    /// block, truncates); only blocks the write replaces whole may read
+    /// EIO. Without the journal the same tears lose kept bytes.
+    #[test]
+    fn a_torn_block_write_is_undone_from_the_journal() {
+        let old = old_bytes();
+        let mut lost_without = 0;
+        for op in OPS {
+            for skip in 0..3 {
+                for cut in CUTS {
+                    let what = format!("{op:?}, write {skip} cut after {cut} bytes");
+                    let bed = Bed::new(true);
+                    if !kill_during(bed.create(&old), op, skip, cut) {
+                        continue;
+                    }
+                    let f = bed
+                        .reopen()
+                        .unwrap_or_else(|e| panic!("{what}: does not open after the restart: {e}"));
+                    check_after(&what, &old, op, &blocks(&f));
+                    // The same tear without the journal.
+                    let bare = Bed::new(false);
+                    assert!(kill_during(bare.create(&old), op, skip, cut));
+                    let lost = match bare.reopen() {
+                        Err(_) => true,
+                        Ok(f) => {
+                            let b = blocks(&f);
+                            std::panic::catch_unwind(|| check_after(&what, &old, op, &b)).is_err()
+                        }
+                    };
+                    lost_without += usize::from(lost);
+                }
+            }
+        }
+        assert!(
+            lost_without > 40,
+            "without the journal only {lost_without} tears lost kept bytes"
+        );
+    }
+
+    /// The review's cases: a hole the write keeps, and an older final block
+    /// left in an inner position by an earlier kill (between the two
+    /// phases of a growth), then torn by a partial overwrite.
+    #[test]
+    fn holes_and_stale_final_blocks_are_kept_too() {
+        let old = old_bytes();
+        // A hole: 5 blocks, the middle ones never written.
+        for cut in CUTS {
+            let bed = Bed::new(true);
+            let f = bed.create(&old[..100]);
+            f.truncate(5 * 4096).unwrap();
+            let mut expect = old[..100].to_vec();
+            expect.resize(5 * 4096, 0);
+            if !kill_during(f, Op::Write(4096 + 100, 10), 0, cut) {
+                continue;
+            }
+            let f = bed.reopen().unwrap();
+            check_after(&format!("hole, cut {cut}"), &expect, Op::Write(4196, 10), &blocks(&f));
+        }
+        for cut in CUTS {
+            let bed = Bed::new(true);
+            // Killed after the first phase of a growth: block 3 (the old
+            // final block) stays an older final block followed by zeros.
+            assert!(kill_during(bed.create(&old), Op::Write(8 * 4096, 10), 1, 0));
+            let f = bed.reopen().unwrap();
+            let mut expect = old.clone();
+            expect.resize(8 * 4096 + 10, 0);
+            expect[8 * 4096..].fill(0xEE);
+            assert_eq!(f.read(0, u32::MAX).unwrap(), expect, "the state between the phases");
+            if !kill_during(f, Op::Write(3 * 4096 + 10, 20), 0, cut) {
+                continue;
+            }
+            let f = bed.reopen().unwrap();
+            check_after(
+                &format!("stale final, cut {cut}"),
+                &expect,
+                Op::Write(3 * 4096 + 10, 20),
+                &blocks(&f),
+            );
+        }
+    }
+
+    /// A write that fails with an I/O error in the middle of a block (not a
+    /// kill) leaves the file as it was, in the same process.
+    #[test]
+    fn a_failed_write_is_undone_at_once() {
+        let old = old_bytes();
+        for op in OPS {
+            for cut in [100, 4100] {
+                let bed = Bed::new(true);
+                let f = bed.create(&old);
+                TEAR.set(Some(Tear {
+                    skip: 0,
+                    cut,
+                    kill: false,
+                }));
+                let r = op.run(&f);
+                TEAR.set(None);
+                if r.is_ok() {
+                    continue;
+                }
+                let what = format!("{op:?} failing after {cut} bytes");
+                check_after(&what, &old, op, &blocks(&f));
+                let kept = !matches!(op, Op::Write(0, BLOCK_SIZE));
+                if kept {
+                    assert_eq!(f.size(), old.len() as u64, "{what}: size");
+                }
+                // The journal slot is free again: a restart finds nothing.
+                drop(f);
+                let j = bed.journal().unwrap();
+                assert_eq!(j.usage().1, 0, "{what}: a record is left");
+            }
+        }
     }
 }

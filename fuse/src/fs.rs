@@ -31,6 +31,7 @@ use crate::fault;
 use crate::file::EncryptedFile;
 use crate::format::{self, Layout};
 use crate::inode::{InodeTable, Node, DEFAULT_FD_CACHE, ROOT};
+use crate::journal::{Journal, JOURNAL_FILE};
 use crate::keys::KeySource;
 use crate::names::{self, Backing, DirId, Kind, NameKeys};
 use crate::stats::{FsOp, FsStats};
@@ -129,6 +130,17 @@ pub struct EncryptedFs {
     /// Bumped whenever an id file is about to go or was put back: an id
     /// read before that is not cached (it may be one the disk lost).
     id_gen: AtomicU64,
+    /// The undo journal in the backing root (FORMAT.md, "The undo
+    /// journal"); `None` when that name holds something else.
+    journal: Option<Arc<Journal>>,
+}
+
+/// Whether `name` in the root of a plain-named mount is one of the mount's
+/// own files, which users cannot see or make (with encrypted names no
+/// entry can have these names).
+fn reserved_plain_root_name(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b == JOURNAL_FILE.as_bytes() || b == names::ROOT_FILE.as_bytes() || b.starts_with(names::ROOT_TMP.as_bytes())
 }
 
 /// Extended attribute of a backing root that has only ever held format
@@ -351,7 +363,16 @@ impl EncryptedFs {
             ),
             _ => {}
         }
+        // A read-only backing directory, say, has no journal: logged, and
+        // the mount serves it as before (FORMAT.md, "The undo journal").
+        let journal = Journal::open(&root, source)
+            .unwrap_or_else(|e| {
+                tracing::error!(source = %source.display(), error = %e, "cannot open the undo journal: running without it");
+                None
+            })
+            .map(Arc::new);
         Ok(Self {
+            journal,
             names: name_keys,
             dir_ids: Mutex::new(HashMap::new()),
             id_repair: Mutex::new(()),
@@ -399,6 +420,10 @@ impl EncryptedFs {
             });
         } else if let Error::Key { .. } = e {
             tracing::warn!(error = %describe(e), "{op}: data key unavailable");
+        } else if let Error::SealBudget { path } = e {
+            self.tamper.warn(path, || {
+                tracing::warn!(path = %path.display(), "{op}: a format version 1 file used up its nonce budget; copy it through the mount (the copy is version 2) to write it again");
+            });
         } else {
             tracing::debug!(error = %describe(e), "{op} failed");
         }
@@ -514,6 +539,9 @@ impl EncryptedFs {
     /// The backing form of `name` in directory `ino` (`dir`).
     fn backing(&self, ino: u64, dir: &Node, name: &OsStr) -> Result<Backing> {
         let Some(keys) = &self.names else {
+            if ino == ROOT && reserved_plain_root_name(name) {
+                return Err(Error::Sys(nix::Error::EPERM));
+            }
             return Ok(Backing::Short(name.to_os_string()));
         };
         let id = self.dir_id(keys, ino, dir)?;
@@ -652,6 +680,9 @@ impl EncryptedFs {
     /// Backing errors (`ENOENT` ...).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr> {
         self.stats.op(FsOp::Lookup);
+        if parent == ROOT && self.names.is_none() && reserved_plain_root_name(name) {
+            return Err(Error::Sys(nix::Error::ENOENT));
+        }
         let node = self.nodes.get(parent)?;
         let b = self.backing(parent, &node, name)?;
         self.lookup_in(&node, b.entry())
@@ -1107,7 +1138,7 @@ impl EncryptedFs {
         if (made.st_dev, made.st_ino) != (held.st_dev, held.st_ino) {
             return Err(Error::Sys(nix::Error::EIO));
         }
-        let encrypted = EncryptedFile::create(file, path, self.keys.as_ref())?;
+        let encrypted = EncryptedFile::create(file, path, self.keys.as_ref())?.with_journal(self.journal.clone());
         let attr = self.adopt(caller, parent, fd, Some(mode))?;
         let ino = attr.ino.0;
         let node = self.nodes.get(ino).inspect_err(|_| self.nodes.forget(ino, 1))?;
@@ -1147,7 +1178,7 @@ impl EncryptedFs {
         let path = node.proc_path();
         let file = OpenOptions::new().read(true).write(true).open(&path);
         let file = file.or_else(|_| File::open(&path))?;
-        let fresh = EncryptedFile::open(file, node.backing_path(), self.keys.as_ref())?;
+        let fresh = EncryptedFile::open_journaled(file, node.backing_path(), self.keys.as_ref(), self.journal.clone())?;
         if fresh.layout() != Layout::V2 {
             self.distrust_v2_mark(&fresh);
         }
@@ -1264,6 +1295,7 @@ impl EncryptedFs {
             let item = item?;
             let backing = item.file_name();
             let name = match &keys_and_id {
+                None if ino == ROOT && reserved_plain_root_name(&backing) => continue,
                 None => backing.clone(),
                 Some((keys, id)) => match self.plain_name(keys, id, &node, &backing)? {
                     Some(name) => name,
@@ -1529,7 +1561,7 @@ mod tests {
         fs.unlink(ROOT, OsStr::new(&long)).unwrap();
         fs.rmdir(ROOT, OsStr::new("MARKER-dir")).unwrap();
         let left = backing_names(dir.path());
-        assert_eq!(left.len(), 3, "root file, short, link: {left:?}");
+        assert_eq!(left.len(), 4, "root file, journal, short, link: {left:?}");
         // A failed rename or create to a long name leaves no part behind.
         let e = fs.rename((ROOT, OsStr::new("absent")), (ROOT, OsStr::new(&long)), 0);
         assert_eq!(e.unwrap_err().errno(), libc::ENOENT);
@@ -1618,6 +1650,43 @@ mod tests {
             }
         }
         out
+    }
+
+    /// FORMAT.md, "The undo journal": in a plain mount the root names of
+    /// the mount's own files cannot be seen, made or renamed onto (else a
+    /// user could write into the journal, or make `kmsd.names` and turn
+    /// the mount's names encrypted at its next start); elsewhere they are
+    /// ordinary names.
+    #[test]
+    fn a_plain_mount_reserves_its_own_root_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(MemoryKeySource::default());
+        let fs = EncryptedFs::with_options(dir.path(), keys, 16, NameMode::Plain).unwrap();
+        assert!(dir.path().join(JOURNAL_FILE).is_file(), "the journal is made");
+        for name in [JOURNAL_FILE, names::ROOT_FILE, "kmsd.names.tmp.x"] {
+            let n = OsStr::new(name);
+            assert_eq!(fs.lookup(ROOT, n).unwrap_err().errno(), libc::ENOENT, "{name}");
+            assert_eq!(
+                fs.create(ROOT_CALLER, ROOT, n, 0o600).unwrap_err().errno(),
+                libc::EPERM,
+                "{name}"
+            );
+            assert_eq!(
+                fs.mkdir(ROOT_CALLER, ROOT, n, 0o700).unwrap_err().errno(),
+                libc::EPERM,
+                "{name}"
+            );
+            let (_, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("mine"), 0o600).unwrap();
+            fs.release(fh);
+            let e = fs.rename((ROOT, OsStr::new("mine")), (ROOT, n), 0).unwrap_err();
+            assert_eq!(e.errno(), libc::EPERM, "{name}");
+            fs.unlink(ROOT, OsStr::new("mine")).unwrap();
+        }
+        assert_eq!(listing(&fs, ROOT), [".", ".."], "the journal is not listed");
+        let sub = fs.mkdir(ROOT_CALLER, ROOT, OsStr::new("sub"), 0o700).unwrap().ino.0;
+        let (_, fh) = fs.create(ROOT_CALLER, sub, OsStr::new(JOURNAL_FILE), 0o600).unwrap();
+        fs.release(fh);
+        assert_eq!(listing(&fs, sub), [".", "..", JOURNAL_FILE]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod file;
 pub mod format;
 pub mod fs;
 pub mod inode;
+pub mod journal;
 pub mod keys;
 pub mod mount;
 pub mod names;

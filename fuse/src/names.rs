@@ -681,7 +681,7 @@ fn looks_empty(root: &OwnedFd) -> std::io::Result<bool> {
     for entry in std::fs::read_dir(path)? {
         let entry = entry?;
         let name = entry.file_name();
-        if name.as_bytes().starts_with(ROOT_TMP.as_bytes()) {
+        if name.as_bytes().starts_with(ROOT_TMP.as_bytes()) || name == crate::journal::JOURNAL_FILE {
             continue;
         }
         // The root of a freshly made filesystem: mkfs's empty lost+found.

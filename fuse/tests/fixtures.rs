@@ -85,3 +85,70 @@ fn v1_fixtures_take_writes_truncates_and_reopen() {
         assert_eq!(open(&path, &keys).read(0, u32::MAX).unwrap(), model, "{name} reopened");
     }
 }
+
+/// Issue rule "nonce budget" for version 1 files (12-byte random nonces):
+/// seals are counted in the header, reserved ahead of use, and past the
+/// limit (lowered here from 2^31) a write is refused with EIO and changes
+/// nothing; the count survives a reopen, so a restart does not reset it.
+/// Version 2 files (24-byte nonces) are not counted.
+#[test]
+fn a_v1_file_counts_its_seals_and_stops_at_its_limit() {
+    let keys = keys();
+    let (_d, path) = copy("multi");
+    let limit = 40;
+    let f = open(&path, &keys).with_seal_limit(limit);
+    assert_eq!(f.seals_made(), 0, "a fixture of an earlier release starts at 0");
+    let mut last = expected("multi");
+    let mut writes = 0;
+    let refused = loop {
+        let block = vec![writes as u8; 4096];
+        match f.write(0, &block) {
+            Ok(()) => {
+                last[..4096].copy_from_slice(&block);
+                writes += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(writes < 100, "never refused");
+    };
+    assert_eq!(refused.errno(), libc::EIO, "{refused}");
+    assert!(matches!(refused, kms_fuse::Error::SealBudget { .. }), "{refused:?}");
+    assert!(f.seals_made() <= limit, "{} seals made, limit {limit}", f.seals_made());
+    assert!(writes >= 15, "only {writes} writes before the limit");
+    assert_eq!(f.read(0, u32::MAX).unwrap(), last, "the refused write changed nothing");
+    let made = f.seals_made();
+    drop(f);
+    // The header holds at least the seals made.
+    let header = std::fs::read(&path).unwrap();
+    let mut on_disk = [0u8; 8];
+    on_disk[2..].copy_from_slice(&header[26..32]);
+    assert!(u64::from_be_bytes(on_disk) >= made);
+    let f = open(&path, &keys).with_seal_limit(limit);
+    assert!(f.seals_made() >= made, "the count survives a reopen");
+    assert!(f.write(0, b"x").is_err(), "still refused after a reopen");
+    assert_eq!(f.read(0, u32::MAX).unwrap(), last);
+    // A truncate seals too, and is refused as well.
+    assert!(f.truncate(5).is_err());
+    assert_eq!(f.size(), last.len() as u64);
+}
+
+/// Version 2 files are not counted: their nonces leave no practical bound.
+#[test]
+fn v2_files_have_no_seal_limit() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    let f = EncryptedFile::create(file, path.clone(), &keys)
+        .unwrap()
+        .with_seal_limit(1);
+    for i in 0..20u8 {
+        f.write(0, &[i; 4096]).unwrap();
+    }
+    assert_eq!(f.seals_made(), 0);
+}

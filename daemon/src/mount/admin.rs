@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,12 @@ pub const KMSD_USER: &str = "kmsd";
 
 /// How long a peer may take to send the rest of a frame.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections served at once, one thread each; more are closed at once.
+/// Only root, kmsd's user and this process's uid are admitted, but when
+/// the socket could not be handed to kmsd's user it is mode 0666, and any
+/// user could otherwise hold a thread per connection for `READ_TIMEOUT`.
+pub const MAX_CONNECTIONS: usize = 8;
 
 /// What the admin socket serves.
 pub struct Admin {
@@ -88,15 +95,34 @@ pub fn bind(path: &Path, owner: Option<u32>) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts connections until the process ends, one thread each.
+/// Accepts connections until the process ends, one thread each, at most
+/// [`MAX_CONNECTIONS`] at once; peers other than root, kmsd's user and this
+/// process's uid are closed before any thread starts.
 pub fn serve(listener: UnixListener, admin: Arc<Admin>) {
+    let live = Arc::new(AtomicUsize::new(0));
+    let warned = AtomicBool::new(false);
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
-                let admin = admin.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("admin".into())
-                    .spawn(move || connection(s, &admin));
+                let Some(uid) = admitted(&s, &admin) else {
+                    // Once at warn: any user may connect when the socket is 0666.
+                    if !warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("admin connection from a uid other than kmsd's or root refused (further ones at debug level)");
+                    } else {
+                        tracing::debug!("admin connection from a uid other than kmsd's or root refused");
+                    }
+                    continue;
+                };
+                if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    live.fetch_sub(1, Ordering::SeqCst);
+                    tracing::debug!(uid, "admin connection closed: {MAX_CONNECTIONS} are being served");
+                    continue;
+                }
+                let (admin, live) = (admin.clone(), live.clone());
+                let spawned = std::thread::Builder::new().name("admin".into()).spawn(move || {
+                    connection(s, uid, &admin);
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start an admin connection thread");
                 }
@@ -116,11 +142,7 @@ fn admitted(stream: &UnixStream, admin: &Admin) -> Option<u32> {
     (uid == 0 || uid == me || Some(uid) == admin.kmsd_uid).then_some(uid)
 }
 
-fn connection(mut stream: UnixStream, admin: &Admin) {
-    let Some(uid) = admitted(&stream, admin) else {
-        tracing::warn!("admin connection from a uid other than kmsd's or root refused");
-        return;
-    };
+fn connection(mut stream: UnixStream, uid: u32, admin: &Admin) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     if let Err(e) = session(&mut stream, admin) {
         tracing::debug!(uid, error = %e, "admin connection ended");
@@ -239,5 +261,71 @@ pub fn stats_info(target: &str, stats: &FsStats) -> FsStatsInfo {
         tamper_detections: s.tamper_detections,
         bytes_read: s.bytes_read,
         bytes_written: s.bytes_written,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    /// Idle connections hold at most `MAX_CONNECTIONS` threads; one more is
+    /// closed at once, and a slot freed by a peer that leaves is reused.
+    #[test]
+    fn connections_beyond_the_cap_are_closed_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        let listener = bind(&path, None).unwrap();
+        let admin = Arc::new(Admin {
+            info: MountInfo {
+                source: "s".into(),
+                target: "t".into(),
+                key: "k".into(),
+            },
+            source: dir.path().to_path_buf(),
+            keys: Arc::new(kms_fuse::MemoryKeySource::default()),
+            stats: Arc::default(),
+            started: Instant::now(),
+            kmsd_uid: None,
+        });
+        std::thread::spawn(move || serve(listener, admin));
+        let open = || {
+            let s = UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            s
+        };
+        // Served: a read waits for an answer that does not come.
+        let served = |s: &mut UnixStream| {
+            let mut b = [0u8; 1];
+            match s.read(&mut b) {
+                Ok(0) => false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| open()).collect();
+        for s in &mut held {
+            assert!(served(s));
+        }
+        let mut extra = open();
+        assert!(!served(&mut extra), "connection {} is closed", MAX_CONNECTIONS + 1);
+        held.pop();
+        let again = wait_for(|| {
+            let mut s = open();
+            served(&mut s).then_some(s)
+        });
+        assert!(again.is_some(), "a freed slot is served again");
+    }
+
+    fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Some(v) = f() {
+                return Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }

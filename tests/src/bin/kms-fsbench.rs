@@ -7,8 +7,11 @@
 //! Run: `cargo run --release -p kms-tests --bin kms-fsbench [-- --quick --names-only --plain-names --size-mb N --files N --secs N]`.
 //! kmsd's mount has encrypted names (the default for a new mount), as
 //! gocryptfs has by default (`--plain-names` for plain names instead).
-//! `--names-only` runs only the namespace rows.
-//! Prints one table; the last column is kmsd / gocryptfs, from the same run.
+//! `--names-only` runs only the namespace rows. `--rounds N` (1) measures
+//! gocryptfs and kmsd N times each, alternating which goes first, and shows
+//! the median of each; then a last column gives the lowest and highest of
+//! the N per-round ratios (the noise of the machine).
+//! Prints one table; the ratio column is kmsd / gocryptfs, from the same run.
 //! The "better" column says which way is better: for "higher" rows the
 //! target is a ratio of at least 1, for "lower" rows (latencies, times) at
 //! most 1.
@@ -77,6 +80,9 @@ struct Args {
     names_only: bool,
     /// kmsd's mount with plain names (for comparison).
     plain_names: bool,
+    /// gocryptfs and kmsd are each measured this many times, alternating
+    /// which goes first; the table shows medians.
+    rounds: usize,
     size_mb: u64,
     files: usize,
     /// Time bound of each loop.
@@ -115,6 +121,7 @@ fn args() -> Args {
         quick,
         names_only: a.iter().any(|x| x == "--names-only"),
         plain_names: a.iter().any(|x| x == "--plain-names"),
+        rounds: (get("--rounds", 1.0) as usize).max(1),
         size_mb: get("--size-mb", q(1024.0, 64.0)) as u64,
         files: get("--files", q(10_000.0, 1_000.0)) as usize,
         secs: get("--secs", q(20.0, 5.0)),
@@ -758,6 +765,28 @@ fn rows(a: &Args) -> Vec<Row> {
     ]
 }
 
+/// The median of one row over rounds: of the values when every round has
+/// one, else the first round's figure (a bound or a failure).
+fn median(rounds: &[Results], key: &str) -> Option<Fig> {
+    let mut vals: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| match r.figs.get(key) {
+            Some(Fig::Val(v)) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    if vals.len() < rounds.len() || vals.is_empty() {
+        return rounds.first().and_then(|r| r.figs.get(key).cloned());
+    }
+    vals.sort_by(f64::total_cmp);
+    let n = vals.len();
+    Some(Fig::Val(if n % 2 == 1 {
+        vals[n / 2]
+    } else {
+        (vals[n / 2 - 1] + vals[n / 2]) / 2.0
+    }))
+}
+
 /// A figure with about three significant digits.
 fn num(v: f64) -> String {
     match v.abs() {
@@ -877,33 +906,81 @@ fn main() {
     );
     println!("measuring plain directory...");
     let plain = measure("plain", &plain_dir, &a);
-    println!("measuring gocryptfs...");
-    let goc = measure("gocryptfs", &gocryptfs.mnt, &a);
-    println!("measuring kmsd...");
-    let kmsd = measure("kmsd", &daemon.mnt(), &a);
+    let (mut gocs, mut kmsds) = (Vec::new(), Vec::new());
+    for round in 0..a.rounds {
+        let tag = if a.rounds > 1 {
+            format!(" (round {} of {})", round + 1, a.rounds)
+        } else {
+            String::new()
+        };
+        // Alternate which goes first: a warmer or a busier machine then
+        // favours neither.
+        for first in [round % 2 == 0, round % 2 != 0] {
+            if first {
+                println!("measuring gocryptfs{tag}...");
+                gocs.push(measure("gocryptfs", &gocryptfs.mnt, &a));
+            } else {
+                println!("measuring kmsd{tag}...");
+                kmsds.push(measure("kmsd", &daemon.mnt(), &a));
+            }
+        }
+    }
     println!();
     println!("kmsd with names {names} (encrypted is the default for a new mount), gocryptfs with its defaults (names encrypted).");
-    println!("| measurement | unit | better | plain | gocryptfs | kmsd | kmsd/gocryptfs |");
-    println!("|---|---|---|---:|---:|---:|---:|");
+    let spread = a.rounds > 1;
+    if spread {
+        println!(
+            "Medians of {} rounds; the last column is the lowest and highest kmsd/gocryptfs of single rounds.",
+            a.rounds
+        );
+        println!("| measurement | unit | better | plain | gocryptfs | kmsd | kmsd/gocryptfs | per round |");
+        println!("|---|---|---|---:|---:|---:|---:|---:|");
+    } else {
+        println!("| measurement | unit | better | plain | gocryptfs | kmsd | kmsd/gocryptfs |");
+        println!("|---|---|---|---:|---:|---:|---:|");
+    }
     let names_rows = ["create", "ls", "stat", "find", "open"];
     for row in rows(&a)
         .into_iter()
         .filter(|r| !a.names_only || names_rows.contains(&r.key))
     {
-        let (p, g, k) = (plain.figs.get(row.key), goc.figs.get(row.key), kmsd.figs.get(row.key));
-        println!(
+        let (g, k) = (median(&gocs, row.key), median(&kmsds, row.key));
+        let p = plain.figs.get(row.key);
+        let mut line = format!(
             "| {} | {} | {} | {} | {} | {} | {} |",
             row.name,
             row.unit,
             if row.higher { "higher" } else { "lower" },
             cell(p),
-            cell(g),
-            cell(k),
-            ratio(k, g)
+            cell(g.as_ref()),
+            cell(k.as_ref()),
+            ratio(k.as_ref(), g.as_ref())
         );
+        if spread {
+            let per: Vec<f64> = gocs
+                .iter()
+                .zip(&kmsds)
+                .filter_map(|(g, k)| match (g.figs.get(row.key), k.figs.get(row.key)) {
+                    (Some(Fig::Val(g)), Some(Fig::Val(k))) => Some(k / g),
+                    _ => None,
+                })
+                .collect();
+            let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = per.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            line.push_str(&if per.is_empty() {
+                " n/a |".to_string()
+            } else {
+                format!(" {}–{} |", num(lo), num(hi))
+            });
+        }
+        println!("{line}");
     }
     println!();
-    for note in plain.notes.iter().chain(&goc.notes).chain(&kmsd.notes) {
+    for note in plain
+        .notes
+        .iter()
+        .chain(gocs.iter().chain(&kmsds).flat_map(|r| &r.notes))
+    {
         println!("- {note}");
     }
     println!(

@@ -65,7 +65,7 @@ use nix::sys::signal::{kill, Signal};
 use uuid::Uuid;
 
 use crate::upgrade;
-use crate::workload::{seed_from, start_workers, verify, Rng, Shared};
+use crate::workload::{seed_from, start_workers, verify, Crash, Rng, Shared};
 use crate::zones::{Site, CONVERGE};
 
 /// Cycles of each power-cut loop: `KMS_POWER_CYCLES`, default 3.
@@ -261,7 +261,7 @@ fn power_cut_loses_nothing_acknowledged() {
             w.join().expect("a worker saw wrong data");
         }
         d.restart();
-        verify(&d, &acked.lock().unwrap());
+        verify(&d, &acked.lock().unwrap(), Crash::Power);
     }
     let a = acked.lock().unwrap();
     let (s, b) = (state.stats(), data.stats());
