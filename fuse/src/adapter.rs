@@ -344,7 +344,7 @@ impl Filesystem for FuseAdapter {
                 s.files(),
                 s.files_free(),
                 s.block_size() as u32,
-                s.name_max() as u32,
+                self.fs.name_max(s.name_max()) as u32,
                 s.fragment_size() as u32,
             ),
             Err(e) => reply.error(self.err("statfs", &e)),

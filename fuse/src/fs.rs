@@ -27,6 +27,7 @@ use nix::unistd::{fchownat, Gid, Uid, UnlinkatFlags};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::fault;
 use crate::file::EncryptedFile;
 use crate::format::{self, Layout};
 use crate::inode::{InodeTable, Node, DEFAULT_FD_CACHE, ROOT};
@@ -34,6 +35,7 @@ use crate::journal::{Journal, JOURNAL_FILE};
 use crate::keys::KeySource;
 use crate::names::{self, Backing, DirId, Kind, NameKeys};
 use crate::stats::{FsOp, FsStats};
+use crate::tamper::TamperLog;
 use crate::xattr;
 
 /// Whether a mount encrypts names (FORMAT.md, "Names").
@@ -53,10 +55,6 @@ pub enum NameMode {
     /// Plain names; refused on a directory that has `kmsd.names`.
     Plain,
 }
-
-/// Distinct backing paths whose tampering is logged at most once each;
-/// beyond this many, further ones are only counted.
-const LOGGED_MAX: usize = 10_000;
 
 /// Longest long-name part read (a short-form string is at most 363 bytes).
 const PART_MAX: usize = 512;
@@ -109,7 +107,8 @@ pub struct EncryptedFs {
     open: Mutex<HashMap<u64, OpenEntry>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir: AtomicU64,
-    logged: Mutex<HashSet<PathBuf>>,
+    /// Rate limit of tamper warnings.
+    tamper: TamperLog,
     stats: Arc<FsStats>,
     /// Format layout of regular files by FUSE inode (never reused), so
     /// that `stat` of a closed file reads its header's version only once.
@@ -122,7 +121,15 @@ pub struct EncryptedFs {
     /// The name keys when names are encrypted.
     names: Option<NameKeys>,
     /// Directory ids by FUSE inode (never reused); bounded like `layouts`.
+    /// An entry is only ever what is on disk: added after the id file was
+    /// read or written, dropped before a directory's bookkeeping is cleared.
     dir_ids: Mutex<HashMap<u64, DirId>>,
+    /// Held while a directory gets a new id, so that two repairs of one
+    /// directory cannot both write one (the second would remove the first's).
+    id_repair: Mutex<()>,
+    /// Bumped whenever an id file is about to go or was put back: an id
+    /// read before that is not cached (it may be one the disk lost).
+    id_gen: AtomicU64,
     /// The undo journal in the backing root (FORMAT.md, "The undo
     /// journal"); `None` when that name holds something else.
     journal: Option<Arc<Journal>>,
@@ -189,7 +196,8 @@ impl IdUndo {
     fn restore(self, dir: &OwnedFd) {
         if let Some(id) = self.0 {
             let name = OsStr::new(names::DIR_ID_FILE);
-            let _ = names::write_atomic(dir.as_fd(), "kmsd.dirid.tmp.", name, &id, true);
+            let point = "dirid.restore.before-rename";
+            let _ = names::write_atomic(dir.as_fd(), "kmsd.dirid.tmp.", name, &id, true, point);
         }
     }
 }
@@ -332,7 +340,7 @@ impl EncryptedFs {
         // Before the root file is made: an empty directory is version 2 only.
         let only_v2 = v2_only_marker(source);
         let name_keys = names::open_root(&root, keys.as_ref(), names != NameMode::Plain).map_err(|e| {
-            tracing::error!(source = %source.display(), error = %describe(&e), "cannot read the name key");
+            tracing::error!(source = %source.display(), error = %describe(&e), "cannot use encrypted names");
             Error::Sys(nix::Error::EIO)
         })?;
         match (&name_keys, names) {
@@ -367,12 +375,14 @@ impl EncryptedFs {
             journal,
             names: name_keys,
             dir_ids: Mutex::new(HashMap::new()),
+            id_repair: Mutex::new(()),
+            id_gen: AtomicU64::new(0),
             keys,
             nodes: InodeTable::new(root, &st, fd_cache),
             open: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
-            logged: Mutex::new(HashSet::new()),
+            tamper: TamperLog::default(),
             stats: Arc::default(),
             layouts: Mutex::new(HashMap::new()),
             only_v2: AtomicBool::new(only_v2),
@@ -400,40 +410,33 @@ impl EncryptedFs {
         self.stats.clone()
     }
 
-    /// Logs `e` (tampering once per backing path, but counted every time)
-    /// and returns its errno.
+    /// Logs `e` (tampering once per backing path and rate limited, see
+    /// [`crate::tamper`], but counted every time) and returns its errno.
     pub fn report(&self, op: &str, e: &Error) -> fuser::Errno {
         if let Some(path) = e.tamper_path() {
             self.stats.tamper_detected();
-            if self.first_report(path) {
+            self.tamper.warn(path, || {
                 tracing::warn!(path = %path.display(), error = %describe(e), "{op}: refusing to serve tampered or undecryptable file");
-            }
+            });
         } else if let Error::Key { .. } = e {
             tracing::warn!(error = %describe(e), "{op}: data key unavailable");
         } else if let Error::SealBudget { path } = e {
-            if self.first_report(path) {
+            self.tamper.warn(path, || {
                 tracing::warn!(path = %path.display(), "{op}: a format version 1 file used up its nonce budget; copy it through the mount (the copy is version 2) to write it again");
-            }
+            });
         } else {
             tracing::debug!(error = %describe(e), "{op} failed");
         }
         fuser::Errno::from(e)
     }
 
-    /// Whether `path` has not been logged yet (then remembers it, up to
-    /// [`LOGGED_MAX`] paths): tampering is logged once per backing path.
-    fn first_report(&self, path: &Path) -> bool {
-        let mut logged = self.logged.lock();
-        logged.len() < LOGGED_MAX && logged.insert(path.to_path_buf())
-    }
-
     /// A name, target or xattr that does not authenticate: counted, and
-    /// logged once per backing path.
+    /// logged once per backing path (rate limited).
     fn name_tampered(&self, path: &Path, what: &str) {
         self.stats.tamper_detected();
-        if self.first_report(path) {
+        self.tamper.warn(path, || {
             tracing::warn!(path = %path.display(), "{what} does not authenticate: tampered, or moved from another directory; ignored");
-        }
+        });
     }
 
     /// The id of directory `ino` (its node `dir`). An empty directory
@@ -446,28 +449,81 @@ impl EncryptedFs {
         if let Some(id) = self.dir_ids.lock().get(&ino) {
             return Ok(*id);
         }
+        let gen = self.id_gen.load(Ordering::SeqCst);
         let id = match names::read_dir_id(dir.fd()) {
             Ok(id) => id,
-            Err(nix::Error::ENOENT | nix::Error::EIO) if self.holds_entries(dir).is_ok_and(|held| !held) => {
-                let file = OsStr::new(names::DIR_ID_FILE);
-                if names::read_dir_id(dir.fd()) == Err(nix::Error::EIO) {
-                    let _ = nix::unistd::unlinkat(dir.fd(), file, UnlinkatFlags::NoRemoveDir);
-                }
-                tracing::info!(path = %dir.backing_path().display(), "empty directory without an id (interrupted mkdir or rmdir): given a new one");
-                names::write_dir_id(dir.fd())?
-            }
+            Err(nix::Error::ENOENT | nix::Error::EIO) => return self.repair_dir_id(ino, dir),
             Err(nix::Error::ENOTDIR) => return Err(Error::Sys(nix::Error::ENOTDIR)),
-            Err(e) => {
-                self.name_tampered(&dir.backing_path().join(names::DIR_ID_FILE), "directory id");
-                return Err(Error::Sys(if e == nix::Error::ENOENT { nix::Error::EIO } else { e }));
-            }
+            Err(e) => return Err(e.into()),
         };
+        self.cache_dir_id(ino, id, gen);
+        Ok(id)
+    }
+
+    /// Caches `id`, read or written while the id generation was `gen`,
+    /// unless an id file went or came back since.
+    fn cache_dir_id(&self, ino: u64, id: DirId, gen: u64) {
         let mut ids = self.dir_ids.lock();
+        if self.id_gen.load(Ordering::SeqCst) != gen {
+            return;
+        }
         if ids.len() >= LAYOUT_CACHE_MAX {
             ids.clear();
         }
         ids.insert(ino, id);
+    }
+
+    /// [`Self::dir_id`] of a directory whose id file is missing or
+    /// damaged: a new id if it holds no entry, else `EIO` (logged). One
+    /// repair at a time, reading the disk again under the lock: a repair
+    /// that ran meanwhile is taken, never overwritten.
+    fn repair_dir_id(&self, ino: u64, dir: &Node) -> Result<DirId> {
+        let _repairing = self.id_repair.lock();
+        let gen = self.id_gen.load(Ordering::SeqCst);
+        let tampered = |e: nix::Error| {
+            self.name_tampered(&dir.backing_path().join(names::DIR_ID_FILE), "directory id");
+            Error::Sys(if e == nix::Error::ENOENT { nix::Error::EIO } else { e })
+        };
+        let id = match names::read_dir_id(dir.fd()) {
+            Ok(id) => id,
+            Err(e @ (nix::Error::ENOENT | nix::Error::EIO)) => {
+                if self.holds_entries(dir)? {
+                    return Err(tampered(e));
+                }
+                fault::point("dirid.repair")?;
+                let file = OsStr::new(names::DIR_ID_FILE);
+                match nix::unistd::unlinkat(dir.fd(), file, UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(nix::Error::ENOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                tracing::info!(path = %dir.backing_path().display(), "empty directory without an id (interrupted mkdir or rmdir): given a new one");
+                names::write_dir_id(dir.fd())?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.cache_dir_id(ino, id, gen);
         Ok(id)
+    }
+
+    /// Drops the cached id of the directory open as `dir` (its backing
+    /// inode), before its id file is removed and after it was put back;
+    /// ids being read meanwhile are not cached.
+    fn forget_dir_id(&self, dir: &OwnedFd) -> Result<()> {
+        let ino = self.nodes.ino_of(&stat_fd(dir)?);
+        let mut ids = self.dir_ids.lock();
+        self.id_gen.fetch_add(1, Ordering::SeqCst);
+        if let Some(ino) = ino {
+            ids.remove(&ino);
+        }
+        Ok(())
+    }
+
+    /// Puts back the id [`Self::clear_bookkeeping`] removed, after the
+    /// removal or rename it was cleared for failed.
+    fn undo_clear(&self, dir: &OwnedFd, undo: IdUndo) {
+        undo.restore(dir);
+        // Whether or not it is back, the disk is what the next use reads.
+        let _ = self.forget_dir_id(dir);
     }
 
     /// Whether the backing directory holds any encrypted entry.
@@ -496,7 +552,8 @@ impl EncryptedFs {
     /// entry is made, so that a kill leaves at most an orphan part.
     fn write_part(dir: &Node, b: &Backing) -> Result<()> {
         if let Backing::Long { part, content, .. } = b {
-            names::write_atomic(dir.fd(), "kmsd.L.tmp.", part, content.as_bytes(), false)?;
+            let point = "part.before-rename";
+            names::write_atomic(dir.fd(), "kmsd.L.tmp.", part, content.as_bytes(), false, point)?;
         }
         Ok(())
     }
@@ -504,8 +561,13 @@ impl EncryptedFs {
     /// Makes the entry of `b` with `make`, its long-name part (if long)
     /// first; if `make` fails and no entry has that name, the part goes
     /// again (a kill in between leaves an orphan part, which is ignored).
-    fn with_part<T>(dir: &Node, b: &Backing, make: impl FnOnce() -> nix::Result<T>) -> Result<T> {
+    ///
+    /// `point` is the fault point between the two (long names only).
+    fn with_part<T>(dir: &Node, b: &Backing, point: &str, make: impl FnOnce() -> nix::Result<T>) -> Result<T> {
         Self::write_part(dir, b)?;
+        if b.part().is_some() {
+            fault::point(point)?;
+        }
         make().map_err(|e| {
             let gone = fstatat(dir.fd(), b.entry(), AtFlags::AT_SYMLINK_NOFOLLOW) == Err(nix::Error::ENOENT);
             if gone {
@@ -800,19 +862,22 @@ impl EncryptedFs {
         let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
-        Self::with_part(&parent, &b, || {
+        Self::with_part(&parent, &b, "mkdir.after-part", || {
             nix::sys::stat::mkdirat(parent.fd(), b.entry(), Mode::from_bits_truncate(0o700))
         })?;
+        fault::point("mkdir.after-entry")?;
         let fd = self.open_made(&parent, b.entry(), Made::Dir)?;
         // A kill before the id is written leaves an empty directory
         // without one, which gets an id when first needed.
+        let gen = self.id_gen.load(Ordering::SeqCst);
         let id = match self.names {
             Some(_) => Some(names::write_dir_id(fd.as_fd())?),
             None => None,
         };
+        fault::point("mkdir.after-id")?;
         let attr = self.adopt(caller, &parent, fd, Some(mode))?;
         if let Some(id) = id {
-            self.dir_ids.lock().insert(attr.ino.0, id);
+            self.cache_dir_id(attr.ino.0, id, gen);
         }
         Ok(attr)
     }
@@ -842,7 +907,7 @@ impl EncryptedFs {
         let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
-        Self::with_part(&parent, &b, || {
+        Self::with_part(&parent, &b, "mknod.after-part", || {
             mknodat(parent.fd(), b.entry(), kind, Mode::from_bits_truncate(0o600), dev)
         })?;
         let fd = self.open_made(&parent, b.entry(), Made::Node(kind))?;
@@ -863,7 +928,7 @@ impl EncryptedFs {
                 .map_err(nix::Error::from)?,
             None => target.as_os_str().as_bytes().to_vec(),
         };
-        Self::with_part(&parent, &b, || {
+        Self::with_part(&parent, &b, "symlink.after-part", || {
             nix::unistd::symlinkat(OsStr::from_bytes(&target), parent.fd(), b.entry())
         })?;
         let fd = self.open_made(&parent, b.entry(), Made::Symlink(&target))?;
@@ -881,6 +946,9 @@ impl EncryptedFs {
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
         nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::NoRemoveDir)?;
+        if b.part().is_some() {
+            fault::point("unlink.after-entry")?;
+        }
         Self::remove_part(&parent, &b);
         Ok(())
     }
@@ -903,9 +971,14 @@ impl EncryptedFs {
             return Err(Error::Sys(nix::Error::ENOTDIR));
         }
         let undo = self.clear_bookkeeping(&dir)?;
-        if let Err(e) = nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::RemoveDir) {
-            undo.restore(&dir);
+        let removed = fault::point("rmdir.after-clear")
+            .and_then(|()| nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::RemoveDir));
+        if let Err(e) = removed {
+            self.undo_clear(&dir, undo);
             return Err(e.into());
+        }
+        if b.part().is_some() {
+            fault::point("rmdir.after-entry")?;
         }
         Self::remove_part(&parent, &b);
         Ok(())
@@ -930,6 +1003,10 @@ impl EncryptedFs {
         for name in listed.iter().filter(|n| n.as_os_str() != id_file) {
             let _ = nix::unistd::unlinkat(dir, name.as_os_str(), UnlinkatFlags::NoRemoveDir);
         }
+        // From here until the directory is gone (or its id restored) the
+        // disk has no id: the cache must not answer with the old one.
+        self.forget_dir_id(dir)?;
+        fault::point("clear.before-id")?;
         match nix::unistd::unlinkat(dir, id_file, UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(nix::Error::ENOENT) => Ok(IdUndo(id)),
             Err(e) => Err(e.into()),
@@ -968,20 +1045,28 @@ impl EncryptedFs {
                 cleared = Some((target, undo));
             }
         }
-        let renamed = || nix::fcntl::renameat2(old_dir.fd(), bf.entry(), new_dir.fd(), bt.entry(), flags);
+        let renamed = || {
+            fault::point(if cleared.is_some() {
+                "rename.after-clear"
+            } else {
+                "rename.before-entry"
+            })?;
+            nix::fcntl::renameat2(old_dir.fd(), bf.entry(), new_dir.fd(), bt.entry(), flags)
+        };
         let renamed = if exchange {
             renamed().map_err(Error::Sys)
         } else {
-            Self::with_part(&new_dir, &bt, renamed)
+            Self::with_part(&new_dir, &bt, "rename.after-part", renamed)
         };
         if let Err(e) = renamed {
             if let Some((target, undo)) = cleared {
-                undo.restore(&target);
+                self.undo_clear(&target, undo);
             }
             return Err(e);
         }
         let same_part = from.0 == to.0 && bf.part() == bt.part();
-        if !exchange && !same_part {
+        if !exchange && !same_part && bf.part().is_some() {
+            fault::point("rename.after-entry")?;
             Self::remove_part(&old_dir, &bf);
         }
         Ok(())
@@ -996,7 +1081,7 @@ impl EncryptedFs {
         let parent = self.nodes.get(new_parent)?;
         let b = self.backing(new_parent, &parent, name)?;
         let follow = AtFlags::AT_SYMLINK_FOLLOW;
-        Self::with_part(&parent, &b, || {
+        Self::with_part(&parent, &b, "link.after-part", || {
             nix::unistd::linkat(AT_FDCWD, &node.proc_path(), parent.fd(), b.entry(), follow)
         })?;
         self.lookup_in(&parent, b.entry())
@@ -1015,9 +1100,10 @@ impl EncryptedFs {
         let b = self.backing(parent_ino, &parent, name)?;
         let name = b.entry();
         let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
-        let fd = Self::with_part(&parent, &b, || {
+        let fd = Self::with_part(&parent, &b, "create.after-part", || {
             openat(parent.fd(), name, flags, Mode::from_bits_truncate(0o600))
         })?;
+        fault::point("create.after-entry")?;
         let made = stat_fd(&fd)?;
         let result = self.init_created(caller, &parent, name, File::from(fd), mode);
         if result.is_err() {
@@ -1250,6 +1336,16 @@ impl EncryptedFs {
     pub fn statfs(&self) -> Result<Statvfs> {
         let root = self.nodes.get(ROOT)?;
         Ok(fstatvfs(root.fd())?)
+    }
+
+    /// The longest name through the mount, for `statfs`: 255 with
+    /// encrypted names (the long form holds any name on a backing
+    /// filesystem with shorter ones), else the backing filesystem's.
+    pub fn name_max(&self, backing: u64) -> u64 {
+        match self.names {
+            Some(_) => names::NAME_MAX as u64,
+            None => backing,
+        }
     }
 
     /// `access(2)` by mode bits (owner, group, other; supplementary groups
@@ -1774,7 +1870,9 @@ mod tests {
         };
         assert_eq!(fs.report("read", &e), fuser::Errno::EIO);
         assert_eq!(fs.report("read", &e), fuser::Errno::EIO);
-        assert_eq!(fs.logged.lock().len(), 1);
+        let later = std::time::Instant::now() + Duration::from_secs(5);
+        let path = Path::new("/backing/f");
+        assert_eq!(fs.tamper.admit(path, later), crate::tamper::Verdict::Repeat);
         assert_eq!(fs.stats().snapshot().tamper_detections, 2);
     }
 

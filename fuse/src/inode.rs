@@ -408,6 +408,12 @@ impl InodeTable {
         Ok(node)
     }
 
+    /// The FUSE inode number of the backing inode whose stat is `st`, if
+    /// the kernel knows it.
+    pub fn ino_of(&self, st: &FileStat) -> Option<u64> {
+        self.inner.lock().by_key.get(&key_of(st)).copied()
+    }
+
     /// Records one more kernel reference to the inode behind `fd` (whose
     /// stat is `st`) and returns its number. `fd` becomes the cached
     /// descriptor of the inode if it has none open; otherwise it is closed.

@@ -6,11 +6,15 @@
 //! - [`fs`]: the filesystem operations; [`adapter`]: their FUSE binding.
 //! - [`mount`]: mount, unmount, stale-mount recovery.
 //! - [`admin`]: `fs versions` and `fs rewrap` over a backing directory.
-//! - [`stats`]: counters of a mounted filesystem, for the daemon's metrics.
+//! - [`stats`]: counters of a mounted filesystem, for the daemon's metrics;
+//!   [`tamper`]: the rate limit of its tamper warnings.
+//! - `fault`: named crash points of the end-to-end tests (feature
+//!   `test-faults` only).
 
 pub mod adapter;
 pub mod admin;
 pub mod error;
+mod fault;
 pub mod file;
 pub mod format;
 pub mod fs;
@@ -20,6 +24,7 @@ pub mod keys;
 pub mod mount;
 pub mod names;
 pub mod stats;
+pub mod tamper;
 mod xattr;
 
 pub use error::Error;

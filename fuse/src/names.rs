@@ -21,6 +21,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::fault;
 use crate::format::{Header, HEADER_LEN};
 use crate::keys::{Dek, KeyError, KeySource, FORMAT_CONTEXT_KEY};
 
@@ -41,10 +42,17 @@ pub const NAMES_CONTEXT_KEY: &str = "kms-fuse.names";
 
 /// Longest plaintext name (Linux `NAME_MAX`).
 pub const NAME_MAX: usize = 255;
-/// Longest plaintext name that has a short (single-entry) form.
+/// Longest plaintext name that has a short (single-entry) form on a
+/// backing filesystem with 255-byte names (ext4, XFS, btrfs, tmpfs...).
 pub const SHORT_MAX: usize = 175;
-/// Longest backing name.
-const BACKING_NAME_MAX: usize = 255;
+/// Longest backing name the mount uses: the backing filesystem's limit
+/// (`statvfs` `f_namemax`), but never above 255, so that a backing directory
+/// reads the same on every filesystem that allows 255-byte names.
+pub const BACKING_NAME_MAX: usize = 255;
+/// Shortest backing name limit that holds the long form: its `.name`
+/// part's name (`kmsd.L.` + 43 + `.name`, 55 bytes) is the longest name the
+/// mount makes (its temporary names are at most 31 bytes).
+pub const BACKING_NAME_MIN: usize = LONG_PREFIX.len() + b64_len(32) + LONG_SUFFIX.len();
 /// Longest plaintext symlink target (its backing form must fit 4,095 bytes).
 pub const TARGET_MAX: usize = 3039;
 /// Longest xattr name after `user.`.
@@ -90,6 +98,8 @@ pub struct NameKeys {
     symlinks: Zeroizing<[u8; 64]>,
     xattrs: Zeroizing<[u8; 64]>,
     root_id: DirId,
+    /// Longest short-form backing name (see [`backing_limit`]).
+    backing_max: usize,
 }
 
 impl std::fmt::Debug for NameKeys {
@@ -174,6 +184,29 @@ impl Backing {
     }
 }
 
+/// The longest backing name the mount makes on a filesystem whose names
+/// hold at most `namemax` bytes (its `statvfs` `f_namemax`): `namemax`
+/// capped at [`BACKING_NAME_MAX`]; `None` when it is below
+/// [`BACKING_NAME_MIN`] (too short for the long form's names).
+pub fn backing_limit(namemax: u64) -> Option<usize> {
+    if namemax < BACKING_NAME_MIN as u64 {
+        return None;
+    }
+    Some(usize::try_from(namemax).map_or(BACKING_NAME_MAX, |n| n.min(BACKING_NAME_MAX)))
+}
+
+/// The longest plaintext name stored in the short form when backing names
+/// hold at most `backing_max` bytes: `n` fits while
+/// `ceil(4 * (16 + n) / 3) <= backing_max`.
+pub const fn short_max(backing_max: usize) -> usize {
+    let n = backing_max * 3 / 4 - TAG_LEN;
+    if n > NAME_MAX {
+        NAME_MAX
+    } else {
+        n
+    }
+}
+
 /// `kmsd.L.<hash>` for the short-form string `short`.
 pub fn long_entry(short: &str) -> String {
     format!("{LONG_PREFIX}{}", b64(&Sha256::digest(short.as_bytes())))
@@ -201,7 +234,22 @@ impl NameKeys {
             symlinks: key(b"kms-fuse symlinks v1"),
             xattrs: key(b"kms-fuse xattrs v1"),
             root_id: *root_id,
+            backing_max: BACKING_NAME_MAX,
         }
+    }
+
+    /// These keys for a backing filesystem whose names hold at most
+    /// `backing_max` bytes (from [`backing_limit`]): longer short forms
+    /// take the long form.
+    #[must_use]
+    pub fn with_backing_max(mut self, backing_max: usize) -> Self {
+        self.backing_max = backing_max.clamp(BACKING_NAME_MIN, BACKING_NAME_MAX);
+        self
+    }
+
+    /// The longest plaintext name with a short form under these keys.
+    pub fn short_max(&self) -> usize {
+        short_max(self.backing_max)
     }
 
     /// The root directory's id.
@@ -226,7 +274,7 @@ impl NameKeys {
             .encrypt([dir.as_slice()], b)
             .map_err(|_| NameError::Invalid)?;
         let short = b64(&sealed);
-        if short.len() <= BACKING_NAME_MAX {
+        if short.len() <= self.backing_max {
             return Ok(Backing::Short(short.into()));
         }
         let entry = long_entry(&short);
@@ -263,7 +311,7 @@ impl NameKeys {
         let expect = b64(&Sha256::digest(content));
         // A part holding a name short enough for the short form was not made
         // by the mount: it would show a name twice (once per form).
-        if expect.as_bytes() != hash || content.len() <= BACKING_NAME_MAX {
+        if expect.as_bytes() != hash || content.len() <= self.backing_max {
             return Err(NameError::Auth);
         }
         self.decrypt_name(dir, content)
@@ -388,6 +436,11 @@ pub enum RootError {
     Damaged(#[source] crate::format::FormatError),
     #[error("name key unavailable")]
     Key(#[source] KeyError),
+    #[error(
+        "the backing filesystem allows names of at most {0} bytes; encrypted names need at least \
+         {BACKING_NAME_MIN} (use names = \"plain\" or another filesystem)"
+    )]
+    NameMax(u64),
 }
 
 impl From<nix::Error> for RootError {
@@ -450,7 +503,16 @@ fn random_suffix() -> String {
 ///
 /// # Errors
 /// I/O errors; `EEXIST` with `noreplace` when `name` exists.
-pub fn write_atomic(dir: BorrowedFd<'_>, prefix: &str, name: &OsStr, bytes: &[u8], noreplace: bool) -> nix::Result<()> {
+/// `point` names the fault point between the fsync and the rename
+/// (see [`crate::fault`]).
+pub fn write_atomic(
+    dir: BorrowedFd<'_>,
+    prefix: &str,
+    name: &OsStr,
+    bytes: &[u8],
+    noreplace: bool,
+    point: &str,
+) -> nix::Result<()> {
     let tmp = format!("{prefix}{}", random_suffix());
     let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let file = File::from(openat(dir, tmp.as_str(), flags, Mode::from_bits_truncate(0o600))?);
@@ -461,7 +523,9 @@ pub fn write_atomic(dir: BorrowedFd<'_>, prefix: &str, name: &OsStr, bytes: &[u8
     } else {
         RenameFlags::empty()
     };
-    let result = written.and_then(|()| renameat2(dir, tmp.as_str(), dir, name, flags));
+    let result = written
+        .and_then(|()| fault::point(point))
+        .and_then(|()| renameat2(dir, tmp.as_str(), dir, name, flags));
     if result.is_err() {
         let _ = nix::unistd::unlinkat(dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
     }
@@ -485,7 +549,14 @@ pub fn read_dir_id(dir: BorrowedFd<'_>) -> nix::Result<DirId> {
 pub fn write_dir_id(dir: BorrowedFd<'_>) -> nix::Result<DirId> {
     let mut id = [0u8; DIR_ID_LEN];
     rand::rngs::OsRng.fill_bytes(&mut id);
-    match write_atomic(dir, DIR_ID_TMP, OsStr::new(DIR_ID_FILE), &id, true) {
+    match write_atomic(
+        dir,
+        DIR_ID_TMP,
+        OsStr::new(DIR_ID_FILE),
+        &id,
+        true,
+        "dirid.before-rename",
+    ) {
         Ok(()) => Ok(id),
         Err(nix::Error::EEXIST) => read_dir_id(dir),
         Err(e) => Err(e),
@@ -515,26 +586,50 @@ pub fn removable(name: &OsStr, present: &dyn Fn(&OsStr) -> bool) -> bool {
 /// # Errors
 /// I/O errors, a damaged root file, or a name key that does not unwrap.
 pub fn open_root(root: &OwnedFd, keys: &dyn KeySource, create: bool) -> Result<Option<NameKeys>, RootError> {
+    let limit = || {
+        let namemax = nix::sys::statvfs::fstatvfs(root)?.name_max();
+        backing_limit(namemax).ok_or(RootError::NameMax(namemax))
+    };
     match read_small(root.as_fd(), OsStr::new(ROOT_FILE), HEADER_LEN) {
-        Ok(bytes) => return load_root(&bytes, keys).map(Some),
+        Ok(bytes) => return Ok(Some(load_root(&bytes, keys)?.with_backing_max(limit()?))),
         Err(nix::Error::ENOENT) => {}
         Err(e) => return Err(e.into()),
     }
     if !create || !looks_empty(root)? {
         return Ok(None);
     }
+    let backing_max = limit()?;
     let mut root_id = [0u8; DIR_ID_LEN];
     rand::rngs::OsRng.fill_bytes(&mut root_id);
     let (master, blob) = keys.new_dek(&names_context(&root_id)).map_err(RootError::Key)?;
     let header = Header::new(root_id, blob).map_err(RootError::Damaged)?;
-    match write_atomic(root.as_fd(), ROOT_TMP, OsStr::new(ROOT_FILE), &header.encode(), true) {
+    let file = OsStr::new(ROOT_FILE);
+    match write_atomic(
+        root.as_fd(),
+        ROOT_TMP,
+        file,
+        &header.encode(),
+        true,
+        "root.before-rename",
+    ) {
         Ok(()) => {}
         // Another process made it meanwhile: use theirs.
         Err(nix::Error::EEXIST) => return open_root(root, keys, false),
         Err(e) => return Err(e.into()),
     }
+    // The name is made durable before any name is written under the key:
+    // a power cut must not keep files named under a key it loses.
+    fault::point("root.before-dir-fsync")?;
+    sync_dir(root)?;
     tracing::info!("new backing directory: names are encrypted");
-    Ok(Some(NameKeys::derive(&master, &root_id)))
+    Ok(Some(NameKeys::derive(&master, &root_id).with_backing_max(backing_max)))
+}
+
+/// `fsync` of the directory `dir` (an `O_PATH` descriptor).
+fn sync_dir(dir: &OwnedFd) -> nix::Result<()> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let fd = openat(dir, ".", flags, Mode::empty())?;
+    nix::unistd::fsync(&fd)
 }
 
 fn load_root(bytes: &[u8], keys: &dyn KeySource) -> Result<NameKeys, RootError> {
@@ -672,6 +767,60 @@ mod tests {
         assert_eq!(k.encrypt_name(&d, &name(256)), Err(NameError::TooLong));
         for bad in ["", ".", "..", "a/b"] {
             assert_eq!(k.encrypt_name(&d, OsStr::new(bad)), Err(NameError::Invalid));
+        }
+    }
+
+    #[test]
+    fn the_short_form_threshold_follows_the_backing_name_limit() {
+        assert_eq!(BACKING_NAME_MIN, 55);
+        for (namemax, want) in [
+            (0, None),
+            (14, None),
+            (54, None),
+            (55, Some(55)),
+            (100, Some(100)),
+            (143, Some(143)),
+            (255, Some(255)),
+            (1024, Some(255)),
+            (u64::MAX, Some(255)),
+        ] {
+            assert_eq!(backing_limit(namemax), want, "f_namemax {namemax}");
+        }
+        assert_eq!(short_max(255), SHORT_MAX);
+        assert_eq!(short_max(55), 25);
+        assert_eq!(short_max(143), 91);
+        let d = [4u8; 16];
+        for namemax in [55u64, 100, 143, 200, 255] {
+            let limit = backing_limit(namemax).unwrap();
+            let k = keys().with_backing_max(limit);
+            let short = k.short_max();
+            let name = |n: usize| OsString::from("y".repeat(n));
+            // The longest short form fits the limit, one byte more is long,
+            // and the long form's names fit too.
+            let Backing::Short(s) = k.encrypt_name(&d, &name(short)).unwrap() else {
+                panic!("{namemax}: {short} bytes should be short")
+            };
+            assert!(s.len() <= limit && s.len() + 2 > limit, "{namemax}: {}", s.len());
+            for n in [short + 1, NAME_MAX] {
+                let b = k.encrypt_name(&d, &name(n)).unwrap();
+                let Backing::Long { entry, part, content } = &b else {
+                    panic!("{namemax}: {n} bytes should be long")
+                };
+                assert!(part.len() <= limit && entry.len() < part.len());
+                let Kind::Long(hash) = classify(entry) else { panic!() };
+                assert_eq!(k.decrypt_long(&d, hash, content.as_bytes()).unwrap(), name(n));
+            }
+            // Under the 255-byte limit, a long part of a name this limit
+            // makes long holds a form that would be short there: refused.
+            let Backing::Long { entry, content, .. } = k.encrypt_name(&d, &name(short + 1)).unwrap() else {
+                unreachable!()
+            };
+            let Kind::Long(hash) = classify(&entry) else { panic!() };
+            let wide = keys();
+            assert_eq!(
+                wide.decrypt_long(&d, hash, content.as_bytes()).is_err(),
+                content.len() <= BACKING_NAME_MAX
+            );
         }
     }
 

@@ -26,6 +26,9 @@
 //! itself and its extended attributes stay), and rebuilds it from the
 //! durable image: directories, file contents, symlinks, hard links.
 //!
+//! [`LazyFs::in_temp_with_name_max`] also refuses names longer than a
+//! given length, as a filesystem with short names would.
+//!
 //! # What it does not model
 //!
 //! Torn or reordered writes inside a file (a cut drops all unsynced bytes of
@@ -228,6 +231,9 @@ impl State {
 struct Passthrough {
     root: PathBuf,
     state: Arc<Mutex<State>>,
+    /// Longest name, shorter than the backing filesystem's when set: a
+    /// filesystem with short names, for tests of what runs on one.
+    name_max: Option<usize>,
 }
 
 fn time(secs: i64, nsec: i64) -> SystemTime {
@@ -320,6 +326,9 @@ impl Passthrough {
     }
 
     fn child(&self, st: &State, parent: u64, name: &OsStr) -> io::Result<(PathBuf, PathBuf)> {
+        if self.name_max.is_some_and(|max| name.len() > max) {
+            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
         let rel = st.paths.get(&parent).ok_or_else(enoent)?.join(name);
         Ok((self.root.join(&rel), rel))
     }
@@ -754,7 +763,7 @@ impl Filesystem for Passthrough {
                 s.files(),
                 s.files_free(),
                 s.block_size() as u32,
-                s.name_max() as u32,
+                self.name_max.map_or(s.name_max() as u32, |m| m as u32),
                 s.fragment_size() as u32,
             ),
             Err(e) => reply.error(Errno::from_i32(e as i32)),
@@ -873,10 +882,16 @@ pub struct LazyFs {
     mountpoint: PathBuf,
     session: Option<BackgroundSession>,
     state: Arc<Mutex<State>>,
+    name_max: Option<usize>,
     _dirs: Option<(tempfile::TempDir, tempfile::TempDir)>,
 }
 
-fn mount_session(backing: &Path, mountpoint: &Path, state: &Arc<Mutex<State>>) -> io::Result<BackgroundSession> {
+fn mount_session(
+    backing: &Path,
+    mountpoint: &Path,
+    state: &Arc<Mutex<State>>,
+    name_max: Option<usize>,
+) -> io::Result<BackgroundSession> {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("lazyfs".into()),
@@ -888,6 +903,7 @@ fn mount_session(backing: &Path, mountpoint: &Path, state: &Arc<Mutex<State>>) -
     let fs = Passthrough {
         root: backing.to_path_buf(),
         state: state.clone(),
+        name_max,
     };
     fuser::spawn_mount(fs, mountpoint, &config)
 }
@@ -900,14 +916,30 @@ impl LazyFs {
     /// The backing tree cannot be read, or the kernel refuses the mount.
     pub fn mount(backing: &Path, mountpoint: &Path) -> io::Result<Self> {
         let state = Arc::new(Mutex::new(State::scan(backing)?));
-        let session = mount_session(backing, mountpoint, &state)?;
+        let session = mount_session(backing, mountpoint, &state, None)?;
         Ok(Self {
             backing: backing.to_path_buf(),
             mountpoint: mountpoint.to_path_buf(),
             session: Some(session),
             state,
+            name_max: None,
             _dirs: None,
         })
+    }
+
+    /// [`in_temp`](Self::in_temp) whose names hold at most `name_max`
+    /// bytes: longer ones are `ENAMETOOLONG`, and `statfs` says `name_max`.
+    ///
+    /// # Errors
+    /// As [`mount`](Self::mount).
+    pub fn in_temp_with_name_max(name_max: usize) -> io::Result<Self> {
+        let mut fs = Self::in_temp()?;
+        if let Some(s) = fs.session.take() {
+            s.umount_and_join()?;
+        }
+        fs.name_max = Some(name_max);
+        fs.session = Some(mount_session(&fs.backing, &fs.mountpoint, &fs.state, fs.name_max)?);
+        Ok(fs)
     }
 
     /// Mounts the harness over a fresh, empty temporary folder (mode 0700),
@@ -959,7 +991,12 @@ impl LazyFs {
         fresh.stats.cuts += 1;
         *st = fresh;
         drop(st);
-        self.session = Some(mount_session(&self.backing, &self.mountpoint, &self.state)?);
+        self.session = Some(mount_session(
+            &self.backing,
+            &self.mountpoint,
+            &self.state,
+            self.name_max,
+        )?);
         Ok(())
     }
 }

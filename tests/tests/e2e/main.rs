@@ -16,6 +16,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod names;
+mod names_crash;
 mod power;
 mod privsep;
 mod protocol;

@@ -18,7 +18,7 @@ use kms_tests::{fuse_available, is_mounted, wait_for, TestDaemon};
 
 const MARKER: &str = "MARKER-q7x";
 
-fn long_name(tag: &str) -> String {
+pub(crate) fn long_name(tag: &str) -> String {
     // 255 bytes: the long-name form.
     let mut s = "é".repeat(120);
     s.push_str(tag);
@@ -224,7 +224,7 @@ fn tampered_names_read_as_enoent_or_eio_and_are_logged() {
 /// Through the mount: every directory lists, every entry stats, and a
 /// file can be made (and removed) in every directory; returns the number
 /// of entries seen.
-fn check_through_mount(mnt: &Path, ctx: &str) -> usize {
+pub(crate) fn check_through_mount(mnt: &Path, ctx: &str) -> usize {
     let mut count = 0;
     let mut stack = vec![mnt.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -247,7 +247,7 @@ fn check_through_mount(mnt: &Path, ctx: &str) -> usize {
 
 /// In the backing directory: every directory holding encrypted entries has
 /// a 16-byte id; returns the number of encrypted entries.
-fn check_backing(root: &Path, ctx: &str) -> usize {
+pub(crate) fn check_backing(root: &Path, ctx: &str) -> usize {
     let mut count = 0;
     let mut stack = vec![(root.to_path_buf(), true)];
     while let Some((dir, is_root)) = stack.pop() {
@@ -413,4 +413,90 @@ fn names_plain_keeps_names_in_clear_and_a_plain_directory_stays_plain() {
     fs::write(mnt.join("second.txt"), b"y").unwrap();
     assert!(d.data().join("second.txt").is_file());
     assert!(d.logs().contains("names stay plain"), "{}", d.logs());
+}
+
+#[test]
+fn a_backing_filesystem_with_short_names_moves_the_long_form_threshold_and_too_short_ones_are_refused() {
+    if !fuse_available() {
+        return;
+    }
+    // Names of at most 100 bytes: the short form holds 59 (75 - 16).
+    let data = kms_tests::lazyfs::LazyFs::in_temp_with_name_max(100).expect("harness");
+    let opts = kms_tests::DaemonOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..Default::default()
+    };
+    let d = TestDaemon::start_with_mount_opts(opts);
+    let mnt = d.mnt();
+    assert_eq!(
+        nix::sys::statvfs::statvfs(&mnt).unwrap().name_max(),
+        255,
+        "the mount takes every name up to 255 bytes"
+    );
+    let made: Vec<String> = [1usize, 59, 60, 176, 254]
+        .iter()
+        .map(|&n| "n".repeat(n))
+        .chain([long_name("u")])
+        .collect();
+    for (i, n) in made.iter().enumerate() {
+        fs::write(mnt.join(n), i.to_string()).unwrap();
+    }
+    fs::rename(mnt.join(&made[1]), mnt.join("s".repeat(60))).unwrap();
+    fs::rename(mnt.join("s".repeat(60)), mnt.join(&made[1])).unwrap();
+    fs::create_dir(mnt.join(&made[2]).with_extension("d")).unwrap();
+    let mut listed: Vec<_> = fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    let mut want = made.clone();
+    want.push(format!("{}.d", made[2]));
+    want.sort();
+    assert_eq!(listed, want);
+    for (i, n) in made.iter().enumerate() {
+        assert_eq!(fs::read_to_string(mnt.join(n)).unwrap(), i.to_string());
+    }
+    // In the backing directory: no name over 100 bytes; names of 60 bytes
+    // and more took the long form.
+    let backing: Vec<OsString> = fs::read_dir(data.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(backing.iter().all(|n| n.len() <= 100), "{backing:?}");
+    let parts = backing
+        .iter()
+        .filter(|n| n.as_bytes().ends_with(names::LONG_SUFFIX.as_bytes()))
+        .count();
+    assert_eq!(parts, 5, "60, 176, 254, 255 and the 62-byte directory: {backing:?}");
+    drop(d);
+
+    // Names of at most 54 bytes cannot hold the long form: refused.
+    let tiny = kms_tests::lazyfs::LazyFs::in_temp_with_name_max(54).expect("harness");
+    let mut d = TestDaemon::start();
+    d.client()
+        .create_key(kms_client::proto::CreateKey {
+            name: Some("fs".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(d.terminate().success());
+    let mount = format!(
+        "\n[[mount]]\nsource = {:?}\ntarget = {:?}\nkey = \"fs\"\nnames = \"encrypted\"\n",
+        tiny.path(),
+        d.mnt()
+    );
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&d.config)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, mount.as_bytes()))
+        .unwrap();
+    fs::create_dir_all(d.mnt()).unwrap();
+    assert!(!d.command().status().unwrap().success(), "kmsd started with the mount");
+    assert!(
+        d.logs()
+            .contains("the backing filesystem allows names of at most 54 bytes; encrypted names need at least 55"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(fs::read_dir(tiny.path()).unwrap().count(), 0, "nothing written");
 }

@@ -319,6 +319,30 @@ fn power_cut_keeps_what_the_mount_fsynced_and_fsyncdir_names() {
 }
 
 #[test]
+fn power_cut_right_after_a_mount_starts_keeps_its_name_key_file() {
+    let Some(mut data) = harness() else { return };
+    let mut d = TestDaemon::start_with_mount_opts(DaemonOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..DaemonOptions::default()
+    });
+    // The mount made kmsd.names in the empty backing directory; nothing
+    // else fsyncs that directory before the power goes.
+    let root_file = data.path().join(kms_fuse::names::ROOT_FILE);
+    let made = fs::read(&root_file).expect("kmsd.names made");
+    let before = data.stats();
+    kill_and_cut(&mut d, &mut [&mut data]);
+    assert_eq!(
+        fs::read(&root_file).ok(),
+        Some(made),
+        "the name key file did not survive the power cut ({before:?})"
+    );
+    d.restart();
+    fs::write(d.mnt().join("after"), b"a").unwrap();
+    assert_eq!(fs::read(d.mnt().join("after")).unwrap(), b"a");
+    assert_eq!(crate::only_encrypted_file(&d.data()).parent(), Some(d.data().as_path()));
+}
+
+#[test]
 fn power_cut_keeps_an_acknowledged_rewrap() {
     let Some(mut data) = harness() else { return };
     let mut d = TestDaemon::start_with_mount_opts(DaemonOptions {
