@@ -9,7 +9,9 @@
 //!
 //! - `kill:POINT`: SIGKILL the whole process, as a crash would;
 //! - `fail:POINT`: the step fails with `EIO`, as a full or failing disk would;
-//! - `pause:POINT`: sleep 2 s, to widen a race window.
+//! - `pause:POINT`: sleep 2 s, to widen a race window;
+//! - `tear:POINT` (only at [`tear`] points): write the first half of what
+//!   the step writes, then SIGKILL, as a kill cutting a `pwrite` would.
 //!
 //! The point names are the steps of FORMAT.md's crash order, e.g.
 //! `mkdir.entry` (the directory exists, its id is not written yet).
@@ -49,6 +51,31 @@ pub fn point(name: &str) -> nix::Result<()> {
             std::thread::sleep(std::time::Duration::from_secs(2));
             Ok(())
         }
+        // Only `tear` points tear.
+        Some(armed::Action::Tear) => Ok(()),
+    }
+}
+
+/// A write-in-place point: with `tear:NAME` armed, `put(half)` writes the
+/// first half of the step's bytes and the process kills itself.
+#[cfg(not(feature = "test-faults"))]
+#[inline(always)]
+pub fn tear(_name: &str, _len: usize, _put: impl FnOnce(usize)) {}
+
+/// A write-in-place point: with `tear:NAME` armed, `put(half)` writes the
+/// first half of the step's bytes and the process kills itself.
+#[cfg(feature = "test-faults")]
+pub fn tear(name: &str, len: usize, put: impl FnOnce(usize)) {
+    if let Some(armed::Action::Tear) = armed::take(name) {
+        tracing::warn!(
+            point = name,
+            "test fault point: the write is cut in the middle and the mount process kills itself"
+        );
+        put(len / 2);
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
     }
 }
 
@@ -61,6 +88,7 @@ mod armed {
         Kill,
         Fail,
         Pause,
+        Tear,
     }
 
     /// The armed points' file, from the environment once.
@@ -83,6 +111,7 @@ mod armed {
                 Some(("kill", p)) if p == name => Some(Action::Kill),
                 Some(("fail", p)) if p == name => Some(Action::Fail),
                 Some(("pause", p)) if p == name => Some(Action::Pause),
+                Some(("tear", p)) if p == name => Some(Action::Tear),
                 _ => None,
             };
             match action {

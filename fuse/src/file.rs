@@ -404,6 +404,9 @@ impl EncryptedFile {
         if let Some(e) = tests::maybe_tear(&self.file, bytes, offset) {
             return Err(e);
         }
+        crate::fault::tear("file.write-in-place", bytes.len(), |n| {
+            let _ = self.file.write_all_at(&bytes[..n], offset);
+        });
         self.file.write_all_at(bytes, offset)
     }
 

@@ -77,3 +77,59 @@ fn crash_loop_loses_nothing_acknowledged() {
     );
     let _ = File::open(d.mnt());
 }
+
+/// fuse/FORMAT.md, "The undo journal", through the real mount process: a
+/// kill that cuts the in-place write of a block in the middle (kms-fuse's
+/// `tear:file.write-in-place` fault point writes half of it, then SIGKILLs
+/// the mount process) loses no byte of the file as it was fsynced, for an
+/// append into the final block, an overwrite inside a block, a write past
+/// the end and a truncate; the interrupted operation is undone whole.
+#[test]
+fn a_kill_tearing_a_block_write_loses_no_fsynced_byte() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    use crate::names_crash::{daemon_with_faults, wait_remounted};
+
+    if !fuse_available() {
+        return;
+    }
+    let (d, faults, _dir) = daemon_with_faults();
+    let old: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    type Op = fn(&File);
+    let ops: [(&str, Op); 4] = [
+        ("append into the final block", |f| {
+            let _ = f.write_all_at(&[0xEE; 100], 10_000);
+        }),
+        ("overwrite inside a block", |f| {
+            let _ = f.write_all_at(&[0xEE; 50], 100);
+        }),
+        ("write past the end", |f| {
+            let _ = f.write_all_at(&[0xEE; 10], 20_000);
+        }),
+        ("truncate", |f| {
+            let _ = f.set_len(5000);
+        }),
+    ];
+    for (n, (what, op)) in ops.into_iter().enumerate() {
+        let path = d.mnt().join(format!("torn{n}"));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&old).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let victim = d.mount_pids()[0];
+        std::fs::write(&faults, "tear:file.write-in-place\n").unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        op(&f);
+        drop(f);
+        wait_remounted(&d, victim, what);
+        assert!(
+            std::fs::read_to_string(&faults).unwrap().is_empty(),
+            "{what}: the tear point was not reached"
+        );
+        let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{what}: {e} after the restart:\n{}", d.logs()));
+        assert!(got == old, "{what}: the file is not as fsynced ({} bytes)", got.len());
+    }
+    let undone = d.logs().matches("undone from the undo journal").count();
+    assert_eq!(undone, 4, "each torn write was undone:\n{}", d.logs());
+}

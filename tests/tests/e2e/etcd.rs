@@ -1163,8 +1163,14 @@ fn a_daemon_whose_prefix_was_replaced_writes_nothing_there() {
     assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
     assert!(err.to_string().contains("filled again"), "{err}");
     let mut new = fleet.daemons[1].client();
-    assert!(new.describe_key("stale").is_err(), "the old daemon wrote into the new zone");
-    assert!(new.describe_key("before").is_err(), "the new zone is empty but for its own");
+    assert!(
+        new.describe_key("stale").is_err(),
+        "the old daemon wrote into the new zone"
+    );
+    assert!(
+        new.describe_key("before").is_err(),
+        "the new zone is empty but for its own"
+    );
     fleet.daemons[1]
         .client()
         .create_key(CreateKey {

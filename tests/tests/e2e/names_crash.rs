@@ -23,7 +23,7 @@ use crate::names::{check_backing, check_through_mount, long_name};
 
 /// A daemon whose mount process reads its armed fault points from the
 /// returned file.
-fn daemon_with_faults() -> (TestDaemon, PathBuf, tempfile::TempDir) {
+pub(crate) fn daemon_with_faults() -> (TestDaemon, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("faults");
     let opts = DaemonOptions {
@@ -35,7 +35,7 @@ fn daemon_with_faults() -> (TestDaemon, PathBuf, tempfile::TempDir) {
 
 /// Waits until kmsd has started a mount process other than `victim` and
 /// its mount lists the root.
-fn wait_remounted(d: &TestDaemon, victim: nix::unistd::Pid, ctx: &str) {
+pub(crate) fn wait_remounted(d: &TestDaemon, victim: nix::unistd::Pid, ctx: &str) {
     let mnt = d.mnt();
     wait_for(Duration::from_secs(30), || {
         let pids = d.mount_pids();
