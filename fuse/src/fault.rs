@@ -14,7 +14,7 @@
 //!   the step writes, then SIGKILL, as a kill cutting a `pwrite` would.
 //!
 //! The point names are the steps of FORMAT.md's crash order, e.g.
-//! `mkdir.entry` (the directory exists, its id is not written yet).
+//! `mkdir.after-entry` (the directory exists, its id is not written yet).
 
 /// Passes the fault point `name`.
 ///

@@ -479,6 +479,11 @@ impl EncryptedFs {
     /// that ran meanwhile is taken, never overwritten.
     fn repair_dir_id(&self, ino: u64, dir: &Node) -> Result<DirId> {
         let _repairing = self.id_repair.lock();
+        // Removed while this waited (an rmdir holds the lock): nothing to
+        // repair.
+        if fstat(dir.fd())?.st_nlink == 0 {
+            return Err(Error::Sys(nix::Error::ENOENT));
+        }
         let gen = self.id_gen.load(Ordering::SeqCst);
         let tampered = |e: nix::Error| {
             self.name_tampered(&dir.backing_path().join(names::DIR_ID_FILE), "directory id");
@@ -970,6 +975,10 @@ impl EncryptedFs {
         if kind_of(fstat(&dir)?.st_mode) != FileType::Directory {
             return Err(Error::Sys(nix::Error::ENOTDIR));
         }
+        // No repair of an id runs while the id is gone for this removal: a
+        // listing of this directory meanwhile would give it a new id, and
+        // the removal would then fail with ENOTEMPTY.
+        let _no_repair = self.id_repair.lock();
         let undo = self.clear_bookkeeping(&dir)?;
         let removed = fault::point("rmdir.after-clear")
             .and_then(|()| nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::RemoveDir));
@@ -1033,6 +1042,7 @@ impl EncryptedFs {
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         // A rename over an empty directory: its bookkeeping goes first.
         let mut cleared = None;
+        let mut _no_repair = None;
         if flags.is_empty() {
             let nofollow = AtFlags::AT_SYMLINK_NOFOLLOW;
             let is_dir = |dir: &Node, name: &OsStr| {
@@ -1041,6 +1051,8 @@ impl EncryptedFs {
             let same = from.0 == to.0 && bf.entry() == bt.entry();
             if !same && is_dir(&new_dir, bt.entry()) && is_dir(&old_dir, bf.entry()) {
                 let target = crate::admin::open_entry(new_dir.fd(), bt.entry())?;
+                // As in rmdir: no id repair until the rename or its undo.
+                _no_repair = Some(self.id_repair.lock());
                 let undo = self.clear_bookkeeping(&target)?;
                 cleared = Some((target, undo));
             }

@@ -199,7 +199,7 @@ pub fn backing_limit(namemax: u64) -> Option<usize> {
 /// hold at most `backing_max` bytes: `n` fits while
 /// `ceil(4 * (16 + n) / 3) <= backing_max`.
 pub const fn short_max(backing_max: usize) -> usize {
-    let n = backing_max * 3 / 4 - TAG_LEN;
+    let n = (backing_max * 3 / 4).saturating_sub(TAG_LEN);
     if n > NAME_MAX {
         NAME_MAX
     } else {
@@ -438,7 +438,8 @@ pub enum RootError {
     Key(#[source] KeyError),
     #[error(
         "the backing filesystem allows names of at most {0} bytes; encrypted names need at least \
-         {BACKING_NAME_MIN} (use names = \"plain\" or another filesystem)"
+         {BACKING_NAME_MIN} (a new mount there needs names = \"plain\"; an encrypted one must be copied to a \
+         filesystem with longer names)"
     )]
     NameMax(u64),
 }

@@ -458,6 +458,7 @@ fn the_etcd_leader_killed_during_traffic() {
     }
     let stop = AtomicBool::new(false);
     let data_ops = AtomicUsize::new(0);
+    let rotated = AtomicUsize::new(0);
     let (acked, unavailable) = std::thread::scope(|scope| {
         for d in &fleet.daemons {
             let (stop, data_ops, keys) = (&stop, &data_ops, &keys);
@@ -483,6 +484,7 @@ fn the_etcd_leader_killed_during_traffic() {
                     Ok(info) => {
                         acked.push((key.clone(), info.unwrap().active_version, Instant::now()));
                         n += 1;
+                        rotated.store(n, Ordering::Relaxed);
                     }
                     Err(e) if e.code() == Some(ErrorCode::Unavailable) => unavailable += 1,
                     Err(e) => panic!("rotation of {key}: {e}"),
@@ -491,12 +493,22 @@ fn the_etcd_leader_killed_during_traffic() {
             }
             (acked, unavailable)
         });
-        std::thread::sleep(Duration::from_millis(1500));
+        // A few rotations before the kill, and most of the allowance (9 a
+        // key) left for after it, however fast or slow this machine is.
+        eventually("rotations before the kill", Duration::from_secs(20), || {
+            rotated.load(Ordering::Relaxed) >= 3
+        });
         let leader = etcd.leader().expect("a leader");
         eprintln!("killing etcd member {leader}, the leader");
         etcd.kill(leader);
         let killed = Instant::now();
-        std::thread::sleep(Duration::from_secs(6));
+        let at_kill = rotated.load(Ordering::Relaxed);
+        // Until a rotation is acknowledged after the kill (at most 20 s;
+        // the assertion below says if none was), then 2 s more of traffic.
+        let _ = wait_for(Duration::from_secs(20), || {
+            (rotated.load(Ordering::Relaxed) > at_kill).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let (acked, unavailable) = rotator.join().unwrap();
         let after = acked.iter().filter(|(.., at)| *at > killed).count();

@@ -485,3 +485,36 @@ fn a_flood_of_tampered_names_cannot_silence_a_later_tamper_warning() {
     let flood_lines = logs.lines().filter(|l| l.contains("does not authenticate")).count();
     assert!(flood_lines <= 70, "{flood_lines} tamper lines: not rate limited");
 }
+
+/// An rmdir has removed the emptied directory's id file and not yet the
+/// directory (held there by the fault point `pause:rmdir.after-clear`):
+/// a listing of that directory meanwhile must not give it a new id, which
+/// would make the rmdir fail with ENOTEMPTY (review finding).
+#[test]
+fn a_listing_during_an_rmdir_does_not_make_it_fail() {
+    if !fuse_available() {
+        return;
+    }
+    let (d, faults, _dir) = daemon_with_faults();
+    let dir = d.mnt().join("going");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("f"), b"x").unwrap();
+    fs::remove_file(dir.join("f")).unwrap();
+    fs::write(&faults, "pause:rmdir.after-clear\n").unwrap();
+    let victim = dir.clone();
+    let rmdir = std::thread::spawn(move || fs::remove_dir(&victim));
+    wait_for(Duration::from_secs(10), || {
+        fs::read_to_string(&faults).is_ok_and(|s| s.is_empty()).then_some(())
+    })
+    .expect("the rmdir reached its pause");
+    // The listing may fail (the directory is going); it must not repair it.
+    let _ = fs::read_dir(&dir).map(Iterator::count);
+    let removed = rmdir.join().unwrap();
+    assert!(removed.is_ok(), "rmdir: {removed:?}\n{}", d.logs());
+    assert!(!dir.exists());
+    assert!(
+        !d.logs().contains("given a new one"),
+        "the directory being removed got a new id:\n{}",
+        d.logs()
+    );
+}
