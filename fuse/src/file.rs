@@ -762,7 +762,7 @@ pub fn backing_layout(file: &File) -> Option<Layout> {
 }
 
 /// Reads until `buf` is full or end of file; returns the bytes read.
-fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+pub(crate) fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

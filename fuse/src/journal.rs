@@ -22,6 +22,7 @@ use parking_lot::{Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use crate::file::read_up_to;
 use crate::keys::FileId;
 
 /// The journal's name in the backing root.
@@ -417,19 +418,6 @@ impl Journal {
         let s = self.state.lock();
         (s.slots, s.pending.values().map(Vec::len).sum())
     }
-}
-
-fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]
