@@ -21,14 +21,13 @@
 //! as zeros, so extending a file writes nothing for the gap. See
 //! `fuse/FORMAT.md` for the reasoning.
 
-use aes::cipher::BlockEncrypt;
+use aes::cipher::{BlockEncrypt, KeyInit};
 use aes::Aes256;
-use aes_gcm::aead::KeyInit;
-use aes_gcm::Aes256Gcm;
 use kms_client::aead;
 use rand::RngCore;
 use zeroize::Zeroizing;
 
+use crate::gcm::Gcm;
 use crate::keys::{Dek, FileId};
 
 /// Plaintext bytes per block.
@@ -351,8 +350,9 @@ fn crc32(data: &[u8]) -> u32 {
 /// The derivation is NIST SP 800-108r1 counter-mode KDF with CMAC-AES-256,
 /// which for these fixed 16-byte inputs is two AES block encryptions with
 /// the CMAC subkey K1 folded in. RustCrypto ships XAES only in the
-/// pre-release aes-gcm 0.11; this is the same construction over the aes 0.8
-/// our aes-gcm 0.10 uses, checked against the C2SP test vectors below.
+/// pre-release aes-gcm 0.11; this is the same construction over aes 0.8,
+/// with ring's AES-GCM ([`crate::gcm`]), checked against the C2SP test
+/// vectors below.
 struct Xaes {
     aes: Aes256,
     k1: [u8; 16],
@@ -371,7 +371,7 @@ impl Xaes {
     }
 
     /// The AES-256-GCM instance for a nonce's first 12 bytes.
-    fn derive(&self, prefix: &[u8]) -> Aes256Gcm {
+    fn derive(&self, prefix: &[u8]) -> Gcm {
         let mut key = Zeroizing::new([0u8; 32]);
         for (i, half) in key.chunks_mut(16).enumerate() {
             let mut m = aes::Block::default();
@@ -384,7 +384,7 @@ impl Xaes {
             self.aes.encrypt_block(&mut m);
             half.copy_from_slice(&m);
         }
-        Aes256Gcm::new(key.as_ref().into())
+        Gcm::new(&key)
     }
 }
 
@@ -395,8 +395,8 @@ impl Drop for Xaes {
 }
 
 enum Cipher {
-    Gcm(Aes256Gcm),
-    Xaes(Xaes),
+    Gcm(Gcm),
+    Xaes(Box<Xaes>),
 }
 
 /// A DEK's cipher for one file's layout, expanded once per open file rather
@@ -421,8 +421,8 @@ impl BlockKey {
     /// Expands `dek` for sealing blocks of `layout`.
     pub fn for_layout(dek: &Dek, layout: Layout) -> Self {
         let cipher = match layout {
-            Layout::V1 => Cipher::Gcm(Aes256Gcm::new(dek.expose().into())),
-            Layout::V2 => Cipher::Xaes(Xaes::new(dek)),
+            Layout::V1 => Cipher::Gcm(Gcm::new(dek.expose())),
+            Layout::V2 => Cipher::Xaes(Box::new(Xaes::new(dek))),
         };
         Self { layout, cipher }
     }
@@ -434,7 +434,7 @@ impl BlockKey {
 
     /// Runs `f` with the GCM instance and 12-byte GCM nonce for a stored
     /// nonce.
-    fn with_gcm<R>(&self, nonce: &[u8], f: impl FnOnce(&Aes256Gcm, &[u8]) -> R) -> R {
+    fn with_gcm<R>(&self, nonce: &[u8], f: impl FnOnce(&Gcm, &[u8]) -> R) -> R {
         match &self.cipher {
             Cipher::Gcm(g) => f(g, nonce),
             Cipher::Xaes(x) => f(&x.derive(&nonce[..12]), &nonce[12..]),

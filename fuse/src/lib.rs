@@ -18,6 +18,7 @@ mod fault;
 pub mod file;
 pub mod format;
 pub mod fs;
+mod gcm;
 pub mod inode;
 pub mod journal;
 pub mod keys;

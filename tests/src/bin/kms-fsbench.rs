@@ -7,7 +7,7 @@
 //! Run: `cargo run --release -p kms-tests --bin kms-fsbench [-- --quick --names-only --plain-names --size-mb N --files N --secs N]`.
 //! kmsd's mount has encrypted names (the default for a new mount), as
 //! gocryptfs has by default (`--plain-names` for plain names instead).
-//! `--names-only` runs only the namespace rows. `--rounds N` (1) measures
+//! `--names-only` runs only the namespace rows, `--seq-only` only the sequential write and read. `--rounds N` (1) measures
 //! gocryptfs and kmsd N times each, alternating which goes first, and shows
 //! the median of each; then a last column gives the lowest and highest of
 //! the N per-round ratios (the noise of the machine).
@@ -78,6 +78,8 @@ struct Args {
     quick: bool,
     /// Only the namespace rows (create, ls -lR, stat, find, open).
     names_only: bool,
+    /// Only the sequential write and read rows.
+    seq_only: bool,
     /// kmsd's mount with plain names (for comparison).
     plain_names: bool,
     /// gocryptfs and kmsd are each measured this many times, alternating
@@ -120,6 +122,7 @@ fn args() -> Args {
     Args {
         quick,
         names_only: a.iter().any(|x| x == "--names-only"),
+        seq_only: a.iter().any(|x| x == "--seq-only"),
         plain_names: a.iter().any(|x| x == "--plain-names"),
         rounds: (get("--rounds", 1.0) as usize).max(1),
         size_mb: get("--size-mb", q(1024.0, 64.0)) as u64,
@@ -255,6 +258,9 @@ fn measure(label: &str, dir: &Path, a: &Args) -> Results {
     if !a.names_only {
         data_rows(&mut r, dir, a);
     }
+    if a.seq_only {
+        return r;
+    }
     namespace_rows(&mut r, dir, a);
     if !a.names_only {
         nix::unistd::sync();
@@ -296,6 +302,10 @@ fn data_rows(r: &mut Results, dir: &Path, a: &Args) {
         assert_eq!(total, bytes);
     });
     r.set("seq_read", bytes as f64 / t / 1e6);
+    if a.seq_only {
+        fs::remove_file(&big).expect("remove big file");
+        return;
+    }
     drop_caches();
     {
         let f = File::open(&big).expect("open");
@@ -940,9 +950,11 @@ fn main() {
         println!("|---|---|---|---:|---:|---:|---:|");
     }
     let names_rows = ["create", "ls", "stat", "find", "open"];
+    let seq_rows = ["seq_write", "seq_read"];
     for row in rows(&a)
         .into_iter()
         .filter(|r| !a.names_only || names_rows.contains(&r.key))
+        .filter(|r| !a.seq_only || seq_rows.contains(&r.key))
     {
         let (g, k) = (median(&gocs, row.key), median(&kmsds, row.key));
         let p = plain.figs.get(row.key);
