@@ -416,12 +416,12 @@ mod tests {
             .create_new(true)
             .open(&path)
             .unwrap();
-        EncryptedFile::create(file, path, keys).unwrap().write(0, data).unwrap();
+        EncryptedFile::create(file, keys).unwrap().write(0, data).unwrap();
     }
 
     fn read(path: &Path, keys: &MemoryKeySource) -> Vec<u8> {
         let file = OpenOptions::new().read(true).open(path).unwrap();
-        let f = EncryptedFile::open(file, path.to_path_buf(), keys).unwrap();
+        let f = EncryptedFile::open(file, keys).unwrap();
         f.read(0, u32::MAX).unwrap()
     }
 

@@ -26,8 +26,9 @@
 //! kill that tears that block's `pwrite` loses none of them either.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -69,7 +70,6 @@ struct SealCount {
 #[derive(Debug)]
 pub struct EncryptedFile {
     file: File,
-    path: PathBuf,
     file_id: FileId,
     layout: Layout,
     /// The DEK's expanded cipher, built once when the file is opened; the
@@ -91,17 +91,17 @@ impl EncryptedFile {
     ///
     /// # Errors
     /// The key source refuses, or the header cannot be written.
-    pub fn create(file: File, path: PathBuf, keys: &dyn KeySource) -> Result<Self> {
+    pub fn create(file: File, keys: &dyn KeySource) -> Result<Self> {
         let (file_id, dek, blob) = keys.new_file_key(FORMAT_VERSION).map_err(|source| Error::Key {
-            path: path.clone(),
+            path: fd_path(&file),
             source,
         })?;
         let header = Header::new(file_id, blob).map_err(|source| Error::Tampered {
-            path: path.clone(),
+            path: fd_path(&file),
             source,
         })?;
         let layout = header.layout().expect("new headers use the current layout");
-        let this = Self::assemble(file, path, file_id, layout, &dek, 0);
+        let this = Self::assemble(file, file_id, layout, &dek, 0);
         let mut bytes = header.encode();
         bytes.extend(this.seal(0, true, &[]));
         this.file.write_all_at(&bytes, 0)?;
@@ -113,8 +113,8 @@ impl EncryptedFile {
     /// # Errors
     /// A damaged header or length (`Tampered`), or a DEK that does not
     /// unwrap (`Key`).
-    pub fn open(file: File, path: PathBuf, keys: &dyn KeySource) -> Result<Self> {
-        Self::open_journaled(file, path, keys, None)
+    pub fn open(file: File, keys: &dyn KeySource) -> Result<Self> {
+        Self::open_journaled(file, keys, None)
     }
 
     /// [`EncryptedFile::open`] in a backing directory with an undo
@@ -125,14 +125,9 @@ impl EncryptedFile {
     /// # Errors
     /// As `open`; or putting a recorded block back fails (the record then
     /// stays, for the next open).
-    pub fn open_journaled(
-        file: File,
-        path: PathBuf,
-        keys: &dyn KeySource,
-        journal: Option<Arc<Journal>>,
-    ) -> Result<Self> {
+    pub fn open_journaled(file: File, keys: &dyn KeySource, journal: Option<Arc<Journal>>) -> Result<Self> {
         let tampered = |source| Error::Tampered {
-            path: path.clone(),
+            path: fd_path(&file),
             source,
         };
         let mut bytes = vec![0u8; HEADER_LEN];
@@ -147,13 +142,14 @@ impl EncryptedFile {
         let journal = journal.filter(|_| writable);
         // Other openers of this file wait until its records are resolved.
         let mut resolving = journal.as_deref().map(|j| j.take(&header.file_id));
-        let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+        let meta = file.metadata()?;
+        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
         let ours = resolving
             .as_ref()
             .is_some_and(|r| r.records.iter().any(|p| p.record.ino == ino));
         // A torn append can leave a length no valid file has: only the
         // journal may explain it.
-        let size = match layout.plain_len(file.metadata()?.len()) {
+        let size = match layout.plain_len(meta.len()) {
             Ok(size) => Some(size),
             Err(_) if ours => None,
             Err(e) => return Err(tampered(e)),
@@ -161,10 +157,10 @@ impl EncryptedFile {
         let dek = keys
             .unwrap_dek(&file_context(&header.file_id, header.version), &slot.blob)
             .map_err(|source| Error::Key {
-                path: path.clone(),
+                path: fd_path(&file),
                 source,
             })?;
-        let mut this = Self::assemble(file, path, header.file_id, layout, &dek, size.unwrap_or(0));
+        let mut this = Self::assemble(file, header.file_id, layout, &dek, size.unwrap_or(0));
         if layout == Layout::V1 {
             let mut count = [0u8; 8];
             count[2..].copy_from_slice(&bytes[V1_SEALS_AT as usize..V1_SEALS_AT as usize + 6]);
@@ -183,18 +179,20 @@ impl EncryptedFile {
             }
         }
         drop(resolving);
-        let size = layout
-            .plain_len(this.file.metadata()?.len())
-            .map_err(|e| this.tampered(e))?;
-        this.size = RwLock::new(size);
+        if ours {
+            // The undo may have cut the file.
+            let size = layout
+                .plain_len(this.file.metadata()?.len())
+                .map_err(|e| this.tampered(e))?;
+            this.size = RwLock::new(size);
+        }
         this.journal = journal;
         Ok(this)
     }
 
-    fn assemble(file: File, path: PathBuf, file_id: FileId, layout: Layout, dek: &Dek, size: u64) -> Self {
+    fn assemble(file: File, file_id: FileId, layout: Layout, dek: &Dek, size: u64) -> Self {
         Self {
             file,
-            path,
             file_id,
             layout,
             key: BlockKey::for_layout(dek, layout),
@@ -229,9 +227,7 @@ impl EncryptedFile {
         let mut count = self.seals.lock();
         let after = count.made.saturating_add(n);
         if after > self.seal_limit {
-            return Err(Error::SealBudget {
-                path: self.path.clone(),
-            });
+            return Err(Error::SealBudget { path: self.path() });
         }
         if after > count.reserved {
             let reserved = after
@@ -272,7 +268,7 @@ impl EncryptedFile {
             }
         }
         let Ok(old_size) = self.layout.plain_len(record.old_len) else {
-            tracing::warn!(path = %self.path.display(), "undo journal: a record's length is not a valid length; ignored");
+            tracing::warn!(path = %self.path().display(), "undo journal: a record's length is not a valid length; ignored");
             return Ok(());
         };
         let old_final = last_index(old_size);
@@ -287,13 +283,13 @@ impl EncryptedFile {
                     && (open_block_in_place(&self.key, &self.file_id, *index, *index == old_final, &mut copy).is_ok()
                         || open_stale_final(&self.key, &self.file_id, *index, bytes).is_some());
                 if !opens {
-                    tracing::warn!(path = %self.path.display(), block = index, "undo journal: a recorded block does not authenticate; not put back");
+                    tracing::warn!(path = %self.path().display(), block = index, "undo journal: a recorded block does not authenticate; not put back");
                     continue;
                 }
                 bytes.clone()
             };
             if at + restore.len() as u64 > record.old_len {
-                tracing::warn!(path = %self.path.display(), block = index, "undo journal: a recorded block lies past the recorded length; not put back");
+                tracing::warn!(path = %self.path().display(), block = index, "undo journal: a recorded block lies past the recorded length; not put back");
                 continue;
             }
             self.file.write_all_at(&restore, at)?;
@@ -304,7 +300,7 @@ impl EncryptedFile {
         }
         self.file.sync_all()?;
         tracing::warn!(
-            path = %self.path.display(),
+            path = %self.path().display(),
             blocks = put,
             "a write cut inside a block (a kill, or an I/O error) was undone from the undo journal"
         );
@@ -360,7 +356,7 @@ impl EncryptedFile {
             match self.undo(&record, Some(*size), false) {
                 Ok(()) => *size = self.layout.plain_len(record.old_len).unwrap_or(*size),
                 Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e, "could not undo a failed write from the undo journal");
+                    tracing::warn!(path = %self.path().display(), error = %e, "could not undo a failed write from the undo journal");
                 }
             }
         }
@@ -369,9 +365,11 @@ impl EncryptedFile {
         }
     }
 
-    /// The backing path this file was opened at (for logs).
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The backing file's path now (for messages), as the kernel names its
+    /// descriptor: it follows renames, and costs a `readlink` only when a
+    /// message is written.
+    pub fn path(&self) -> PathBuf {
+        fd_path(&self.file)
     }
 
     /// The block layout (format version) of this file.
@@ -394,7 +392,7 @@ impl EncryptedFile {
     #[allow(clippy::unused_self)]
     fn step_done(&self) {
         #[cfg(test)]
-        tests::crash_point(&self.path);
+        tests::crash_point(&self.path());
     }
 
     /// Writes sealed blocks in place (tests may cut it here, as a kill
@@ -489,7 +487,7 @@ impl EncryptedFile {
 
     fn tampered(&self, source: FormatError) -> Error {
         Error::Tampered {
-            path: self.path.clone(),
+            path: self.path(),
             source,
         }
     }
@@ -762,6 +760,13 @@ pub fn backing_layout(file: &File) -> Option<Layout> {
 }
 
 /// Reads until `buf` is full or end of file; returns the bytes read.
+/// What the kernel calls the file open on `file` (its descriptor's name
+/// if it cannot say).
+fn fd_path(file: &File) -> PathBuf {
+    let proc = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    std::fs::read_link(&proc).unwrap_or(proc)
+}
+
 pub(crate) fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -779,6 +784,7 @@ pub(crate) fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::R
 mod tests {
     use super::*;
     use crate::keys::MemoryKeySource;
+    use std::path::Path;
 
     thread_local! {
         /// Backing-file snapshots taken at each crash point while a test
@@ -838,7 +844,7 @@ mod tests {
         let path = dir.join("crash-state");
         std::fs::write(&path, state).unwrap();
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        EncryptedFile::open(file, path, keys)
+        EncryptedFile::open(file, keys)
     }
 
     fn model_byte(model: &[u8], at: usize) -> u8 {
@@ -1019,16 +1025,16 @@ mod tests {
             .create_new(true)
             .open(&path)
             .unwrap();
-        (dir, EncryptedFile::create(file, path, keys).unwrap())
+        (dir, EncryptedFile::create(file, keys).unwrap())
     }
 
     fn reopen(f: &EncryptedFile, keys: &MemoryKeySource) -> Result<EncryptedFile> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&f.path)
+            .open(f.path())
             .unwrap();
-        EncryptedFile::open(file, f.path.clone(), keys)
+        EncryptedFile::open(file, keys)
     }
 
     fn all(f: &EncryptedFile) -> Vec<u8> {
@@ -1036,7 +1042,7 @@ mod tests {
     }
 
     fn backing(f: &EncryptedFile) -> Vec<u8> {
-        std::fs::read(&f.path).unwrap()
+        std::fs::read(f.path()).unwrap()
     }
 
     /// Byte ranges of the backing file that changed between `a` and `b`,
@@ -1140,7 +1146,7 @@ mod tests {
         f.truncate(size).unwrap();
         assert_eq!(f.blocks_sealed() - sealed, 2);
         assert_eq!(f.size(), size);
-        let meta = std::fs::metadata(&f.path).unwrap();
+        let meta = std::fs::metadata(f.path()).unwrap();
         assert_eq!(meta.len(), f.layout().disk_len(size));
         assert!(
             meta.blocks() * 512 < 1 << 20,
@@ -1227,7 +1233,7 @@ mod tests {
         let record = &after[at..];
         state[at..at + layout.disk_block_size()].fill(0);
         state[at..at + record.len()].copy_from_slice(record);
-        std::fs::write(&f.path, &state).unwrap();
+        std::fs::write(f.path(), &state).unwrap();
         let r = reopen(&f, &keys).unwrap();
         let got = r.read(0, u32::MAX).unwrap();
         assert_eq!(got.len(), data.len());
@@ -1240,7 +1246,7 @@ mod tests {
     fn empty_file_is_header_and_one_block() {
         let keys = MemoryKeySource::default();
         let (_d, f) = fresh(&keys);
-        let len = std::fs::metadata(&f.path).unwrap().len();
+        let len = std::fs::metadata(f.path()).unwrap().len();
         assert_eq!(len, (HEADER_LEN + crate::format::BLOCK_OVERHEAD) as u64);
         assert_eq!(reopen(&f, &keys).unwrap().size(), 0);
     }
@@ -1297,7 +1303,7 @@ mod tests {
         let (_d2, b) = fresh(&keys);
         a.write(0, b"secret a").unwrap();
         b.write(0, b"secret b").unwrap();
-        let header_b = std::fs::read(&b.path).unwrap()[..HEADER_LEN].to_vec();
+        let header_b = std::fs::read(b.path()).unwrap()[..HEADER_LEN].to_vec();
         a.file.write_all_at(&header_b, 0).unwrap();
         let reopened = reopen(&a, &keys).unwrap();
         assert!(matches!(reopened.read(0, 8), Err(Error::Tampered { .. })));
@@ -1310,7 +1316,7 @@ mod tests {
         let mut bytes = backing(&f);
         assert_eq!(bytes[9], 2);
         bytes[9] = 1; // downgrade to the 12-byte-nonce layout
-        std::fs::write(&f.path, &bytes).unwrap();
+        std::fs::write(f.path(), &bytes).unwrap();
         assert!(matches!(reopen(&f, &keys), Err(Error::Key { .. })));
     }
 
@@ -1318,9 +1324,9 @@ mod tests {
     fn wrong_file_id_in_blob_context_fails_to_unwrap() {
         let keys = MemoryKeySource::default();
         let (_d, a) = fresh(&keys);
-        let mut bytes = std::fs::read(&a.path).unwrap();
+        let mut bytes = std::fs::read(a.path()).unwrap();
         bytes[10] ^= 1; // file id no longer matches the blob's context
-        std::fs::write(&a.path, &bytes).unwrap();
+        std::fs::write(a.path(), &bytes).unwrap();
         assert!(matches!(reopen(&a, &keys), Err(Error::Key { .. })));
     }
 
@@ -1405,7 +1411,7 @@ mod tests {
         }
 
         fn create(&self, contents: &[u8]) -> EncryptedFile {
-            let f = EncryptedFile::create(self.backing(), self.path(), &self.keys)
+            let f = EncryptedFile::create(self.backing(), &self.keys)
                 .unwrap()
                 .with_journal(self.journal());
             f.write(0, contents).unwrap();
@@ -1414,7 +1420,7 @@ mod tests {
 
         /// Opens the file as a restarted mount would.
         fn reopen(&self) -> Result<EncryptedFile> {
-            EncryptedFile::open_journaled(self.backing(), self.path(), &self.keys, self.journal())
+            EncryptedFile::open_journaled(self.backing(), &self.keys, self.journal())
         }
     }
 

@@ -329,17 +329,9 @@ pub fn decode_slot(bytes: &[u8]) -> Option<Slot> {
     })
 }
 
-/// CRC-32 (IEEE), bitwise: slots are small and written rarely.
+/// CRC-32 (IEEE) of a key slot: both slots are checked at every open.
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 /// XAES-256-GCM (C2SP): AES-256-GCM under a key derived from the DEK and

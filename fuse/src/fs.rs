@@ -1117,7 +1117,7 @@ impl EncryptedFs {
         })?;
         fault::point("create.after-entry")?;
         let made = stat_fd(&fd)?;
-        let result = self.init_created(caller, &parent, name, File::from(fd), mode);
+        let result = self.init_created(caller, &parent, File::from(fd), mode);
         if result.is_err() {
             // Only while the name still holds the file made above (this
             // narrows, but cannot close, the window for a swap).
@@ -1133,15 +1133,7 @@ impl EncryptedFs {
         result
     }
 
-    fn init_created(
-        &self,
-        caller: Caller,
-        parent: &Node,
-        name: &OsStr,
-        file: File,
-        mode: u32,
-    ) -> Result<(FileAttr, u64)> {
-        let path = parent.backing_path().join(name);
+    fn init_created(&self, caller: Caller, parent: &Node, file: File, mode: u32) -> Result<(FileAttr, u64)> {
         // The file itself, by its descriptor (`/proc/self/fd/N` names the
         // inode): O_PATH for the inode table.
         let proc = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
@@ -1150,7 +1142,7 @@ impl EncryptedFs {
         if (made.st_dev, made.st_ino) != (held.st_dev, held.st_ino) {
             return Err(Error::Sys(nix::Error::EIO));
         }
-        let encrypted = EncryptedFile::create(file, path, self.keys.as_ref())?.with_journal(self.journal.clone());
+        let encrypted = EncryptedFile::create(file, self.keys.as_ref())?.with_journal(self.journal.clone());
         let attr = self.adopt(caller, parent, fd, Some(mode))?;
         let ino = attr.ino.0;
         let node = self.nodes.get(ino).inspect_err(|_| self.nodes.forget(ino, 1))?;
@@ -1190,7 +1182,7 @@ impl EncryptedFs {
         let path = node.proc_path();
         let file = OpenOptions::new().read(true).write(true).open(&path);
         let file = file.or_else(|_| File::open(&path))?;
-        let fresh = EncryptedFile::open_journaled(file, node.backing_path(), self.keys.as_ref(), self.journal.clone())?;
+        let fresh = EncryptedFile::open_journaled(file, self.keys.as_ref(), self.journal.clone())?;
         if fresh.layout() != Layout::V2 {
             self.distrust_v2_mark(&fresh);
         }

@@ -78,10 +78,7 @@ fn make(path: &Path, keys: &MemoryKeySource, data: &[u8]) {
         .create_new(true)
         .open(path)
         .unwrap();
-    EncryptedFile::create(file, path.to_path_buf(), keys)
-        .unwrap()
-        .write(0, data)
-        .unwrap();
+    EncryptedFile::create(file, keys).unwrap().write(0, data).unwrap();
 }
 
 /// A root-only (0700) directory outside the backing directory holding

@@ -31,7 +31,7 @@ fn a_growing_write_that_fails_part_way_keeps_the_old_final_block() {
         .create_new(true)
         .open(&path)
         .unwrap();
-    let f = EncryptedFile::create(backing, path.clone(), &keys).unwrap();
+    let f = EncryptedFile::create(backing, &keys).unwrap();
     f.write(0, b"fsynced bytes").unwrap();
     f.sync(true).unwrap();
 
@@ -62,12 +62,7 @@ fn a_growing_write_that_fails_part_way_keeps_the_old_final_block() {
 
     assert_eq!(f.size(), 13, "a failed write leaves the size");
     let live = f.read(0, 64);
-    let reopened = EncryptedFile::open(
-        OpenOptions::new().read(true).write(true).open(&path).unwrap(),
-        path.clone(),
-        &keys,
-    )
-    .unwrap();
+    let reopened = EncryptedFile::open(OpenOptions::new().read(true).write(true).open(&path).unwrap(), &keys).unwrap();
     let after = reopened.read(0, 64);
     let grow = reopened.truncate(10_000);
     assert!(

@@ -47,7 +47,7 @@ fn copy(name: &str) -> (tempfile::TempDir, PathBuf) {
 
 fn open(path: &Path, keys: &MemoryKeySource) -> EncryptedFile {
     let file = OpenOptions::new().read(true).write(true).open(path).unwrap();
-    EncryptedFile::open(file, path.to_path_buf(), keys).unwrap()
+    EncryptedFile::open(file, keys).unwrap()
 }
 
 #[test]
@@ -144,9 +144,7 @@ fn v2_files_have_no_seal_limit() {
         .create_new(true)
         .open(&path)
         .unwrap();
-    let f = EncryptedFile::create(file, path.clone(), &keys)
-        .unwrap()
-        .with_seal_limit(1);
+    let f = EncryptedFile::create(file, &keys).unwrap().with_seal_limit(1);
     for i in 0..20u8 {
         f.write(0, &[i; 4096]).unwrap();
     }
