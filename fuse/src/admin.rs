@@ -376,9 +376,17 @@ fn rewrap_with(
     if file_type(&fstat(file)?) != SFlag::S_IFREG {
         return Err(Error::Sys(Errno::EINVAL));
     }
+    // Not while this process changes a version 1 file's DEK (both write
+    // the header), nor over a key change in progress: its older slot holds
+    // the previous DEK, which blocks not yet re-sealed still need.
+    let _header = crate::file::HEADER_WRITES.lock();
     let mut bytes = vec![0u8; HEADER_LEN];
     let n = file.read_at(&mut bytes, 0)?;
     let header = Header::decode(&bytes[..n]).map_err(tampered)?;
+    if header.version == crate::format::FORMAT_V1 && crate::file::v1_changing(&bytes[..n]) {
+        tracing::warn!(path = %path.display(), "not re-wrapped: the file is moving to a fresh DEK; run fs rewrap again later");
+        return Err(Error::Sys(Errno::EBUSY));
+    }
     let (_, slot) = header.current().map_err(tampered)?;
     let blob = BlobHeader::parse(&slot.blob).map_err(|e| key_err(KeyError::DecryptFailed(e.to_string())))?;
     if blob.key_id == keys.key_id() && blob.version == active {

@@ -31,8 +31,9 @@ pub enum Error {
         source: KeyError,
     },
     /// A format version 1 file has made as many seals under its data key
-    /// as its 96-bit random nonces allow (FORMAT.md, "Layout"): it takes no
-    /// more writes until copied into a version 2 file.
+    /// as its 96-bit random nonces allow (FORMAT.md, "Layout") without
+    /// moving to a fresh one: it takes no more writes until its key change
+    /// can start or it is copied into a version 2 file.
     #[error("{} has used its nonce budget (format version 1): copy it to write it again", path.display())]
     SealBudget { path: PathBuf },
     /// Mounting or unmounting failed.

@@ -24,6 +24,11 @@
 //! being written is lost. The bytes a write keeps of a block it rewrites in
 //! place are copied into the undo journal first ([`crate::journal`]), so a
 //! kill that tears that block's `pwrite` loses none of them either.
+//!
+//! A version 1 file moves to a fresh DEK in place when its seal count
+//! nears the GCM bound, in small steps taken by its later writes
+//! ([`EncryptedFile::with_key_changes`]; FORMAT.md, "Key change of version 1
+//! files"). Meanwhile it holds both DEKs and opens each block under either.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -38,8 +43,9 @@ use crate::error::{Error, Result};
 use nix::fcntl::OFlag;
 
 use crate::format::{
-    block_len, is_hole, last_index, open_block_in_place, open_stale_final, peek_version, seal_block, BlockKey,
-    FormatError, Header, Layout, BLOCK_SIZE, FORMAT_VERSION, HEADER_LEN,
+    block_len, encode_slot, is_hole, last_index, open_block_in_place, open_stale_final, peek_version, seal_block,
+    slot_offset, BlockKey, FormatError, Header, Layout, Slot as KeySlot, BLOCK_SIZE, FORMAT_VERSION, HEADER_LEN,
+    SLOT_LEN,
 };
 use crate::journal::{Journal, Record, Slot};
 use crate::keys::{file_context, Dek, FileId, KeySource};
@@ -58,12 +64,71 @@ const V1_SEALS_AT: u64 = 26;
 /// least the seals made, so a kill never lets a file seal more than its
 /// limit; a power cut may lose the last reservation (FORMAT.md).
 const V1_RESERVE: u64 = 1 << 16;
+/// Seals after which a version 1 file moves to a fresh DEK (FORMAT.md,
+/// "Key change of version 1 files").
+pub const V1_REKEY_AT: u64 = 1 << 30;
+/// Bit 47 of a version 1 header's count field: a key change is in progress.
+const V1_CHANGING: u64 = 1 << 47;
+/// Blocks a key change looks at, and re-seals at most, after each write or
+/// truncate of the file.
+const REKEY_VISIT: u64 = 32;
+const REKEY_SEALS: u64 = 8;
+
+/// Serializes the whole-header writes of key changes with `fs rewrap`'s
+/// slot writes (both read the header, then write a slot), in this process.
+pub(crate) static HEADER_WRITES: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+/// Whether a version 1 header (its first `HEADER_LEN` bytes) has a key
+/// change in progress.
+pub(crate) fn v1_changing(header: &[u8]) -> bool {
+    header.len() >= HEADER_LEN && header[V1_SEALS_AT as usize] & 0x80 != 0
+}
+
+/// The DEKs a file's blocks open under: its current one, and during a key
+/// change of a version 1 file the previous one. Key schedules are wiped on
+/// drop.
+#[derive(Debug)]
+struct FileKeys {
+    current: BlockKey,
+    previous: Option<BlockKey>,
+}
+
+impl FileKeys {
+    /// Opens `block` in place under the current DEK or else the previous
+    /// one; the plaintext is returned (it sits after the nonce).
+    fn open<'a>(&self, file_id: &FileId, index: u64, last: bool, block: &'a mut [u8]) -> Result<&'a [u8], FormatError> {
+        let Some(previous) = &self.previous else {
+            return open_block_in_place(&self.current, file_id, index, last, block);
+        };
+        let saved = block.to_vec();
+        let nonce = self.current.layout().nonce_len();
+        if let Ok(len) = open_block_in_place(&self.current, file_id, index, last, block).map(<[u8]>::len) {
+            return Ok(&block[nonce..nonce + len]);
+        }
+        block.copy_from_slice(&saved);
+        open_block_in_place(previous, file_id, index, last, block)
+    }
+
+    /// [`open_stale_final`] under either DEK.
+    fn open_stale_final(&self, file_id: &FileId, index: u64, disk: &[u8]) -> Option<Vec<u8>> {
+        open_stale_final(&self.current, file_id, index, disk)
+            .or_else(|| open_stale_final(self.previous.as_ref()?, file_id, index, disk))
+    }
+}
 
 /// The seal count of a version 1 file: made so far, and reserved on disk.
 #[derive(Debug, Default)]
 struct SealCount {
     made: u64,
     reserved: u64,
+    /// A key change is in progress (bit 47 on disk).
+    changing: bool,
+    /// The next block the key change looks at.
+    walk: u64,
+    /// A key change that could not start is tried again at this count.
+    retry_at: u64,
+    /// A failed step was logged (once per open file).
+    warned: bool,
 }
 
 /// An open encrypted file.
@@ -72,9 +137,9 @@ pub struct EncryptedFile {
     file: File,
     file_id: FileId,
     layout: Layout,
-    /// The DEK's expanded cipher, built once when the file is opened; the
-    /// key schedule is zeroized on drop.
-    key: BlockKey,
+    /// The DEK's expanded cipher, built once when the file is opened (two
+    /// during a key change); key schedules are zeroized on drop.
+    keys: RwLock<FileKeys>,
     size: RwLock<u64>,
     sealed: AtomicU64,
     /// The backing directory's undo journal (FORMAT.md, "The undo
@@ -83,6 +148,19 @@ pub struct EncryptedFile {
     /// Version 1 files: seals made under the DEK (see [`V1_SEAL_LIMIT`]).
     seals: parking_lot::Mutex<SealCount>,
     seal_limit: u64,
+    /// Version 1 files: where a key change gets its fresh DEK (`None`: no
+    /// key changes), and the count that starts one.
+    key_changes: Option<KeyChanges>,
+    rekey_at: u64,
+}
+
+/// The key source of a file's key changes.
+struct KeyChanges(Arc<dyn KeySource>);
+
+impl std::fmt::Debug for KeyChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyChanges")
+    }
 }
 
 impl EncryptedFile {
@@ -134,7 +212,7 @@ impl EncryptedFile {
         let n = read_up_to(&file, &mut bytes, 0)?;
         let header = Header::decode(&bytes[..n]).map_err(tampered)?;
         let layout = header.layout().map_err(tampered)?;
-        let (_, slot) = header.current().map_err(tampered)?;
+        let (current, slot) = header.current().map_err(tampered)?;
         // Opened read-only (no write permission on the backing file): it
         // cannot put blocks back, and it writes nothing either.
         let writable = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
@@ -164,10 +242,32 @@ impl EncryptedFile {
         if layout == Layout::V1 {
             let mut count = [0u8; 8];
             count[2..].copy_from_slice(&bytes[V1_SEALS_AT as usize..V1_SEALS_AT as usize + 6]);
-            let on_disk = u64::from_be_bytes(count);
+            let field = u64::from_be_bytes(count);
+            let on_disk = field & !V1_CHANGING;
+            // A key change in progress: the older slot holds the previous
+            // DEK. If it holds none, or the same one, the change's start
+            // never completed (its header write was torn) and nothing was
+            // sealed under another DEK.
+            let mut changing = false;
+            if field & V1_CHANGING != 0 {
+                if let Some(other) = &header.slots[1 - current] {
+                    let previous = keys
+                        .unwrap_dek(&file_context(&header.file_id, header.version), &other.blob)
+                        .map_err(|source| Error::Key {
+                            path: fd_path(&this.file),
+                            source,
+                        })?;
+                    if previous != dek {
+                        this.keys.get_mut().previous = Some(BlockKey::for_layout(&previous, layout));
+                        changing = true;
+                    }
+                }
+            }
             *this.seals.get_mut() = SealCount {
                 made: on_disk,
                 reserved: on_disk,
+                changing,
+                ..SealCount::default()
             };
         }
         if let Some(r) = resolving.as_mut() {
@@ -195,13 +295,39 @@ impl EncryptedFile {
             file,
             file_id,
             layout,
-            key: BlockKey::for_layout(dek, layout),
+            keys: RwLock::new(FileKeys {
+                current: BlockKey::for_layout(dek, layout),
+                previous: None,
+            }),
             size: RwLock::new(size),
             sealed: AtomicU64::new(0),
             journal: None,
             seals: parking_lot::Mutex::new(SealCount::default()),
             seal_limit: V1_SEAL_LIMIT,
+            key_changes: None,
+            rekey_at: V1_REKEY_AT,
         }
+    }
+
+    /// Lets this file, if it is of version 1, move to a fresh DEK from
+    /// `keys` when its seal count reaches [`V1_REKEY_AT`] (see the module
+    /// docs). Version 2 files never need to.
+    #[must_use]
+    pub fn with_key_changes(mut self, keys: Arc<dyn KeySource>) -> Self {
+        self.key_changes = Some(KeyChanges(keys));
+        self
+    }
+
+    /// Lowers the count that starts a key change (tests).
+    #[must_use]
+    pub fn with_rekey_at(mut self, seals: u64) -> Self {
+        self.rekey_at = seals;
+        self
+    }
+
+    /// Whether a key change of this version 1 file is in progress.
+    pub fn key_change_in_progress(&self) -> bool {
+        self.seals.lock().changing
     }
 
     /// Lowers the seal limit of a version 1 file (tests of the limit).
@@ -234,7 +360,8 @@ impl EncryptedFile {
                 .saturating_add(V1_RESERVE)
                 .min(self.seal_limit.max(after))
                 .min((1 << 48) - 1);
-            self.file.write_all_at(&reserved.to_be_bytes()[2..], V1_SEALS_AT)?;
+            let field = reserved | if count.changing { V1_CHANGING } else { 0 };
+            self.file.write_all_at(&field.to_be_bytes()[2..], V1_SEALS_AT)?;
             count.reserved = reserved;
         }
         count.made = after;
@@ -279,9 +406,11 @@ impl EncryptedFile {
                 vec![0u8; self.layout.disk_block_size()]
             } else {
                 let mut copy = bytes.clone();
+                let keys = self.keys.read();
                 let opens = !bytes.is_empty()
-                    && (open_block_in_place(&self.key, &self.file_id, *index, *index == old_final, &mut copy).is_ok()
-                        || open_stale_final(&self.key, &self.file_id, *index, bytes).is_some());
+                    && (keys.open(&self.file_id, *index, *index == old_final, &mut copy).is_ok()
+                        || keys.open_stale_final(&self.file_id, *index, bytes).is_some());
+                drop(keys);
                 if !opens {
                     tracing::warn!(path = %self.path().display(), block = index, "undo journal: a recorded block does not authenticate; not put back");
                     continue;
@@ -410,7 +539,7 @@ impl EncryptedFile {
 
     fn seal(&self, index: u64, last: bool, plain: &[u8]) -> Vec<u8> {
         self.sealed.fetch_add(1, Ordering::Relaxed);
-        seal_block(&self.key, &self.file_id, index, last, plain)
+        seal_block(&self.keys.read().current, &self.file_id, index, last, plain)
     }
 
     /// Reads up to `len` bytes at `offset`; short only at end of file.
@@ -448,6 +577,7 @@ impl EncryptedFile {
             return Err(self.tampered(FormatError::BadLength(start)));
         }
         let mut out = Vec::with_capacity((last - first + 1) as usize * BLOCK_SIZE);
+        let keys = self.keys.read();
         for index in first..=last {
             let at = (layout.block_offset(index) - start) as usize;
             let block = &mut disk[at..at + record(index)];
@@ -456,10 +586,10 @@ impl EncryptedFile {
                 out.resize(out.len() + BLOCK_SIZE, 0);
                 continue;
             }
-            match open_block_in_place(&self.key, &self.file_id, index, !inner, block) {
+            match keys.open(&self.file_id, index, !inner, block) {
                 Ok(plain) => out.extend_from_slice(plain),
                 Err(e) => {
-                    let mut plain = self.stale_final(index).ok_or_else(|| self.tampered(e))?;
+                    let mut plain = self.stale_final(&keys, index).ok_or_else(|| self.tampered(e))?;
                     plain.truncate(if inner { BLOCK_SIZE } else { block_len(size, index) });
                     out.extend_from_slice(&plain);
                 }
@@ -471,10 +601,10 @@ impl EncryptedFile {
     /// Inner block `index` read again from disk (the failed open left the
     /// buffer unspecified) and opened as an older final block; only on the
     /// error path, so the common read path copies nothing.
-    fn stale_final(&self, index: u64) -> Option<Vec<u8>> {
+    fn stale_final(&self, keys: &FileKeys, index: u64) -> Option<Vec<u8>> {
         let mut slot = vec![0u8; self.layout.disk_block_size()];
         let n = read_up_to(&self.file, &mut slot, self.layout.block_offset(index)).ok()?;
-        open_stale_final(&self.key, &self.file_id, index, &slot[..n])
+        keys.open_stale_final(&self.file_id, index, &slot[..n])
     }
 
     /// The plaintext of one block of a file of `size` bytes.
@@ -522,6 +652,9 @@ impl EncryptedFile {
         let guard = self.protect(old, &kept_blocks(&span, first, last), [(first, last), retired])?;
         let result = self.write_locked(&mut size, &span, first, last);
         self.unprotect(guard, &result, &mut size);
+        if result.is_ok() {
+            self.advance_key_change(*size);
+        }
         result
     }
 
@@ -622,6 +755,9 @@ impl EncryptedFile {
             self.shrink(old, new_size).map(|()| *size = new_size)
         };
         self.unprotect(guard, &result, &mut size);
+        if result.is_ok() {
+            self.advance_key_change(*size);
+        }
         result
     }
 
@@ -678,6 +814,168 @@ impl EncryptedFile {
         } else {
             self.file.sync_all()?;
         }
+        Ok(())
+    }
+
+    /// After a write or truncate of a version 1 file, the size lock held:
+    /// starts its key change once the count reaches the threshold, then
+    /// takes one step of it (FORMAT.md, "Key change of version 1 files").
+    /// The caller's operation is done and stays done: a failure here is
+    /// logged (once per open file) and retried later.
+    fn advance_key_change(&self, size: u64) {
+        let Some(KeyChanges(keys)) = &self.key_changes else {
+            return;
+        };
+        if self.layout != Layout::V1 {
+            return;
+        }
+        let (changing, made, retry_at) = {
+            let c = self.seals.lock();
+            (c.changing, c.made, c.retry_at)
+        };
+        let result = if changing {
+            self.key_change_step(size)
+        } else if made >= self.rekey_at && made >= retry_at {
+            self.start_key_change(keys.as_ref())
+                .and_then(|()| self.key_change_step(size))
+        } else {
+            return;
+        };
+        if let Err(e) = result {
+            let mut c = self.seals.lock();
+            if !c.changing {
+                c.retry_at = made.saturating_add(V1_RESERVE);
+            }
+            if !std::mem::replace(&mut c.warned, true) {
+                tracing::warn!(path = %self.path().display(), error = %e, "moving a version 1 file to a fresh DEK failed; retried on later writes");
+            }
+        }
+    }
+
+    /// Reads the header under [`HEADER_WRITES`] (held by the caller).
+    fn read_header(&self) -> Result<(Vec<u8>, Header)> {
+        let mut bytes = vec![0u8; HEADER_LEN];
+        let n = read_up_to(&self.file, &mut bytes, 0)?;
+        let header = Header::decode(&bytes[..n]).map_err(|e| self.tampered(e))?;
+        Ok((bytes, header))
+    }
+
+    /// Step 1 of a key change: a fresh DEK's blob into the older slot
+    /// (becoming the current one) and the in-progress bit with a new count,
+    /// in one header write, made durable before anything is sealed under
+    /// the new DEK.
+    fn start_key_change(&self, keys: &dyn KeySource) -> Result<()> {
+        let _header = HEADER_WRITES.lock();
+        let (mut bytes, header) = self.read_header()?;
+        let ctx = file_context(&self.file_id, header.version);
+        let (dek, blob) = keys.new_dek(&ctx).map_err(|source| Error::Key {
+            path: self.path(),
+            source,
+        })?;
+        let (index, next) = header.next_slot(blob).map_err(|e| self.tampered(e))?;
+        let at = slot_offset(index) as usize;
+        bytes[at..at + SLOT_LEN].copy_from_slice(&encode_slot(&next));
+        let reserved = V1_RESERVE.min(self.seal_limit);
+        let field = reserved | V1_CHANGING;
+        bytes[V1_SEALS_AT as usize..V1_SEALS_AT as usize + 6].copy_from_slice(&field.to_be_bytes()[2..]);
+        self.file.write_all_at(&bytes, 0)?;
+        self.file.sync_data()?;
+        let mut file_keys = self.keys.write();
+        let old = std::mem::replace(&mut file_keys.current, BlockKey::for_layout(&dek, self.layout));
+        file_keys.previous = Some(old);
+        drop(file_keys);
+        *self.seals.lock() = SealCount {
+            made: 0,
+            reserved,
+            changing: true,
+            ..SealCount::default()
+        };
+        tracing::info!(path = %self.path().display(), "a version 1 file reached its seal threshold: moving it to a fresh DEK");
+        Ok(())
+    }
+
+    /// Step 2 of a key change: looks at up to [`REKEY_VISIT`] blocks from
+    /// the walk's position and re-seals at most [`REKEY_SEALS`] of them
+    /// under the new DEK, each journaled; ends the change when the walk
+    /// passes the final block.
+    fn key_change_step(&self, size: u64) -> Result<()> {
+        let final_index = last_index(size);
+        let (mut visited, mut sealed) = (0, 0);
+        while visited < REKEY_VISIT && sealed < REKEY_SEALS {
+            let mut index = self.seals.lock().walk;
+            if index > final_index {
+                return self.end_key_change();
+            }
+            // Holes are skipped without reading them.
+            let at = self.layout.block_offset(index);
+            match nix::unistd::lseek(&self.file, at as i64, nix::unistd::Whence::SeekData) {
+                Ok(data) if data as u64 > at => {
+                    let skip_to = (data as u64 - self.layout.block_offset(0)) / self.layout.disk_block_size() as u64;
+                    index = skip_to.min(final_index);
+                }
+                Err(nix::Error::ENXIO) => index = final_index,
+                _ => {}
+            }
+            self.seals.lock().walk = index + 1;
+            visited += 1;
+            let last = index == final_index;
+            let mut disk = vec![0u8; block_len(size, index) + self.layout.overhead()];
+            let n = read_up_to(&self.file, &mut disk, self.layout.block_offset(index))?;
+            disk.truncate(n);
+            if !last && is_hole(&disk) {
+                continue;
+            }
+            let plain = {
+                let keys = self.keys.read();
+                let mut copy = disk.clone();
+                if open_block_in_place(&keys.current, &self.file_id, index, last, &mut copy).is_ok() {
+                    continue;
+                }
+                match keys.open(&self.file_id, index, last, &mut disk) {
+                    Ok(plain) => plain.to_vec(),
+                    // An older final block left by a kill reads as its
+                    // zero-padded contents: re-sealed as what it reads as.
+                    Err(e) => self.stale_final(&keys, index).ok_or_else(|| self.tampered(e))?,
+                }
+            };
+            let mut plain = plain;
+            plain.resize(block_len(size, index), 0);
+            self.spend_seals(1)?;
+            let guard = self.protect(size, &[index], [(index, index), (index, index)])?;
+            let sealed_bytes = self.seal(index, last, &plain);
+            let result = self
+                .put(&sealed_bytes, self.layout.block_offset(index))
+                .map_err(Error::from);
+            self.step_done();
+            let mut unchanged = size;
+            self.unprotect(guard, &result, &mut unchanged);
+            result?;
+            sealed += 1;
+        }
+        Ok(())
+    }
+
+    /// Step 3 of a key change: every block is under the new DEK; made
+    /// durable, then the older slot (the previous DEK) gets the current
+    /// blob and the in-progress bit is cleared, in one header write.
+    fn end_key_change(&self) -> Result<()> {
+        self.file.sync_data()?;
+        let _header = HEADER_WRITES.lock();
+        let (mut bytes, header) = self.read_header()?;
+        let (current, slot) = header.current().map_err(|e| self.tampered(e))?;
+        let next = KeySlot {
+            seq: slot.seq + 1,
+            blob: slot.blob.clone(),
+        };
+        let at = slot_offset(1 - current) as usize;
+        bytes[at..at + SLOT_LEN].copy_from_slice(&encode_slot(&next));
+        let reserved = self.seals.lock().reserved;
+        bytes[V1_SEALS_AT as usize..V1_SEALS_AT as usize + 6].copy_from_slice(&reserved.to_be_bytes()[2..]);
+        self.file.write_all_at(&bytes, 0)?;
+        self.file.sync_data()?;
+        self.keys.write().previous = None;
+        self.seals.lock().changing = false;
+        tracing::info!(path = %self.path().display(), "a version 1 file moved to a fresh DEK");
         Ok(())
     }
 
@@ -759,7 +1057,6 @@ pub fn backing_layout(file: &File) -> Option<Layout> {
     Layout::of_version(peek_version(&bytes[..n]).ok()?).ok()
 }
 
-/// Reads until `buf` is full or end of file; returns the bytes read.
 /// What the kernel calls the file open on `file` (its descriptor's name
 /// if it cannot say).
 fn fd_path(file: &File) -> PathBuf {
@@ -767,6 +1064,7 @@ fn fd_path(file: &File) -> PathBuf {
     std::fs::read_link(&proc).unwrap_or(proc)
 }
 
+/// Reads until `buf` is full or end of file; returns the bytes read.
 pub(crate) fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -1607,5 +1905,117 @@ mod tests {
                 assert_eq!(j.usage().1, 0, "{what}: a record is left");
             }
         }
+    }
+
+    /// A version 1 file (as earlier releases wrote them) at `path`.
+    fn make_v1(path: &Path, keys: &MemoryKeySource) {
+        let (file_id, dek, blob) = keys.new_file_key(crate::format::FORMAT_V1).unwrap();
+        let header = Header {
+            version: crate::format::FORMAT_V1,
+            file_id,
+            slots: [Some(KeySlot { seq: 1, blob }), None],
+        };
+        let mut bytes = header.encode();
+        bytes.extend(seal_block(
+            &BlockKey::for_layout(&dek, Layout::V1),
+            &file_id,
+            0,
+            true,
+            &[],
+        ));
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// The DEKs the two header slots of the file at `path` unwrap to.
+    fn slot_deks(path: &Path, keys: &MemoryKeySource) -> (bool, Vec<Dek>) {
+        let bytes = std::fs::read(path).unwrap();
+        let header = Header::decode(&bytes).unwrap();
+        let ctx = file_context(&header.file_id, header.version);
+        let deks = header
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| keys.unwrap_dek(&ctx, &s.blob).unwrap())
+            .collect();
+        (v1_changing(&bytes), deks)
+    }
+
+    /// Issue rule "nonce budget" (version 1 files move to a fresh DEK),
+    /// with the threshold lowered to 12 seals: a kill tearing any re-seal of
+    /// the key change, at any cut, loses no byte (the journal puts the old
+    /// block back, under the old DEK, which the header still holds), and the
+    /// change then finishes: both slots hold one new DEK, and the file reads
+    /// whole with that DEK alone.
+    #[test]
+    fn a_v1_key_change_torn_by_a_kill_loses_nothing_and_finishes() {
+        let keys = Arc::new(MemoryKeySource::default());
+        let mut kills = 0;
+        for skip in 1..=4 {
+            for cut in [1, 2000, 4123] {
+                let what = format!("re-seal {skip} cut after {cut} bytes");
+                let dir = tempfile::tempdir().unwrap();
+                let root = nix::fcntl::openat(
+                    nix::fcntl::AT_FDCWD,
+                    dir.path(),
+                    OFlag::O_PATH | OFlag::O_DIRECTORY,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .unwrap();
+                let path = dir.path().join("f");
+                let open = || {
+                    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+                    let journal = Arc::new(crate::journal::Journal::open(&root, dir.path()).unwrap().unwrap());
+                    EncryptedFile::open_journaled(file, keys.as_ref(), Some(journal))
+                        .unwrap()
+                        .with_key_changes(keys.clone())
+                        .with_rekey_at(12)
+                };
+                make_v1(&path, &keys);
+                let mut model: Vec<u8> = (0..40_000).map(|i| (i % 253) as u8).collect();
+                let f = open();
+                f.write(0, &model).unwrap();
+                assert!(!f.key_change_in_progress(), "{what}: 11 seals, under the threshold");
+                let (_, before) = slot_deks(&path, &keys);
+                // This write crosses the threshold: its own block, then the
+                // key change starts and re-seals blocks; one of those is torn.
+                if !kill_during(f, Op::Write(39_999, 1), skip, cut) {
+                    panic!("{what}: the write and its step finished without a kill");
+                }
+                kills += 1;
+                model[39_999] = 0xEE;
+                let (changing, deks) = slot_deks(&path, &keys);
+                assert!(changing, "{what}: bit 47 set");
+                assert!(
+                    deks.contains(&before[0]) && deks.iter().any(|d| *d != before[0]),
+                    "{what}: old and new DEK"
+                );
+                let f = open();
+                assert!(f.key_change_in_progress(), "{what}");
+                assert_eq!(all(&f), model, "{what}: after the kill");
+                let mut writes = 0;
+                while f.key_change_in_progress() {
+                    f.write(0, &model[..1]).unwrap();
+                    writes += 1;
+                    assert!(writes < 20, "{what}: the key change never ends");
+                }
+                assert_eq!(all(&f), model, "{what}: after the change");
+                // Counted from 0 under the new DEK (after the kill, from its
+                // reservation on disk).
+                assert!(f.seals_made() <= 2 * V1_RESERVE, "{what}: {} seals", f.seals_made());
+                drop(f);
+                let (changing, deks) = slot_deks(&path, &keys);
+                assert!(!changing, "{what}: bit 47 cleared");
+                assert_eq!(deks.len(), 2, "{what}");
+                assert!(
+                    deks[0] == deks[1] && deks[0] != before[0],
+                    "{what}: both slots hold the new DEK"
+                );
+                // Opened without key changes, the file loads only the new
+                // DEK: every block is under it.
+                let file = std::fs::OpenOptions::new().read(true).open(&path).unwrap();
+                assert_eq!(all(&EncryptedFile::open(file, keys.as_ref()).unwrap()), model, "{what}");
+            }
+        }
+        assert_eq!(kills, 12);
     }
 }

@@ -103,6 +103,9 @@ struct OpenEntry {
 /// The encrypted filesystem over one backing directory.
 pub struct EncryptedFs {
     keys: Arc<dyn KeySource>,
+    /// Seals after which a version 1 file moves to a fresh DEK (lowered
+    /// by tests).
+    rekey_at: u64,
     nodes: InodeTable,
     open: Mutex<HashMap<u64, OpenEntry>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -378,6 +381,7 @@ impl EncryptedFs {
             id_repair: Mutex::new(()),
             id_gen: AtomicU64::new(0),
             keys,
+            rekey_at: crate::file::V1_REKEY_AT,
             nodes: InodeTable::new(root, &st, fd_cache),
             open: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -1182,7 +1186,9 @@ impl EncryptedFs {
         let path = node.proc_path();
         let file = OpenOptions::new().read(true).write(true).open(&path);
         let file = file.or_else(|_| File::open(&path))?;
-        let fresh = EncryptedFile::open_journaled(file, self.keys.as_ref(), self.journal.clone())?;
+        let fresh = EncryptedFile::open_journaled(file, self.keys.as_ref(), self.journal.clone())?
+            .with_key_changes(self.keys.clone())
+            .with_rekey_at(self.rekey_at);
         if fresh.layout() != Layout::V2 {
             self.distrust_v2_mark(&fresh);
         }
@@ -1792,6 +1798,46 @@ mod tests {
             .unwrap()
             .only_v2
             .load(Ordering::Relaxed));
+    }
+
+    /// The mount moves a version 1 file to a fresh DEK through its own
+    /// writes (threshold lowered to 8 seals), and the file reads the same.
+    #[test]
+    fn a_mounted_version_1_file_moves_to_a_fresh_dek() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_v1_fixture(dir.path(), "multi");
+        let keys = fixture_keys();
+        let mut fs = EncryptedFs::new(dir.path(), keys.clone()).unwrap();
+        fs.rekey_at = 8;
+        let blobs = || {
+            let header = crate::format::Header::decode(&std::fs::read(dir.path().join("multi")).unwrap()).unwrap();
+            header
+                .slots
+                .iter()
+                .flatten()
+                .map(|s| s.blob.clone())
+                .collect::<Vec<_>>()
+        };
+        let before = blobs();
+        let ino = fs.lookup(ROOT, OsStr::new("multi")).unwrap().ino.0;
+        let fh = fs.open(ino).unwrap();
+        let mut model = fs.read(fh, 0, 20_000).unwrap();
+        for i in 0..20u8 {
+            fs.write(fh, u64::from(i) * 100, &[i], false).unwrap();
+            model[usize::from(i) * 100] = i;
+        }
+        fs.release(fh);
+        let after = blobs();
+        assert_eq!(after.len(), 2);
+        assert!(after.iter().all(|b| !before.contains(b)), "both slots hold a new blob");
+        let file =
+            crate::file::EncryptedFile::open(std::fs::File::open(dir.path().join("multi")).unwrap(), keys.as_ref())
+                .unwrap();
+        assert_eq!(
+            file.read(0, 20_000).unwrap(),
+            model,
+            "every block under the new DEK alone"
+        );
     }
 
     #[test]

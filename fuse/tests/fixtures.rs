@@ -150,3 +150,59 @@ fn v2_files_have_no_seal_limit() {
     }
     assert_eq!(f.seals_made(), 0);
 }
+
+/// Issue rule "nonce budget": a version 1 file of an earlier release moves
+/// to a fresh DEK in place (threshold lowered to 4 seals), in steps taken
+/// by its writes. A reopen in the middle continues the change, `fs rewrap`
+/// refuses the file meanwhile (its older slot holds the previous DEK) and
+/// re-wraps it afterwards, holes stay sparse, and at the end the file
+/// reads whole under the new DEK alone.
+#[test]
+fn a_v1_fixture_moves_to_a_fresh_dek_across_a_reopen_and_rewrap_waits() {
+    use std::os::unix::fs::MetadataExt;
+    let keys = std::sync::Arc::new(keys());
+    let (_d, path) = copy("holey");
+    let mut model = expected("holey");
+    let open = || {
+        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        EncryptedFile::open(file, keys.as_ref())
+            .unwrap()
+            .with_key_changes(keys.clone())
+            .with_rekey_at(4)
+    };
+    let f = open();
+    let tail = pattern(60 * 4096);
+    f.write(1 << 20, &tail).unwrap();
+    model.resize(1 << 20, 0);
+    model.extend_from_slice(&tail);
+    assert!(f.key_change_in_progress(), "62 seals: past the threshold");
+    let active = kms_fuse::KeySource::active_version(keys.as_ref()).unwrap();
+    let rewrap = || {
+        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        kms_fuse::admin::rewrap_file(&file, &path, keys.as_ref(), active)
+    };
+    let refused = rewrap().unwrap_err();
+    assert_eq!(refused.errno(), libc::EBUSY, "{refused}");
+    drop(f);
+    let f = open();
+    assert!(f.key_change_in_progress(), "the change goes on after a reopen");
+    assert_eq!(f.read(0, u32::MAX).unwrap(), model);
+    let mut writes = 0;
+    while f.key_change_in_progress() {
+        f.write(5, b"v").unwrap();
+        model[5] = b'v';
+        writes += 1;
+        assert!(writes < 40, "the change never ends");
+    }
+    assert_eq!(f.read(0, u32::MAX).unwrap(), model);
+    drop(f);
+    assert!(
+        std::fs::metadata(&path).unwrap().blocks() * 512 < 512 * 1024,
+        "the 1 MiB hole stayed sparse"
+    );
+    rewrap().unwrap();
+    let file = OpenOptions::new().read(true).open(&path).unwrap();
+    let alone = EncryptedFile::open(file, keys.as_ref()).unwrap();
+    assert!(!alone.key_change_in_progress());
+    assert_eq!(alone.read(0, u32::MAX).unwrap(), model, "every block under the new DEK");
+}
