@@ -867,6 +867,7 @@ impl EncryptedFile {
     fn start_key_change(&self, keys: &dyn KeySource) -> Result<()> {
         let _header = HEADER_WRITES.lock();
         let (mut bytes, header) = self.read_header()?;
+        let original = bytes.clone();
         let ctx = file_context(&self.file_id, header.version);
         let (dek, blob) = keys.new_dek(&ctx).map_err(|source| Error::Key {
             path: self.path(),
@@ -878,8 +879,17 @@ impl EncryptedFile {
         let reserved = V1_RESERVE.min(self.seal_limit);
         let field = reserved | V1_CHANGING;
         bytes[V1_SEALS_AT as usize..V1_SEALS_AT as usize + 6].copy_from_slice(&field.to_be_bytes()[2..]);
-        self.file.write_all_at(&bytes, 0)?;
-        self.file.sync_data()?;
+        if let Err(e) = self.file.write_all_at(&bytes, 0).and_then(|()| self.file.sync_data()) {
+            // Not durable, so nothing may be sealed under the new DEK; and
+            // the header must not name it either (a later count write
+            // would clear bit 47 over it): put the old one back. If even
+            // that fails, this file takes no more writes while open.
+            if self.file.write_all_at(&original, 0).is_err() {
+                let mut c = self.seals.lock();
+                c.made = c.made.max(self.seal_limit);
+            }
+            return Err(e.into());
+        }
         let mut file_keys = self.keys.write();
         let old = std::mem::replace(&mut file_keys.current, BlockKey::for_layout(&dek, self.layout));
         file_keys.previous = Some(old);
