@@ -376,10 +376,8 @@ fn rewrap_with(
     if file_type(&fstat(file)?) != SFlag::S_IFREG {
         return Err(Error::Sys(Errno::EINVAL));
     }
-    // Not while this process changes a version 1 file's DEK (both write
-    // the header), nor over a key change in progress: its older slot holds
-    // the previous DEK, which blocks not yet re-sealed still need.
-    let _header = crate::file::HEADER_WRITES.lock();
+    // Not over a key change in progress: its older slot holds the previous
+    // DEK, which blocks not yet re-sealed still need.
     let mut bytes = vec![0u8; HEADER_LEN];
     let n = file.read_at(&mut bytes, 0)?;
     let header = Header::decode(&bytes[..n]).map_err(tampered)?;
@@ -405,6 +403,16 @@ fn rewrap_with(
         return Err(key_err(KeyError::DecryptFailed(why)));
     }
     let (index, next) = header.next_slot(new_blob).map_err(tampered)?;
+    // The key requests above ran without the lock that orders header
+    // writes in this process; under it, the header must be as read (a key
+    // change may have started meanwhile).
+    let _header = crate::file::HEADER_WRITES.lock();
+    let mut now = vec![0u8; HEADER_LEN];
+    let m = file.read_at(&mut now, 0)?;
+    if now[..m] != bytes[..n] {
+        tracing::warn!(path = %path.display(), "not re-wrapped: the header changed meanwhile; run fs rewrap again");
+        return Err(Error::Sys(Errno::EBUSY));
+    }
     file.write_all_at(&encode_slot(&next), slot_offset(index))?;
     file.sync_data()?;
     Ok(Rewrapped::Done)

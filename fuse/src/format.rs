@@ -447,10 +447,11 @@ pub fn seal_block(key: &BlockKey, file_id: &FileId, index: u64, last: bool, plai
     assert!(plaintext.len() <= BLOCK_SIZE, "block larger than BLOCK_SIZE");
     let nonce_len = key.layout.nonce_len();
     let mut nonce = [0u8; NONCE_LEN];
-    // rand's thread-local CSPRNG (ChaCha12 seeded and regularly reseeded
-    // from the OS): a getrandom(2) call per block took 3.5 % of the mount
-    // process in a sequential-write profile.
-    rand::thread_rng().fill_bytes(&mut nonce[..nonce_len]);
+    // From the kernel for every block (getrandom(2), 3.5 % of the mount
+    // process in a sequential-write profile): a user-space generator would
+    // repeat its output after a VM snapshot is restored or cloned, and a
+    // repeated nonce under one DEK breaks GCM; the kernel reseeds on that.
+    rand::rngs::OsRng.fill_bytes(&mut nonce[..nonce_len]);
     let nonce = &nonce[..nonce_len];
     let mut out = Vec::with_capacity(plaintext.len() + key.layout.overhead());
     out.extend_from_slice(nonce);

@@ -108,6 +108,12 @@ pub struct EncryptedFs {
     rekey_at: u64,
     nodes: InodeTable,
     open: Mutex<HashMap<u64, OpenEntry>>,
+    /// Inodes being opened: a second opener of one waits for the first
+    /// and then finds its entry, so an inode never gets two
+    /// `EncryptedFile`s (one opened from the disk before the other's
+    /// writes, inserted after its release, would hold a stale size or,
+    /// after a key change, a DEK the header no longer names).
+    opening: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir: AtomicU64,
     /// Rate limit of tamper warnings.
@@ -384,6 +390,7 @@ impl EncryptedFs {
             rekey_at: crate::file::V1_REKEY_AT,
             nodes: InodeTable::new(root, &st, fd_cache),
             open: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
             tamper: TamperLog::default(),
@@ -1174,11 +1181,35 @@ impl EncryptedFs {
     /// The open file of `ino`, unwrapping its DEK on first open, plus one
     /// handle.
     fn acquire(&self, ino: u64) -> Result<Arc<EncryptedFile>> {
-        if let Some(entry) = self.open.lock().get_mut(&ino) {
-            entry.handles += 1;
-            self.stats.dek_cache(true);
-            return Ok(entry.file.clone());
+        if let Some(file) = self.reuse(ino) {
+            return Ok(file);
         }
+        let gate = self.opening.lock().entry(ino).or_default().clone();
+        let result = {
+            let _turn = gate.lock();
+            match self.reuse(ino) {
+                Some(file) => Ok(file),
+                None => self.open_fresh(ino),
+            }
+        };
+        let mut opening = self.opening.lock();
+        // The map's and this one: nobody else waits at this gate.
+        if Arc::strong_count(&gate) == 2 {
+            opening.remove(&ino);
+        }
+        result
+    }
+
+    /// The open file of `ino`, if there is one, with one more handle.
+    fn reuse(&self, ino: u64) -> Option<Arc<EncryptedFile>> {
+        let mut open = self.open.lock();
+        let entry = open.get_mut(&ino)?;
+        entry.handles += 1;
+        self.stats.dek_cache(true);
+        Some(entry.file.clone())
+    }
+
+    fn open_fresh(&self, ino: u64) -> Result<Arc<EncryptedFile>> {
         let node = self.nodes.get(ino)?;
         if !node.is_file() {
             return Err(Error::Sys(nix::Error::EISDIR));
@@ -1838,6 +1869,89 @@ mod tests {
             model,
             "every block under the new DEK alone"
         );
+    }
+
+    /// A key source whose first unwrap waits for a signal: an open held
+    /// in the middle.
+    struct SlowFirstUnwrap {
+        inner: MemoryKeySource,
+        hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl KeySource for SlowFirstUnwrap {
+        fn key_id(&self) -> uuid::Uuid {
+            self.inner.key_id()
+        }
+        fn new_dek(
+            &self,
+            ctx: &kms_client::proto::Context,
+        ) -> std::result::Result<(crate::keys::Dek, Vec<u8>), crate::keys::KeyError> {
+            self.inner.new_dek(ctx)
+        }
+        fn unwrap_dek(
+            &self,
+            ctx: &kms_client::proto::Context,
+            blob: &[u8],
+        ) -> std::result::Result<crate::keys::Dek, crate::keys::KeyError> {
+            let hold = self.hold.lock().take();
+            if let Some(rx) = hold {
+                let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+            }
+            self.inner.unwrap_dek(ctx, blob)
+        }
+        fn rewrap(
+            &self,
+            ctx: &kms_client::proto::Context,
+            blob: &[u8],
+        ) -> std::result::Result<Vec<u8>, crate::keys::KeyError> {
+            self.inner.rewrap(ctx, blob)
+        }
+        fn active_version(&self) -> std::result::Result<u32, crate::keys::KeyError> {
+            self.inner.active_version()
+        }
+    }
+
+    /// Two opens of one inode at once: the second waits for the first and
+    /// shares its file, so it never holds a state read before the first
+    /// one's writes (before, it could open from the disk, wait, and be put
+    /// in place after the first was written to and released, with a stale
+    /// size: the appended bytes were then invisible through it).
+    #[test]
+    fn an_open_racing_another_open_and_a_write_shares_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let keys = Arc::new(SlowFirstUnwrap {
+            inner: MemoryKeySource::default(),
+            hold: Mutex::new(None),
+        });
+        let fs = Arc::new(EncryptedFs::new(dir.path(), keys.clone()).unwrap());
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
+        fs.write(fh, 0, b"first", false).unwrap();
+        fs.release(fh);
+        let ino = attr.ino.0;
+        *keys.hold.lock() = Some(rx);
+        // B: held inside its unwrap, after it read the file's size.
+        let b = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.open(ino).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // A: opens, appends and closes while B is held (before the fix),
+        // or waits for B (after it).
+        let a = {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                let fh = fs.open(ino).unwrap();
+                fs.write(fh, 5, b" second", false).unwrap();
+                fs.release(fh);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        tx.send(()).unwrap();
+        let fh = b.join().unwrap();
+        a.join().unwrap();
+        assert_eq!(fs.read(fh, 0, 100).unwrap(), b"first second");
+        fs.release(fh);
     }
 
     #[test]

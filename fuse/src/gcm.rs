@@ -57,11 +57,9 @@ impl Gcm {
 
 impl Drop for Gcm {
     fn drop(&mut self) {
-        // SAFETY: the slot holds an initialised key that has no drop code
-        // (asserted above), and the box stays allocated until after this
-        // runs. Wiping writes plain bytes into a `MaybeUninit`, which may
-        // hold any bytes.
-        unsafe { zeroize::zeroize_flat_type(self.key.as_mut_ptr()) };
+        // Zeros over the slot (a `MaybeUninit` may hold any bytes); the key
+        // it held has no drop code to run (asserted above).
+        zeroize::Zeroize::zeroize(&mut *self.key);
     }
 }
 

@@ -51,6 +51,13 @@ pub fn boot_id() -> [u8; 16] {
         .map_or([0; 16], |u| *u.as_bytes())
 }
 
+/// The boot id of a *durable* record: written and fsynced before its
+/// write, cleared and fsynced after the file was, so it is never older than
+/// the file and holds across a power cut (a key change's re-seals, whose
+/// blocks hold bytes fsynced earlier; FORMAT.md). Boot ids are random
+/// UUIDs (version 4), never all ones.
+pub const DURABLE: [u8; 16] = [0xFF; 16];
+
 /// What a write is about to change: the file (its id and backing inode),
 /// its backing length before the write, the two ranges of blocks (first,
 /// last; inclusive) it writes in place, and the blocks (index, sealed bytes
@@ -59,7 +66,8 @@ pub fn boot_id() -> [u8; 16] {
 pub struct Record {
     /// The boot the write happened in: records of another boot are
     /// dropped (a power cut, not a kill, came between; the journal is not
-    /// fsynced and may be older than the file).
+    /// fsynced and may be older than the file). [`DURABLE`] records hold
+    /// in every boot.
     pub boot: [u8; 16],
     pub file_id: FileId,
     pub ino: u64,
@@ -293,7 +301,7 @@ impl Journal {
             let n = read_up_to(&file, &mut buf, slot * SLOT_LEN)?;
             let head = &buf[..n.min(MAGIC.len())];
             match Record::decode(&buf[..n]) {
-                Some(record) if record.boot == boot && boot != [0; 16] => {
+                Some(record) if (record.boot == boot && boot != [0; 16]) || record.boot == DURABLE => {
                     state
                         .pending
                         .entry(record.file_id)
@@ -336,8 +344,52 @@ impl Journal {
     /// # Errors
     /// The record cannot be written; the caller must not write in place.
     pub fn begin(&self, record: &Record) -> std::io::Result<Option<Slot>> {
+        self.begin_as(record, self.boot)
+    }
+
+    /// [`Journal::begin`] for a record that must hold across a power cut,
+    /// written as [`DURABLE`]. The caller makes it durable with
+    /// [`Journal::sync`] before writing in place, and fsyncs the file
+    /// before [`Journal::finish_durable`].
+    ///
+    /// # Errors
+    /// As `begin`.
+    pub fn begin_durable(&self, record: &Record) -> std::io::Result<Option<Slot>> {
+        self.begin_as(record, DURABLE)
+    }
+
+    /// Flushes the journal to stable storage.
+    ///
+    /// # Errors
+    /// The `fdatasync` fails.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// [`Journal::finish`] of durable records, made durable with one
+    /// fsync: a record that came back after a power cut could undo later
+    /// writes of its block. If that fails the slots stay taken, as when
+    /// one cannot be cleared.
+    pub fn finish_durable(&self, slots: Vec<Slot>, file_id: &FileId) {
+        let cleared = slots
+            .iter()
+            .all(|slot| self.file.write_all_at(&[0u8; 8], slot.0 * SLOT_LEN).is_ok())
+            && self.file.sync_data().is_ok();
+        let mut s = self.state.lock();
+        if cleared {
+            s.free.extend(slots.iter().map(|slot| slot.0));
+        } else {
+            tracing::error!(path = %self.path.display(), "cannot clear durable undo journal records; the file's writes fail until they clear");
+            s.stuck
+                .entry(*file_id)
+                .or_default()
+                .extend(slots.iter().map(|slot| slot.0));
+        }
+    }
+
+    fn begin_as(&self, record: &Record, boot: [u8; 16]) -> std::io::Result<Option<Slot>> {
         let mut record = record.clone();
-        record.boot = self.boot;
+        record.boot = boot;
         let bytes = record.encode();
         debug_assert!(bytes.len() as u64 <= SLOT_LEN);
         let slot = {

@@ -161,11 +161,20 @@ fn v2_files_have_no_seal_limit() {
 fn a_v1_fixture_moves_to_a_fresh_dek_across_a_reopen_and_rewrap_waits() {
     use std::os::unix::fs::MetadataExt;
     let keys = std::sync::Arc::new(keys());
-    let (_d, path) = copy("holey");
+    let (dir, path) = copy("holey");
     let mut model = expected("holey");
+    // Key changes rewrite blocks in place: only with the undo journal.
+    let root = nix::fcntl::openat(
+        nix::fcntl::AT_FDCWD,
+        dir.path(),
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
     let open = || {
         let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        EncryptedFile::open(file, keys.as_ref())
+        let journal = kms_fuse::journal::Journal::open(&root, dir.path()).unwrap().unwrap();
+        EncryptedFile::open_journaled(file, keys.as_ref(), Some(std::sync::Arc::new(journal)))
             .unwrap()
             .with_key_changes(keys.clone())
             .with_rekey_at(4)
