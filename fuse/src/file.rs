@@ -78,6 +78,26 @@ const REKEY_SEALS: u64 = 8;
 /// slot writes (both read the header, then write a slot), in this process.
 pub(crate) static HEADER_WRITES: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
+/// Where the key changes of files closed in the middle of one got to, so
+/// that a file opened for one write at a time still gets through its
+/// change: by file id, inode and birth time (a copy of the file, or a new
+/// file on a reused inode number, starts again from block 0). In memory
+/// only, at most [`MAX_WALKS`] files; after a restart walks start at 0.
+static WALKS: std::sync::LazyLock<parking_lot::Mutex<std::collections::HashMap<WalkKey, u64>>> =
+    std::sync::LazyLock::new(Default::default);
+const MAX_WALKS: usize = 4096;
+type WalkKey = (FileId, u64, i128);
+
+fn walk_key(file_id: &FileId, file: &File) -> Option<WalkKey> {
+    let meta = file.metadata().ok()?;
+    let born = meta.created().ok()?;
+    let nanos = match born.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
+    Some((*file_id, std::os::unix::fs::MetadataExt::ino(&meta), nanos))
+}
+
 /// Whether a version 1 header (its first `HEADER_LEN` bytes) has a key
 /// change in progress.
 pub(crate) fn v1_changing(header: &[u8]) -> bool {
@@ -158,6 +178,21 @@ pub struct EncryptedFile {
 
 /// The key source of a file's key changes.
 struct KeyChanges(Arc<dyn KeySource>);
+
+impl Drop for EncryptedFile {
+    fn drop(&mut self) {
+        let c = self.seals.get_mut();
+        if c.changing && c.walk > 0 {
+            let walk = c.walk;
+            if let Some(key) = walk_key(&self.file_id, &self.file) {
+                let mut walks = WALKS.lock();
+                if walks.len() < MAX_WALKS || walks.contains_key(&key) {
+                    walks.insert(key, walk);
+                }
+            }
+        }
+    }
+}
 
 impl std::fmt::Debug for KeyChanges {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -252,7 +287,8 @@ impl EncryptedFile {
             // sealed under another DEK.
             let mut changing = false;
             if field & V1_CHANGING != 0 {
-                if let Some(other) = &header.slots[1 - current] {
+                // A copy of the current blob there is a start's first write.
+                if let Some(other) = header.slots[1 - current].as_ref().filter(|o| o.blob != slot.blob) {
                     let previous = keys
                         .unwrap_dek(&file_context(&header.file_id, header.version), &other.blob)
                         .map_err(|source| Error::Key {
@@ -269,8 +305,12 @@ impl EncryptedFile {
             // its new count (65,536) reached the disk: the old DEK's count
             // is then lost, so it is taken to be at the threshold, and the
             // next write starts the change again.
-            let made = if field & V1_CHANGING != 0 && !changing {
-                on_disk.max(V1_REKEY_AT)
+            let made = if field & V1_CHANGING != 0 && !changing && on_disk < V1_REKEY_AT {
+                // A count under the threshold with bit 47 is a start's
+                // reservation that reached the disk without its slot: the
+                // old DEK's own count is lost, so assume it near its limit
+                // (room for a few more tries to start the change).
+                on_disk.max(V1_SEAL_LIMIT - 4 * V1_RESERVE)
             } else {
                 on_disk
             };
@@ -286,6 +326,11 @@ impl EncryptedFile {
             // the backing directory) wait for it.
             while let Some(i) = r.records.iter().position(|p| p.record.ino == ino) {
                 this.undo(&r.records[i].record, size, true)?;
+                if r.records[i].record.boot == crate::journal::DURABLE {
+                    // The re-seal the record guarded may still be only in
+                    // the page cache: on disk before the record goes.
+                    this.file.sync_data()?;
+                }
                 r.resolved(i);
             }
         }
@@ -297,9 +342,15 @@ impl EncryptedFile {
                 .map_err(|e| this.tampered(e))?;
             this.size = RwLock::new(size);
         }
-        // A key change in progress walks the blocks there are now.
+        // A key change in progress walks the blocks there are now, from
+        // where an earlier open of this file in this process left it.
         let final_index = last_index(*this.size.get_mut());
         this.seals.get_mut().walk_end = final_index;
+        if this.seals.get_mut().changing {
+            if let Some(key) = walk_key(&this.file_id, &this.file) {
+                this.seals.get_mut().walk = WALKS.lock().get(&key).copied().unwrap_or(0);
+            }
+        }
         this.journal = journal;
         Ok(this)
     }
@@ -413,9 +464,17 @@ impl EncryptedFile {
             return Ok(());
         };
         let old_final = last_index(old_size);
+        // A key change's re-seal (a durable record) never changes the
+        // length and rewrote whole blocks: only a block that no longer
+        // reads is put back, and the length is left as it is (the record
+        // may be older than later growths of the file).
+        let durable = record.boot == crate::journal::DURABLE;
         let mut put = 0;
         for (index, bytes) in &record.blocks {
             let at = self.layout.block_offset(*index);
+            if durable && size.is_some_and(|size| *index <= last_index(size) && self.read_block(size, *index).is_ok()) {
+                continue;
+            }
             let restore = if bytes.is_empty() && *index < old_final {
                 vec![0u8; self.layout.disk_block_size()]
             } else {
@@ -438,7 +497,7 @@ impl EncryptedFile {
             self.file.write_all_at(&restore, at)?;
             put += 1;
         }
-        if self.file.metadata()?.len() != record.old_len {
+        if !durable && self.file.metadata()?.len() != record.old_len {
             self.file.set_len(record.old_len)?;
         }
         self.file.sync_all()?;
@@ -907,10 +966,26 @@ impl EncryptedFile {
             })?;
         let _header = HEADER_WRITES.lock();
         let (original, header) = self.read_header()?;
-        let (index, next) = header.next_slot(blob).map_err(|e| self.tampered(e))?;
+        // First write: bit 47, and a copy of the current blob into the older
+        // slot (next sequence number), so that a kill here leaves bit 47
+        // over two copies of one blob, which an open recognises without
+        // unwrapping a stale older slot.
+        let (index, copy) = {
+            let (_, current) = header.current().map_err(|e| self.tampered(e))?;
+            header.next_slot(current.blob.clone()).map_err(|e| self.tampered(e))?
+        };
         let mut marked = original.clone();
         marked[V1_SEALS_AT as usize] |= 0x80;
+        let at = slot_offset(index) as usize;
+        marked[at..at + SLOT_LEN].copy_from_slice(&encode_slot(&copy));
         self.put_header(&marked, &original)?;
+        #[cfg(test)]
+        if tests::KILL_BETWEEN_START_WRITES.replace(false) {
+            std::panic::resume_unwind(Box::new("simulated kill"));
+        }
+        // Second write: the new blob over the slot that was current.
+        let header = Header::decode(&marked).map_err(|e| self.tampered(e))?;
+        let (index, next) = header.next_slot(blob).map_err(|e| self.tampered(e))?;
         let mut bytes = marked.clone();
         let at = slot_offset(index) as usize;
         bytes[at..at + SLOT_LEN].copy_from_slice(&encode_slot(&next));
@@ -1053,13 +1128,22 @@ impl EncryptedFile {
         }
         let result = result.and_then(|()| self.file.sync_data());
         if let Err(e) = result {
-            // Put back what the records kept, durably, before they go.
-            for record in &records {
-                if let Err(undo) = self.undo(record, Some(size), false) {
-                    tracing::warn!(path = %self.path().display(), error = %undo, "could not undo a failed key change step");
+            // Put back what the records kept, durably, before they go. If
+            // that fails the records stay for the next open, and this file
+            // takes no more writes while open.
+            let undone = records.iter().all(|record| match self.undo(record, Some(size), false) {
+                Ok(()) => true,
+                Err(undo) => {
+                    tracing::warn!(path = %self.path().display(), error = %undo, "could not undo a failed key change step; its records stay for the next open");
+                    false
                 }
+            });
+            if undone {
+                journal.finish_durable(begun, &self.file_id);
+            } else {
+                let mut c = self.seals.lock();
+                c.made = c.made.max(self.seal_limit);
             }
-            journal.finish_durable(begun, &self.file_id);
             return Err(e.into());
         }
         journal.finish_durable(begun, &self.file_id);
@@ -1088,6 +1172,9 @@ impl EncryptedFile {
         self.put_header(&bytes, &original)?;
         self.keys.write().previous = None;
         self.seals.lock().changing = false;
+        if let Some(key) = walk_key(&self.file_id, &self.file) {
+            WALKS.lock().remove(&key);
+        }
         tracing::info!(path = %self.path().display(), "a version 1 file moved to a fresh DEK");
         Ok(())
     }
@@ -1201,6 +1288,12 @@ mod tests {
         /// Backing-file snapshots taken at each crash point while a test
         /// is capturing (see `EncryptedFile::step_done`).
         static CRASH_POINTS: std::cell::RefCell<Option<Vec<Vec<u8>>>> = const { std::cell::RefCell::new(None) };
+    }
+
+    thread_local! {
+        /// A simulated kill between the two header writes of a key
+        /// change's start.
+        pub(super) static KILL_BETWEEN_START_WRITES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     thread_local! {
@@ -2354,5 +2447,146 @@ mod tests {
             !f.key_change_in_progress(),
             "after {writes} appends of 128 KiB to a 40 KB file the change goes on"
         );
+    }
+
+    // ---- Key changes: the cases a second review found. ----
+
+    /// The journal's bytes with every record not DURABLE made another
+    /// boot's, as a reboot sees them.
+    fn as_after_reboot(journal: &[u8]) -> Vec<u8> {
+        let mut journal = journal.to_vec();
+        for slot in journal.chunks_mut(crate::journal::SLOT_LEN as usize) {
+            if slot.len() >= 24 && slot[..8] == *b"KMSJRNL1" && slot[8..24] != crate::journal::DURABLE {
+                slot[8..24].copy_from_slice(&[9; 16]);
+            }
+        }
+        journal
+    }
+
+    /// F1. A durable record resolved at open is cleared with a plain
+    /// 8-byte write (`Resolving::resolved` -> `Journal::finish`), never
+    /// fsynced. A power cut before writeback brings it back; the next
+    /// open then applies it as soon as its block reads torn, and its
+    /// `set_len(old_len)` cuts off data appended and fsynced since.
+    /// Scenario: a kill right after a re-seal's blocks were written (its
+    /// records still in the journal); restart: the open finds the block
+    /// sound and clears the record (page cache only); the change ends;
+    /// 3 blocks appended and fsynced; block 8 rewritten and torn by a
+    /// power cut that also loses the journal's clear.
+    #[test]
+    fn a_resolved_durable_record_never_cuts_fsynced_data() {
+        let bed = V1Bed::new();
+        let jpath = bed.dir.path().join(crate::journal::JOURNAL_FILE);
+        let f = bed.changing(12, true);
+        // Starts the change; its first step re-seals blocks 0..=7.
+        f.write(39_999, &[bed.model[39_999]]).unwrap();
+        assert!(f.key_change_in_progress());
+        // The next write's step re-seals block 8: killed right after its
+        // whole put (before finish_durable).
+        assert!(kill_during(f, Op::Write(39_998, 1), 1, 4124));
+        let on_disk = as_after_reboot(&std::fs::read(&jpath).unwrap());
+        assert!(
+            on_disk
+                .chunks(crate::journal::SLOT_LEN as usize)
+                .any(|s| s.len() >= 24 && s[8..24] == crate::journal::DURABLE),
+            "the re-seal's durable record is in the journal"
+        );
+        // Restart (same boot): the open resolves the record (block 8 reads).
+        let f = bed.changing(12, true);
+        let mut model = bed.model.clone();
+        model[39_998] = 0xEE;
+        // An append: the step sees every block done and ends the change.
+        let tail = vec![0x5Au8; 3 * BLOCK_SIZE];
+        f.write(model.len() as u64, &tail).unwrap();
+        model.extend_from_slice(&tail);
+        assert!(!f.key_change_in_progress(), "the change ended");
+        f.sync(false).unwrap();
+        let fsynced = model.len() as u64;
+        // Block 8 rewritten, not fsynced.
+        f.write(8 * BLOCK_SIZE as u64, b"x").unwrap();
+        drop(f);
+        // The power cut: block 8's rewrite torn, the journal as on disk
+        // (its clear of the durable record was never fsynced).
+        let mut backing = std::fs::read(bed.path()).unwrap();
+        let at = HEADER_LEN + 8 * 4124 + 100;
+        backing[at..at + 200].fill(0);
+        std::fs::write(bed.path(), &backing).unwrap();
+        std::fs::write(&jpath, &on_disk).unwrap();
+        let f = bed.changing(12, true);
+        assert_eq!(
+            f.size(),
+            fsynced,
+            "fsynced appended bytes were cut off by a stale durable record"
+        );
+    }
+
+    /// F4. A kill between the start's two header writes, on a file whose
+    /// older slot holds a blob that no longer unwraps (another key's): the
+    /// first write put a copy of the current blob over that slot, so the
+    /// open sees bit 47 over one blob, unwraps nothing more, and reads every
+    /// block. (Before, bit 47 over the old slots made the open unwrap the
+    /// stale slot, fail, and the file could not be opened.)
+    #[test]
+    fn a_kill_between_the_starts_two_writes_keeps_the_file_openable() {
+        let bed = V1Bed::new();
+        let mut bytes = std::fs::read(bed.path()).unwrap();
+        let header = Header::decode(&bytes).unwrap();
+        let (_, current) = header.current().unwrap();
+        let at = slot_offset(0) as usize;
+        bytes[at..at + SLOT_LEN].copy_from_slice(&encode_slot(&KeySlot {
+            seq: 2,
+            blob: current.blob.clone(),
+        }));
+        let other = MemoryKeySource::default();
+        let (_, blob) = other.new_dek(&file_context(&header.file_id, header.version)).unwrap();
+        let at = slot_offset(1) as usize;
+        bytes[at..at + SLOT_LEN].copy_from_slice(&encode_slot(&KeySlot { seq: 1, blob }));
+        std::fs::write(bed.path(), &bytes).unwrap();
+        assert_eq!(bed.bad_blocks(), Vec::<usize>::new(), "readable before the start");
+        let f = bed.changing(12, true);
+        KILL_BETWEEN_START_WRITES.set(true);
+        let killed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.write(39_999, &[bed.model[39_999]]))).is_err();
+        assert!(killed && !KILL_BETWEEN_START_WRITES.get());
+        drop(f);
+        assert!(
+            v1_changing(&std::fs::read(bed.path()).unwrap()),
+            "bit 47 set by the first write"
+        );
+        let opened = bed.changing(12, true);
+        assert!(!opened.key_change_in_progress());
+        assert!(opened.seals_made() >= 12, "the old count is kept");
+        drop(opened);
+        assert_eq!(bed.bad_blocks(), Vec::<usize>::new());
+    }
+
+    /// F5 (liveness). The walk's position is kept in memory only and
+    /// starts at block 0 on every open, and a step looks at 32 blocks: a
+    /// file of more than 32 blocks whose openers each write once (an
+    /// `echo >> log`, a tool that opens, updates and closes) never gets
+    /// past block 31, so the change never ends and `fs rewrap` refuses the
+    /// file (EBUSY) for good.
+    #[test]
+    fn a_file_written_once_per_open_finishes_its_change() {
+        let bed = V1Bed::new();
+        // 48 blocks, written before the change.
+        let f = bed.plain();
+        f.write(0, &vec![3u8; 48 * BLOCK_SIZE]).unwrap();
+        drop(f);
+        let mut opens = 0;
+        loop {
+            let f = bed.changing(60, true);
+            f.write(0, b"y").unwrap();
+            opens += 1;
+            let done = opens > 1 && !f.key_change_in_progress();
+            drop(f);
+            if done {
+                break;
+            }
+            assert!(
+                opens < 200,
+                "after {opens} opens with one write each the change goes on"
+            );
+        }
     }
 }

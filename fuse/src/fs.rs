@@ -113,7 +113,10 @@ pub struct EncryptedFs {
     /// `EncryptedFile`s (one opened from the disk before the other's
     /// writes, inserted after its release, would hold a stale size or,
     /// after a key change, a DEK the header no longer names).
-    opening: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// Each gate remembers its holder's failure: openers that waited for
+    /// it fail with the same error at once instead of each trying (and
+    /// each waiting out the key timeout while kmsd is away) in turn.
+    opening: Mutex<HashMap<u64, Arc<Mutex<Option<i32>>>>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_dir: AtomicU64,
     /// Rate limit of tamper warnings.
@@ -1186,10 +1189,17 @@ impl EncryptedFs {
         }
         let gate = self.opening.lock().entry(ino).or_default().clone();
         let result = {
-            let _turn = gate.lock();
-            match self.reuse(ino) {
-                Some(file) => Ok(file),
-                None => self.open_fresh(ino),
+            let mut failed = gate.lock();
+            match (self.reuse(ino), *failed) {
+                (Some(file), _) => Ok(file),
+                (None, Some(errno)) => Err(Error::Sys(nix::Error::from_raw(errno))),
+                (None, None) => {
+                    let result = self.open_fresh(ino);
+                    if let Err(e) = &result {
+                        *failed = Some(e.errno());
+                    }
+                    result
+                }
             }
         };
         let mut opening = self.opening.lock();
@@ -1909,6 +1919,92 @@ mod tests {
         fn active_version(&self) -> std::result::Result<u32, crate::keys::KeyError> {
             self.inner.active_version()
         }
+    }
+
+    /// A key source that is away: each unwrap waits (the first until told)
+    /// and fails; unwraps are counted.
+    struct AwayKeys {
+        inner: MemoryKeySource,
+        hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        away: std::sync::atomic::AtomicBool,
+        unwraps: std::sync::atomic::AtomicUsize,
+    }
+
+    impl KeySource for AwayKeys {
+        fn key_id(&self) -> uuid::Uuid {
+            self.inner.key_id()
+        }
+        fn new_dek(
+            &self,
+            ctx: &kms_client::proto::Context,
+        ) -> std::result::Result<(crate::keys::Dek, Vec<u8>), crate::keys::KeyError> {
+            self.inner.new_dek(ctx)
+        }
+        fn unwrap_dek(
+            &self,
+            ctx: &kms_client::proto::Context,
+            blob: &[u8],
+        ) -> std::result::Result<crate::keys::Dek, crate::keys::KeyError> {
+            if !self.away.load(Ordering::SeqCst) {
+                return self.inner.unwrap_dek(ctx, blob);
+            }
+            self.unwraps.fetch_add(1, Ordering::SeqCst);
+            let hold = self.hold.lock().take();
+            if let Some(rx) = hold {
+                let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+            }
+            Err(crate::keys::KeyError::Unavailable("away".into()))
+        }
+        fn rewrap(
+            &self,
+            ctx: &kms_client::proto::Context,
+            blob: &[u8],
+        ) -> std::result::Result<Vec<u8>, crate::keys::KeyError> {
+            self.inner.rewrap(ctx, blob)
+        }
+        fn active_version(&self) -> std::result::Result<u32, crate::keys::KeyError> {
+            self.inner.active_version()
+        }
+    }
+
+    /// Issue 13 rule 3 (an open fails after the key timeout, never hangs):
+    /// openers of one inode queued behind a first open whose key request
+    /// fails get its error at once, rather than each waiting out its own
+    /// timeout in turn (k openers would wait k timeouts).
+    #[test]
+    fn openers_waiting_for_a_failed_open_share_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let keys = Arc::new(AwayKeys {
+            inner: MemoryKeySource::default(),
+            hold: Mutex::new(None),
+            away: std::sync::atomic::AtomicBool::new(false),
+            unwraps: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let fs = Arc::new(EncryptedFs::new(dir.path(), keys.clone()).unwrap());
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
+        fs.release(fh);
+        let ino = attr.ino.0;
+        *keys.hold.lock() = Some(rx);
+        keys.away.store(true, Ordering::SeqCst);
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let fs = fs.clone();
+                let t = std::thread::spawn(move || fs.open(ino).map(|_| ()).map_err(|e| e.errno()));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                t
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        tx.send(()).unwrap();
+        for t in openers {
+            assert_eq!(t.join().unwrap(), Err(libc::EIO));
+        }
+        assert_eq!(
+            keys.unwraps.load(Ordering::SeqCst),
+            1,
+            "one key request for the four openers"
+        );
     }
 
     /// Two opens of one inode at once: the second waits for the first and

@@ -230,10 +230,17 @@ impl Drop for Resolving<'_> {
 }
 
 impl Resolving<'_> {
-    /// A record was resolved: its slot is cleared and freed.
+    /// A record was resolved: its slot is cleared and freed; a durable
+    /// record's clearing is made durable too (the caller fsynced the file
+    /// first), or it could come back after a power cut and undo later
+    /// writes of its block.
     pub fn resolved(&mut self, index: usize) {
         let p = self.records.remove(index);
-        self.journal.finish(Slot(p.slot), &p.record.file_id);
+        if p.record.boot == DURABLE {
+            self.journal.finish_durable(vec![Slot(p.slot)], &p.record.file_id);
+        } else {
+            self.journal.finish(Slot(p.slot), &p.record.file_id);
+        }
     }
 }
 
@@ -395,9 +402,13 @@ impl Journal {
         let slot = {
             let mut s = self.state.lock();
             if let Some(stuck) = s.stuck.remove(&record.file_id) {
-                let (cleared, left): (Vec<u64>, Vec<u64>) = stuck
+                let (mut cleared, mut left): (Vec<u64>, Vec<u64>) = stuck
                     .into_iter()
                     .partition(|&slot| self.file.write_all_at(&[0u8; 8], slot * SLOT_LEN).is_ok());
+                // Durable records among them must stay cleared.
+                if !cleared.is_empty() && self.file.sync_data().is_err() {
+                    left.append(&mut cleared);
+                }
                 s.free.extend(cleared);
                 if !left.is_empty() {
                     s.stuck.insert(record.file_id, left);
