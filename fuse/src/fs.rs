@@ -1881,56 +1881,17 @@ mod tests {
         );
     }
 
-    /// A key source whose first unwrap waits for a signal: an open held
-    /// in the middle.
-    struct SlowFirstUnwrap {
-        inner: MemoryKeySource,
-        hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    }
-
-    impl KeySource for SlowFirstUnwrap {
-        fn key_id(&self) -> uuid::Uuid {
-            self.inner.key_id()
-        }
-        fn new_dek(
-            &self,
-            ctx: &kms_client::proto::Context,
-        ) -> std::result::Result<(crate::keys::Dek, Vec<u8>), crate::keys::KeyError> {
-            self.inner.new_dek(ctx)
-        }
-        fn unwrap_dek(
-            &self,
-            ctx: &kms_client::proto::Context,
-            blob: &[u8],
-        ) -> std::result::Result<crate::keys::Dek, crate::keys::KeyError> {
-            let hold = self.hold.lock().take();
-            if let Some(rx) = hold {
-                let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
-            }
-            self.inner.unwrap_dek(ctx, blob)
-        }
-        fn rewrap(
-            &self,
-            ctx: &kms_client::proto::Context,
-            blob: &[u8],
-        ) -> std::result::Result<Vec<u8>, crate::keys::KeyError> {
-            self.inner.rewrap(ctx, blob)
-        }
-        fn active_version(&self) -> std::result::Result<u32, crate::keys::KeyError> {
-            self.inner.active_version()
-        }
-    }
-
-    /// A key source that is away: each unwrap waits (the first until told)
-    /// and fails; unwraps are counted.
-    struct AwayKeys {
+    /// A key source for races: an unwrap waits, once, for a signal (an open
+    /// held in the middle), and fails while `away`; unwraps are counted.
+    #[derive(Default)]
+    struct HeldKeys {
         inner: MemoryKeySource,
         hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
         away: std::sync::atomic::AtomicBool,
         unwraps: std::sync::atomic::AtomicUsize,
     }
 
-    impl KeySource for AwayKeys {
+    impl KeySource for HeldKeys {
         fn key_id(&self) -> uuid::Uuid {
             self.inner.key_id()
         }
@@ -1945,15 +1906,15 @@ mod tests {
             ctx: &kms_client::proto::Context,
             blob: &[u8],
         ) -> std::result::Result<crate::keys::Dek, crate::keys::KeyError> {
-            if !self.away.load(Ordering::SeqCst) {
-                return self.inner.unwrap_dek(ctx, blob);
-            }
             self.unwraps.fetch_add(1, Ordering::SeqCst);
             let hold = self.hold.lock().take();
             if let Some(rx) = hold {
                 let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
             }
-            Err(crate::keys::KeyError::Unavailable("away".into()))
+            if self.away.load(Ordering::SeqCst) {
+                return Err(crate::keys::KeyError::Unavailable("away".into()));
+            }
+            self.inner.unwrap_dek(ctx, blob)
         }
         fn rewrap(
             &self,
@@ -1975,18 +1936,14 @@ mod tests {
     fn openers_waiting_for_a_failed_open_share_its_error() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let keys = Arc::new(AwayKeys {
-            inner: MemoryKeySource::default(),
-            hold: Mutex::new(None),
-            away: std::sync::atomic::AtomicBool::new(false),
-            unwraps: std::sync::atomic::AtomicUsize::new(0),
-        });
+        let keys = Arc::new(HeldKeys::default());
         let fs = Arc::new(EncryptedFs::new(dir.path(), keys.clone()).unwrap());
         let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
         fs.release(fh);
         let ino = attr.ino.0;
         *keys.hold.lock() = Some(rx);
         keys.away.store(true, Ordering::SeqCst);
+        keys.unwraps.store(0, Ordering::SeqCst);
         let openers: Vec<_> = (0..4)
             .map(|_| {
                 let fs = fs.clone();
@@ -2016,10 +1973,7 @@ mod tests {
     fn an_open_racing_another_open_and_a_write_shares_one_file() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let keys = Arc::new(SlowFirstUnwrap {
-            inner: MemoryKeySource::default(),
-            hold: Mutex::new(None),
-        });
+        let keys = Arc::new(HeldKeys::default());
         let fs = Arc::new(EncryptedFs::new(dir.path(), keys.clone()).unwrap());
         let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
         fs.write(fh, 0, b"first", false).unwrap();
