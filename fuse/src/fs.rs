@@ -97,7 +97,7 @@ struct OpenEntry {
     handles: u64,
     /// Keeps the inode's `O_PATH` descriptor open while the file is: an
     /// unlinked open file cannot be reopened by handle.
-    _node: Arc<Node>,
+    node: Arc<Node>,
 }
 
 /// The encrypted filesystem over one backing directory.
@@ -964,12 +964,25 @@ impl EncryptedFs {
         let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
+        let gone = self.known_entry(&parent, b.entry());
         nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::NoRemoveDir)?;
+        if let Some(ino) = gone {
+            self.nodes.uncache_if_unlinked(ino);
+        }
         if b.part().is_some() {
             fault::point("unlink.after-entry")?;
         }
         Self::remove_part(&parent, &b);
         Ok(())
+    }
+
+    /// The FUSE inode of the entry `name` of `dir`, if the kernel knows
+    /// it: an unlink or a rename over it may take its last link, and then
+    /// the cached descriptor must not keep its space (see
+    /// [`InodeTable::uncache_if_unlinked`]).
+    fn known_entry(&self, dir: &Node, name: &OsStr) -> Option<u64> {
+        let st = fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+        self.nodes.ino_of(&st)
     }
 
     /// Removes an empty directory.
@@ -1049,6 +1062,26 @@ impl EncryptedFs {
         let (old_dir, new_dir) = (self.nodes.get(from.0)?, self.nodes.get(to.0)?);
         let bf = self.backing(from.0, &old_dir, from.1)?;
         let bt = self.backing(to.0, &new_dir, to.1)?;
+        let replaced = if flags.is_empty() {
+            self.known_entry(&new_dir, bt.entry())
+        } else {
+            None
+        };
+        let renamed = self.rename_entries(from, to, flags, (&old_dir, &new_dir), (&bf, &bt));
+        if let Some(ino) = replaced {
+            self.nodes.uncache_if_unlinked(ino);
+        }
+        renamed
+    }
+
+    fn rename_entries(
+        &self,
+        from: (u64, &OsStr),
+        to: (u64, &OsStr),
+        flags: RenameFlags,
+        (old_dir, new_dir): (&Node, &Node),
+        (bf, bt): (&Backing, &Backing),
+    ) -> Result<()> {
         if self.names.is_none() {
             nix::fcntl::renameat2(old_dir.fd(), bf.entry(), new_dir.fd(), bt.entry(), flags)?;
             return Ok(());
@@ -1063,7 +1096,7 @@ impl EncryptedFs {
                 fstatat(dir.fd(), name, nofollow).is_ok_and(|st| kind_of(st.st_mode) == FileType::Directory)
             };
             let same = from.0 == to.0 && bf.entry() == bt.entry();
-            if !same && is_dir(&new_dir, bt.entry()) && is_dir(&old_dir, bf.entry()) {
+            if !same && is_dir(new_dir, bt.entry()) && is_dir(old_dir, bf.entry()) {
                 let target = crate::admin::open_entry(new_dir.fd(), bt.entry())?;
                 // As in rmdir: no id repair until the rename or its undo.
                 _no_repair = Some(self.id_repair.lock());
@@ -1082,7 +1115,7 @@ impl EncryptedFs {
         let renamed = if exchange {
             renamed().map_err(Error::Sys)
         } else {
-            Self::with_part(&new_dir, &bt, "rename.after-part", renamed)
+            Self::with_part(new_dir, bt, "rename.after-part", renamed)
         };
         if let Err(e) = renamed {
             if let Some((target, undo)) = cleared {
@@ -1093,7 +1126,7 @@ impl EncryptedFs {
         let same_part = from.0 == to.0 && bf.part() == bt.part();
         if !exchange && !same_part && bf.part().is_some() {
             fault::point("rename.after-entry")?;
-            Self::remove_part(&old_dir, &bf);
+            Self::remove_part(old_dir, bf);
         }
         Ok(())
     }
@@ -1164,7 +1197,7 @@ impl EncryptedFs {
         let entry = open.entry(ino).or_insert_with(|| OpenEntry {
             file: Arc::new(encrypted),
             handles: 0,
-            _node: node,
+            node,
         });
         entry.handles += 1;
         Ok((attr, ino))
@@ -1238,7 +1271,7 @@ impl EncryptedFs {
         let entry = open.entry(ino).or_insert_with(|| OpenEntry {
             file: Arc::new(fresh),
             handles: 0,
-            _node: node,
+            node,
         });
         entry.handles += 1;
         Ok(entry.file.clone())
@@ -1250,7 +1283,16 @@ impl EncryptedFs {
         if let Some(entry) = open.get_mut(&ino) {
             entry.handles -= 1;
             if entry.handles == 0 {
-                open.remove(&ino);
+                let Some(closed) = open.remove(&ino) else {
+                    return;
+                };
+                drop(open);
+                // The last close of a file with no name left: its space
+                // comes back now, not when the kernel forgets the inode.
+                if fstat(closed.node.fd()).is_ok_and(|st| st.st_nlink == 0) {
+                    drop(closed);
+                    self.nodes.uncache_if_unlinked(ino);
+                }
             }
         }
     }
@@ -2025,6 +2067,58 @@ mod tests {
         assert_eq!(fs.getattr(attr.ino.0).unwrap().nlink, 0);
         fs.release(fh);
         assert!(fs.lookup(ROOT, OsStr::new("a")).is_err());
+    }
+
+    /// Descriptors of this process naming inodes under `dir` with no link
+    /// left.
+    fn deleted_fds(dir: &Path) -> Vec<PathBuf> {
+        let prefix = dir.as_os_str().as_encoded_bytes();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| {
+                let fd = e.ok()?.path();
+                let target = std::fs::read_link(&fd).ok()?;
+                let unlinked = std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(&fd).ok()?) == 0;
+                (unlinked && target.as_os_str().as_encoded_bytes().starts_with(prefix)).then_some(target)
+            })
+            .collect()
+    }
+
+    /// A deleted file's space comes back when its last name goes (or its
+    /// last open closes), as on a local filesystem, not when the kernel
+    /// forgets the inode: the descriptor cache keeps no deleted inode open.
+    /// (A full backing filesystem stayed full after `rm` until a FORGET
+    /// arrived.)
+    #[test]
+    fn a_deleted_file_keeps_no_descriptor_once_closed() {
+        let (dir, fs) = fs();
+        if !fs.nodes.uses_handles() {
+            return; // descriptors are pinned without handles (not root)
+        }
+        let mut inos = Vec::new();
+        for name in ["a", "b", "c", "t", "l"] {
+            let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new(name), 0o600).unwrap();
+            fs.write(fh, 0, &[7; 9000], false).unwrap();
+            fs.release(fh);
+            inos.push(attr.ino.0);
+        }
+        fs.link(inos[4], ROOT, OsStr::new("l2")).unwrap();
+        fs.unlink(ROOT, OsStr::new("a")).unwrap();
+        fs.rename((ROOT, OsStr::new("b")), (ROOT, OsStr::new("t")), 0).unwrap();
+        fs.unlink(ROOT, OsStr::new("l")).unwrap();
+        let fh = fs.open(inos[2]).unwrap();
+        fs.unlink(ROOT, OsStr::new("c")).unwrap();
+        assert_eq!(
+            deleted_fds(dir.path()).len(),
+            2,
+            "the open file's two descriptors only: {:?}",
+            deleted_fds(dir.path())
+        );
+        assert_eq!(fs.read(fh, 0, 10).unwrap(), [7; 10]);
+        fs.release(fh);
+        assert_eq!(deleted_fds(dir.path()), Vec::<PathBuf>::new());
+        // A file with a link left keeps working through its cached entry.
+        assert_eq!(fs.getattr(inos[4]).unwrap().nlink, 1);
     }
 
     #[test]

@@ -29,6 +29,12 @@
 //! unlinked keeps answering `getattr`/`setattr` although its handle may
 //! no longer open.
 //!
+//! A cached descriptor of an inode with no link left would keep its space
+//! allocated on the backing filesystem (a full disk stayed full after `rm`
+//! until the kernel forgot the inode). So the unlink or rename that takes
+//! an inode's last name, and the last release of an open file with no name,
+//! close its cached descriptor ([`InodeTable::uncache_if_unlinked`]).
+//!
 //! The descriptors held by the filesystem are therefore at most: the
 //! cache's capacity; the root's two (its `O_PATH` descriptor and the
 //! `mount_fd` of `open_by_handle_at`, which must not be `O_PATH`); one per
@@ -489,6 +495,34 @@ impl InodeTable {
             inner.nodes.remove(&ino);
             if inner.by_key.get(&key) == Some(&ino) {
                 inner.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Closes the cached descriptor of `ino` if its backing inode has no
+    /// link left, so that an unlinked file's space comes back when its last
+    /// name goes (or its last open closes), as on a local filesystem,
+    /// rather than when the kernel forgets the inode or the cache evicts
+    /// it. The entry itself stays until forgotten; a later reopen of its
+    /// handle answers `ESTALE`. A caller holding the [`Node`] keeps its
+    /// descriptor open.
+    pub fn uncache_if_unlinked(&self, ino: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let Some((stamp, node)) = self.inner.lock().nodes.get(&ino).and_then(|e| e.cached.clone()) else {
+            return;
+        };
+        if fstat(node.fd()).is_ok_and(|st| st.st_nlink == 0) {
+            let mut inner = self.inner.lock();
+            // Unless the entry was evicted and cached again meanwhile.
+            if inner
+                .nodes
+                .get(&ino)
+                .and_then(|e| e.cached.as_ref())
+                .is_some_and(|c| c.0 == stamp)
+            {
+                inner.uncache(ino);
             }
         }
     }

@@ -146,6 +146,18 @@ fn a_full_backing_dir_gives_enospc_and_keeps_earlier_data() {
 
     fs::remove_file(mnt.join("big")).unwrap();
     let _ = fs::remove_file(mnt.join("more"));
+    // The space comes back when the mount closes its last descriptor of
+    // `big`: at the unlink, or at the RELEASE of `f`, which the kernel
+    // sends without waiting for it (a close through FUSE returns first).
+    let free = || {
+        let st = nix::sys::statvfs::statvfs(&small.0).unwrap();
+        st.blocks_available() * st.fragment_size()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while free() < 512 * 1024 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(free() >= 512 * 1024, "rm freed nothing: {} bytes free", free());
     fs::write(mnt.join("after"), vec![3u8; 256 * 1024]).unwrap();
     assert_eq!(fs::read(mnt.join("after")).unwrap(), vec![3u8; 256 * 1024]);
     assert_eq!(fs::read(mnt.join("early")).unwrap(), early);
