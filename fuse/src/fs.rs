@@ -92,6 +92,13 @@ pub struct DirEntry {
 }
 
 #[derive(Debug)]
+/// See [`EncryptedFs::before_removal`].
+#[derive(Default)]
+struct Removal {
+    ino: Option<u64>,
+    file: Option<(File, crate::keys::FileId)>,
+}
+
 struct OpenEntry {
     file: Arc<EncryptedFile>,
     handles: u64,
@@ -964,11 +971,9 @@ impl EncryptedFs {
         let parent_ino = parent;
         let parent = self.nodes.get(parent)?;
         let b = self.backing(parent_ino, &parent, name)?;
-        let gone = self.known_entry(&parent, b.entry());
+        let gone = self.before_removal(&parent, b.entry());
         nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::NoRemoveDir)?;
-        if let Some(ino) = gone {
-            self.nodes.uncache_if_unlinked(ino);
-        }
+        self.after_removal(gone);
         if b.part().is_some() {
             fault::point("unlink.after-entry")?;
         }
@@ -976,13 +981,53 @@ impl EncryptedFs {
         Ok(())
     }
 
-    /// The FUSE inode of the entry `name` of `dir`, if the kernel knows
-    /// it: an unlink or a rename over it may take its last link, and then
-    /// the cached descriptor must not keep its space (see
-    /// [`InodeTable::uncache_if_unlinked`]).
-    fn known_entry(&self, dir: &Node, name: &OsStr) -> Option<u64> {
-        let st = fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
-        self.nodes.ino_of(&st)
+    /// What an unlink of, or a rename over, the entry `name` of `dir` may
+    /// take the last link of, read before it: the FUSE inode if the kernel
+    /// knows it (its cached descriptor must then not keep the space, see
+    /// [`InodeTable::uncache_if_unlinked`]), and, if undo journal records
+    /// of its backing inode wait, the file opened and its id (the records
+    /// of a deleted file are never resolved by an open: see
+    /// [`Journal::forget_file`]).
+    fn before_removal(&self, dir: &Node, name: &OsStr) -> Removal {
+        let Ok(st) = fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            return Removal::default();
+        };
+        let journaled = st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && self.journal.as_ref().is_some_and(|j| j.has_pending_inode(st.st_ino));
+        Removal {
+            ino: self.nodes.ino_of(&st),
+            file: journaled.then(|| Self::file_and_id(dir, name, &st)).flatten(),
+        }
+    }
+
+    /// The regular file `name` of `dir` (never a link, never blocking on a
+    /// FIFO swapped in), if it is still the inode of `st`, and its file id.
+    fn file_and_id(dir: &Node, name: &OsStr, st: &FileStat) -> Option<(File, crate::keys::FileId)> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let file = File::from(openat(dir.fd(), name, flags, Mode::empty()).ok()?);
+        let now = fstat(&file).ok()?;
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) || now.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return None;
+        }
+        let mut bytes = vec![0u8; format::HEADER_LEN];
+        let n = crate::file::read_up_to(&file, &mut bytes, 0).ok()?;
+        let id = format::Header::decode(&bytes[..n]).ok()?.file_id;
+        Some((file, id))
+    }
+
+    /// After the removal `r` succeeded: if it took the last link, the
+    /// inode's cached descriptor closes and its journal records go.
+    fn after_removal(&self, r: Removal) {
+        if let Some((file, id)) = r.file {
+            if let (Ok(st), Some(journal)) = (fstat(&file), &self.journal) {
+                if st.st_nlink == 0 {
+                    journal.forget_file(&id, st.st_ino);
+                }
+            }
+        }
+        if let Some(ino) = r.ino {
+            self.nodes.uncache_if_unlinked(ino);
+        }
     }
 
     /// Removes an empty directory.
@@ -1063,13 +1108,13 @@ impl EncryptedFs {
         let bf = self.backing(from.0, &old_dir, from.1)?;
         let bt = self.backing(to.0, &new_dir, to.1)?;
         let replaced = if flags.is_empty() {
-            self.known_entry(&new_dir, bt.entry())
+            self.before_removal(&new_dir, bt.entry())
         } else {
-            None
+            Removal::default()
         };
         let renamed = self.rename_entries(from, to, flags, (&old_dir, &new_dir), (&bf, &bt));
-        if let Some(ino) = replaced {
-            self.nodes.uncache_if_unlinked(ino);
+        if renamed.is_ok() {
+            self.after_removal(replaced);
         }
         renamed
     }
@@ -2119,6 +2164,72 @@ mod tests {
         assert_eq!(deleted_fds(dir.path()), Vec::<PathBuf>::new());
         // A file with a link left keeps working through its cached entry.
         assert_eq!(fs.getattr(inos[4]).unwrap().nlink, 1);
+    }
+
+    /// Journal records of a file deleted (or replaced by a rename) before
+    /// it was opened again are dropped, durable ones durably: no open can
+    /// resolve them, and they used to keep their slots for good (durable
+    /// ones across boots) until the journal filled and writes went on
+    /// unprotected. A file with a link left keeps its records.
+    #[test]
+    fn journal_records_of_a_deleted_file_are_dropped() {
+        let (dir, fs) = fs();
+        let mut inos = HashMap::new();
+        for name in ["f", "g", "r", "x"] {
+            let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new(name), 0o600).unwrap();
+            fs.write(fh, 0, b"data", false).unwrap();
+            fs.release(fh);
+            inos.insert(name, attr.ino.0);
+        }
+        fs.link(inos["g"], ROOT, OsStr::new("g2")).unwrap();
+        drop(fs);
+        // Records a kill left: for f an ordinary and a durable one, for g
+        // and r a durable one each.
+        let root = File::open(dir.path()).unwrap();
+        let journal = Journal::open(&OwnedFd::from(root), dir.path()).unwrap().unwrap();
+        for (name, durable) in [("f", false), ("f", true), ("g", true), ("r", true)] {
+            let file = File::open(dir.path().join(name)).unwrap();
+            let mut bytes = vec![0u8; format::HEADER_LEN];
+            let n = crate::file::read_up_to(&file, &mut bytes, 0).unwrap();
+            let record = crate::journal::Record {
+                boot: [0; 16],
+                file_id: format::Header::decode(&bytes[..n]).unwrap().file_id,
+                ino: std::os::unix::fs::MetadataExt::ino(&file.metadata().unwrap()),
+                old_len: 0,
+                written: [(0, 0), (0, 0)],
+                blocks: vec![(0, Vec::new())],
+            };
+            let slot = if durable {
+                journal.begin_durable(&record)
+            } else {
+                journal.begin(&record)
+            };
+            // Never finished: the record stays, as after a kill.
+            let _left = slot.unwrap().unwrap();
+        }
+        journal.sync().unwrap();
+        drop(journal);
+
+        let fs = EncryptedFs::new(dir.path(), Arc::new(MemoryKeySource::default())).unwrap();
+        let pending = |fs: &EncryptedFs| fs.journal.as_ref().unwrap().usage().1;
+        assert_eq!(pending(&fs), 4);
+        for name in ["f", "g", "r", "x"] {
+            fs.lookup(ROOT, OsStr::new(name)).unwrap();
+        }
+        fs.unlink(ROOT, OsStr::new("f")).unwrap();
+        assert_eq!(pending(&fs), 2, "f's two records go");
+        fs.unlink(ROOT, OsStr::new("g")).unwrap();
+        assert_eq!(pending(&fs), 2, "g2 is still a link of g's inode");
+        fs.rename((ROOT, OsStr::new("x")), (ROOT, OsStr::new("r")), 0).unwrap();
+        assert_eq!(pending(&fs), 1, "r was replaced");
+        drop(fs);
+        let root = File::open(dir.path()).unwrap();
+        let journal = Journal::open(&OwnedFd::from(root), dir.path()).unwrap().unwrap();
+        assert_eq!(
+            journal.usage().1,
+            1,
+            "the slots were cleared on disk, not only in memory"
+        );
     }
 
     #[test]

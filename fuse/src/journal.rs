@@ -476,6 +476,46 @@ impl Journal {
         }
     }
 
+    /// Whether records of a backing inode numbered `ino` wait to be
+    /// resolved (checked, in memory, before a removal reads the file's id).
+    pub fn has_pending_inode(&self, ino: u64) -> bool {
+        let s = self.state.lock();
+        !s.pending.is_empty() && s.pending.values().flatten().any(|p| p.record.ino == ino)
+    }
+
+    /// The file `file_id`, backing inode `ino`, lost its last link: its
+    /// records can never be resolved, and would otherwise keep their slots
+    /// for good (durable ones across boots), until the journal filled.
+    /// Their slots are cleared (durable ones durably) and freed. Records an
+    /// opener is resolving are left to it.
+    pub fn forget_file(&self, file_id: &FileId, ino: u64) {
+        let gone: Vec<Pending> = {
+            let mut s = self.state.lock();
+            if s.resolving.contains(file_id) {
+                return;
+            }
+            let Some(records) = s.pending.remove(file_id) else {
+                return;
+            };
+            let (gone, kept): (Vec<Pending>, Vec<Pending>) = records.into_iter().partition(|p| p.record.ino == ino);
+            if !kept.is_empty() {
+                s.pending.insert(*file_id, kept);
+            }
+            gone
+        };
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(path = %self.path.display(), records = gone.len(), "undo journal: records of a deleted file dropped");
+        let (durable, plain): (Vec<Pending>, Vec<Pending>) = gone.into_iter().partition(|p| p.record.boot == DURABLE);
+        for p in plain {
+            self.finish(Slot(p.slot), file_id);
+        }
+        if !durable.is_empty() {
+            self.finish_durable(durable.into_iter().map(|p| Slot(p.slot)).collect(), file_id);
+        }
+    }
+
     /// Slots in the file and records waiting (for tests and stats).
     pub fn usage(&self) -> (u64, usize) {
         let s = self.state.lock();
