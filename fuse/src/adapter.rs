@@ -25,6 +25,14 @@ pub struct FuseAdapter {
 
 const GENERATION: Generation = Generation(0);
 
+/// Replies to `open` and `create` of files: no `FLUSH` at each `close`.
+/// Writes reach the backing file before they are answered (no writeback
+/// cache, nothing buffered here), and POSIX locks are the kernel's own (no
+/// `setlk`), so a `FLUSH` would have nothing to do; it cost every `close`
+/// a synchronous round trip to this process (14 µs of a 139 µs
+/// open+read+close of a cached file, on the benchmarks' machine).
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
 /// Largest write request the kernel may send (see `init`).
 pub const MAX_WRITE: u32 = 128 * 1024;
 
@@ -217,7 +225,7 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FILE_OPEN_FLAGS),
             Err(e) => reply.error(self.err("open", &e)),
         }
     }
@@ -259,7 +267,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        // Writes go straight to the backing file; nothing is buffered here.
+        // Not sent for files (FILE_OPEN_FLAGS); nothing to do if it were.
         reply.ok();
     }
 
@@ -395,7 +403,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         match self.fs.create(caller(req), parent.0, name, mode) {
-            Ok((attr, fh)) => reply.created(&self.ttl, &attr, GENERATION, FileHandle(fh), FopenFlags::empty()),
+            Ok((attr, fh)) => reply.created(&self.ttl, &attr, GENERATION, FileHandle(fh), FILE_OPEN_FLAGS),
             Err(e) => reply.error(self.err("create", &e)),
         }
     }
