@@ -1000,15 +1000,17 @@ impl EncryptedFs {
         }
     }
 
-    /// The regular file `name` of `dir` (never a link, never blocking on a
-    /// FIFO swapped in), if it is still the inode of `st`, and its file id.
+    /// The regular file `name` of `dir`, if it is still the inode of `st`,
+    /// and its file id. Opened as `O_PATH` first and reopened only as that
+    /// regular file ([`crate::admin::reopen_regular`]): a link, FIFO or
+    /// device swapped in is never opened.
     fn file_and_id(dir: &Node, name: &OsStr, st: &FileStat) -> Option<(File, crate::keys::FileId)> {
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-        let file = File::from(openat(dir.fd(), name, flags, Mode::empty()).ok()?);
-        let now = fstat(&file).ok()?;
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) || now.st_mode & libc::S_IFMT != libc::S_IFREG {
+        let entry = crate::admin::open_entry(dir.fd(), name).ok()?;
+        let now = fstat(&entry).ok()?;
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
             return None;
         }
+        let file = crate::admin::reopen_regular(entry.as_fd(), false).ok()?;
         let mut bytes = vec![0u8; format::HEADER_LEN];
         let n = crate::file::read_up_to(&file, &mut bytes, 0).ok()?;
         let id = format::Header::decode(&bytes[..n]).ok()?.file_id;
