@@ -21,12 +21,10 @@ const THREADS: usize = 4;
 const FILES_PER_THREAD: usize = 5_000;
 /// Descriptors beyond the cache: /dev/fuse and its per-thread clones, the
 /// root (`O_PATH` and `mount_fd`), requests in flight (four per thread with
-/// encrypted names), the sampler's own read of /proc/self/fd; and files
-/// closed by their user whose RELEASE the mount has not handled yet (the
-/// kernel sends RELEASE in the background, without waiting for it, up to
-/// fuser's `max_background` of 16 at once, and each such file keeps two
-/// descriptors until handled). A leak would pass this by thousands.
-const MARGIN: usize = 36 + 2 * 16;
+/// encrypted names), the sampler's own read of /proc/self/fd; and the few
+/// files closed by their user whose RELEASE (sent by the kernel without
+/// waiting) the mount has not handled yet.
+const MARGIN: usize = 36;
 
 fn fuse_unusable() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
