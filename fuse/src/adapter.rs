@@ -28,7 +28,11 @@ const GENERATION: Generation = Generation(0);
 /// Replies to `open` and `create` of files: no `FLUSH` at each `close`.
 /// Writes reach the backing file before they are answered (no writeback
 /// cache, nothing buffered here), and POSIX locks are the kernel's own (no
-/// `setlk`), so a `FLUSH` would have nothing to do; it cost every `close`
+/// `setlk`), so a `FLUSH` would have nothing to do. Without it the kernel
+/// also skips writing back a shared mapping's dirty pages at `close`: they
+/// are written at `munmap`, `msync`, `fsync` or by writeback, and an error
+/// writing them shows at `msync`/`fsync`, not at `close` (as on a local
+/// filesystem, whose `close` does not write back either). It cost every `close`
 /// a synchronous round trip to this process (14 µs of a 139 µs
 /// open+read+close of a cached file, on the benchmarks' machine).
 const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;

@@ -254,10 +254,10 @@ impl EncryptedFile {
         // cannot put blocks back, and it writes nothing either.
         let writable = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
             .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
-        let journal = journal.filter(|_| writable);
+        let meta = file.metadata()?;
+        let journal = journal.filter(|j| writable && j.covers(std::os::unix::fs::MetadataExt::dev(&meta)));
         // Other openers of this file wait until its records are resolved.
         let mut resolving = journal.as_deref().map(|j| j.take(&header.file_id));
-        let meta = file.metadata()?;
         let ino = std::os::unix::fs::MetadataExt::ino(&meta);
         let ours = resolving
             .as_ref()
@@ -434,9 +434,14 @@ impl EncryptedFile {
     }
 
     /// Protects the writes of this new file with `journal` (a new file has
-    /// no records to resolve).
+    /// no records to resolve), if the file is on the journal's filesystem
+    /// ([`Journal::covers`]).
     pub fn with_journal(mut self, journal: Option<Arc<Journal>>) -> Self {
-        self.journal = journal;
+        self.journal = journal.filter(|j| {
+            self.file
+                .metadata()
+                .is_ok_and(|m| j.covers(std::os::unix::fs::MetadataExt::dev(&m)))
+        });
         self
     }
 

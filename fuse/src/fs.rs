@@ -91,7 +91,6 @@ pub struct DirEntry {
     pub backing: OsString,
 }
 
-#[derive(Debug)]
 /// See [`EncryptedFs::before_removal`].
 #[derive(Default)]
 struct Removal {
@@ -99,6 +98,7 @@ struct Removal {
     file: Option<(File, crate::keys::FileId)>,
 }
 
+#[derive(Debug)]
 struct OpenEntry {
     file: Arc<EncryptedFile>,
     handles: u64,
@@ -973,7 +973,7 @@ impl EncryptedFs {
         let b = self.backing(parent_ino, &parent, name)?;
         let gone = self.before_removal(&parent, b.entry());
         nix::unistd::unlinkat(parent.fd(), b.entry(), UnlinkatFlags::NoRemoveDir)?;
-        self.after_removal(gone);
+        self.after_removal(&parent, gone);
         if b.part().is_some() {
             fault::point("unlink.after-entry")?;
         }
@@ -993,7 +993,10 @@ impl EncryptedFs {
             return Removal::default();
         };
         let journaled = st.st_mode & libc::S_IFMT == libc::S_IFREG
-            && self.journal.as_ref().is_some_and(|j| j.has_pending_inode(st.st_ino));
+            && self
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.covers(st.st_dev) && j.has_pending_inode(st.st_ino));
         Removal {
             ino: self.nodes.ino_of(&st),
             file: journaled.then(|| Self::file_and_id(dir, name, &st)).flatten(),
@@ -1017,13 +1020,25 @@ impl EncryptedFs {
         Some((file, id))
     }
 
-    /// After the removal `r` succeeded: if it took the last link, the
-    /// inode's cached descriptor closes and its journal records go.
-    fn after_removal(&self, r: Removal) {
+    /// After the removal `r` from `dir` (whether it succeeded or not): if
+    /// it took the last link, the inode's cached descriptor closes and its
+    /// journal records go, after the removal is made durable (`dir`
+    /// fsynced): a durable record cleared before a power cut that brings
+    /// the file back would leave that file's torn block unrepaired.
+    fn after_removal(&self, dir: &Node, r: Removal) {
         if let Some((file, id)) = r.file {
             if let (Ok(st), Some(journal)) = (fstat(&file), &self.journal) {
-                if st.st_nlink == 0 {
-                    journal.forget_file(&id, st.st_ino);
+                if st.st_nlink == 0 && journal.covers(st.st_dev) {
+                    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+                    let synced = openat(dir.fd(), ".", flags, Mode::empty())
+                        .map_err(std::io::Error::from)
+                        .and_then(|d| File::from(d).sync_all());
+                    match synced {
+                        Ok(()) => journal.forget_file(&id, st.st_ino),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot fsync a directory: the journal records of a file deleted from it stay")
+                        }
+                    }
                 }
             }
         }
@@ -1115,9 +1130,7 @@ impl EncryptedFs {
             Removal::default()
         };
         let renamed = self.rename_entries(from, to, flags, (&old_dir, &new_dir), (&bf, &bt));
-        if renamed.is_ok() {
-            self.after_removal(replaced);
-        }
+        self.after_removal(&new_dir, replaced);
         renamed
     }
 
@@ -1134,6 +1147,20 @@ impl EncryptedFs {
             return Ok(());
         }
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        // Two links of one inode: rename(2) does nothing and succeeds, so
+        // nothing else may happen either (removing the source's long-name
+        // part would leave its entry unlisted).
+        if flags.is_empty() {
+            let nofollow = AtFlags::AT_SYMLINK_NOFOLLOW;
+            if let (Ok(a), Ok(b)) = (
+                fstatat(old_dir.fd(), bf.entry(), nofollow),
+                fstatat(new_dir.fd(), bt.entry(), nofollow),
+            ) {
+                if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) {
+                    return Ok(());
+                }
+            }
+        }
         // A rename over an empty directory: its bookkeeping goes first.
         let mut cleared = None;
         let mut _no_repair = None;
@@ -1330,14 +1357,16 @@ impl EncryptedFs {
         if let Some(entry) = open.get_mut(&ino) {
             entry.handles -= 1;
             if entry.handles == 0 {
-                let Some(closed) = open.remove(&ino) else {
+                // The file goes (and saves its key change walk) under the
+                // lock, so that a next open of the inode finds it gone.
+                let Some(node) = open.remove(&ino).map(|closed| closed.node) else {
                     return;
                 };
                 drop(open);
                 // The last close of a file with no name left: its space
                 // comes back now, not when the kernel forgets the inode.
-                if fstat(closed.node.fd()).is_ok_and(|st| st.st_nlink == 0) {
-                    drop(closed);
+                if fstat(node.fd()).is_ok_and(|st| st.st_nlink == 0) {
+                    drop(node);
                     self.nodes.uncache_if_unlinked(ino);
                 }
             }
@@ -2312,5 +2341,158 @@ mod tests {
         assert_eq!((s.dek_cache_misses, s.dek_cache_hits), (1, 1));
         assert_eq!((s.bytes_written, s.bytes_read), (5, 5));
         assert!(s.ops.contains(&("open", 2)) && s.ops.contains(&("create", 1)) && s.ops.contains(&("read", 1)));
+    }
+}
+
+/// Removals and renames across backing mounts and hard links (from a
+/// review of the journal's handling of deleted files).
+#[cfg(test)]
+mod removal_tests {
+    use super::*;
+    use crate::keys::MemoryKeySource;
+    use std::os::unix::fs::MetadataExt;
+
+    const ROOT_CALLER: Caller = Caller { uid: 0, gid: 0 };
+
+    fn mount_tmpfs(at: &Path) {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs {}", at.display());
+    }
+
+    fn umount(at: &Path) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(at).status();
+    }
+
+    /// Records name a file by id and inode number, which another backing
+    /// mount below the root (a btrfs snapshot or subvolume, a tmpfs) can
+    /// repeat: deleting there a copy of a file with the same inode number
+    /// dropped the original's records, which it still needed. Only files
+    /// on the journal's own filesystem use it now.
+    #[test]
+    fn deleting_a_copy_on_another_mount_keeps_the_originals_records() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI needs root for this test");
+            return;
+        }
+        let outer = tempfile::tempdir().unwrap();
+        let root = outer.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        mount_tmpfs(&root);
+        let sub = root.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        mount_tmpfs(&sub);
+        let result = std::panic::catch_unwind(|| {
+            let keys = Arc::new(MemoryKeySource::default());
+            let fs = EncryptedFs::new(&root, keys.clone()).unwrap();
+            let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("x"), 0o600).unwrap();
+            fs.write(fh, 0, &[1; 9000], false).unwrap();
+            fs.release(fh);
+            let _ = attr;
+            drop(fs);
+            let x_ino = std::fs::metadata(root.join("x")).unwrap().ino();
+            // A copy of x on the other mount with x's inode number.
+            let mut i = 0;
+            loop {
+                let p = sub.join(format!("f{i}"));
+                std::fs::write(&p, b"").unwrap();
+                let ino = std::fs::metadata(&p).unwrap().ino();
+                if ino == x_ino {
+                    std::fs::copy(root.join("x"), &p).unwrap();
+                    std::fs::rename(&p, sub.join("y")).unwrap();
+                    break;
+                }
+                std::fs::remove_file(&p).unwrap();
+                assert!(ino < x_ino, "cannot align inode numbers ({ino} > {x_ino})");
+                i += 1;
+            }
+            assert_ne!(
+                std::fs::metadata(root.join("x")).unwrap().dev(),
+                std::fs::metadata(sub.join("y")).unwrap().dev()
+            );
+            // A record a kill left for x (the original).
+            let rootfd = File::open(&root).unwrap();
+            let journal = Journal::open(&OwnedFd::from(rootfd), &root).unwrap().unwrap();
+            let file = File::open(root.join("x")).unwrap();
+            let mut bytes = vec![0u8; format::HEADER_LEN];
+            let n = crate::file::read_up_to(&file, &mut bytes, 0).unwrap();
+            let record = crate::journal::Record {
+                boot: [0; 16],
+                file_id: format::Header::decode(&bytes[..n]).unwrap().file_id,
+                ino: x_ino,
+                old_len: 0,
+                written: [(0, 0), (0, 0)],
+                blocks: vec![(0, Vec::new())],
+            };
+            let _left = journal.begin_durable(&record).unwrap().unwrap();
+            journal.sync().unwrap();
+            drop(journal);
+
+            let fs = EncryptedFs::new(&root, keys).unwrap();
+            let pending = |fs: &EncryptedFs| fs.journal.as_ref().unwrap().usage().1;
+            assert_eq!(pending(&fs), 1);
+            let sub_ino = fs.lookup(ROOT, OsStr::new("sub")).unwrap().ino.0;
+            let y = fs.lookup(sub_ino, OsStr::new("y")).unwrap().ino.0;
+            // Opening the copy (same file id, same inode number) does not
+            // resolve the original's records against it.
+            let fh = fs.open(y).unwrap();
+            fs.release(fh);
+            assert_eq!(pending(&fs), 1, "the copy resolved the original's record");
+            fs.unlink(sub_ino, OsStr::new("y")).unwrap();
+            assert!(root.join("x").exists(), "the original is still there");
+            assert_eq!(
+                pending(&fs),
+                1,
+                "the original's record was dropped by deleting a copy on another mount"
+            );
+        });
+        umount(&sub);
+        umount(&root);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    /// Renaming a long name onto another link of the same inode does
+    /// nothing, as rename(2) does: the source's long-name part used to be
+    /// removed anyway, leaving its entry in the backing directory without a
+    /// name (unlisted, never freed).
+    #[test]
+    fn a_rename_of_a_long_name_onto_its_own_hard_link_keeps_both_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(MemoryKeySource::default());
+        let fs = EncryptedFs::with_options(dir.path(), keys, 16, NameMode::Encrypted).unwrap();
+        let long = "L".repeat(220);
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new(&long), 0o600).unwrap();
+        fs.write(fh, 0, b"data", false).unwrap();
+        fs.release(fh);
+        fs.link(attr.ino.0, ROOT, OsStr::new("short")).unwrap();
+        fs.rename((ROOT, OsStr::new(&long)), (ROOT, OsStr::new("short")), 0)
+            .unwrap();
+        // POSIX: both names still exist.
+        assert!(fs.lookup(ROOT, OsStr::new("short")).is_ok());
+        let dh = fs.opendir(ROOT).unwrap();
+        let names: Vec<OsString> = fs.dir_entries(dh).unwrap().iter().map(|e| e.name.clone()).collect();
+        fs.releasedir(dh);
+        assert!(
+            names.iter().any(|n| n == OsStr::new(&long)),
+            "listing lost the long name: {names:?}; backing: {:?}",
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            fs.lookup(ROOT, OsStr::new(&long)).is_ok(),
+            "the long name lost its part; backing: {:?}",
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -190,6 +190,10 @@ struct State {
 #[derive(Debug)]
 pub struct Journal {
     file: File,
+    /// The device of the journal's filesystem: records name files by inode
+    /// number, which is unique on one filesystem only, so only files on
+    /// this one use the journal ([`Journal::covers`]).
+    dev: u64,
     path: PathBuf,
     boot: [u8; 16],
     state: Mutex<State>,
@@ -338,6 +342,7 @@ impl Journal {
         }
         Ok(Some(Self {
             file,
+            dev: md.dev(),
             path,
             boot,
             state: Mutex::new(state),
@@ -474,6 +479,16 @@ impl Journal {
             owns,
             records,
         }
+    }
+
+    /// Whether a file on the device `dev` may use the journal: only one on
+    /// the journal's own filesystem. Another mount below the backing root
+    /// (a btrfs snapshot, say, with the same inode numbers and the same
+    /// file ids) has inode numbers of its own, so a record could not tell
+    /// its files from the root filesystem's. Writes to files elsewhere go
+    /// on without the journal, and without key changes.
+    pub fn covers(&self, dev: u64) -> bool {
+        dev == self.dev
     }
 
     /// Whether records of a backing inode numbered `ino` wait to be

@@ -21,9 +21,12 @@ const THREADS: usize = 4;
 const FILES_PER_THREAD: usize = 5_000;
 /// Descriptors beyond the cache: /dev/fuse and its per-thread clones, the
 /// root (`O_PATH` and `mount_fd`), requests in flight (four per thread with
-/// encrypted names), the sampler's own read of /proc/self/fd; and the few
-/// files closed by their user whose RELEASE (sent by the kernel without
-/// waiting) the mount has not handled yet.
+/// encrypted names), the sampler's own read of /proc/self/fd. Files closed
+/// by their user whose RELEASE (sent by the kernel without waiting) the
+/// mount has not handled yet also hold descriptors; nothing bounds how many
+/// the kernel queues, but here the mount handles them about as fast as the
+/// users close, and the peak stays well inside this margin (85-91 of 106
+/// in 11 runs).
 const MARGIN: usize = 36;
 
 fn fuse_unusable() -> Option<String> {
