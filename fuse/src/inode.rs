@@ -43,8 +43,20 @@
 //! serving thread: three, plus with encrypted names a directory-id or
 //! long-name file being read or written); and two per open file (its `EncryptedFile` and its
 //! pinned `Node`). The last term is what users hold open through the mount,
-//! bounded by their own descriptor limits, not by what they create. The
-//! table's entries themselves (a handle of at most 128 bytes, usually 8 to
+//! bounded by their own descriptor limits, not by what they create, plus
+//! files users have closed whose `RELEASE` the kernel has not sent yet.
+//! That second part has no bound: the kernel queues `RELEASE` as a
+//! background request, without waiting and without limit, and sends at
+//! most `max_background` (threads − 2) background requests at once, behind
+//! the requests processes wait on. So many threads opening and closing
+//! many distinct files can keep thousands of files open here: 128 threads
+//! cycling through 38,400 files held up to 12,800 descriptors and reached
+//! the 20,000 limit of the machine kmsd was tested on, where opens through
+//! the mount failed with `EMFILE` until the storm stopped (the queue then
+//! drained within seconds). kmsd's own descriptors are in another process
+//! (ARCHITECTURE.md, privilege separation), so key requests are not
+//! affected. gocryptfs, which also holds a descriptor per open file, is
+//! exposed the same way. The table's entries themselves (a handle of at most 128 bytes, usually 8 to
 //! 12, and some bookkeeping) are memory only, as many as inodes the kernel
 //! knows.
 //!
