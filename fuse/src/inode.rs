@@ -50,10 +50,10 @@
 //! most `max_background` (threads − 2) background requests at once, behind
 //! the requests processes wait on. So many threads opening and closing
 //! many distinct files can keep thousands of files open here: 128 threads
-//! cycling through 38,400 files held up to 12,800 descriptors and reached
-//! the 20,000 limit of the machine kmsd was tested on, where opens through
-//! the mount failed with `EMFILE` until the storm stopped (the queue then
-//! drained within seconds). kmsd's own descriptors are in another process
+//! opening and closing 6,400 files in turn held up to 12,800 descriptors;
+//! over 38,400 files they reached the 20,000 limit of the machine kmsd was
+//! tested on, and opens through the mount failed with `EMFILE` until the
+//! storm stopped (the queue then drained within seconds). kmsd's own descriptors are in another process
 //! (ARCHITECTURE.md, privilege separation), so key requests are not
 //! affected. gocryptfs, which also holds a descriptor per open file, is
 //! exposed the same way. The table's entries themselves (a handle of at most 128 bytes, usually 8 to
