@@ -54,7 +54,7 @@
 //! over 38,400 files they reached the 20,000 limit of the machine kmsd was
 //! tested on, and opens through the mount failed with `EMFILE` until the
 //! storm stopped (the queue then drained within seconds). kmsd's own descriptors are in another process
-//! (ARCHITECTURE.md, privilege separation), so key requests are not
+//! (ARCHITECTURE.md, "Processes"), so key requests are not
 //! affected. gocryptfs, which also holds a descriptor per open file, is
 //! exposed the same way. The table's entries themselves (a handle of at most 128 bytes, usually 8 to
 //! 12, and some bookkeeping) are memory only, as many as inodes the kernel
