@@ -255,7 +255,7 @@ impl EncryptedFile {
         let writable = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
             .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
         let meta = file.metadata()?;
-        let journal = journal.filter(|j| writable && j.covers(std::os::unix::fs::MetadataExt::dev(&meta)));
+        let journal = journal.filter(|j| writable && j.covers(std::os::fd::AsFd::as_fd(&file)));
         // Other openers of this file wait until its records are resolved.
         let mut resolving = journal.as_deref().map(|j| j.take(&header.file_id));
         let ino = std::os::unix::fs::MetadataExt::ino(&meta);
@@ -437,11 +437,7 @@ impl EncryptedFile {
     /// no records to resolve), if the file is on the journal's filesystem
     /// ([`Journal::covers`]).
     pub fn with_journal(mut self, journal: Option<Arc<Journal>>) -> Self {
-        self.journal = journal.filter(|j| {
-            self.file
-                .metadata()
-                .is_ok_and(|m| j.covers(std::os::unix::fs::MetadataExt::dev(&m)))
-        });
+        self.journal = journal.filter(|j| j.covers(std::os::fd::AsFd::as_fd(&self.file)));
         self
     }
 

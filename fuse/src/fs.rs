@@ -993,10 +993,7 @@ impl EncryptedFs {
             return Removal::default();
         };
         let journaled = st.st_mode & libc::S_IFMT == libc::S_IFREG
-            && self
-                .journal
-                .as_ref()
-                .is_some_and(|j| j.covers(st.st_dev) && j.has_pending_inode(st.st_ino));
+            && self.journal.as_ref().is_some_and(|j| j.has_pending_inode(st.st_ino));
         Removal {
             ino: self.nodes.ino_of(&st),
             file: journaled.then(|| Self::file_and_id(dir, name, &st)).flatten(),
@@ -1028,7 +1025,7 @@ impl EncryptedFs {
     fn after_removal(&self, dir: &Node, r: Removal) {
         if let Some((file, id)) = r.file {
             if let (Ok(st), Some(journal)) = (fstat(&file), &self.journal) {
-                if st.st_nlink == 0 && journal.covers(st.st_dev) {
+                if st.st_nlink == 0 && journal.covers(file.as_fd()) {
                     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
                     let synced = openat(dir.fd(), ".", flags, Mode::empty())
                         .map_err(std::io::Error::from)
@@ -2494,5 +2491,79 @@ mod removal_tests {
                 .map(|e| e.unwrap().file_name())
                 .collect::<Vec<_>>()
         );
+    }
+
+    /// An overlay's files report the device of the layer they came from: a
+    /// file from a lower layer keeps that layer's device even once copied
+    /// up, a new file has the upper layer's. Both are on the journal's
+    /// filesystem (the overlay) and use it. `journal_in_lower`: the
+    /// backing directory, journal included, was the lower layer (an image).
+    fn overlay_covers(journal_in_lower: bool) -> (bool, bool) {
+        let sh = |args: &[&str]| {
+            let ok = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{args:?}");
+        };
+        let t = tempfile::tempdir().unwrap();
+        let (lo, up, m) = (t.path().join("lo"), t.path().join("up"), t.path().join("m"));
+        for d in [&lo, &up, &m] {
+            std::fs::create_dir(d).unwrap();
+        }
+        mount_tmpfs(&lo);
+        mount_tmpfs(&up);
+        std::fs::create_dir(up.join("u")).unwrap();
+        std::fs::create_dir(up.join("w")).unwrap();
+        let keys = Arc::new(MemoryKeySource::default());
+        {
+            let fs = EncryptedFs::new(&lo, keys.clone()).unwrap();
+            let (_, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("old"), 0o600).unwrap();
+            fs.write(fh, 0, &[1; 9000], false).unwrap();
+            fs.release(fh);
+        }
+        if !journal_in_lower {
+            std::fs::remove_file(lo.join(JOURNAL_FILE)).unwrap();
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={},xino=off",
+            lo.display(),
+            up.join("u").display(),
+            up.join("w").display()
+        );
+        sh(&["mount", "-t", "overlay", "overlay", "-o", &opts, m.to_str().unwrap()]);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let fs = EncryptedFs::new(&m, keys.clone()).unwrap();
+            let journal = fs.journal.clone().expect("a journal on the overlay");
+            let old = fs.lookup(ROOT, OsStr::new("old")).unwrap().ino.0;
+            let fh = fs.open(old).unwrap(); // a writable open copies it up
+            fs.write(fh, 10, &[2; 10], false).unwrap();
+            fs.release(fh);
+            let (_, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("new"), 0o600).unwrap();
+            fs.release(fh);
+            let covered = |name: &str| journal.covers(File::open(m.join(name)).unwrap().as_fd());
+            let dev = |name: &str| std::fs::metadata(m.join(name)).unwrap().dev();
+            assert_ne!(
+                dev("old"),
+                dev("new"),
+                "the layers' devices differ (what this test is about)"
+            );
+            (covered("old"), covered("new"))
+        }));
+        for d in [&m, &up, &lo] {
+            umount(d);
+        }
+        result.unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    #[test]
+    fn an_overlay_backing_directory_journals_files_of_every_layer() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI needs root for this test");
+            return;
+        }
+        assert_eq!(overlay_covers(false), (true, true), "journal made on the overlay");
+        assert_eq!(overlay_covers(true), (true, true), "journal from the lower layer");
     }
 }

@@ -12,12 +12,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{openat, OFlag};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{fstat, Mode};
 use parking_lot::{Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -150,6 +150,24 @@ impl Record {
     }
 }
 
+/// The id of the mount `fd` is on (`statx` `STATX_MNT_ID`).
+fn mount_id(fd: BorrowedFd<'_>) -> Option<u64> {
+    // SAFETY: all-zero bytes are a valid `statx` (integers only).
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, a NUL-terminated empty path with
+    // AT_EMPTY_PATH, and `stx` writable for the call.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    (r == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
 const CHECK_LEN: usize = 8;
 
 /// The integrity check of a record: the first 8 bytes of its SHA-256 (a
@@ -194,6 +212,8 @@ pub struct Journal {
     /// number, which is unique on one filesystem only, so only files on
     /// this one use the journal ([`Journal::covers`]).
     dev: u64,
+    /// The journal's mount, when its filesystem is overlayfs.
+    overlay_mount: Option<u64>,
     path: PathBuf,
     boot: [u8; 16],
     state: Mutex<State>,
@@ -340,9 +360,14 @@ impl Journal {
         if pending > 0 {
             tracing::info!(path = %path.display(), records = pending, "undo journal holds records of writes a kill interrupted; each is resolved when its file is next opened");
         }
+        let overlay_mount = nix::sys::statfs::fstatfs(&file)
+            .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC)
+            .then(|| mount_id(file.as_fd()))
+            .flatten();
         Ok(Some(Self {
             file,
             dev: md.dev(),
+            overlay_mount,
             path,
             boot,
             state: Mutex::new(state),
@@ -481,14 +506,23 @@ impl Journal {
         }
     }
 
-    /// Whether a file on the device `dev` may use the journal: only one on
-    /// the journal's own filesystem. Another mount below the backing root
+    /// Whether the file `file` may use the journal: only one on the
+    /// journal's own filesystem. Another filesystem below the backing root
     /// (a btrfs snapshot, say, with the same inode numbers and the same
     /// file ids) has inode numbers of its own, so a record could not tell
     /// its files from the root filesystem's. Writes to files elsewhere go
     /// on without the journal, and without key changes.
-    pub fn covers(&self, dev: u64) -> bool {
-        dev == self.dev
+    ///
+    /// The journal's filesystem is its device number, except on overlayfs,
+    /// where files of one overlay report the device of the layer they came
+    /// from (a file from a lower layer keeps that layer's device even once
+    /// copied up): there it is the overlay's mount.
+    pub fn covers(&self, file: BorrowedFd<'_>) -> bool {
+        match fstat(file) {
+            Ok(st) if st.st_dev == self.dev => true,
+            Ok(_) => self.overlay_mount.is_some() && mount_id(file) == self.overlay_mount,
+            Err(_) => false,
+        }
     }
 
     /// Whether records of a backing inode numbered `ino` wait to be
