@@ -1025,13 +1025,18 @@ impl EncryptedFs {
     fn after_removal(&self, dir: &Node, r: Removal) {
         if let Some((file, id)) = r.file {
             if let (Ok(st), Some(journal)) = (fstat(&file), &self.journal) {
-                if st.st_nlink == 0 && journal.covers(file.as_fd()) {
+                if journal.covers(file.as_fd()) {
+                    // Every removal of a name of a file with records is
+                    // made durable, not only the last: on a filesystem
+                    // with per-file logs an earlier one could otherwise
+                    // come back after a power cut without the records.
                     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
                     let synced = openat(dir.fd(), ".", flags, Mode::empty())
                         .map_err(std::io::Error::from)
                         .and_then(|d| File::from(d).sync_all());
                     match synced {
-                        Ok(()) => journal.forget_file(&id, st.st_ino),
+                        Ok(()) if st.st_nlink == 0 => journal.forget_file(&id, st.st_ino),
+                        Ok(()) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot fsync a directory: the journal records of a file deleted from it stay")
                         }
