@@ -2048,20 +2048,36 @@ mod tests {
         }
     }
 
+    /// A file `f` holding `data`, on a filesystem whose next unwraps wait
+    /// until the returned sender sends.
+    #[allow(clippy::type_complexity)]
+    fn held_open(
+        data: &[u8],
+    ) -> (
+        tempfile::TempDir,
+        Arc<HeldKeys>,
+        Arc<EncryptedFs>,
+        u64,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let keys = Arc::new(HeldKeys::default());
+        let fs = Arc::new(EncryptedFs::new(dir.path(), keys.clone()).unwrap());
+        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
+        fs.write(fh, 0, data, false).unwrap();
+        fs.release(fh);
+        *keys.hold.lock() = Some(rx);
+        (dir, keys, fs, attr.ino.0, tx)
+    }
+
     /// Issue 13 rule 3 (an open fails after the key timeout, never hangs):
     /// openers of one inode queued behind a first open whose key request
     /// fails get its error at once, rather than each waiting out its own
     /// timeout in turn (k openers would wait k timeouts).
     #[test]
     fn openers_waiting_for_a_failed_open_share_its_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let keys = Arc::new(HeldKeys::default());
-        let fs = Arc::new(EncryptedFs::new(dir.path(), keys.clone()).unwrap());
-        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
-        fs.release(fh);
-        let ino = attr.ino.0;
-        *keys.hold.lock() = Some(rx);
+        let (_dir, keys, fs, ino, tx) = held_open(b"");
         keys.away.store(true, Ordering::SeqCst);
         keys.unwraps.store(0, Ordering::SeqCst);
         let openers: Vec<_> = (0..4)
@@ -2091,15 +2107,7 @@ mod tests {
     /// size: the appended bytes were then invisible through it).
     #[test]
     fn an_open_racing_another_open_and_a_write_shares_one_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let keys = Arc::new(HeldKeys::default());
-        let fs = Arc::new(EncryptedFs::new(dir.path(), keys.clone()).unwrap());
-        let (attr, fh) = fs.create(ROOT_CALLER, ROOT, OsStr::new("f"), 0o600).unwrap();
-        fs.write(fh, 0, b"first", false).unwrap();
-        fs.release(fh);
-        let ino = attr.ino.0;
-        *keys.hold.lock() = Some(rx);
+        let (_dir, _keys, fs, ino, tx) = held_open(b"first");
         // B: held inside its unwrap, after it read the file's size.
         let b = {
             let fs = fs.clone();
